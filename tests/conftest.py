@@ -1,0 +1,74 @@
+"""Shared, session-scoped fixtures: GPT-2 small (real config and tokenizer, random weights), small
+timm encoders, and the HookedVisionPrefix built from them. Everything runs offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights  # noqa: E402
+
+from tl_multimodal import HookedVisionPrefix, VisionEncoder  # noqa: E402
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    return transformers.GPT2TokenizerFast.from_pretrained(ASSETS / "gpt2_tokenizer")
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2():
+    """The upstream HF GPT-2 small (real config, seeded random weights): the oracle model."""
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+
+
+@pytest.fixture(scope="session")
+def gpt2_small(hf_gpt2, gpt2_tokenizer):
+    """GPT-2 small as a HookedTransformer with the same weights as ``hf_gpt2`` (no processing)."""
+    cfg = HookedTransformerConfig(
+        n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257,
+        act_fn="gelu_new", normalization_type="LN", model_name="gpt2", eps=1e-5,
+        original_architecture="GPT2LMHeadModel", default_prepend_bos=True, init_weights=False,
+    )
+    lm = HookedTransformer(cfg, tokenizer=gpt2_tokenizer)
+    lm.load_state_dict(convert_gpt2_weights(hf_gpt2, cfg), strict=False)
+    return lm.eval()
+
+
+@pytest.fixture(scope="session")
+def vit_encoder():
+    """A tiny ViT (4x4 grid of 64-d patches, one CLS token) with random weights."""
+    torch.manual_seed(1)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                          embed_dim=64, depth=2, num_heads=2, num_classes=0)
+    return VisionEncoder(m, name="vit_tiny_32")
+
+
+@pytest.fixture(scope="session")
+def cnn_encoder():
+    """EfficientNet-Lite0's architecture (7x7 grid of 1280-d features) with random weights."""
+    torch.manual_seed(2)
+    return VisionEncoder(timm.create_model("tf_efficientnet_lite0", pretrained=False))
+
+
+@pytest.fixture(scope="session")
+def vlm(gpt2_small, vit_encoder):
+    """GPT-2 small behind the tiny ViT, with a random (seeded) projection."""
+    torch.manual_seed(3)
+    return HookedVisionPrefix(gpt2_small, vit_encoder).eval()
+
+
+@pytest.fixture(scope="session")
+def pixels():
+    torch.manual_seed(4)
+    return torch.randn(3, 3, 32, 32)

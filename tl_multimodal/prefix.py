@@ -1,0 +1,304 @@
+"""HookedVisionPrefix: a HookedTransformer that reads images as soft-prompt tokens (LiMBeR).
+
+An image goes through a frozen vision encoder (``hook_image_features``, ``[batch, patch, d_img]``)
+and a linear projection (``hook_image_embed``, ``[batch, patch, d_model]``). The projected patches
+take the place of *image slots* in the token sequence: positions holding ``model.image_token_id``
+(one id past the vocabulary, so it can never be a real token). Everything downstream is the
+unchanged TransformerLens model, so ``run_with_cache``, ``run_with_hooks``, ``generate``,
+``ActivationCache`` decompositions and ``transformer_lens.patching`` all see one ordinary sequence
+of ``n_image_tokens + n_text`` positions, and cache entries line up with the token tensor.
+
+    model = HookedVisionPrefix(lm, VisionEncoder.from_timm("beit_base_patch16_224"))
+    logits, cache = model.run_with_cache("A picture of", images=pixels)
+    model.caption(pil_images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from typing import Literal, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from PIL import Image
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.components import Embed
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import lm_cross_entropy_loss
+from transformer_lens.utils import USE_DEFAULT_VALUE
+
+from tl_multimodal.encoders import VisionEncoder
+from tl_multimodal.projection import ImageProjection, ProjectionInfo
+
+ImageInput = Float[Tensor, "batch channel height width"] | Image.Image | Sequence[Image.Image]
+
+
+class _ImageSlotEmbed(Embed):
+    """Token embedding in which image slots take the projected image tokens bound for this call."""
+
+    def __init__(self, cfg, image_token_id: int):
+        super().__init__(cfg)
+        self.image_token_id = image_token_id
+        self.image_embed: Tensor | None = None  # set by HookedVisionPrefix for one call
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        slots = tokens == self.image_token_id
+        if not slots.any():
+            return super().forward(tokens)
+        if self.image_embed is None:
+            raise ValueError("tokens contain image slots but no images were given; pass images=...")
+        n_slots = slots.sum(-1)
+        batch, n_patch = self.image_embed.shape[:2]
+        if tokens.shape[0] != batch or (n_slots != n_patch).any():
+            raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
+                             f"{tokens.shape[0]} with {n_slots.tolist()} image slots per row")
+        embed = super().forward(tokens.masked_fill(slots, 0))
+        return embed.masked_scatter(slots[..., None], self.image_embed.to(embed.dtype))
+
+
+class HookedVisionPrefix(HookedTransformer):
+    """A HookedTransformer with a frozen vision encoder and a LiMBeR projection in front.
+
+    Args:
+        lm: The text-only language model. Its weights are copied; ``lm`` itself is left as it was.
+        encoder: The frozen vision encoder.
+        projection: A trained :class:`ImageProjection`; ``None`` makes a fresh (untrained) one.
+
+    Attributes:
+        vision: The :class:`VisionEncoder`.
+        projection: The :class:`ImageProjection`.
+        n_image_tokens: Soft-prompt positions per image (= the encoder's patches).
+        image_token_id: The id that marks an image slot in a token tensor (``cfg.d_vocab``).
+        hook_image_features: HookPoint on encoder features, ``[batch, patch, d_img]``.
+        hook_image_embed: HookPoint on projected image tokens, ``[batch, patch, d_model]``.
+    """
+
+    def __init__(self, lm: HookedTransformer, encoder: VisionEncoder, projection: ImageProjection | None = None):
+        cfg = copy.deepcopy(lm.cfg)
+        cfg.init_weights = False  # the weights come from `lm` below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            super().__init__(cfg, tokenizer=lm.tokenizer, move_to_device=False)
+        self.image_token_id = cfg.d_vocab
+        self.embed = _ImageSlotEmbed(cfg, self.image_token_id)
+        missing, unexpected = self.load_state_dict(lm.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"could not copy the LM's weights: missing {missing}, unexpected {unexpected}")
+        self.vision = encoder
+        self.n_image_tokens = encoder.n_patches
+        info = ProjectionInfo(encoder=encoder.name, d_img=encoder.d_img, grid=encoder.grid,
+                              lm=cfg.model_name, d_model=cfg.d_model)
+        if projection is None:
+            projection = ImageProjection(info)
+        projection.check_fits(info.encoder, info.d_img, info.grid, info.lm, info.d_model)
+        self.projection = projection
+        self.hook_image_features = HookPoint()  # [batch, patch, d_img]
+        self.hook_image_embed = HookPoint()  # [batch, patch, d_model]
+        self.setup()
+        torch.nn.Module.to(self, lm.W_E.device)
+
+    @classmethod
+    def from_pretrained(cls, model_name: str = "gpt2", encoder: str = "beit_base_patch16_224",
+                        projection: str | None = None, **lm_kwargs) -> "HookedVisionPrefix":
+        """Load an LM and a pretrained timm encoder from the hub (needs internet), plus a projection.
+
+        Args:
+            model_name: Any name ``HookedTransformer.from_pretrained`` accepts.
+            encoder: A timm model name; its pretrained weights are downloaded.
+            projection: Path of a projection checkpoint, or ``None`` for an untrained one.
+            **lm_kwargs: Passed to ``HookedTransformer.from_pretrained``.
+        """
+        lm = HookedTransformer.from_pretrained(model_name, **lm_kwargs)
+        proj = ImageProjection.load(projection) if projection is not None else None
+        return cls(lm, VisionEncoder.from_timm(encoder, pretrained=True), proj)
+
+    # ---------------------------------------------------------------- images -> soft prompts
+    def load_projection(self, path) -> None:
+        """Replace the projection by a checkpoint, failing clearly if it was made for another model."""
+        proj = ImageProjection.load(path)
+        i = self.projection.info
+        proj.check_fits(i.encoder, i.d_img, i.grid, i.lm, i.d_model)
+        self.projection = proj.to(self.W_E.device)
+        self.setup()
+
+    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> Float[Tensor, "batch channel height width"]:
+        """PIL images -> the encoder's normalised pixel tensor, on the model's device."""
+        return self.vision.preprocess(images).to(self.W_E.device)
+
+    def embed_images(self, images: ImageInput | None = None,
+                     image_features: Float[Tensor, "batch patch d_img"] | None = None,
+                     ) -> Float[Tensor, "batch patch d_model"]:
+        """Encode images (or take precomputed encoder features) and project them to soft prompts.
+
+        Runs ``hook_image_features`` and ``hook_image_embed``.
+        """
+        if (images is None) == (image_features is None):
+            raise ValueError("pass exactly one of images= and image_features=")
+        if images is not None:
+            if not isinstance(images, Tensor):
+                images = self.preprocess(images)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+                image_features = self.vision(images.to(self.W_E.device))
+        else:
+            expected = (self.n_image_tokens, self.vision.d_img)
+            if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
+                raise ValueError(f"image_features must be [batch, {expected[0]}, {expected[1]}], "
+                                 f"got {tuple(image_features.shape)}")
+            if not torch.isfinite(image_features).all():
+                raise ValueError("image_features contain NaN or infinite values")
+        features = self.hook_image_features(image_features.to(self.W_E.device, self.projection.linear.weight.dtype))
+        return self.hook_image_embed(self.projection(features))
+
+    # ---------------------------------------------------------------- tokens with image slots
+    @property
+    def image_positions(self) -> slice:
+        """Positions of the image tokens in an unpadded (or right-padded) image-prefixed sequence."""
+        return slice(0, self.n_image_tokens)
+
+    def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+        """True where ``tokens`` holds an image slot."""
+        return tokens == self.image_token_id
+
+    def to_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE,
+                  move_to_device: bool = True, truncate: bool = True, image: bool = False,
+                  ) -> Int[Tensor, "batch pos"]:
+        """TransformerLens's ``to_tokens``; with ``image=True``, each text follows an image's slots.
+
+        With ``image=True`` no BOS is added unless ``prepend_bos=True`` (the image tokens open the
+        sequence), nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
+        on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
+        """
+        if not image:
+            return super().to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
+        texts = [input] if isinstance(input, str) else list(input)
+        bos = False if prepend_bos is USE_DEFAULT_VALUE else prepend_bos
+        rows = [super(HookedVisionPrefix, self).to_tokens(t, bos, move_to_device=False, truncate=False)[0]
+                for t in texts]
+        slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
+        rows = [torch.cat([slots, r]) for r in rows]
+        self._check_length(max(len(r) for r in rows))
+        side = self.tokenizer.padding_side if padding_side in (USE_DEFAULT_VALUE, None) else padding_side
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r) for r in rows)
+        fill = [torch.full((width - len(r),), pad, dtype=torch.long) for r in rows]
+        tokens = torch.stack([torch.cat([f, r] if side == "left" else [r, f]) for r, f in zip(rows, fill)])
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def to_str_tokens(self, input, *args, **kwargs):
+        """TransformerLens's ``to_str_tokens``; image slots in a token tensor read ``<image_i>``."""
+        if isinstance(input, Tensor) and self.image_mask(input).any():
+            ids = input.squeeze().tolist()
+            names = iter(f"<image_{i}>" for i in range(len(ids)))
+            return [next(names) if t == self.image_token_id else self.tokenizer.decode([t]) for t in ids]
+        return super().to_str_tokens(input, *args, **kwargs)
+
+    def _check_length(self, n_pos: int) -> None:
+        if n_pos > self.cfg.n_ctx:
+            raise ValueError(f"sequence of {n_pos} positions ({self.n_image_tokens} image + "
+                             f"{n_pos - self.n_image_tokens} text) is longer than n_ctx={self.cfg.n_ctx}")
+
+    def _image_tokens(self, input, batch: int) -> Int[Tensor, "batch pos"]:
+        """Tokens with image slots for ``input`` (text, or tokens already holding the slots)."""
+        if isinstance(input, str):
+            return self.to_tokens(input, image=True).expand(batch, -1)
+        if isinstance(input, list):
+            if len(input) != batch:
+                raise ValueError(f"{len(input)} prompts for {batch} images")
+            return self.to_tokens(input, image=True)
+        tokens = input if input.ndim == 2 else input[None]
+        if not self.image_mask(tokens).any():
+            raise ValueError("token tensor has no image slots; build it with "
+                             "model.to_tokens(text, image=True)")
+        self._check_length(tokens.shape[1])
+        return tokens
+
+    @contextlib.contextmanager
+    def _bound(self, image_embed: Tensor):
+        self.embed.image_embed = image_embed
+        try:
+            yield
+        finally:
+            self.embed.image_embed = None
+
+    # ---------------------------------------------------------------- running the model
+    def forward(self, input, *args, images: ImageInput | None = None,
+                image_features: Tensor | None = None, **kwargs):
+        """``HookedTransformer.forward`` with images.
+
+        Args:
+            input: Text (a string is shared by all images; a list gives one per image), or tokens
+                with image slots (``model.to_tokens(text, image=True)``).
+            images: Pixels ``[batch, channel, height, width]`` or PIL images.
+            image_features: Precomputed encoder features ``[batch, patch, d_img]`` instead of images.
+            *args, **kwargs: As for ``HookedTransformer.forward`` (return_type, stop_at_layer, ...).
+        """
+        if images is None and image_features is None:
+            return super().forward(input, *args, **kwargs)
+        image_embed = self.embed_images(images, image_features)
+        tokens = self._image_tokens(input, image_embed.shape[0])
+        with self._bound(image_embed):
+            return super().forward(tokens, *args, **kwargs)
+
+    def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
+        """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only).
+
+        The prediction of the first text token from the last image position counts; predictions
+        *of* image slots, and of masked (padding) positions, do not.
+        """
+        tokens = tokens.to(logits.device)
+        targets = ~self.image_mask(tokens[:, 1:])
+        if attention_mask is not None:
+            targets &= attention_mask[:, 1:].bool().to(logits.device)
+        nll = lm_cross_entropy_loss(logits, tokens.masked_fill(self.image_mask(tokens), 0), per_token=True)
+        nll = nll * targets
+        return nll if per_token else nll.sum() / targets.sum()
+
+    def generate(self, input="", max_new_tokens: int = 10, *args, images: ImageInput | None = None,
+                 image_features: Tensor | None = None, **kwargs):
+        """``HookedTransformer.generate`` with images (KV cache on by default, as there)."""
+        if images is None and image_features is None:
+            return super().generate(input, max_new_tokens, *args, **kwargs)
+        with torch.no_grad():
+            image_embed = self.embed_images(images, image_features)
+        tokens = self._image_tokens(input, image_embed.shape[0])
+        self._check_length(tokens.shape[1] + max_new_tokens)
+        if kwargs.get("return_type", "input") in ("input", "str"):
+            kwargs["return_type"] = "tokens"
+            decode = True
+        else:
+            decode = False
+        with self._bound(image_embed):
+            out = super().generate(tokens, max_new_tokens, *args, **kwargs)
+        if not decode:
+            return out
+        return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+
+    @torch.no_grad()
+    def caption(self, images: ImageInput, prompt: str = "A picture of", max_new_tokens: int = 20,
+                do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, batch_size: int = 16) -> list[str]:
+        """Caption images: the text generated after ``prompt`` (greedy unless ``do_sample``).
+
+        Args:
+            images: Pixels ``[batch, channel, height, width]`` or PIL images.
+            prompt: Text after the image tokens (LiMBeR: "A picture of").
+            max_new_tokens: Most tokens generated per caption; stops early at end-of-text.
+            do_sample, temperature, top_k, top_p: Sampling settings, as in ``generate``.
+            batch_size: Images per generation batch.
+
+        Returns:
+            One caption per image, without the prompt.
+        """
+        if not isinstance(images, Tensor):
+            images = self.preprocess(images)
+        n_prompt = self.to_tokens(prompt, image=True).shape[1]
+        captions = []
+        for chunk in images.split(batch_size):
+            out = self.generate(prompt, max_new_tokens, images=chunk, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                return_type="tokens", verbose=False)
+            captions += [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in out]
+        return captions
