@@ -217,11 +217,27 @@ class HookedVisionPrefix(HookedTransformer):
 
     @contextlib.contextmanager
     def _bound(self, image_embed: Tensor):
-        self.embed.image_embed = image_embed
+        previous, self.embed.image_embed = self.embed.image_embed, image_embed
         try:
             yield
         finally:
-            self.embed.image_embed = None
+            self.embed.image_embed = previous
+
+    @contextlib.contextmanager
+    def bind_images(self, images: ImageInput | None = None, image_features: Tensor | None = None):
+        """Within the block, calls given image-slot tokens but no images use these images.
+
+        For code that runs the model itself on tokens, e.g. ``transformer_lens.patching``::
+
+            tokens = model.to_tokens("A picture of", image=True).expand(len(corrupt_px), -1)
+            with model.bind_images(corrupt_px):
+                out = transformer_lens.patching.get_act_patch_resid_pre(model, tokens, clean_cache, metric)
+
+        The images are embedded once, on entry: ``hook_image_features``/``hook_image_embed`` run
+        then, not in each call inside the block.
+        """
+        with self._bound(self.embed_images(images, image_features)):
+            yield self
 
     # ---------------------------------------------------------------- running the model
     def forward(self, input, *args, images: ImageInput | None = None,
@@ -239,6 +255,8 @@ class HookedVisionPrefix(HookedTransformer):
             return super().forward(input, *args, **kwargs)
         image_embed = self.embed_images(images, image_features)
         tokens = self._image_tokens(input, image_embed.shape[0])
+        if len(args) < 3:  # no BOS in image sequences: a leading pad is padding, never a BOS
+            kwargs.setdefault("prepend_bos", False)
         with self._bound(image_embed):
             return super().forward(tokens, *args, **kwargs)
 
@@ -270,6 +288,7 @@ class HookedVisionPrefix(HookedTransformer):
             decode = True
         else:
             decode = False
+        kwargs.setdefault("prepend_bos", False)
         with self._bound(image_embed):
             out = super().generate(tokens, max_new_tokens, *args, **kwargs)
         if not decode:

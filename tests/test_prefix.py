@@ -1,0 +1,161 @@
+"""HookedVisionPrefix against independent oracles: the upstream HF models fed the same embeddings,
+TransformerLens's own cache decomposition, and greedy decoding without a KV cache."""
+
+import pytest
+import torch
+import transformers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+from tl_multimodal import HookedVisionPrefix
+
+PROMPT = "A picture of"
+
+
+def _hf_inputs(vlm, wte, pixels, text_ids):
+    """The LiMBeR sequence built by hand: projected patch tokens, then the text's word embeddings."""
+    feats = vlm.vision.model.forward_features(pixels)[:, 1:]  # drop the ViT's CLS token
+    image_tokens = feats @ vlm.projection.linear.weight.T + vlm.projection.linear.bias
+    return torch.cat([image_tokens, wte(text_ids).expand(len(pixels), -1, -1)], dim=1)
+
+
+@torch.no_grad()
+def test_logits_equal_hf_gpt2_fed_the_same_embeddings(vlm, hf_gpt2, gpt2_tokenizer, pixels):
+    ids = torch.tensor([gpt2_tokenizer(PROMPT)["input_ids"]])
+    expected = hf_gpt2(inputs_embeds=_hf_inputs(vlm, hf_gpt2.transformer.wte, pixels, ids)).logits
+    logits = vlm(PROMPT, images=pixels)
+    assert logits.shape == (3, vlm.n_image_tokens + ids.shape[1], 50257)
+    assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_loss_counts_text_tokens_only_like_hf_with_ignored_image_labels(vlm, hf_gpt2, gpt2_tokenizer, pixels):
+    ids = torch.tensor([gpt2_tokenizer(" a dog on a red sofa")["input_ids"]])
+    labels = torch.cat([torch.full((3, vlm.n_image_tokens), -100), ids.expand(3, -1)], dim=1)
+    expected = hf_gpt2(inputs_embeds=_hf_inputs(vlm, hf_gpt2.transformer.wte, pixels, ids), labels=labels).loss
+    loss = vlm(" a dog on a red sofa", images=pixels, return_type="loss")
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_images_reach_the_lm_only_through_hook_image_embed(vlm, pixels):
+    fixed = torch.randn(1, vlm.n_image_tokens, vlm.cfg.d_model)
+    hooks = [("hook_image_embed", lambda act, hook: fixed.expand_as(act))]
+    a = vlm.run_with_hooks(PROMPT, images=pixels[:1], fwd_hooks=hooks)
+    b = vlm.run_with_hooks(PROMPT, images=pixels[1:2], fwd_hooks=hooks)
+    assert torch.equal(a, b)
+    assert not torch.allclose(vlm(PROMPT, images=pixels[:1]), vlm(PROMPT, images=pixels[1:2]))
+
+
+@torch.no_grad()
+def test_cache_decomposition_includes_image_embedding_rows_and_sums_to_residual(vlm, pixels):
+    _, cache = vlm.run_with_cache(PROMPT, images=pixels)
+    n = vlm.n_image_tokens
+    assert cache["hook_image_features"].shape == (3, n, vlm.vision.d_img)
+    assert torch.equal(cache["hook_embed"][:, :n], cache["hook_image_embed"])
+    parts, labels = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+    assert labels[-2:] == ["embed", "pos_embed"] or {"embed", "pos_embed"} <= set(labels)
+    final = cache[f"blocks.{vlm.cfg.n_layers - 1}.hook_resid_post"]
+    assert torch.allclose(parts.sum(0), final, atol=1e-3)
+
+
+@torch.no_grad()
+def test_generate_with_kv_cache_equals_greedy_decoding_without_it(vlm, pixels):
+    kwargs = dict(images=pixels, do_sample=False, stop_at_eos=False, return_type="tokens", verbose=False)
+    cached = vlm.generate(PROMPT, 6, use_past_kv_cache=True, **kwargs)
+    uncached = vlm.generate(PROMPT, 6, use_past_kv_cache=False, **kwargs)
+    tokens = vlm.to_tokens(PROMPT, image=True).expand(3, -1)
+    for _ in range(6):  # the oracle: a full forward pass per step, argmax of the last position
+        tokens = torch.cat([tokens, vlm(tokens, images=pixels)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, tokens) and torch.equal(uncached, tokens)
+    captions = vlm.caption(pixels, max_new_tokens=6)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+@torch.no_grad()
+def test_left_padded_prompts_give_the_same_last_logits_as_unpadded(vlm, pixels):
+    prompts = ["A picture of", "A very small picture of a"]
+    tokens = vlm.to_tokens(prompts, image=True, padding_side="left")
+    assert (vlm.image_mask(tokens).sum(-1) == vlm.n_image_tokens).all()
+    vlm.tokenizer.padding_side = "left"
+    try:
+        batched = vlm(tokens, images=pixels[:2])[:, -1]
+    finally:
+        vlm.tokenizer.padding_side = "right"
+    for i, p in enumerate(prompts):
+        alone = vlm(p, images=pixels[i:i + 1])[:, -1]
+        assert torch.allclose(batched[i], alone[0], atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(gpt2_tokenizer):
+    """A Llama-style model (RMSNorm, rotary, grouped-query attention, gated MLP): HF and hooked."""
+    torch.manual_seed(5)
+    hf_cfg = transformers.LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    cfg = HookedTransformerConfig(
+        d_model=64, d_head=16, n_heads=4, n_key_value_heads=2, d_mlp=128, n_layers=2, n_ctx=256, d_vocab=50257,
+        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16,
+        rotary_base=10000.0, gated_mlp=True, final_rms=True, eps=1e-5, model_name="tiny-llama",
+        original_architecture="LlamaForCausalLM", init_weights=False)
+    lm = HookedTransformer(cfg, tokenizer=gpt2_tokenizer)
+    lm.load_state_dict(convert_llama_weights(hf, cfg), strict=False)
+    return hf, lm
+
+
+@torch.no_grad()
+def test_llama_style_lm_matches_hf_fed_the_same_embeddings(tiny_llama, vit_encoder, gpt2_tokenizer, pixels):
+    hf, lm = tiny_llama
+    vlm = HookedVisionPrefix(lm, vit_encoder).eval()
+    ids = torch.tensor([gpt2_tokenizer(PROMPT)["input_ids"]])
+    expected = hf(inputs_embeds=_hf_inputs(vlm, hf.model.embed_tokens, pixels, ids)).logits
+    assert torch.allclose(vlm(PROMPT, images=pixels), expected, atol=1e-4, rtol=1e-4)
+    cached = vlm.generate(PROMPT, 4, images=pixels, do_sample=False, stop_at_eos=False, return_type="tokens",
+                          verbose=False)
+    uncached = vlm.generate(PROMPT, 4, images=pixels, do_sample=False, stop_at_eos=False, return_type="tokens",
+                            verbose=False, use_past_kv_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_text_only_use_is_plain_transformer_lens(vlm, gpt2_small):
+    with torch.no_grad():
+        assert torch.equal(vlm("Hello world"), gpt2_small("Hello world"))
+
+
+# ------------------------------------------------------------------ bad input gets a clear error
+@pytest.mark.parametrize("shape, message", [
+    ((2, 3, 64, 64), "takes 32x32 images"),
+    ((2, 1, 32, 32), "takes 3-channel images"),
+    ((3, 32, 32), "4 dims"),
+])
+def test_wrong_image_shapes_raise(vlm, shape, message):
+    with pytest.raises(ValueError, match=message):
+        vlm(PROMPT, images=torch.zeros(shape))
+
+
+def test_nan_images_raise(vlm, pixels):
+    bad = pixels.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        vlm(PROMPT, images=bad)
+
+
+def test_prompt_past_n_ctx_raises(vlm, pixels):
+    long_prompt = " dog" * (vlm.cfg.n_ctx - vlm.n_image_tokens + 1)
+    with pytest.raises(ValueError, match="longer than n_ctx=1024"):
+        vlm(long_prompt, images=pixels[:1])
+    with pytest.raises(ValueError, match="longer than n_ctx"):
+        vlm.generate(" dog" * (vlm.cfg.n_ctx - vlm.n_image_tokens - 2), 5, images=pixels[:1])
+
+
+def test_token_and_image_mismatches_raise(vlm, pixels):
+    with pytest.raises(ValueError, match="no image slots"):
+        vlm(vlm.to_tokens(PROMPT), images=pixels)
+    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+        vlm(["a", "b"], images=pixels)
+    with pytest.raises(ValueError, match="no images were given"):
+        vlm(vlm.to_tokens(PROMPT, image=True))
+    with pytest.raises(ValueError, match="image_features must be"):
+        vlm(PROMPT, image_features=torch.zeros(1, 5, 64))
