@@ -1,0 +1,46 @@
+"""Train the projection shipped in tl_multimodal/assets: SmolLM2-135M + EfficientNet-Lite0 on the
+`train` split of the offline COCO sample (220 images x 5 captions), evaluated on `dev`.
+
+    python scripts/train_offline_projection.py --data-dir ../shared/data/coco_mini --steps 600
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from tl_multimodal.data import load_coco_mini  # noqa: E402
+from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline  # noqa: E402
+from tl_multimodal.training import train_projection  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=ROOT.parent / "shared" / "data" / "coco_mini", type=Path)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=SHIPPED_PROJECTION)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    model = load_offline(projection=None)
+    train, dev = load_coco_mini(args.data_dir, "train"), load_coco_mini(args.data_dir, "dev")
+    result = train_projection(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              dev_dataset=dev, eval_every=args.eval_every, seed=args.seed,
+                              dataset_name=f"coco_mini train ({len(train)} images x 5 captions)")
+    print(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    model.projection.save(args.out)
+    print(f"saved {args.out}: {model.projection.info.training}")
+
+
+if __name__ == "__main__":
+    main()
