@@ -4,7 +4,9 @@ Images become soft-prompt tokens of a TransformerLens ``HookedTransformer`` (LiM
 TransformerLens tool works on them.
 """
 
+from tl_multimodal.attribution import Attribution, TopUnits, attribute, attribute_dataset, first_noun
 from tl_multimodal.data import load_coco_mini
+from tl_multimodal.decoding import UnitDecoding, decode_image_prompts, decode_unit, decode_units, is_interpretable
 from tl_multimodal.encoders import VisionEncoder
 from tl_multimodal.lm_blocks import ViTWithLMBlocks
 from tl_multimodal.loading import load_efficientnet_lite0, load_offline, load_smollm2
@@ -13,6 +15,8 @@ from tl_multimodal.projection import ImageProjection, ProjectionInfo
 from tl_multimodal.training import TrainingResult, caption_nll, encode_images, train_projection
 
 __all__ = [
+    "Attribution", "TopUnits", "UnitDecoding", "attribute", "attribute_dataset", "decode_image_prompts",
+    "decode_unit", "decode_units", "first_noun", "is_interpretable",
     "HookedVisionPrefix", "ImageProjection", "ProjectionInfo", "TrainingResult", "ViTWithLMBlocks",
     "VisionEncoder", "caption_nll", "encode_images", "load_coco_mini", "load_efficientnet_lite0",
     "load_offline", "load_smollm2", "train_projection",
