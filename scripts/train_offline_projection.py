@@ -1,7 +1,7 @@
 """Train the projection shipped in tl_multimodal/assets: SmolLM2-135M + EfficientNet-Lite0 on the
 `train` split of the offline COCO sample (220 images x 5 captions), evaluated on `dev`.
 
-    python scripts/train_offline_projection.py --data-dir ../shared/data/coco_mini --steps 600
+    python scripts/train_offline_projection.py --data-dir ../shared/data/coco_mini --steps 200 --batch-size 8 --lr 3e-3
 """
 
 import argparse
@@ -22,14 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=ROOT.parent / "shared" / "data" / "coco_mini", type=Path)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=SHIPPED_PROJECTION)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
 
     model = load_offline(projection=None)
     train, dev = load_coco_mini(args.data_dir, "train"), load_coco_mini(args.data_dir, "dev")
