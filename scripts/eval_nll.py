@@ -24,7 +24,9 @@ def main():
     p.add_argument("--data-dir", default=ROOT.parent / "shared" / "data" / "coco_mini", type=Path)
     p.add_argument("--split", default="dev")
     p.add_argument("--projection", default=SHIPPED_PROJECTION, type=Path)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
 
     model = load_offline(args.projection)
     data = load_coco_mini(args.data_dir, args.split)
