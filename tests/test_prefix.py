@@ -51,6 +51,7 @@ def test_images_reach_the_lm_only_through_hook_image_embed(vlm, pixels):
 def test_cache_decomposition_includes_image_embedding_rows_and_sums_to_residual(vlm, pixels):
     _, cache = vlm.run_with_cache(PROMPT, images=pixels)
     n = vlm.n_image_tokens
+    assert vlm.vision.model_name == "vit_tiny_32" == vlm.projection.info.encoder
     assert cache["hook_image_features"].shape == (3, n, vlm.vision.d_img)
     assert torch.equal(cache["hook_embed"][:, :n], cache["hook_image_embed"])
     parts, labels = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)

@@ -25,7 +25,8 @@ class VisionEncoder(nn.Module):
         name: The name recorded in projection checkpoints; defaults to the timm architecture.
 
     Attributes:
-        name: Encoder name (e.g. ``"beit_base_patch16_224"``).
+        model_name: Encoder name (e.g. ``"beit_base_patch16_224"``). (Not ``name``: TransformerLens's
+            ``setup()`` sets ``.name`` of every submodule to its path in the model.)
         d_img: Width of one patch feature.
         grid: ``(rows, cols)`` of the patch grid; ``n_patches = rows * cols``.
         input_size: The ``(channels, height, width)`` the encoder expects.
@@ -35,7 +36,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, model: nn.Module, name: str | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.name = name or model.pretrained_cfg.get("architecture", type(model).__name__)
+        self.model_name = name or model.pretrained_cfg.get("architecture", type(model).__name__)
         self.data_config = timm.data.resolve_data_config({}, model=model)
         img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
         if img_size is not None:  # a ViT built at another resolution than its pretrained config
@@ -50,7 +51,7 @@ class VisionEncoder(nn.Module):
             self.d_img = raw.shape[2]
             self.grid = tuple(model.patch_embed.grid_size)
         else:
-            raise ValueError(f"{self.name}: forward_features gave shape {tuple(raw.shape)}; "
+            raise ValueError(f"{self.model_name}: forward_features gave shape {tuple(raw.shape)}; "
                              "expected [B, C, H, W] (CNN) or [B, tokens, d] (ViT)")
         self.n_patches = self.grid[0] * self.grid[1]
         self._transform = timm.data.create_transform(**self.data_config)
@@ -84,9 +85,9 @@ class VisionEncoder(nn.Module):
                              f"{tuple(images.shape)}")
         c, h, w = self.input_size
         if images.shape[1] != c:
-            raise ValueError(f"{self.name} takes {c}-channel images, got {images.shape[1]} channels")
+            raise ValueError(f"{self.model_name} takes {c}-channel images, got {images.shape[1]} channels")
         if tuple(images.shape[2:]) != (h, w):
-            raise ValueError(f"{self.name} takes {h}x{w} images, got {images.shape[2]}x{images.shape[3]}"
+            raise ValueError(f"{self.model_name} takes {h}x{w} images, got {images.shape[2]}x{images.shape[3]}"
                              "; use model.preprocess(pil_images) to resize")
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or infinite values")

@@ -89,7 +89,7 @@ class HookedVisionPrefix(HookedTransformer):
             raise ValueError(f"could not copy the LM's weights: missing {missing}, unexpected {unexpected}")
         self.vision = encoder
         self.n_image_tokens = encoder.n_patches
-        info = ProjectionInfo(encoder=encoder.name, d_img=encoder.d_img, grid=encoder.grid,
+        info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
                               lm=cfg.model_name, d_model=cfg.d_model)
         if projection is None:
             projection = ImageProjection(info)

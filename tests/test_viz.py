@@ -1,0 +1,238 @@
+"""Offline notebook views: circuitsvis HTML with the bundle inlined (checked against circuitsvis's own
+``render_local``), decoded tokens and activations in the HTML, heatmap PNGs that decode back to the
+upsampled grid."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from circuitsvis.utils.render import render_local
+from PIL import Image
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_multimodal import HookedVisionPrefix
+from tl_multimodal.decoding import decode_units
+from tl_multimodal.heatmaps import CropGeometry, grid_to_image
+from tl_multimodal.viz import (
+    HeatmapView, HTMLView, circuitsvis_bundle, decoded_tokens_view, overlay_heatmap, patch_heatmap_view,
+    plot_unit_heatmaps, render_circuitsvis, token_activations_view, unit_heatmap_view,
+)
+
+matplotlib.use("Agg")
+CDN = re.compile(r"""(src\s*=\s*["']?\s*(https?:)?//|from\s*["']https?://|unpkg\.com|jsdelivr|cdnjs)""", re.I)
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(gpt2_tokenizer, vit_encoder):
+    """2 layers, GPT-2's tokenizer and vocabulary, the tiny ViT (32x32 images, 4x4 grid)."""
+    torch.manual_seed(3)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257, n_ctx=64,
+                                  act_fn="gelu", normalization_type="LN", model_name="tiny")
+    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()
+
+
+def _scripts(html: str) -> list[str]:
+    return re.findall(r"<script[^>]*>(.*?)</script>", html, flags=re.S)
+
+
+def _render_calls(html: str) -> list[tuple[str, dict]]:
+    """(element, props) of each CircuitsVis.render call in the HTML."""
+    calls = re.findall(r'CircuitsVis\.render\(\s*"[^"]+",\s*CircuitsVis\.(\w+),\s*(\{.*?\})\s*\)', html, flags=re.S)
+    return [(name, json.loads(props.replace("<\\/", "</"))) for name, props in calls]
+
+
+def _pngs(html: str) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in
+            re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def _invert_colormap(rgb: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """Scalar in [0, 1] of each pixel: the nearest entry of the colormap's 256-colour table."""
+    lut = np.round(matplotlib.colormaps[cmap](np.linspace(0, 1, 256))[:, :3] * 255)
+    d = ((rgb[..., None, :3].astype(float) - lut) ** 2).sum(-1)
+    return d.argmin(-1) / 255
+
+
+# ---------------------------------------------------------------------------------- inlined circuitsvis
+def test_render_matches_circuitsvis_render_local_without_cdn():
+    props = {"tokens": ["A", " dog", "</script>"], "values": torch.tensor([0.1, 0.9, 0.0]), "maxValue": 1.0}
+    ours = render_circuitsvis([("ColoredTokens", props)])
+    theirs = render_local("ColoredTokens", **props)  # circuitsvis's own offline rendering
+    assert not CDN.search(ours)
+    (script,) = _scripts(ours)
+    (their_script,) = _scripts(theirs)
+    bundle = circuitsvis_bundle()
+    assert len(bundle) > 100_000 and bundle.strip() in their_script and bundle.strip() in script
+    assert _render_calls(ours) == _render_calls(theirs) == [
+        ("ColoredTokens", {"tokens": ["A", " dog", "</script>"],
+                           "values": [pytest.approx(0.1), pytest.approx(0.9), 0.0], "maxValue": 1.0})]
+    assert script.count("</script") == 0  # the token cannot close the inline script early
+
+
+def test_rendered_script_is_valid_javascript(tmp_path):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: cannot syntax-check the inline module script")
+    html = render_circuitsvis([("ColoredTokens", {"tokens": ["a", "</b>"], "values": [1, 2]}),
+                               ("ColoredTokensMulti", {"tokens": ["x"], "values": [[1.0, 2.0]], "labels": ["p", "q"]})])
+    (script,) = _scripts(html)
+    path = tmp_path / "view.mjs"
+    path.write_text(script)
+    out = subprocess.run([node, "--check", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_render_rejects_nothing():
+    with pytest.raises(ValueError, match="nothing to render"):
+        render_circuitsvis([])
+
+
+# ---------------------------------------------------------------------------------- (a) decoded tokens
+def test_decoded_tokens_view_shows_each_units_tokens(tiny_vlm, tmp_path):
+    dec = decode_units(tiny_vlm, [(0, 3), (1, 60)], k=10)
+    view = decoded_tokens_view(dec, k=5)
+    calls = _render_calls(view.html)
+    assert [name for name, _ in calls] == ["ColoredTokens", "ColoredTokens"]
+    for (_, props), toks, probs in zip(calls, dec.tokens, dec.probs):
+        assert props["tokens"] == toks[:5]
+        np.testing.assert_allclose(props["values"], probs[:5].numpy(), rtol=1e-6)
+    assert "L0.3" in view.html and "L1.60" in view.html
+    assert not CDN.search(view.html) and len(_scripts(view.html)) == 1  # one bundle for all rows
+    assert view._repr_html_() == view.html
+    page = view.save(tmp_path / "dec.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and view.html in page
+    with pytest.raises(ValueError, match="k must be"):
+        decoded_tokens_view(dec, k=11)
+    with pytest.raises(ValueError, match="UnitDecoding"):
+        decoded_tokens_view([(0, 3)])
+
+
+# ---------------------------------------------------------------------------------- (b) activations over tokens
+def test_token_activations_view_matches_the_cache(tiny_vlm, pixels):
+    units = [(1, 5), (0, 63)]
+    view = token_activations_view(tiny_vlm, pixels[0], units, text="A picture of a dog")
+    tokens = tiny_vlm.to_tokens("A picture of a dog", image=True)
+    _, cache = tiny_vlm.run_with_cache(tokens, images=pixels[:1])
+    expected = torch.stack([cache["blocks.1.mlp.hook_post"][0, :, 5], cache["blocks.0.mlp.hook_post"][0, :, 63]], 1)
+    ((name, props),) = _render_calls(view.html)
+    assert name == "ColoredTokensMulti" and props["labels"] == ["L1.5", "L0.63"]
+    n_img = tiny_vlm.n_image_tokens
+    assert props["tokens"][:n_img] == [f"<image_{i}>" for i in range(n_img)]
+    assert "".join(props["tokens"][n_img:]) == "A picture of a dog"
+    np.testing.assert_allclose(np.array(props["values"]), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not CDN.search(view.html)
+    assert list(view.to_dataframe().columns) == ["position", "token", "L1.5", "L0.63"]
+
+    text_only = token_activations_view(tiny_vlm, pixels[0], units, text="A picture of a dog", include_image=False)
+    assert "".join(text_only.tokens) == "A picture of a dog"
+    torch.testing.assert_close(text_only.values, expected[n_img:].float())
+
+
+def test_token_activations_view_captions_by_default(tiny_vlm, pixels):
+    view = token_activations_view(tiny_vlm, pixels[1], [(0, 1)], max_new_tokens=3)
+    caption = tiny_vlm.caption(pixels[1:2], max_new_tokens=3)[0]
+    assert view.text == f"A picture of {caption}".rstrip()
+
+
+def test_token_activations_view_bad_input(tiny_vlm, pixels):
+    with pytest.raises(ValueError, match="out of range"):
+        token_activations_view(tiny_vlm, pixels[0], [(2, 0)], text="a")
+    with pytest.raises(ValueError, match="one image"):
+        token_activations_view(tiny_vlm, pixels, [(0, 0)], text="a")
+    with pytest.raises(ValueError, match="no hook_nope"):
+        token_activations_view(tiny_vlm, pixels[0], [(0, 0)], text="a", hook="hook_nope")
+
+
+# ---------------------------------------------------------------------------------- (c) heatmaps
+def test_patch_heatmap_png_is_the_upsampled_grid_hottest_in_planted_patch():
+    grid = torch.zeros(7, 7)
+    grid[2, 5] = 3.0  # the planted patch
+    grid[6, 0] = -1.0
+    geo = CropGeometry.identity((224, 224))
+    view = patch_heatmap_view(None, grid, labels=["planted"], geometry=geo, max_size=None, cmap="viridis")
+    (png,) = _pngs(view.html)
+    assert png.shape == (224, 224, 3)
+    decoded = _invert_colormap(png, "viridis")  # viridis is one-to-one (jet has flat stretches)
+    y, x = np.unravel_index(decoded.argmax(), decoded.shape)
+    assert (y // 32, x // 32) == (2, 5)  # 224 / 7 = 32-pixel patches
+    up = grid_to_image(grid, geo).numpy()
+    np.testing.assert_allclose(decoded, (up - up.min()) / (up.max() - up.min()), atol=2 / 255)
+    torch.testing.assert_close(view.heatmaps[0], grid_to_image(grid, geo))
+
+
+def test_patch_heatmap_over_a_cropped_image():
+    """A 300x200 image, center-cropped to 100x100 by the geometry: the hot patch lands where the crop maps it."""
+    geo = CropGeometry.from_data_config({"input_size": (3, 100, 100), "crop_pct": 1.0, "crop_mode": "center"},
+                                        (300, 200))
+    grid = torch.zeros(4, 4)
+    grid[0, 3] = 1.0
+    image = Image.new("RGB", (300, 200), (0, 0, 0))
+    view = patch_heatmap_view(image, grid, geometry=geo, alpha=1.0, max_size=None)
+    assert isinstance(view, HeatmapView) and len(view.panels) == 2  # the image, then the overlay
+    plain, over = _pngs(view.html)
+    assert plain.shape == over.shape == (200, 300, 3)
+    hm = view.heatmaps[0].numpy()
+    assert np.isnan(hm[:, :40]).all() and np.isnan(hm[:, 261:]).all()  # cut away: resized 150x100, crop x in [25, 125)
+    finite = np.isfinite(hm)
+    decoded = np.where(finite, _invert_colormap(over), -1)
+    y, x = np.unravel_index(decoded.argmax(), decoded.shape)
+    x0, y0, x1, y1 = geo.box  # the crop in original pixels: patch (0, 3) is its top-right quarter
+    assert x0 + 0.75 * (x1 - x0) <= x < x1 and y0 <= y < y0 + 0.25 * (y1 - y0)
+    assert (over[~finite] == 0).all()  # black image dimmed where the model saw nothing
+
+
+def test_unit_heatmap_view_matches_cache_grid(tiny_vlm, pixels, tmp_path):
+    units = [(0, 7), (1, 2)]
+    view = unit_heatmap_view(tiny_vlm, pixels[2], units, alpha=1.0, max_size=None)
+    _, cache = tiny_vlm.run_with_cache("", images=pixels[2:3])
+    for i, (l, u) in enumerate(units):
+        grid = cache[f"blocks.{l}.mlp.hook_post"][0, tiny_vlm.image_positions, u].reshape(4, 4)
+        torch.testing.assert_close(view.grids[i], grid)
+        torch.testing.assert_close(view.heatmaps[i], grid_to_image(grid, CropGeometry.identity((32, 32))))
+        decoded = _invert_colormap(_pngs(view.html)[i + 1])  # panel 0 is the plain image
+        y, x = np.unravel_index(decoded.argmax(), decoded.shape)
+        r, c = divmod(int(grid.argmax()), 4)
+        assert grid[y // 8, x // 8] >= grid[r, c] - 1e-3 * (grid.max() - grid.min())  # 8x8-pixel patches
+    assert view.labels == ["L0.7", "L1.2"] and "L0.7" in view.html and not CDN.search(view.html)
+    assert view.save(tmp_path / "h.png").exists() and Image.open(tmp_path / "h.png").size == (32 * 3 + 8, 32)
+    assert "<img" in view.save(tmp_path / "h.html").read_text()
+
+
+def test_unit_heatmap_view_on_pil_image_uses_timm_geometry(tiny_vlm):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    view = unit_heatmap_view(tiny_vlm, image, [(1, 9)], max_size=None)
+    geo = CropGeometry.from_data_config(tiny_vlm.vision.data_config, image.size)
+    torch.testing.assert_close(view.heatmaps[0], grid_to_image(view.grids[0], geo), equal_nan=True)
+    assert view.heatmaps.shape == (1, 48, 64)
+
+
+def test_overlay_and_view_bad_input():
+    with pytest.raises(ValueError, match="image is"):
+        overlay_heatmap(Image.new("RGB", (4, 4)), torch.zeros(5, 5))
+    with pytest.raises(ValueError, match="no finite"):
+        overlay_heatmap(None, torch.full((2, 2), float("nan")))
+    with pytest.raises(ValueError, match="labels"):
+        patch_heatmap_view(Image.new("RGB", (8, 8)), torch.zeros(2, 2, 2), labels=["a"])
+    with pytest.raises(ValueError, match="geometry"):
+        patch_heatmap_view(None, torch.zeros(2, 2))
+
+
+def test_plot_unit_heatmaps(tiny_vlm, pixels):
+    fig = plot_unit_heatmaps(tiny_vlm, pixels[0], [(0, 1), (0, 2), (1, 3)], ncols=2)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["image", "L0.1", "L0.2", "L1.3"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_html_view_repr():
+    v = HTMLView("<b>x</b>", "t")
+    assert "HTMLView('t'" in repr(v) and v.to_html().count("<b>x</b>") == 1
