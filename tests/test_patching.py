@@ -1,0 +1,303 @@
+"""Ablation and activation patching of MLP units at image positions, against manual hooked
+computations and TransformerLens's own patching functions."""
+
+from functools import partial
+
+import matplotlib
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import patching as tl_patching
+
+from tl_multimodal import HookedVisionPrefix
+from tl_multimodal.patching import (
+    ablate_units,
+    ablation_curve,
+    get_act_patch_mlp_neuron,
+    mean_unit_activations,
+    patch_resid,
+    patch_units,
+    sample_matched_units,
+    target_prob_metric,
+    target_probability,
+    unit_patch_sweep,
+)
+
+matplotlib.use("Agg")
+
+PROMPT = "A picture of a"
+TARGET = [3290, 5044, 2415]  # arbitrary valid token ids, one per image
+
+
+def _tiny_vlm(tokenizer, encoder, gated: bool, seed: int) -> HookedVisionPrefix:
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=48, d_vocab=50257,
+        act_fn="silu" if gated else "gelu_new", gated_mlp=gated,
+        normalization_type="RMS" if gated else "LN", positional_embedding_type="rotary" if gated else "standard",
+        initializer_range=0.2,
+    )
+    lm = HookedTransformer(cfg, tokenizer=tokenizer)
+    model = HookedVisionPrefix(lm, encoder).eval()
+    with torch.no_grad():  # plant unit (0, 5): strongly active on the image, with a big output
+        model.blocks[0].mlp.W_in[:, 5] *= 8
+        model.blocks[0].mlp.W_out[5] *= 30
+        for b in model.blocks:  # larger MLP biases, so that zero-ablating everything differs from b_out=0
+            b.mlp.b_out.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module", params=["gelu", "gated"])
+def tiny_vlm(request, gpt2_tokenizer, vit_encoder):
+    return _tiny_vlm(gpt2_tokenizer, vit_encoder, gated=request.param == "gated", seed=10)
+
+
+@pytest.fixture(scope="module")
+def gelu_vlm(gpt2_tokenizer, vit_encoder):
+    return _tiny_vlm(gpt2_tokenizer, vit_encoder, gated=False, seed=11)
+
+
+def _manual_p(model, pixels, units, prompt=PROMPT, target=TARGET):
+    """p(c) with units zero-ablated at image positions, by subtracting their W_out rows from mlp_out."""
+    n_img = model.n_image_tokens
+    store = {}
+    hooks = []
+    for layer in sorted({layer for layer, _ in units}):
+        ks = [k for l_, k in units if l_ == layer]
+
+        def record(act, hook, layer=layer):
+            store[layer] = act.clone()
+
+        def subtract(out, hook, layer=layer, ks=ks):
+            post = store[layer][:, :n_img, ks]  # [batch, img, k]
+            W = model.blocks[layer].mlp.W_out[ks]  # [k, d_model]
+            out[:, :n_img] = out[:, :n_img] - post @ W
+            return out
+
+        hooks += [(f"blocks.{layer}.mlp.hook_post", record), (f"blocks.{layer}.hook_mlp_out", subtract)]
+    tokens = model.to_tokens(prompt, image=True).expand(len(pixels), -1)
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, images=pixels, fwd_hooks=hooks)
+    return torch.softmax(logits[:, -1].float(), -1)[torch.arange(len(pixels)), torch.tensor(TARGET)]
+
+
+def test_zero_ablating_planted_unit_matches_manual(tiny_vlm, pixels):
+    res = ablate_units(tiny_vlm, pixels, [(0, 5)], TARGET, prompt=PROMPT)
+    manual = _manual_p(tiny_vlm, pixels, [(0, 5)])
+    torch.testing.assert_close(res.p_after, manual, rtol=1e-4, atol=1e-9)
+    assert ((res.p_after - res.p_before).abs() / res.p_before > 1e-2).all()  # the unit matters
+    torch.testing.assert_close(res.rel_change, (res.p_after - res.p_before) / res.p_before)
+    df = res.to_dataframe()
+    assert list(df.columns) == ["image", "target", "p_before", "p_after", "rel_change"] and len(df) == 3
+    assert "AblationResult(3 images, 1 units zero-ablated" in repr(res)
+
+
+def test_zero_ablating_units_in_later_layers_matches_manual(tiny_vlm, pixels):
+    units = [(1, 3), (1, 40), (2, 0), (2, 7), (0, 5)]
+    res = ablate_units(tiny_vlm, pixels, torch.tensor(units), TARGET, prompt=PROMPT)
+    torch.testing.assert_close(res.p_after, _manual_p(tiny_vlm, pixels, units), rtol=1e-4, atol=1e-9)
+
+
+def test_zero_ablating_all_units_leaves_b_out(tiny_vlm, pixels):
+    m = tiny_vlm
+    units = [(layer, k) for layer in range(m.cfg.n_layers) for k in range(m.cfg.d_mlp)]
+    res = ablate_units(m, pixels, units, TARGET, prompt=PROMPT)
+
+    def set_bias(out, hook, layer):
+        out[:, m.image_positions] = m.blocks[layer].mlp.b_out
+        return out
+
+    tokens = m.to_tokens(PROMPT, image=True).expand(3, -1)
+    with torch.no_grad():
+        logits = m.run_with_hooks(tokens, images=pixels, fwd_hooks=[
+            (f"blocks.{layer}.hook_mlp_out", partial(set_bias, layer=layer)) for layer in range(m.cfg.n_layers)])
+    manual = torch.softmax(logits[:, -1].float(), -1)[torch.arange(3), torch.tensor(TARGET)]
+    torch.testing.assert_close(res.p_after, manual, rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(res.p_after, res.p_before, rtol=1e-3)
+
+
+def test_ablating_nothing_changes_nothing(tiny_vlm, pixels):
+    res = ablate_units(tiny_vlm, pixels, torch.zeros(0, 2, dtype=torch.long), TARGET, prompt=PROMPT)
+    assert torch.equal(res.p_after, res.p_before)
+    with torch.no_grad():
+        logits = tiny_vlm(PROMPT, images=pixels)
+    torch.testing.assert_close(res.p_before, target_probability(logits, torch.tensor([19] * 3), torch.tensor(TARGET)))
+
+
+def test_mean_ablation_with_the_actual_activations_is_a_noop(gelu_vlm, pixels):
+    m, px = gelu_vlm, pixels[:1]
+    means = mean_unit_activations(m, px)
+    _, cache = m.run_with_cache(PROMPT, images=px)
+    torch.testing.assert_close(means[2], cache["blocks.2.mlp.hook_post"][0, m.image_positions])
+    units = [(layer, k) for layer in range(m.cfg.n_layers) for k in range(m.cfg.d_mlp)]
+    res = ablate_units(m, px, units, TARGET[0], prompt=PROMPT, mode="mean", mean_acts=means)
+    torch.testing.assert_close(res.p_after, res.p_before, rtol=1e-5, atol=0)
+    # ... while the means of another image, or means pooled over positions, do change p(c)
+    other = ablate_units(m, px, units, TARGET[0], prompt=PROMPT, mode="mean",
+                         mean_acts=mean_unit_activations(m, pixels[1:2]))
+    pooled = ablate_units(m, px, units, TARGET[0], prompt=PROMPT, mode="mean", mean_acts=means.mean(1))
+    assert not torch.allclose(other.p_after, other.p_before, rtol=1e-3)
+    assert not torch.allclose(pooled.p_after, pooled.p_before, rtol=1e-3)
+    assert mean_unit_activations(m, pixels, per_position=False).shape == (m.cfg.n_layers, m.cfg.d_mlp)
+
+
+def test_per_image_units_and_per_image_prompts(gelu_vlm, pixels):
+    m = gelu_vlm
+    units = torch.tensor([[[0, 5], [1, 2]], [[2, 9], [0, 1]], [[1, 1], [1, 2]]])
+    prompts = ["A picture of a", "A photo of", "Look at this small"]  # different lengths: right padding
+    res = ablate_units(m, pixels, units, TARGET, prompt=prompts)
+    for i in range(3):
+        one = ablate_units(m, pixels[i:i + 1], units[i], TARGET[i], prompt=prompts[i])
+        torch.testing.assert_close(res.p_after[i:i + 1], one.p_after, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(res.p_before[i:i + 1], one.p_before, rtol=1e-4, atol=1e-9)
+
+
+def test_sample_matched_units_keeps_layer_counts():
+    g = torch.Generator().manual_seed(0)
+    units = torch.tensor([[3, 1], [3, 2], [0, 7], [3, 5], [5, 0], [0, 1]])
+    r = sample_matched_units(units, d_mlp=10, generator=g)
+    assert r.shape == units.shape
+    assert torch.equal(r[:, 0].bincount(minlength=6), units[:, 0].bincount(minlength=6))
+    for layer in (0, 3, 5):
+        u = r[r[:, 0] == layer, 1]
+        assert len(u.unique()) == len(u) and ((u >= 0) & (u < 10)).all()
+    # the whole layer when all of it is asked for; per-image sets keep per-image counts
+    assert sorted(sample_matched_units([(2, k) for k in range(10)], 10)[:, 1].tolist()) == list(range(10))
+    per = torch.stack([units, torch.tensor([[1, 0]] * 6)])
+    rp = sample_matched_units(per, 10, g)
+    assert torch.equal(rp[0][:, 0].sort().values, units[:, 0].sort().values) and (rp[1][:, 0] == 1).all()
+    draws = {tuple(sample_matched_units(units, 10, g)[:, 1].tolist()) for _ in range(5)}
+    assert len(draws) > 1
+    with pytest.raises(ValueError, match="more units in a layer"):
+        sample_matched_units([(0, k) for k in range(11)], 10)
+
+
+def test_ablation_curve_matches_ablate_units(gelu_vlm, pixels):
+    m = gelu_vlm
+    ranked = torch.tensor([[0, 5], [2, 3], [0, 9], [1, 4], [1, 30], [2, 47]])
+    curve = ablation_curve(m, pixels, ranked, TARGET, prompt=PROMPT, ks=[0, 2, 5], n_random_seeds=2, seed=1)
+    assert curve.p_top.shape == (3, 3) and curve.p_random.shape == (3, 2, 3)
+    torch.testing.assert_close(curve.p_top[0], curve.p_before)
+    torch.testing.assert_close(curve.p_random[0], curve.p_before.expand(2, -1))
+    for i, k in enumerate([2, 5]):
+        ref = ablate_units(m, pixels, ranked[:k], TARGET, prompt=PROMPT)
+        torch.testing.assert_close(curve.p_top[i + 1], ref.p_after)
+        torch.testing.assert_close(curve.p_before, ref.p_before)
+    # the random draws are the layer-matched samples of the same generator
+    g = torch.Generator().manual_seed(1)
+    for i, k in enumerate([0, 2, 5]):
+        for s in range(2):
+            rand = sample_matched_units(ranked[:k], m.cfg.d_mlp, g)
+            torch.testing.assert_close(curve.p_random[i, s], ablate_units(m, pixels, rand, TARGET, PROMPT).p_after)
+    df = curve.to_dataframe()
+    assert len(df) == 3 * 3 * (1 + 2) and set(df["kind"]) == {"top", "random"}
+    assert isinstance(curve.plot(), matplotlib.figure.Figure)
+    assert repr(curve).startswith("AblationCurve(3 images")
+    with pytest.raises(ValueError, match="ks must be"):
+        ablation_curve(m, pixels, ranked, TARGET, ks=[7])
+
+
+def test_bad_inputs_raise(gelu_vlm, pixels):
+    m = gelu_vlm
+    with pytest.raises(ValueError, match="layers must be in"):
+        ablate_units(m, pixels, [(3, 0)], TARGET)
+    with pytest.raises(ValueError, match="unit indices"):
+        ablate_units(m, pixels, [(0, 48)], TARGET)
+    with pytest.raises(ValueError, match="token ids"):
+        ablate_units(m, pixels, [(0, 1)], " dog")
+    with pytest.raises(ValueError, match="one per image"):
+        ablate_units(m, pixels, [(0, 1)], [1, 2])
+    with pytest.raises(ValueError, match="needs mean_acts"):
+        ablate_units(m, pixels, [(0, 1)], TARGET, mode="mean")
+    with pytest.raises(ValueError, match="mean_acts must be"):
+        ablate_units(m, pixels, [(0, 1)], TARGET, mode="mean", mean_acts=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="hook must be"):
+        ablate_units(m, pixels, [(0, 1)], TARGET, hook="hook_mlp_out")
+    with pytest.raises(ValueError, match="pair them"):
+        patch_units(m, pixels, pixels[:2], [(0, 1)], TARGET)
+
+
+# ---------------------------------------------------------------------------------- patching
+def test_bind_images_lets_tl_run_on_image_tokens_and_nests(gelu_vlm, pixels):
+    m = gelu_vlm
+    tokens = m.to_tokens(PROMPT, image=True).expand(3, -1)
+    with torch.no_grad():
+        ref_a, ref_b = m(tokens, images=pixels), m(tokens, images=pixels.flip(0))
+        with m.bind_images(pixels):
+            torch.testing.assert_close(m(tokens), ref_a)
+            torch.testing.assert_close(m(tokens, images=pixels.flip(0)), ref_b)  # explicit images win
+            torch.testing.assert_close(m(tokens), ref_a)  # ... and the binding survives them
+    assert m.embed.image_embed is None
+    with pytest.raises(ValueError, match="no images were given"):
+        m(tokens)
+
+
+def test_resid_patch_agrees_with_get_act_patch_resid_pre(vlm, pixels):
+    src, base = pixels[:1], pixels[1:2]
+    tokens = vlm.to_tokens(PROMPT, image=True)
+    target = torch.tensor([TARGET[0]])
+    metric = target_prob_metric(torch.tensor([tokens.shape[1] - 1]), target)
+    cases = [(0, 0), (5, 15), (11, tokens.shape[1] - 1)]
+    with torch.no_grad():
+        _, src_cache = vlm.run_with_cache(tokens, images=src)
+        with vlm.bind_images(base):  # TL's function, unchanged, on the listed (layer, pos) only
+            tl = tl_patching.get_act_patch_resid_pre(vlm, tokens, src_cache, metric, index_axis_names=None,
+                                                     index_df=pd.DataFrame(cases, columns=["layer", "pos"]))
+    for (layer, pos), p_tl in zip(cases, tl.cpu()):
+        res = patch_resid(vlm, src, base, target, layer=layer, positions=[pos], prompt=PROMPT)
+        torch.testing.assert_close(res.p_patched[0], p_tl, rtol=1e-4, atol=1e-10)
+    assert tl.std() > 0
+    # the image matters: patching every image position at layer 0 moves p(c) to the source's
+    full = patch_resid(vlm, src, base, target, layer=0, prompt=PROMPT)
+    torch.testing.assert_close(full.p_patched, full.p_source, rtol=1e-4, atol=1e-10)
+    assert not torch.allclose(full.p_base, full.p_source, rtol=1e-3)
+
+
+def test_all_neurons_of_a_layer_at_a_position_equal_get_act_patch_mlp_out(tiny_vlm, pixels):
+    m = tiny_vlm
+    src, base = pixels[:2], pixels[1:].flip(0)
+    tokens = m.to_tokens(PROMPT, image=True).expand(2, -1)
+    target = torch.tensor(TARGET[:2])
+    metric = target_prob_metric(torch.full((2,), tokens.shape[1] - 1), target)
+    cases = [(0, 3), (1, 15), (2, 10), (0, 0)]
+    with torch.no_grad():
+        _, src_cache = m.run_with_cache(tokens, images=src)
+        with m.bind_images(base):
+            tl = tl_patching.get_act_patch_mlp_out(m, tokens, src_cache, metric, index_axis_names=None,
+                                                   index_df=pd.DataFrame(cases, columns=["layer", "pos"]))
+    for (layer, pos), p_tl in zip(cases, tl.cpu()):
+        units = [(layer, k) for k in range(m.cfg.d_mlp)]
+        res = patch_units(m, src, base, units, target, prompt=PROMPT, positions=[pos])
+        torch.testing.assert_close(res.p_patched.mean(), p_tl, rtol=1e-4, atol=1e-10)
+    assert tl.std() > 0  # image positions matter
+    assert "PatchResult(2 pairs" in repr(res) and len(res.to_dataframe()) == 2
+
+
+def test_neuron_patch_sweeps_agree_with_patch_units(gelu_vlm, pixels):
+    m = gelu_vlm
+    src, base = pixels[:2], pixels[1:]
+    tokens = m.to_tokens(PROMPT, image=True).expand(2, -1)
+    target = torch.tensor(TARGET[:2])
+    metric = target_prob_metric(torch.full((2,), tokens.shape[1] - 1), target)
+    with torch.no_grad():
+        _, src_cache = m.run_with_cache(tokens, images=src)
+        with m.bind_images(base):
+            grid = get_act_patch_mlp_neuron(m, tokens, src_cache, metric, layers=[0, 2], positions=[1, 9],
+                                            neurons=[5, 11, 40])
+    assert grid.shape == (2, 2, 3)
+    cases = [((0, 0), (0, 1), (0, 5)), ((1, 2), (1, 9), (2, 40)), ((0, 0), (1, 9), (1, 11))]  # (index, value)
+    for (i, layer), (j, pos), (k, n) in cases:
+        ref = patch_units(m, src, base, [(layer, n)], target, prompt=PROMPT, positions=[pos])
+        torch.testing.assert_close(grid[i, j, k].cpu(), ref.p_patched.mean(), rtol=1e-4, atol=1e-10)
+
+    units = torch.tensor([[0, 5], [1, 7], [2, 40]])
+    sweep = unit_patch_sweep(m, src, base, units, target, prompt=PROMPT)
+    for u, p in zip(units.tolist(), sweep.p_patched):
+        ref = patch_units(m, src, base, [tuple(u)], target, prompt=PROMPT)  # all image positions
+        torch.testing.assert_close(p, ref.p_patched.mean(), rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(torch.tensor(sweep.p_base), ref.p_base.mean(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(torch.tensor(sweep.p_source), ref.p_source.mean(), rtol=1e-5, atol=0)
+    assert abs(sweep.p_patched[0] - sweep.p_base) > 1e-3 * sweep.p_base  # the planted unit carries signal
+    df = sweep.to_dataframe()
+    assert list(df.columns) == ["layer", "unit", "p_patched", "delta"] and df["delta"].is_monotonic_decreasing
