@@ -8,8 +8,10 @@ from tl_multimodal.attribution import Attribution, TopUnits, attribute, attribut
 from tl_multimodal.data import load_coco_mini
 from tl_multimodal.decoding import UnitDecoding, decode_image_prompts, decode_unit, decode_units, is_interpretable
 from tl_multimodal.encoders import VisionEncoder
+from tl_multimodal.heatmaps import coco_category_mask, heatmap_ious, unit_heatmap
 from tl_multimodal.lm_blocks import ViTWithLMBlocks
 from tl_multimodal.loading import load_efficientnet_lite0, load_offline, load_smollm2
+from tl_multimodal.patching import ablate_units, ablation_curve, patch_resid, patch_units, unit_patch_sweep
 from tl_multimodal.prefix import HookedVisionPrefix
 from tl_multimodal.projection import ImageProjection, ProjectionInfo
 from tl_multimodal.training import TrainingResult, caption_nll, encode_images, train_projection
@@ -17,6 +19,8 @@ from tl_multimodal.training import TrainingResult, caption_nll, encode_images, t
 __all__ = [
     "Attribution", "TopUnits", "UnitDecoding", "attribute", "attribute_dataset", "decode_image_prompts",
     "decode_unit", "decode_units", "first_noun", "is_interpretable",
+    "ablate_units", "ablation_curve", "patch_resid", "patch_units", "unit_patch_sweep",
+    "coco_category_mask", "heatmap_ious", "unit_heatmap",
     "HookedVisionPrefix", "ImageProjection", "ProjectionInfo", "TrainingResult", "ViTWithLMBlocks",
     "VisionEncoder", "caption_nll", "encode_images", "load_coco_mini", "load_efficientnet_lite0",
     "load_offline", "load_smollm2", "train_projection",

@@ -27,6 +27,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from tl_multimodal.units import as_units
+
 WORD_LIST = Path(__file__).parent / "assets" / "english_words.tsv"
 _STRIP = " \t\n\u0120\u2581\u010a"  # space, GPT-2's "Ġ" (space) and "Ċ" (newline), SentencePiece's "▁"
 
@@ -68,21 +70,6 @@ def is_interpretable(tokens: Sequence[str], min_words: int = 7, top: int = 10, m
 
 
 # ---------------------------------------------------------------------------- unit decoding
-def _as_units(model: HookedTransformer, units) -> Int[Tensor, "n 2"]:
-    units = torch.as_tensor(units if not isinstance(units, Tensor) else units.cpu(), dtype=torch.long)
-    if units.ndim == 1 and units.numel() == 2:
-        units = units[None]
-    if units.ndim != 2 or units.shape[1] != 2 or units.shape[0] == 0:
-        raise ValueError(f"units must be a non-empty list of (layer, unit) pairs, got shape {tuple(units.shape)}")
-    bad_l = (units[:, 0] < 0) | (units[:, 0] >= model.cfg.n_layers)
-    bad_u = (units[:, 1] < 0) | (units[:, 1] >= model.cfg.d_mlp)
-    if bad_l.any() or bad_u.any():
-        i = int((bad_l | bad_u).nonzero()[0])
-        raise ValueError(f"unit {tuple(units[i].tolist())} is out of range: the model has "
-                         f"{model.cfg.n_layers} layers of {model.cfg.d_mlp} units")
-    return units
-
-
 def unit_directions(model: HookedTransformer, units, apply_ln: bool = False) -> Float[Tensor, "n d_model"]:
     """The output directions ``W_out[layer][unit]`` of MLP units, optionally through ``ln_final``.
 
@@ -104,7 +91,7 @@ def unit_directions(model: HookedTransformer, units, apply_ln: bool = False) -> 
     Returns:
         ``[n, d_model]`` directions.
     """
-    units = _as_units(model, units)
+    units = as_units(model, units, batched=False, allow_empty=False)
     W_out = torch.stack([model.blocks[int(l)].mlp.W_out[int(u)] for l, u in units.tolist()])
     if not apply_ln:
         return W_out
@@ -183,7 +170,7 @@ def decode_units(model: HookedTransformer, units, k: int = 10, apply_ln: bool = 
     """
     if not 1 <= k <= model.cfg.d_vocab_out:
         raise ValueError(f"k must be in [1, {model.cfg.d_vocab_out}], got {k}")
-    units = _as_units(model, units)
+    units = as_units(model, units, batched=False, allow_empty=False)
     ids, probs = [], []
     for chunk in units.split(batch_size):
         logits = unit_directions(model, chunk, apply_ln) @ model.W_U

@@ -31,7 +31,8 @@ from jaxtyping import Bool, Float, Int
 from PIL import Image
 from torch import Tensor
 
-from tl_multimodal.patching import _as_units, _check_hook, _pixels
+from tl_multimodal.patching import _check_hook, _pixels
+from tl_multimodal.units import as_units
 from tl_multimodal.prefix import HookedVisionPrefix
 
 _DEFAULT_CROP_PCT = 0.875  # timm's default when a data config has none
@@ -264,7 +265,7 @@ def unit_grid_activations(model: HookedVisionPrefix, images, units, hook: str = 
     """
     _check_hook(model, hook)
     pixels = _pixels(model, images)
-    u = _as_units(model, units)
+    u = as_units(model, units)
     per_image = u if u.ndim == 3 else u[None].expand(len(pixels), -1, -1)
     if per_image.shape[0] != len(pixels):
         raise ValueError(f"per-image units for {per_image.shape[0]} images, but {len(pixels)} images given")
@@ -393,7 +394,7 @@ def heatmap_ious(model: HookedVisionPrefix, images: Sequence[Image.Image], units
         masks = activation_mask(hm, q)
         valid = torch.isfinite(hm[0]) if len(hm) else None
         ious[i] = torch.tensor([mask_iou(m, obj, valid) for m in masks])
-    u = _as_units(model, units)
+    u = as_units(model, units)
     return HeatmapIoUs(units=u if u.ndim == 3 else u[None].expand(len(images), -1, -1), iou=ious, q=q)
 
 

@@ -38,36 +38,14 @@ from transformer_lens import patching as tl_patching
 from transformer_lens.ActivationCache import ActivationCache
 
 from tl_multimodal.prefix import HookedVisionPrefix, ImageInput
+from tl_multimodal.units import UnitsLike, as_units
 
-UnitsLike = Int[Tensor, "n 2"] | Int[Tensor, "batch n 2"] | Sequence[tuple[int, int]]
 Positions = slice | Sequence[int] | int
 
 _MLP_HOOKS = ("hook_post", "hook_pre", "hook_pre_linear")
 
 
 # ---------------------------------------------------------------------------------- inputs
-def _as_units(model: HookedVisionPrefix, units: UnitsLike) -> Int[Tensor, "... n 2"]:
-    """Validate units into a long tensor ``[n, 2]`` or ``[batch, n, 2]`` on the CPU."""
-    if isinstance(units, Tensor):
-        t = units.detach().cpu()
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise ValueError(f"units must be an integer tensor of (layer, unit) rows, got {t.dtype}")
-        t = t.long()
-    else:
-        rows = [tuple(u) for u in units]
-        if any(len(r) != 2 for r in rows):
-            raise ValueError("units must be (layer, unit) pairs")
-        t = torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
-    if t.ndim not in (2, 3) or t.shape[-1] != 2:
-        raise ValueError(f"units must have shape [n, 2] or [batch, n, 2] of (layer, unit), got {tuple(t.shape)}")
-    layer, unit = t[..., 0], t[..., 1]
-    if ((layer < 0) | (layer >= model.cfg.n_layers)).any():
-        raise ValueError(f"unit layers must be in [0, {model.cfg.n_layers}), got {layer.unique().tolist()}")
-    if ((unit < 0) | (unit >= model.cfg.d_mlp)).any():
-        raise ValueError(f"unit indices must be in [0, {model.cfg.d_mlp}) (d_mlp)")
-    return t
-
-
 def _check_hook(model: HookedVisionPrefix, hook: str) -> None:
     if hook not in _MLP_HOOKS:
         raise ValueError(f"hook must be one of {_MLP_HOOKS} (an MLP hook with a unit axis), got {hook!r}")
@@ -280,7 +258,7 @@ def ablate_units(model: HookedVisionPrefix, images: ImageInput, units: UnitsLike
     pixels = _pixels(model, images)
     tokens, pred_pos = _prompt_tokens(model, prompt, len(pixels))
     target = _as_target(target, len(pixels), model.cfg.d_vocab)
-    u = _as_units(model, units)
+    u = as_units(model, units)
     positions = _check_positions(model, positions)
     means = _check_mean_acts(model, mode, mean_acts, _n_positions(positions, tokens.shape[1]))
     run = partial(_run_p, model, pixels, tokens, pred_pos, target, mode=mode, mean_acts=means, hook=hook,
@@ -395,7 +373,7 @@ def ablation_curve(model: HookedVisionPrefix, images: ImageInput, ranked_units: 
     pixels = _pixels(model, images)
     tokens, pred_pos = _prompt_tokens(model, prompt, len(pixels))
     target = _as_target(target, len(pixels), model.cfg.d_vocab)
-    ranked = _as_units(model, ranked_units)
+    ranked = as_units(model, ranked_units)
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 0 or max(ks) > ranked.shape[-2]:
         raise ValueError(f"ks must be in [0, {ranked.shape[-2]}] (the number of ranked units), got {ks}")
@@ -479,7 +457,7 @@ def get_act_patch_mlp_neuron_over_pos(model, corrupted_tokens: Int[Tensor, "batc
     ``generic_activation_patch`` with ``index_df`` columns ``[layer, neuron]`` and
     :func:`layer_neuron_patch_setter`. Returns the metric per unit, in the order of ``units``.
     """
-    u = _as_units(model, units)
+    u = as_units(model, units)
     if u.ndim != 2:
         raise ValueError("units must be [n, 2] here (the same units for the whole batch)")
     index_df = pd.DataFrame(u.tolist(), columns=["layer", "neuron"], dtype="int64")
@@ -565,7 +543,7 @@ def patch_units(model: HookedVisionPrefix, source_images: ImageInput, base_image
         positions: Positions patched; default ``model.image_positions``.
     """
     _check_hook(model, hook)
-    u = _as_units(model, units)
+    u = as_units(model, units)
     positions = _check_positions(model, positions)
     src, base = _pair(model, source_images, base_images)
     masks = _masks_by_layer(u, len(src), model.cfg.d_mlp, model.W_E.device)
@@ -636,7 +614,7 @@ def unit_patch_sweep(model: HookedVisionPrefix, source_images: ImageInput, base_
     ``model.bind_images(base_images)``; one forward pass per unit.
     """
     _check_hook(model, hook)
-    u = _as_units(model, units)
+    u = as_units(model, units)
     src, base = _pair(model, source_images, base_images)
     tokens, pred_pos = _prompt_tokens(model, prompt, len(src))
     metric = target_prob_metric(pred_pos, _as_target(target, len(src), model.cfg.d_vocab))
