@@ -14,6 +14,7 @@ from tl_multimodal.loading import load_efficientnet_lite0, load_offline, load_sm
 from tl_multimodal.patching import ablate_units, ablation_curve, patch_resid, patch_units, unit_patch_sweep
 from tl_multimodal.prefix import HookedVisionPrefix
 from tl_multimodal.projection import ImageProjection, ProjectionInfo
+from tl_multimodal.report import UnitReport, build_report, write_report
 from tl_multimodal.training import TrainingResult, caption_nll, encode_images, train_projection
 
 __all__ = [
@@ -23,5 +24,5 @@ __all__ = [
     "coco_category_mask", "heatmap_ious", "unit_heatmap",
     "HookedVisionPrefix", "ImageProjection", "ProjectionInfo", "TrainingResult", "ViTWithLMBlocks",
     "VisionEncoder", "caption_nll", "encode_images", "load_coco_mini", "load_efficientnet_lite0",
-    "load_offline", "load_smollm2", "train_projection",
+    "load_offline", "load_smollm2", "train_projection", "UnitReport", "build_report", "write_report",
 ]
