@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
