@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float, Int
 from PIL import Image
 from torch import Tensor
 
-from tl_multimodal.patching import _check_hook, _pixels
+from tl_multimodal.patching import _check_hook
 from tl_multimodal.units import as_units
 from tl_multimodal.prefix import HookedVisionPrefix
 
@@ -264,7 +264,7 @@ def unit_grid_activations(model: HookedVisionPrefix, images, units, hook: str = 
         batch_size: Images per forward pass.
     """
     _check_hook(model, hook)
-    pixels = _pixels(model, images)
+    pixels = model.preprocess(images)
     u = as_units(model, units)
     per_image = u if u.ndim == 3 else u[None].expand(len(pixels), -1, -1)
     if per_image.shape[0] != len(pixels):

@@ -53,13 +53,6 @@ def _check_hook(model: HookedVisionPrefix, hook: str) -> None:
         raise ValueError(f"this model's MLP has no {hook} (hook_pre_linear exists only in gated MLPs)")
 
 
-def _pixels(model: HookedVisionPrefix, images: ImageInput) -> Tensor:
-    if isinstance(images, Tensor):
-        model.vision.check_images(images)
-        return images.to(model.W_E.device)
-    return model.preprocess(images)
-
-
 def _prompt_tokens(model: HookedVisionPrefix, prompt: str | Sequence[str], batch: int,
                    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch"]]:
     """Image-prefixed tokens (right-padded) and the position that predicts the target, per row."""
@@ -189,7 +182,7 @@ def mean_unit_activations(model: HookedVisionPrefix, images: ImageInput, hook: s
         batch_size: Images per forward pass.
     """
     _check_hook(model, hook)
-    pixels = _pixels(model, images)
+    pixels = model.preprocess(images)
     tokens = model.to_tokens("", image=True)
     names = [f"blocks.{layer}.mlp.{hook}" for layer in range(model.cfg.n_layers)]
     total = torch.zeros(model.cfg.n_layers, model.n_image_tokens, model.cfg.d_mlp)
@@ -255,7 +248,7 @@ def ablate_units(model: HookedVisionPrefix, images: ImageInput, units: UnitsLike
         batch_size: Images per forward pass.
     """
     _check_hook(model, hook)
-    pixels = _pixels(model, images)
+    pixels = model.preprocess(images)
     tokens, pred_pos = _prompt_tokens(model, prompt, len(pixels))
     target = _as_target(target, len(pixels), model.cfg.d_vocab)
     u = as_units(model, units)
@@ -370,7 +363,7 @@ def ablation_curve(model: HookedVisionPrefix, images: ImageInput, ranked_units: 
         seed: Seed of the random draws.
     """
     _check_hook(model, hook)
-    pixels = _pixels(model, images)
+    pixels = model.preprocess(images)
     tokens, pred_pos = _prompt_tokens(model, prompt, len(pixels))
     target = _as_target(target, len(pixels), model.cfg.d_vocab)
     ranked = as_units(model, ranked_units)
@@ -510,7 +503,7 @@ def _setter_hook(act: Tensor, hook, source: Tensor, mask: Tensor | None, positio
 
 
 def _pair(model: HookedVisionPrefix, source_images, base_images) -> tuple[Tensor, Tensor]:
-    src, base = _pixels(model, source_images), _pixels(model, base_images)
+    src, base = model.preprocess(source_images), model.preprocess(base_images)
     if src.shape[0] != base.shape[0]:
         raise ValueError(f"{src.shape[0]} source images but {base.shape[0]} base images; pair them one to one")
     return src, base

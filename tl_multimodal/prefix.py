@@ -124,8 +124,14 @@ class HookedVisionPrefix(HookedTransformer):
         self.projection = proj.to(self.W_E.device)
         self.setup()
 
-    def preprocess(self, images: Image.Image | Sequence[Image.Image]) -> Float[Tensor, "batch channel height width"]:
-        """PIL images -> the encoder's normalised pixel tensor, on the model's device."""
+    def preprocess(self, images: ImageInput) -> Float[Tensor, "batch channel height width"]:
+        """PIL images -> the encoder's normalised pixel tensor, on the model's device.
+
+        A pixel tensor is checked (shape, channels, size, NaNs) and moved to the model's device.
+        """
+        if isinstance(images, Tensor):
+            self.vision.check_images(images)
+            return images.to(self.W_E.device)
         return self.vision.preprocess(images).to(self.W_E.device)
 
     def embed_images(self, images: ImageInput | None = None,
@@ -311,8 +317,7 @@ class HookedVisionPrefix(HookedTransformer):
         Returns:
             One caption per image, without the prompt.
         """
-        if not isinstance(images, Tensor):
-            images = self.preprocess(images)
+        images = self.preprocess(images)
         n_prompt = self.to_tokens(prompt, image=True).shape[1]
         captions = []
         for chunk in images.split(batch_size):
