@@ -159,6 +159,14 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     order: list[int] = []
+
+    def record() -> dict:  # the training record saved with the projection
+        last = result.train_losses[-100:]
+        return {"dataset": dataset_name, "n_images": len(captions), "steps": result.steps,
+                "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
+                "clip": clip, "seed": seed, "train_loss_last100": sum(last) / len(last),
+                "dev_nll": result.dev_losses[-1][1] if result.dev_losses else None}
+
     bar = tqdm(range(1, steps + 1), desc="training projection", disable=not progress)
     model.train()
     for step in bar:
@@ -182,15 +190,11 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         if dev is not None and (step % eval_every == 0 or step == steps):
             result.dev_losses.append((step, caption_nll(model, dev[1], dev[0])))
             bar.write(f"step {step}: dev NLL/token {result.dev_losses[-1][1]:.4f}")
-        model.projection.info.training = {
-            "dataset": dataset_name, "n_images": len(captions), "steps": step, "batch_size": batch_size,
-            "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "clip": clip, "seed": seed,
-            "train_loss_last100": sum(result.train_losses[-100:]) / len(result.train_losses[-100:]),
-            "dev_nll": result.dev_losses[-1][1] if result.dev_losses else None,
-        }
         if ckpt_dir is not None and checkpoint_every and step % checkpoint_every == 0:
+            model.projection.info.training = record()
             result.checkpoints.append(ckpt_dir / f"projection_step{step}.pt")
             model.projection.save(result.checkpoints[-1])
+    model.projection.info.training = record()
     model.eval()
     for p, flag in frozen.items():
         p.requires_grad_(flag)
