@@ -129,7 +129,7 @@ def test_text_only_use_is_plain_transformer_lens(vlm, gpt2_small):
 @pytest.mark.parametrize("shape, message", [
     ((2, 3, 64, 64), "takes 32x32 images"),
     ((2, 1, 32, 32), "takes 3-channel images"),
-    ((3, 32, 32), "4 dims"),
+    ((1, 2, 3, 32, 32), "batch, channels, height, width"),
 ])
 def test_wrong_image_shapes_raise(vlm, shape, message):
     with pytest.raises(ValueError, match=message):

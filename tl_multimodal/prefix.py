@@ -18,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
-from PIL import Image
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.components import Embed
@@ -31,9 +29,10 @@ from transformer_lens.utilities import lm_cross_entropy_loss
 from transformer_lens.utils import USE_DEFAULT_VALUE
 
 from tl_multimodal.encoders import VisionEncoder
+from tl_multimodal.images import Images, to_pixels
 from tl_multimodal.projection import ImageProjection, ProjectionInfo
 
-ImageInput = Float[Tensor, "batch channel height width"] | Image.Image | Sequence[Image.Image]
+ImageInput = Images  # kept for the analysis modules that import it
 
 
 class _ImageSlotEmbed(Embed):
@@ -124,15 +123,13 @@ class HookedVisionPrefix(HookedTransformer):
         self.projection = proj.to(self.W_E.device)
         self.setup()
 
-    def preprocess(self, images: ImageInput) -> Float[Tensor, "batch channel height width"]:
-        """PIL images -> the encoder's normalised pixel tensor, on the model's device.
+    def preprocess(self, images: Images) -> Float[Tensor, "batch channel height width"]:
+        """Any image input -> the encoder's normalised pixel tensor, on the model's device.
 
-        A pixel tensor is checked (shape, channels, size, NaNs) and moved to the model's device.
+        Takes PIL images of any mode, paths, numpy arrays, lists or tuples of them, or pixel tensors
+        (checked: shape, size, NaNs, normalised values); see :mod:`tl_multimodal.images`.
         """
-        if isinstance(images, Tensor):
-            self.vision.check_images(images)
-            return images.to(self.W_E.device)
-        return self.vision.preprocess(images).to(self.W_E.device)
+        return to_pixels(self.vision, images).to(self.W_E.device)
 
     def embed_images(self, images: ImageInput | None = None,
                      image_features: Float[Tensor, "batch patch d_img"] | None = None,
@@ -144,10 +141,9 @@ class HookedVisionPrefix(HookedTransformer):
         if (images is None) == (image_features is None):
             raise ValueError("pass exactly one of images= and image_features=")
         if images is not None:
-            if not isinstance(images, Tensor):
-                images = self.preprocess(images)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
-                image_features = self.vision(images.to(self.W_E.device))
+            pixels = self.preprocess(images)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
+                image_features = self.vision(pixels)
         else:
             expected = (self.n_image_tokens, self.vision.d_img)
             if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
@@ -229,8 +225,21 @@ class HookedVisionPrefix(HookedTransformer):
         finally:
             self.embed.image_embed = previous
 
+    def _image_embed(self, images, image_features, image_embed) -> Float[Tensor, "batch patch d_model"]:
+        """The soft prompts for one call: embedded from images/features, or given (exactly one)."""
+        if sum(x is not None for x in (images, image_features, image_embed)) != 1:
+            raise ValueError("pass exactly one of images=, image_features= and image_embed=")
+        if image_embed is None:
+            return self.embed_images(images, image_features)
+        expected = (self.n_image_tokens, self.cfg.d_model)
+        if image_embed.ndim != 3 or tuple(image_embed.shape[1:]) != expected:
+            raise ValueError(f"image_embed must be [batch, {expected[0]}, {expected[1]}] "
+                             f"(model.embed_images(...)), got {tuple(image_embed.shape)}")
+        return image_embed.to(self.W_E.device)
+
     @contextlib.contextmanager
-    def bind_images(self, images: ImageInput | None = None, image_features: Tensor | None = None):
+    def bind_images(self, images: ImageInput | None = None, image_features: Tensor | None = None,
+                    image_embed: Tensor | None = None):
         """Within the block, calls given image-slot tokens but no images use these images.
 
         For code that runs the model itself on tokens, e.g. ``transformer_lens.patching``::
@@ -240,14 +249,15 @@ class HookedVisionPrefix(HookedTransformer):
                 out = transformer_lens.patching.get_act_patch_resid_pre(model, tokens, clean_cache, metric)
 
         The images are embedded once, on entry: ``hook_image_features``/``hook_image_embed`` run
-        then, not in each call inside the block.
+        then, not in each call inside the block. ``image_embed=`` binds soft prompts already made
+        by :meth:`embed_images` (no hook runs).
         """
-        with self._bound(self.embed_images(images, image_features)):
+        with self._bound(self._image_embed(images, image_features, image_embed)):
             yield self
 
     # ---------------------------------------------------------------- running the model
     def forward(self, input, *args, images: ImageInput | None = None,
-                image_features: Tensor | None = None, **kwargs):
+                image_features: Tensor | None = None, image_embed: Tensor | None = None, **kwargs):
         """``HookedTransformer.forward`` with images.
 
         Args:
@@ -255,11 +265,13 @@ class HookedVisionPrefix(HookedTransformer):
                 with image slots (``model.to_tokens(text, image=True)``).
             images: Pixels ``[batch, channel, height, width]`` or PIL images.
             image_features: Precomputed encoder features ``[batch, patch, d_img]`` instead of images.
+            image_embed: Soft prompts from :meth:`embed_images` ``[batch, patch, d_model]``: the
+                images are not encoded again (analyses embed once and run many passes).
             *args, **kwargs: As for ``HookedTransformer.forward`` (return_type, stop_at_layer, ...).
         """
-        if images is None and image_features is None:
+        if images is None and image_features is None and image_embed is None:
             return super().forward(input, *args, **kwargs)
-        image_embed = self.embed_images(images, image_features)
+        image_embed = self._image_embed(images, image_features, image_embed)
         tokens = self._image_tokens(input, image_embed.shape[0])
         if len(args) < 3:  # no BOS in image sequences: a leading pad is padding, never a BOS
             kwargs.setdefault("prepend_bos", False)
@@ -281,12 +293,12 @@ class HookedVisionPrefix(HookedTransformer):
         return nll if per_token else nll.sum() / targets.sum()
 
     def generate(self, input="", max_new_tokens: int = 10, *args, images: ImageInput | None = None,
-                 image_features: Tensor | None = None, **kwargs):
+                 image_features: Tensor | None = None, image_embed: Tensor | None = None, **kwargs):
         """``HookedTransformer.generate`` with images (KV cache on by default, as there)."""
-        if images is None and image_features is None:
+        if images is None and image_features is None and image_embed is None:
             return super().generate(input, max_new_tokens, *args, **kwargs)
         with torch.no_grad():
-            image_embed = self.embed_images(images, image_features)
+            image_embed = self._image_embed(images, image_features, image_embed)
         tokens = self._image_tokens(input, image_embed.shape[0])
         self._check_length(tokens.shape[1] + max_new_tokens)
         if kwargs.get("return_type", "input") in ("input", "str"):

@@ -1,0 +1,68 @@
+"""Checkpoint files that survive interruption: atomic writes, safe loads, finite weights only.
+
+A checkpoint is written to a temporary file in the same folder and renamed over the target, so an
+interrupted save leaves the previous file intact (``os.replace`` is atomic on POSIX and Windows).
+Loading uses ``torch.load(weights_only=True)`` (no arbitrary pickles) and names the file in every error.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj, path)`` through a temporary file and a rename: ``path`` is either the old
+    file or the complete new one, never a partial write.
+
+    Args:
+        obj: Anything ``torch.save`` takes.
+        path: The file to (over)write; its folder must exist.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file is empty, truncated or not a torch checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted write?")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (EOFError, RuntimeError, OSError) as e:
+        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
+                         "it is truncated or not a torch checkpoint") from None
+
+
+def check_finite(state_dict: Mapping[str, Tensor], what: str) -> None:
+    """Raise ``ValueError`` naming each tensor of ``state_dict`` that holds NaN or infinite values."""
+    bad = [k for k, v in state_dict.items() if isinstance(v, Tensor) and v.is_floating_point()
+           and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{what} holds NaN or infinite values in {', '.join(bad)}")
