@@ -87,13 +87,13 @@ class HookedVisionPrefix(HookedTransformer):
         if missing or unexpected:
             raise ValueError(f"could not copy the LM's weights: missing {missing}, unexpected {unexpected}")
         self.vision = encoder
-        self.n_image_tokens = encoder.n_patches
         info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
                               lm=cfg.model_name, d_model=cfg.d_model)
         if projection is None:
             projection = ImageProjection(info)
         projection.check_fits(info.encoder, info.d_img, info.grid, info.lm, info.d_model)
         self.projection = projection
+        self.n_image_tokens = projection.n_tokens  # one per patch, or k for a pooled projection
         self.hook_image_features = HookPoint()  # [batch, patch, d_img]
         self.hook_image_embed = HookPoint()  # [batch, patch, d_model]
         self.setup()
@@ -121,6 +121,7 @@ class HookedVisionPrefix(HookedTransformer):
         i = self.projection.info
         proj.check_fits(i.encoder, i.d_img, i.grid, i.lm, i.d_model)
         self.projection = proj.to(self.W_E.device)
+        self.n_image_tokens = proj.n_tokens
         self.setup()
 
     def preprocess(self, images: Images) -> Float[Tensor, "batch channel height width"]:
@@ -145,13 +146,13 @@ class HookedVisionPrefix(HookedTransformer):
             with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
                 image_features = self.vision(pixels)
         else:
-            expected = (self.n_image_tokens, self.vision.d_img)
+            expected = (self.vision.n_patches, self.vision.d_img)
             if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
                 raise ValueError(f"image_features must be [batch, {expected[0]}, {expected[1]}], "
                                  f"got {tuple(image_features.shape)}")
             if not torch.isfinite(image_features).all():
                 raise ValueError("image_features contain NaN or infinite values")
-        features = self.hook_image_features(image_features.to(self.W_E.device, self.projection.linear.weight.dtype))
+        features = self.hook_image_features(image_features.to(self.W_E.device, self.projection.dtype))
         return self.hook_image_embed(self.projection(features))
 
     # ---------------------------------------------------------------- tokens with image slots
