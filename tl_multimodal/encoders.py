@@ -88,6 +88,8 @@ class VisionEncoder(_FrozenEncoder):
         model: A timm model (``timm.create_model(...)``). Its weights are frozen and it stays in
             eval mode, whatever mode the parent module is put in.
         name: The name recorded in projection checkpoints; defaults to the timm architecture.
+        data_config: Preprocessing in timm's format, replacing the model's own (e.g. the transform a
+            projection was trained with); default ``timm.data.resolve_data_config({}, model=model)``.
 
     Attributes:
         model_name: Encoder name (e.g. ``"beit_base_patch16_224"``). (Not ``name``: TransformerLens's
@@ -98,15 +100,16 @@ class VisionEncoder(_FrozenEncoder):
         data_config: timm's preprocessing config (mean, std, interpolation, crop).
     """
 
-    def __init__(self, model: nn.Module, name: str | None = None):
+    def __init__(self, model: nn.Module, name: str | None = None, data_config: dict | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.model_name = name or model.pretrained_cfg.get("architecture", type(model).__name__)
-        data_config = timm.data.resolve_data_config({}, model=model)
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if img_size is not None:  # a ViT built at another resolution than its pretrained config
-            data_config["input_size"] = (data_config["input_size"][0], *img_size)
-        self._set_data_config(data_config)
+        if data_config is None:
+            data_config = timm.data.resolve_data_config({}, model=model)
+            img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+            if img_size is not None:  # a ViT built at another resolution than its pretrained config
+                data_config["input_size"] = (data_config["input_size"][0], *img_size)
+        self._set_data_config(dict(data_config))
         self._n_prefix = getattr(model, "num_prefix_tokens", 0)
         with torch.no_grad():
             raw = model.forward_features(torch.zeros(1, *self.input_size))
@@ -120,9 +123,10 @@ class VisionEncoder(_FrozenEncoder):
                              "expected [B, C, H, W] (CNN) or [B, tokens, d] (ViT)")
 
     @classmethod
-    def from_timm(cls, name: str, pretrained: bool = True, **kwargs) -> "VisionEncoder":
+    def from_timm(cls, name: str, pretrained: bool = True, data_config: dict | None = None,
+                  **kwargs) -> "VisionEncoder":
         """Build an encoder with ``timm.create_model(name, pretrained=pretrained, **kwargs)``."""
-        return cls(timm.create_model(name, pretrained=pretrained, **kwargs), name=name)
+        return cls(timm.create_model(name, pretrained=pretrained, **kwargs), name=name, data_config=data_config)
 
     def forward(self, images: Float[Tensor, "batch channel h w"]) -> Float[Tensor, "batch patch d_img"]:
         """Encode preprocessed images into ``[batch, patch, d_img]`` features (row-major grid)."""

@@ -114,6 +114,13 @@ class HookedVisionPrefix(HookedTransformer):
         proj = ImageProjection.load(projection) if projection is not None else None
         return cls(lm, VisionEncoder.from_timm(encoder, pretrained=True), proj)
 
+    @classmethod
+    def from_limber(cls, config: str = "beit_linear", projection_path=None, **lm_kwargs) -> "HookedVisionPrefix":
+        """LiMBeR's GPT-J-6B model with its released ``proj.ckpt`` (hub); see :func:`tl_multimodal.limber.load_limber`."""
+        from tl_multimodal.limber import load_limber
+
+        return load_limber(config, projection_path, **lm_kwargs)
+
     # ---------------------------------------------------------------- images -> soft prompts
     def load_projection(self, path) -> None:
         """Replace the projection by a checkpoint, failing clearly if it was made for another model."""
