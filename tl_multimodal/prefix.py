@@ -65,6 +65,8 @@ class HookedVisionPrefix(HookedTransformer):
         lm: The text-only language model. Its weights are copied; ``lm`` itself is left as it was.
         encoder: The frozen vision encoder.
         projection: A trained :class:`ImageProjection`; ``None`` makes a fresh (untrained) one.
+        image_token_id: The id of image slots; default ``cfg.d_vocab`` (never a real token). A
+            converted VLM uses its own image-placeholder id (:func:`tl_multimodal.llava.from_llava`).
 
     Attributes:
         vision: The :class:`VisionEncoder`.
@@ -75,13 +77,16 @@ class HookedVisionPrefix(HookedTransformer):
         hook_image_embed: HookPoint on projected image tokens, ``[batch, patch, d_model]``.
     """
 
-    def __init__(self, lm: HookedTransformer, encoder: VisionEncoder, projection: ImageProjection | None = None):
+    def __init__(self, lm: HookedTransformer, encoder: VisionEncoder, projection: ImageProjection | None = None,
+                 *, image_token_id: int | None = None):
+        if image_token_id is not None and not (isinstance(image_token_id, int) and 0 <= image_token_id <= lm.cfg.d_vocab):
+            raise ValueError(f"image_token_id must be an int in [0, {lm.cfg.d_vocab}], got {image_token_id!r}")
         cfg = copy.deepcopy(lm.cfg)
         cfg.init_weights = False  # the weights come from `lm` below
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             super().__init__(cfg, tokenizer=lm.tokenizer, move_to_device=False)
-        self.image_token_id = cfg.d_vocab
+        self.image_token_id = cfg.d_vocab if image_token_id is None else image_token_id  # LLaVA: its <image> id
         self.embed = _ImageSlotEmbed(cfg, self.image_token_id)
         missing, unexpected = self.load_state_dict(lm.state_dict(), strict=False)
         if missing or unexpected:
@@ -113,6 +118,13 @@ class HookedVisionPrefix(HookedTransformer):
         lm = HookedTransformer.from_pretrained(model_name, **lm_kwargs)
         proj = ImageProjection.load(projection) if projection is not None else None
         return cls(lm, VisionEncoder.from_timm(encoder, pretrained=True), proj)
+
+    @classmethod
+    def from_llava(cls, model_or_name, **kwargs) -> "HookedVisionPrefix":
+        """A HF ``LlavaForConditionalGeneration`` (or hub name) converted; see :func:`tl_multimodal.llava.from_llava`."""
+        from tl_multimodal.llava import from_llava
+
+        return from_llava(model_or_name, **kwargs)
 
     @classmethod
     def from_limber(cls, config: str = "beit_linear", projection_path=None, **lm_kwargs) -> "HookedVisionPrefix":

@@ -154,7 +154,7 @@ class ImageProjection(nn.Module):
         if not isinstance(ckpt, dict) or "info" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{path} is not a tl_multimodal projection checkpoint (no 'info' record)")
         proj = cls(ProjectionInfo.from_dict(ckpt["info"], f"projection {path}"), dropout=ckpt.get("dropout", 0.1))
-        proj._load_weights(ckpt["state_dict"], f"projection {path}")
+        proj.load_weights(ckpt["state_dict"], f"projection {path}")
         return proj
 
     @classmethod
@@ -178,11 +178,15 @@ class ImageProjection(nn.Module):
             raise ValueError(f"{path} is not a LiMBeR proj.ckpt (the state dict of one nn.Linear with keys "
                              f"['bias', 'weight']); found {keys}")
         proj = cls(info, dropout=dropout)
-        proj._load_weights({f"linear.{k}": v for k, v in state.items()}, f"LiMBeR checkpoint {path}")
+        proj.load_weights({f"linear.{k}": v for k, v in state.items()}, f"LiMBeR checkpoint {path}")
         return proj
 
-    def _load_weights(self, state: dict, what: str) -> None:
-        """``load_state_dict`` after checking keys, shapes (named with the kind and widths) and finiteness."""
+    def load_weights(self, state: dict, what: str = "state dict") -> None:
+        """``load_state_dict`` after checking keys, shapes (named with the kind and widths) and finiteness.
+
+        Raises:
+            ValueError: Other keys, another shape or non-finite values, each named with ``what``.
+        """
         want = self.state_dict()
         if set(state) != set(want):
             raise ValueError(f"{what} holds {sorted(state)} but a {self.kind!r} projection has {sorted(want)}")

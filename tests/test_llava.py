@@ -1,0 +1,103 @@
+"""A tiny random LLaVA (CLIP vision + Llama text) converted with from_llava: HF's own model is the oracle."""
+
+import pytest
+import torch
+import transformers
+
+from tl_multimodal import HookedVisionPrefix
+from tl_multimodal.llava import from_llava
+
+IMAGE_TOKEN, VOCAB = 120, 128
+
+
+@pytest.fixture(scope="module")
+def hf_llava():
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
+                                                    num_attention_heads=2, intermediate_size=64),
+        text_config=transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=96, vocab_size=VOCAB,
+                                             max_position_embeddings=128, initializer_range=0.1),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, projector_hidden_act="gelu")
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # widen the random init so the tiny model is not almost linear
+        for name, p in model.named_parameters():
+            if "language_model" in name and name.endswith(("mlp.down_proj.weight", "v_proj.weight")):
+                p.mul_(4.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llava(hf_llava):
+    return from_llava(hf_llava)
+
+
+def _prompt(n_images_tokens=16):
+    """input_ids as HF's processor makes them: text, the placeholder expanded to 16 image tokens, text."""
+    return torch.tensor([[1, 5, 9, 33] + [IMAGE_TOKEN] * n_images_tokens + [44, 7, 81]])
+
+
+def test_logits_equal_hf_with_the_image_inside_the_prompt(llava, hf_llava):
+    assert (llava.n_image_tokens, llava.image_token_id, llava.projection.kind) == (16, IMAGE_TOKEN, "mlp")
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = _prompt().expand(2, -1)
+    with torch.no_grad():
+        want = hf_llava(input_ids=ids, pixel_values=pixels).logits
+        got = llava(ids, images=pixels)
+    diff = (got - want).abs().max().item()
+    print(f"max |logit diff| vs HF LlavaForConditionalGeneration: {diff:.2e} (logit scale {want.abs().max():.2f})")
+    assert got.shape == want.shape == (2, 23, VOCAB)
+    assert diff < 1e-4
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # the image matters
+
+
+def test_image_features_and_embeddings_equal_hf(llava, hf_llava):
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = hf_llava.model.get_image_features(pixel_values=pixels, vision_feature_layer=-2,
+                                                 vision_feature_select_strategy="default")
+        want = torch.stack(list(want.pooler_output))  # transformers 5: one [patch, d_model] per image
+        got = llava.embed_images(pixels)
+    assert got.shape == want.shape == (1, 16, 64)
+    torch.testing.assert_close(got, want)
+
+
+def test_greedy_generation_gives_hf_tokens(llava, hf_llava):
+    pixels = torch.randn(1, 3, 32, 32)
+    ids = _prompt()
+    with torch.no_grad():
+        want = hf_llava.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)
+        got = llava.generate(ids, 8, images=pixels, do_sample=False, stop_at_eos=False, verbose=False,
+                             return_type="tokens")
+    assert got.tolist() == want.tolist()
+
+
+def test_placeholders_must_match_images(llava):
+    pixels = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"1 images of 16 patches .* \[32\] image slots"):
+        llava(_prompt(32), images=pixels)
+    with pytest.raises(ValueError, match=r"\[15\] image slots"):
+        llava(_prompt(15), images=pixels)
+
+
+def test_placeholder_in_a_text_only_call_is_refused(llava):
+    with pytest.raises(ValueError, match="image slots but no images"):
+        llava(_prompt())
+
+
+def test_unsupported_llava_variants_are_named(hf_llava):
+    import copy
+    config = copy.deepcopy(hf_llava.config)
+    config.vision_feature_select_strategy, config.projector_hidden_act = "full", "relu"
+    other = transformers.LlavaForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="'full'.*'relu'"):
+        from_llava(other)
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        from_llava(hf_llava.model)
+
+
+def test_classmethod_delegates(hf_llava):
+    assert isinstance(HookedVisionPrefix.from_llava(hf_llava), HookedVisionPrefix)

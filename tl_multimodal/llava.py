@@ -1,0 +1,118 @@
+"""LLaVA-family VLMs as a HookedVisionPrefix: a HF ``LlavaForConditionalGeneration`` converted.
+
+The parts map one to one:
+
+* language model (Llama/Vicuna) -> a ``HookedTransformer`` through TransformerLens's own weight
+  conversion (``convert_llama_weights``), unprocessed, so logits equal HF's;
+* vision tower (CLIP/SigLIP) -> :class:`~tl_multimodal.encoders.HFVisionEncoder` at the config's
+  ``vision_feature_layer`` (LLaVA-1.5: ``-2``), CLS dropped (``vision_feature_select_strategy="default"``);
+* ``multi_modal_projector`` -> an ``"mlp"`` :class:`~tl_multimodal.projection.ImageProjection`;
+* the image token -> ``model.image_token_id``: each placeholder in a prompt (``"USER: <image>\\n..."``)
+  stands for ``n_image_tokens`` image positions, as in HF's processor.
+
+    model = from_llava("llava-hf/llava-1.5-7b-hf", dtype=torch.float16)   # or a loaded HF model
+    logits = model("USER: <image>\\nWhat is shown? ASSISTANT:", images=pil_image)
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.loading_from_pretrained import _apply_llama3_rope_scaling, _get_rope_theta
+from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+from tl_multimodal.encoders import HFVisionEncoder
+from tl_multimodal.projection import ImageProjection, ProjectionInfo
+
+
+def _llama_cfg(text_config, name: str, dtype: torch.dtype) -> HookedTransformerConfig:
+    """TransformerLens's config for a HF Llama config (as its ``LlamaForCausalLM`` branch builds it)."""
+    d_head = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    n_kv = text_config.num_key_value_heads
+    cfg = dict(
+        d_model=text_config.hidden_size, d_head=d_head, n_heads=text_config.num_attention_heads,
+        d_mlp=text_config.intermediate_size, n_layers=text_config.num_hidden_layers,
+        n_ctx=text_config.max_position_embeddings, eps=text_config.rms_norm_eps, d_vocab=text_config.vocab_size,
+        act_fn=text_config.hidden_act, n_key_value_heads=n_kv if n_kv != text_config.num_attention_heads else None,
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_adjacent_pairs=False,
+        rotary_dim=d_head, rotary_base=_get_rope_theta(text_config), final_rms=True, gated_mlp=True,
+        original_architecture="LlamaForCausalLM", model_name=name, init_weights=False, dtype=dtype,
+    )
+    _apply_llama3_rope_scaling(cfg, text_config)
+    return HookedTransformerConfig(**cfg)
+
+
+def _check_supported(config) -> None:
+    problems = []
+    if config.text_config.model_type != "llama":
+        problems.append(f"text model {config.text_config.model_type!r} (only 'llama' is converted)")
+    if not isinstance(config.vision_feature_layer, int):
+        problems.append(f"vision_feature_layer {config.vision_feature_layer!r} (only one layer)")
+    if config.vision_feature_select_strategy != "default":
+        problems.append(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} (only 'default')")
+    if config.projector_hidden_act != "gelu":
+        problems.append(f"projector_hidden_act {config.projector_hidden_act!r} (only 'gelu')")
+    if not getattr(config, "multimodal_projector_bias", True):
+        problems.append("a projector without bias")
+    if problems:
+        raise ValueError("cannot convert this LLaVA model: " + "; ".join(problems))
+
+
+def from_llava(model_or_name, image_processor=None, tokenizer=None, **hf_kwargs):
+    """Convert a HF ``LlavaForConditionalGeneration`` into a :class:`~tl_multimodal.HookedVisionPrefix`.
+
+    Args:
+        model_or_name: A loaded ``LlavaForConditionalGeneration``, or a hub name (e.g.
+            ``"llava-hf/llava-1.5-7b-hf"``), loaded with its processor.
+        image_processor: The model's HF image processor (default: the name's; for a loaded model,
+            the vision tower's default processor at its image size).
+        tokenizer: The model's tokenizer (default: the name's; ``None`` for a loaded model means
+            token-tensor input only).
+        **hf_kwargs: Passed to ``from_pretrained`` when a name is given (``dtype``, ``revision``, ...).
+
+    Returns:
+        The model in eval mode: ``model(input_ids, images=pixel_values)`` gives HF's logits, with
+        ``input_ids`` holding ``n_image_tokens`` image tokens per image, as HF's processor makes them.
+
+    Raises:
+        ValueError: A text model other than Llama, several feature layers, the ``"full"`` feature
+            strategy, or a projector other than Linear-GELU-Linear with bias.
+    """
+    import transformers
+
+    from tl_multimodal.prefix import HookedVisionPrefix
+
+    if isinstance(model_or_name, str):
+        processor = transformers.AutoProcessor.from_pretrained(model_or_name)
+        image_processor = image_processor or processor.image_processor
+        tokenizer = tokenizer or processor.tokenizer
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(model_or_name, **hf_kwargs)
+        name = model_or_name
+    else:
+        hf = model_or_name
+        name = getattr(hf.config, "_name_or_path", "") or "llava"
+    if not isinstance(hf, transformers.LlavaForConditionalGeneration):
+        raise TypeError(f"expected a LlavaForConditionalGeneration, got {type(hf).__name__}")
+    config = hf.config
+    _check_supported(config)
+    inner = hf.model
+    lm_dtype = inner.language_model.embed_tokens.weight.dtype
+
+    cfg = _llama_cfg(config.text_config, name.split("/")[-1], lm_dtype)
+    lm = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    state = convert_llama_weights(SimpleNamespace(model=inner.language_model, lm_head=hf.lm_head), cfg)
+    lm.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                   fold_value_biases=False, refactor_factored_attn_matrices=False)
+
+    encoder = HFVisionEncoder(inner.vision_tower, feature_layer=config.vision_feature_layer,
+                              image_processor=image_processor, name=f"{name}:vision_tower")
+    info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid, lm=cfg.model_name,
+                          d_model=cfg.d_model, kind="mlp", training={"source": f"{name} multi_modal_projector"})
+    projection = ImageProjection(info, dropout=0.0).to(inner.multi_modal_projector.linear_1.weight.dtype)
+    projection.load_weights(inner.multi_modal_projector.state_dict(), f"{name} multi_modal_projector")
+    image_token = getattr(config, "image_token_id", None)
+    image_token = config.image_token_index if image_token is None else image_token
+    model = HookedVisionPrefix(lm, encoder, projection, image_token_id=image_token)
+    return model.eval()
