@@ -1,13 +1,30 @@
-"""A tiny random LLaVA (CLIP vision + Llama text) converted with from_llava: HF's own model is the oracle."""
+"""A tiny random LLaVA (CLIP vision + Llama text) converted with from_llava: HF's own model (and HF's
+LlavaProcessor for prompts with the <image> placeholder) is the oracle."""
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.llava import from_llava
 
-IMAGE_TOKEN, VOCAB = 120, 128
+from conftest import ASSETS
+
+IMAGE_TOKEN, VOCAB = 50257, 50258  # GPT-2's vocabulary + "<image>"
+CHAT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    """HF's LLaVA processor on GPT-2's tokenizer with <image> added (BOS added, as Llama's tokenizer does)."""
+    tok = transformers.GPT2TokenizerFast.from_pretrained(ASSETS / "gpt2_tokenizer", add_bos_token=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert tok.convert_tokens_to_ids("<image>") == IMAGE_TOKEN
+    ip = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, image_token="<image>",
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +46,8 @@ def hf_llava():
 
 
 @pytest.fixture(scope="module")
-def llava(hf_llava):
-    return from_llava(hf_llava)
+def llava(hf_llava, processor):
+    return from_llava(hf_llava, image_processor=processor.image_processor, tokenizer=processor.tokenizer)
 
 
 def _prompt(n_images_tokens=16):
@@ -75,17 +92,36 @@ def test_greedy_generation_gives_hf_tokens(llava, hf_llava):
     assert got.tolist() == want.tolist()
 
 
+def test_text_prompt_with_placeholder_equals_hf_processor_and_model(llava, hf_llava, processor):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)) for _ in range(2)]
+    inputs = processor(text=[CHAT, CHAT], images=images, return_tensors="pt")
+    tokens = llava.to_tokens(CHAT, image=True)
+    assert tokens.tolist() == inputs["input_ids"][:1].tolist()  # BOS, text, 16 image slots in place, text
+    assert llava.image_mask(tokens).sum() == 16 and llava.image_mask(tokens)[0, 4:20].all()
+    with torch.no_grad():
+        want = hf_llava(**inputs).logits
+        got = llava(CHAT, images=images)
+    diff = (got - want).abs().max().item()
+    print(f"max |logit diff| on a chat prompt vs HF processor + model: {diff:.2e}")
+    assert diff < 1e-4
+
+
 def test_placeholders_must_match_images(llava):
     pixels = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match=r"1 images of 16 patches .* \[32\] image slots"):
         llava(_prompt(32), images=pixels)
     with pytest.raises(ValueError, match=r"\[15\] image slots"):
         llava(_prompt(15), images=pixels)
+    with pytest.raises(ValueError, match=r"1 images of 16 patches .* \[32\] image slots"):
+        llava("USER: <image> and <image> ASSISTANT:", images=pixels)  # two placeholders, one image
 
 
 def test_placeholder_in_a_text_only_call_is_refused(llava):
     with pytest.raises(ValueError, match="image slots but no images"):
         llava(_prompt())
+    with pytest.raises(ValueError, match="image slots but no images"):
+        llava(CHAT)
 
 
 def test_unsupported_llava_variants_are_named(hf_llava):

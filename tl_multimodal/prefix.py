@@ -192,15 +192,25 @@ class HookedVisionPrefix(HookedTransformer):
         With ``image=True`` no BOS is added unless ``prepend_bos=True`` (the image tokens open the
         sequence), nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
         on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
+        A text holding the image placeholder (a converted VLM's ``<image>``, which tokenizes to
+        ``image_token_id``) keeps its own layout and BOS default instead: each placeholder becomes
+        ``n_image_tokens`` slots where it stands, as HF's processors expand it.
         """
         if not image:
             return super().to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
         texts = [input] if isinstance(input, str) else list(input)
         bos = False if prepend_bos is USE_DEFAULT_VALUE else prepend_bos
-        rows = [super(HookedVisionPrefix, self).to_tokens(t, bos, move_to_device=False, truncate=False)[0]
-                for t in texts]
         slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
-        rows = [torch.cat([slots, r]) for r in rows]
+        tokenize = super(HookedVisionPrefix, self).to_tokens
+        rows = []
+        for t in texts:
+            row = None
+            if self.image_token_id < self.cfg.d_vocab:  # a real token: it may stand in the text
+                row = tokenize(t, prepend_bos, move_to_device=False, truncate=False)[0]
+                placeholders = row == self.image_token_id
+                row = row.repeat_interleave(torch.where(placeholders, self.n_image_tokens, 1)) if placeholders.any() else None
+            rows.append(row if row is not None else
+                        torch.cat([slots, tokenize(t, bos, move_to_device=False, truncate=False)[0]]))
         self._check_length(max(len(r) for r in rows))
         side = self.tokenizer.padding_side if padding_side in (USE_DEFAULT_VALUE, None) else padding_side
         pad = self.tokenizer.pad_token_id
