@@ -106,6 +106,8 @@ def test_bad_settings_are_named(hf_towers):
         HFVisionEncoder(model, feature_layer=7)
     with pytest.raises(ValueError, match="do_resize"):
         data_config_from_processor(transformers.CLIPImageProcessor(do_resize=False))
+    with pytest.raises(ValueError, match="do_pad"):
+        data_config_from_processor(transformers.LlavaImageProcessor(do_pad=True))
     with pytest.raises(ValueError, match="square center crop"):
         data_config_from_processor(transformers.CLIPImageProcessor(do_center_crop=False))
     enc = HFVisionEncoder(model)

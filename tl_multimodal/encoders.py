@@ -148,11 +148,13 @@ def data_config_from_processor(processor) -> dict:
         processor: A HF image processor, or its ``to_dict()``.
 
     Raises:
-        ValueError: Settings timm's eval transform cannot express (no resize, a rescale other than
-            1/255, a shortest-edge resize without a square crop, a crop of another aspect ratio).
+        ValueError: Settings timm's eval transform cannot express (no resize, padding to a square,
+            a rescale other than 1/255, a shortest-edge resize without a square crop, a crop of another aspect ratio).
     """
     d = processor if isinstance(processor, dict) else processor.to_dict()
     name = d.get("image_processor_type", "image processor")
+    if d.get("do_pad"):
+        raise ValueError(f"{name}: do_pad=True (pad to a square first) has no timm equivalent here")
     if not d.get("do_resize", True):
         raise ValueError(f"{name}: do_resize=False (images of any size) cannot give a fixed patch grid")
     if d.get("do_rescale", True) and not math.isclose(d.get("rescale_factor", 1 / 255), 1 / 255):
