@@ -137,3 +137,34 @@ def test_unsupported_llava_variants_are_named(hf_llava):
 
 def test_classmethod_delegates(hf_llava):
     assert isinstance(HookedVisionPrefix.from_llava(hf_llava), HookedVisionPrefix)
+
+
+def test_attribution_on_converted_llava_matches_finite_differences(hf_llava, processor):
+    """The neuron toolkit runs on the converted model: grad x act at an image position equals the
+    central finite difference of the target logit (float64 copy of the tiny LLaVA)."""
+    import copy
+
+    from tl_multimodal.attribution import attribute
+
+    model = from_llava(copy.deepcopy(hf_llava).double(), image_processor=processor.image_processor,
+                       tokenizer=processor.tokenizer)
+    torch.manual_seed(3)
+    feats = torch.randn(1, 16, 32, dtype=torch.float64)
+    prompt, tid = "A picture of", 3290  # " dog"
+    attr = attribute(model, image_features=feats, target=tid, hook="post", prompt=prompt)
+    layer, flat = 0, int(attr.scores[0, 0].abs().argmax())
+    patch, unit = divmod(flat, model.cfg.d_mlp)
+    name = f"blocks.{layer}.mlp.hook_post"
+    z = model.run_with_cache(prompt, image_features=feats, names_filter=name)[1][name][0, patch, unit]
+
+    def y(d):
+        def edit(act, hook):
+            act = act.clone()
+            act[:, patch, unit] += d
+            return act
+        return model.run_with_hooks(prompt, image_features=feats, fwd_hooks=[(name, edit)])[0, -1, tid].item()
+
+    eps = 1e-5
+    fd = z.item() * (y(eps) - y(-eps)) / (2 * eps)
+    assert abs(attr.scores[0, layer, patch, unit].item() - fd) <= 1e-5 * max(1.0, abs(fd))
+    assert abs(fd) > 1e-4
