@@ -27,7 +27,7 @@ from tl_multimodal.encoders import HFVisionEncoder
 from tl_multimodal.projection import ImageProjection, ProjectionInfo
 
 
-def _llama_cfg(text_config, name: str, dtype: torch.dtype) -> HookedTransformerConfig:
+def _llama_cfg(text_config, name: str, dtype: torch.dtype, device: torch.device) -> HookedTransformerConfig:
     """TransformerLens's config for a HF Llama config (as its ``LlamaForCausalLM`` branch builds it)."""
     d_head = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     n_kv = text_config.num_key_value_heads
@@ -39,6 +39,7 @@ def _llama_cfg(text_config, name: str, dtype: torch.dtype) -> HookedTransformerC
         normalization_type="RMS", positional_embedding_type="rotary", rotary_adjacent_pairs=False,
         rotary_dim=d_head, rotary_base=_get_rope_theta(text_config), final_rms=True, gated_mlp=True,
         original_architecture="LlamaForCausalLM", model_name=name, init_weights=False, dtype=dtype,
+        device=str(device),
     )
     _apply_llama3_rope_scaling(cfg, text_config)
     return HookedTransformerConfig(**cfg)
@@ -72,6 +73,11 @@ def from_llava(model_or_name, image_processor=None, tokenizer=None, **hf_kwargs)
             token-tensor input only).
         **hf_kwargs: Passed to ``from_pretrained`` when a name is given (``dtype``, ``revision``, ...).
 
+    The converted model holds its own copy of the weights (the HF model may be deleted after), and
+    briefly a second copy of the LM while it is built: for LLaVA-1.5-7B in float16 plan for about
+    3 x 14 GB. It is built on the device and in the dtype of the HF model's language model (e.g.
+    ``hf_kwargs``: ``dtype=torch.float16, device_map="cuda"``); the vision tower is shared, not copied.
+
     Returns:
         The model in eval mode: ``model(input_ids, images=pixel_values)`` gives HF's logits, with
         ``input_ids`` holding ``n_image_tokens`` image tokens per image, as HF's processor makes them.
@@ -98,10 +104,10 @@ def from_llava(model_or_name, image_processor=None, tokenizer=None, **hf_kwargs)
     config = hf.config
     _check_supported(config)
     inner = hf.model
-    lm_dtype = inner.language_model.embed_tokens.weight.dtype
+    embed = inner.language_model.embed_tokens.weight
 
-    cfg = _llama_cfg(config.text_config, name.split("/")[-1], lm_dtype)
-    lm = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    cfg = _llama_cfg(config.text_config, name.split("/")[-1], embed.dtype, embed.device)
+    lm = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False).to(embed.device)
     state = convert_llama_weights(SimpleNamespace(model=inner.language_model, lm_head=hf.lm_head), cfg)
     lm.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                    fold_value_biases=False, refactor_factored_attn_matrices=False)
