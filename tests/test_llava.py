@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from transformer_lens import HookedTransformer
 
 from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.llava import from_llava
@@ -168,3 +169,16 @@ def test_attribution_on_converted_llava_matches_finite_differences(hf_llava, pro
     fd = z.item() * (y(eps) - y(-eps)) / (2 * eps)
     assert abs(attr.scores[0, layer, patch, unit].item() - fd) <= 1e-5 * max(1.0, abs(fd))
     assert abs(fd) > 1e-4
+
+
+def test_chat_prompt_generation_and_bad_image_token_id(llava, hf_llava, processor):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), np.uint8))
+    inputs = processor(text=CHAT, images=image, return_tensors="pt")
+    with torch.no_grad():
+        want = hf_llava.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+        got = llava.generate(CHAT, 5, images=image, do_sample=False, stop_at_eos=False, verbose=False,
+                             return_type="tokens")
+    assert got.tolist() == want.tolist()
+    lm = HookedTransformer(llava.cfg)
+    with pytest.raises(ValueError, match="image_token_id must be an int"):
+        HookedVisionPrefix(lm, llava.vision, llava.projection, image_token_id=VOCAB + 1)

@@ -107,7 +107,8 @@ def from_llava(model_or_name, image_processor=None, tokenizer=None, **hf_kwargs)
     embed = inner.language_model.embed_tokens.weight
 
     cfg = _llama_cfg(config.text_config, name.split("/")[-1], embed.dtype, embed.device)
-    lm = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False).to(embed.device)
+    lm = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    torch.nn.Module.to(lm, embed.device)  # (TransformerLens's .to prints)
     state = convert_llama_weights(SimpleNamespace(model=inner.language_model, lm_head=hf.lm_head), cfg)
     lm.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                    fold_value_biases=False, refactor_factored_attn_matrices=False)
