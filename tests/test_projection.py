@@ -128,7 +128,8 @@ def test_info_is_checked():
 
 def test_shipped_projection_still_loads():
     proj = ImageProjection.load(SHIPPED_PROJECTION)
-    assert (proj.kind, proj.n_tokens, proj.info.encoder, proj.info.d_img) == ("linear", 49, "tf_efficientnet_lite0", 1280)
+    info = proj.info
+    assert (proj.kind, proj.n_tokens, info.encoder, info.d_img) == ("linear", 49, "tf_efficientnet_lite0", 1280)
     assert proj.linear.weight.shape == (576, 1280) and torch.isfinite(proj.linear.weight).all()
 
 
