@@ -113,3 +113,24 @@ def test_bad_settings_are_named(hf_towers):
     enc = HFVisionEncoder(model)
     with pytest.raises(ValueError, match="32x32"):
         enc(torch.zeros(1, 3, 64, 64))
+
+
+def test_heatmap_through_an_hf_clip_encoder_covers_the_center_crop(hf_towers, gpt2_small):
+    """CLIP's shortest-edge resize + center crop: on a 48x32 image the model sees the middle 32x32
+    (after resizing the short side 32 -> 32), so the heatmap is NaN on the 8-pixel bands cut away,
+    and its grid equals the unit's activations read off the cache at the image positions."""
+    from tl_multimodal import HookedVisionPrefix
+    from tl_multimodal.heatmaps import unit_heatmap
+
+    model = HookedVisionPrefix(gpt2_small, HFVisionEncoder(hf_towers["clip"][0])).eval()
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 48, 3), np.uint8))
+    hm = unit_heatmap(model, image, layer=1, unit=7)
+    assert hm.heatmap.shape == (32, 48) and hm.geometry.crop == (8, 0, 32, 32)
+    nan = torch.isnan(hm.heatmap)
+    assert nan[:, :8].all() and nan[:, 40:].all() and not nan[:, 8:40].any()
+    pixels = model.preprocess(image)
+    hf_proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    torch.testing.assert_close(pixels, hf_proc(image, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        _, cache = model.run_with_cache("A picture of", images=pixels)
+    torch.testing.assert_close(hm.grid, cache["blocks.1.mlp.hook_post"][0, :16, 7].reshape(4, 4))
