@@ -202,7 +202,8 @@ def test_command_line_one_process(model, images, oracle, tmp_path):
 
 
 def test_two_accelerate_processes_write_the_same_rows_as_one(model, images, tmp_path):
-    """``accelerate launch --cpu --num_processes 2 -m tl_multimodal attribute`` vs ``python -m``."""
+    """``accelerate launch --multi_gpu --num_processes 2 -m tl_multimodal attribute`` (torchrun, 2 CPU
+    processes over gloo; ``--cpu`` would start only one without MPI) vs ``python -m tl_multimodal``."""
     data = _coco_folder(tmp_path / "coco", images)
     weights = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), weights)
@@ -214,7 +215,7 @@ def test_two_accelerate_processes_write_the_same_rows_as_one(model, images, tmp_
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
     accelerate = Path(sys.executable).parent / "accelerate"
-    two = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tl_multimodal", *args,
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -13,7 +13,11 @@ rows at a time, whatever the dataset size.
 
 Across processes (``accelerate.PartialState`` gives the rank and world size)::
 
-    accelerate launch --num_processes 8 -m tl_multimodal attribute DATA --split train --out runs/attr
+    accelerate launch --multi_gpu --num_processes 8 -m tl_multimodal attribute DATA --split train --out runs/attr
+
+``--multi_gpu`` starts the processes with ``torchrun``; without GPUs they run on CPU over gloo. (In
+accelerate 1.x, ``accelerate launch --cpu --num_processes N`` starts a single process unless MPI is
+set up with ``--mpirun_hostfile``.)
 """
 
 from __future__ import annotations
@@ -232,13 +236,24 @@ def _projection_digest(model) -> str:
     return h.hexdigest()[:16]
 
 
+def partial_state():
+    """``accelerate.PartialState()`` for this process, on gloo where there is no GPU.
+
+    ``PartialState()`` alone sets up no process group for CPU processes started by ``torchrun``
+    (``accelerate launch --multi_gpu`` on a machine without GPUs); ``cpu=True`` makes it use gloo.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
 def _process_state(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if (rank is None) != (world_size is None):
         raise ValueError("pass both rank= and world_size=, or neither")
     if rank is None:
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = partial_state()
         return state.process_index, state.num_processes
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
@@ -387,12 +402,10 @@ def add_attribute_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_attribute(args: argparse.Namespace) -> RunSummary:
     """Run the ``attribute`` command from parsed arguments (one process of an ``accelerate launch``)."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = partial_state()
     try:
         data = open_dataset(args.data, args.split)
-        model = load_model(args.model, args.projection)
+        model = load_model(args.model, args.projection).to(state.device)
         summary = run_attribution(model, data, args.out, k=args.k, shard_size=args.shard_size,
                                   batch_size=args.batch_size, limit=args.limit, prompt=args.prompt,
                                   max_new_tokens=args.max_new_tokens, hook=args.hook,
