@@ -97,8 +97,12 @@ def test_shards_hold_the_top_units_of_every_image(model, dataset, oracle, tmp_pa
     assert "3 shards written" in repr(s)
 
 
-def test_ranks_split_the_chunks_and_their_union_is_one_run(model, dataset, oracle, tmp_path):
-    """Chunk i goes to rank i % world_size; together the ranks write every chunk once."""
+@pytest.mark.parametrize("source", ["dataset", "stream"])
+def test_ranks_split_the_chunks_and_their_union_is_one_run(model, dataset, images, oracle, tmp_path, source):
+    """Chunk i goes to rank i % world_size; together the ranks write every chunk once (random-access
+    datasets and streams of rows alike)."""
+    if source == "stream":
+        dataset = [{"image": im, "image_id": 1000 + i} for i, im in enumerate(images)]  # no len/select
     s0 = run_attribution(model, dataset, tmp_path, k=K, shard_size=2, rank=0, world_size=2, progress=False)
     assert sorted(p.name for p in tmp_path.glob("part-*")) == [shard_name(0, 2), shard_name(4, 6)]
     s1 = run_attribution(model, dataset, tmp_path, k=K, shard_size=2, rank=1, world_size=2, progress=False)

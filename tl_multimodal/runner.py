@@ -108,7 +108,8 @@ def open_dataset(data: str | Path, split: str | None = None):
             raise ImportError("reading webdataset shards needs `pip install webdataset`") from None
         if "{" not in text and not path.is_file():
             raise FileNotFoundError(f"webdataset shard {path} does not exist")
-        return wds.WebDataset(text, shardshuffle=False, empty_check=False).decode("pil")
+        # every rank reads the whole stream in order (the runner splits it by chunk), so no node splitting
+        return wds.WebDataset(text, shardshuffle=False, nodesplitter=None, empty_check=False).decode("pil")
     if path.exists():
         raise ValueError(f"{data} is a file; DATA must be a coco_mini-style folder, webdataset .tar shards "
                          "or a hub dataset name")
