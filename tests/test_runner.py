@@ -132,10 +132,21 @@ def test_stopped_run_resumes_without_recomputing_finished_shards(model, images, 
     assert (again.shards_written, again.shards_skipped) == (0, 3)
 
 
-def test_limit_and_other_settings(model, dataset, oracle, tmp_path):
+def test_limit_then_a_larger_limit_and_other_settings(model, dataset, oracle, tmp_path):
+    """A larger limit later recomputes only the short last chunk (replacing its file) and the new ones."""
     s = run_attribution(model, dataset, tmp_path, k=K, shard_size=2, limit=3, rank=0, world_size=1, progress=False)
     assert s.images == 3
     _assert_rows_equal(load_rows(tmp_path), {c: v[: 3 * K] for c, v in oracle.items()})
+    s = run_attribution(model, dataset, tmp_path, k=K, shard_size=2, limit=7, rank=0, world_size=1, progress=False)
+    assert (s.shards_skipped, s.shards_written, s.images) == (1, 3, 5)
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == [shard_name(0, 2), shard_name(2, 4), shard_name(4, 6),
+                                                                shard_name(6, 7)]
+    _assert_rows_equal(load_rows(tmp_path), oracle)
+    with pytest.raises(ValueError, match="other settings.*'shard_size': \\(2, 3\\)"):
+        run_attribution(model, dataset, tmp_path, k=K, shard_size=3, rank=0, world_size=1, progress=False)
+    (tmp_path / shard_name(2, 3)).write_bytes((tmp_path / shard_name(2, 4)).read_bytes())
+    with pytest.raises(ValueError, match="overlap"):
+        load_rows(tmp_path)
     with pytest.raises(ValueError, match="other settings.*'k': \\(5, 6\\)"):
         run_attribution(model, dataset, tmp_path, k=6, shard_size=2, rank=0, world_size=1, progress=False)
 

@@ -194,6 +194,10 @@ def load_rows(out: str | Path):
     files = sorted(out.glob("part-*.parquet"))
     if not files:
         raise FileNotFoundError(f"{out} holds no part-*.parquet shards")
+    ranges = [tuple(int(x) for x in f.stem.split("-")[1:]) for f in files]
+    for (a, f_a), (b, f_b) in zip(zip(ranges, files), zip(ranges[1:], files[1:])):
+        if b[0] < a[1]:
+            raise ValueError(f"shards {f_a.name} and {f_b.name} overlap (files of another run in {out}?)")
     df = pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
     return df.sort_values(["image_index", "rank"], ignore_index=True)
 
@@ -307,14 +311,14 @@ def run_attribution(model, data, out: str | Path, *, k: int = 100, shard_size: i
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, {"k": k, "prompt": prompt, "max_new_tokens": max_new_tokens, "hook": hook,
+    _check_manifest(out, {"k": k, "shard_size": shard_size, "prompt": prompt, "max_new_tokens": max_new_tokens, "hook": hook,
                           "lm": model.cfg.model_name, "encoder": model.vision.model_name,
                           "projection_sha256": _projection_digest(model)})
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=_images_of_rank(data, limit, shard_size, rank, world_size), desc=f"attribute rank {rank}/{world_size}", unit="img", position=rank,
-               disable=not progress, leave=True)
+    bar = tqdm(total=_images_of_rank(data, limit, shard_size, rank, world_size), unit="img", position=rank,
+               desc=f"attribute rank {rank}/{world_size}", disable=not progress)
     written = skipped = n_images = n_rows = 0
     try:
         for i, (start, stop, rows) in enumerate(_chunks(data, shard_size, limit)):
@@ -341,6 +345,9 @@ def run_attribution(model, data, out: str | Path, *, k: int = 100, shard_size: i
                 tables.append(_batch_table(attr, k, indices, ids))
                 bar.update(len(batch))
             _write_atomic(pa.concat_tables(tables), path)
+            for stale in out.glob(f"part-{start:09d}-*.parquet"):  # a shorter last chunk of a smaller limit
+                if stale != path:
+                    stale.unlink()
             written += 1
             n_images += stop - start
             n_rows += sum(t.num_rows for t in tables)
