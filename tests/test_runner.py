@@ -21,8 +21,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_multimodal import HookedVisionPrefix, VisionEncoder, load_coco_mini
 from tl_multimodal.attribution import attribute
-from tl_multimodal.runner import (SCHEMA_COLUMNS, load_rows, main_attribute, open_dataset, run_attribution,
-                                  shard_name)
+from tl_multimodal.runner import (SCHEMA_COLUMNS, load_model, load_rows, main_attribute, open_dataset,
+                                  run_attribution, shard_name)
 
 ROOT = Path(__file__).parents[1]
 K = 5
@@ -170,6 +170,14 @@ def test_bad_input_is_named(model, dataset, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         run_attribution(model, dataset, tmp_path / "file", **kw)
+    with pytest.raises(ValueError, match="DATA must be"):
+        open_dataset(tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_dataset(tmp_path / "missing.tar")
+    with pytest.raises(ValueError, match="--model must be"):
+        load_model("tiny")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(f"{tmp_path / 'nope.py'}:build")
 
 
 def _coco_folder(root: Path, images) -> Path:
