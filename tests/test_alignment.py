@@ -141,3 +141,14 @@ def test_bad_captions(tiny, feats):
         alignment(tiny, CAPTIONS[:3] + [""], image_features=feats)
     with pytest.raises(ValueError, match="at least 2 images"):
         alignment(tiny, CAPTIONS[:1], image_features=feats[:1])
+
+
+def test_plot_draws_the_measures(tiny, feats):
+    import matplotlib
+    matplotlib.use("Agg")
+    al = alignment(tiny, CAPTIONS, image_features=feats)
+    fig = al.plot()
+    drawn = {line.get_label(): line.get_ydata() for ax in fig.axes for line in ax.get_lines()}
+    assert list(drawn["mean token, own caption"]) == al.mean_cos.tolist()
+    assert list(drawn["separability (nearest centroid)"]) == al.separability.tolist()
+    assert fig.axes[3].get_yscale() == "log"

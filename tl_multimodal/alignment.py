@@ -75,6 +75,44 @@ class Alignment:
         df = self.to_dataframe().round(3).to_string(index=False)
         return f"Alignment({self.n_images} images, {len(self.mean_cos)} layers)\n{df}"
 
+    def plot(self, title: str | None = None):
+        """A 2x2 matplotlib figure: alignment, separability, stability and norms against the layer.
+
+        Returns:
+            The matplotlib Figure.
+        """
+        import matplotlib.pyplot as plt
+
+        layer = range(len(self.mean_cos))
+        fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+        panels = [
+            ("cosine, image tokens vs caption tokens", [
+                ("mean token, own caption", self.mean_cos, "C0", "-"),
+                ("mean token, other captions", self.mean_cos_other, "C0", "--"),
+                ("token pairs, own caption", self.pair_cos, "C1", "-"),
+                ("token pairs, other captions", self.pair_cos_other, "C1", "--")]),
+            ("image vs text tokens", [
+                ("separability (nearest centroid)", self.separability, "C2", "-"),
+                ("retrieval (own caption closest)", self.retrieval, "C4", "-")]),
+            ("cosine of a token before vs after the block", [
+                ("image tokens", self.image_step_cos, "C3", "-"),
+                ("text tokens", self.text_step_cos, "C7", "-")]),
+            ("mean residual norm (log)", [
+                ("image tokens", self.image_norm, "C3", "-"), ("text tokens", self.text_norm, "C7", "-")]),
+        ]
+        for ax, (name, lines) in zip(axes.flat, panels):
+            for label, y, color, style in lines:
+                ax.plot(layer, y.tolist(), style, color=color, label=label)
+            ax.set_title(name, fontsize=10)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[1, 1].set_yscale("log")
+        for ax in axes[1]:
+            ax.set_xlabel("layer (residual stream before the block)")
+        fig.suptitle(title or f"implicit multimodal alignment, {self.n_images} images")
+        fig.tight_layout()
+        return fig
+
 
 @dataclass
 class SoftPromptNorms:
@@ -117,7 +155,8 @@ def soft_prompt_norms(model, images: Images | None = None,
     """
     with torch.no_grad():
         embed = model.embed_images(images, image_features)
-        return SoftPromptNorms(image=embed.float().norm(dim=-1).cpu(), text=model.W_E.float().norm(dim=-1).cpu())
+        return SoftPromptNorms(image=embed.float().norm(dim=-1).cpu(),
+                               text=model.W_E.float().norm(dim=-1).cpu())
 
 
 def _check_captions(captions, n_images: int) -> list[str]:
@@ -134,7 +173,7 @@ def _check_captions(captions, n_images: int) -> list[str]:
 
 def residuals(model, captions: Sequence[str], images: Images | None = None,
               image_features: Float[Tensor, "batch patch d_img"] | None = None, batch_size: int = 8,
-              ) -> tuple[Float[Tensor, "batch layer_plus_1 patch d_model"], list[Float[Tensor, "layer_plus_1 text d_model"]]]:
+              ) -> tuple[Float[Tensor, "batch layer1 patch d_model"], list[Float[Tensor, "layer1 text d_model"]]]:
     """The residual stream of each ``[image slots][caption]`` sequence, split by modality.
 
     Args:
@@ -152,7 +191,8 @@ def residuals(model, captions: Sequence[str], images: Images | None = None,
         embed = model.embed_images(images, image_features)
     captions = _check_captions(captions, embed.shape[0])
     n_layers = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)]
+    names.append(f"blocks.{n_layers - 1}.hook_resid_post")
     image, text = [], []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
@@ -197,7 +237,8 @@ def _nearest_centroid_accuracy(image: Tensor, text: list[Tensor]) -> Tensor:
 
 
 def alignment(model, captions: Sequence[str], images: Images | None = None,
-              image_features: Float[Tensor, "batch patch d_img"] | None = None, batch_size: int = 8) -> Alignment:
+              image_features: Float[Tensor, "batch patch d_img"] | None = None,
+              batch_size: int = 8) -> Alignment:
     """Implicit multimodal alignment of images with their captions, per block (Shukor & Cord, 2024).
 
     Each image is run with its own caption, ``[image slots][caption]``. Image tokens come first, so
@@ -233,7 +274,8 @@ def alignment(model, captions: Sequence[str], images: Images | None = None,
     txt_step = torch.cat([F.cosine_similarity(t[:-1], t[1:], dim=-1) for t in text], dim=1).mean(1)
     return Alignment(
         mean_cos=mean_cos, mean_cos_other=mean_cos_other, pair_cos=pair_cos, pair_cos_other=pair_cos_other,
-        retrieval=retrieval, separability=_nearest_centroid_accuracy(image[:, resid_pre], [t[resid_pre] for t in text]),
+        retrieval=retrieval,
+        separability=_nearest_centroid_accuracy(image[:, resid_pre], [t[resid_pre] for t in text]),
         image_step_cos=img_step, text_step_cos=txt_step,
         image_norm=image.norm(dim=-1).mean((0, 2))[resid_pre],
         text_norm=torch.cat([t.norm(dim=-1) for t in text], dim=1).mean(1)[resid_pre],
