@@ -36,8 +36,8 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = load_offline(args.projection)
     data = load_coco_mini(args.data_dir, args.split)
+    model = load_offline(args.projection)
     captions = [caps[args.caption] for caps in data["captions"]]
     feats = encode_images(model, data, progress=False)
     al = alignment(model, captions, image_features=feats)
