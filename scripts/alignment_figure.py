@@ -1,6 +1,7 @@
 """Implicit multimodal alignment (Shukor & Cord, 2024) of the offline model on the COCO sample: each
-image with one of its captions, the per-layer measures of tl_multimodal.alignment printed as a table,
-the soft-prompt norm diagnostic, and the figure docs/images/alignment.png.
+image with one of its captions, the per-layer measures of tl_multimodal.alignment printed as tables
+(all image tokens; without image token 0, the attention sink), the soft-prompt norm diagnostic, and
+the figure docs/images/alignment.png (all image tokens).
 
     python scripts/alignment_figure.py --data-dir ../shared/data/coco_mini --split dev
 """
@@ -41,10 +42,12 @@ def main():
     captions = [caps[args.caption] for caps in data["captions"]]
     feats = encode_images(model, data, progress=False)
     al = alignment(model, captions, image_features=feats)
+    no_sink = alignment(model, captions, image_features=feats, exclude_image_tokens=(0,))
     norms = soft_prompt_norms(model, image_features=feats)
 
     print(f"{args.split} split: {len(data)} images, caption {args.caption} of each; projection {args.projection.name}")
-    print(al)
+    print("all image tokens:", al, sep="\n")
+    print("without image token 0 (the attention sink):", no_sink, sep="\n")
     print(norms)
     fig = al.plot(title=f"SmolLM2-135M + EfficientNet-Lite0, {args.split} ({len(data)} images); "
                         f"soft prompts {norms.ratio:.0f}x text embedding norm")

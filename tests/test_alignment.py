@@ -58,9 +58,13 @@ def test_residuals_match_single_runs(tiny, feats):
         torch.testing.assert_close(got_txt, txt.float(), rtol=1e-5, atol=1e-5)
 
 
-def test_alignment_matches_hand_computed(tiny, feats):
-    al = alignment(tiny, CAPTIONS, image_features=feats, batch_size=3)
+@pytest.mark.parametrize("exclude", [(), (0, 5)])
+def test_alignment_matches_hand_computed(tiny, feats, exclude):
+    al = alignment(tiny, CAPTIONS, image_features=feats, batch_size=3, exclude_image_tokens=exclude)
     runs, n, L = _alone(tiny, feats), len(CAPTIONS), tiny.cfg.n_layers
+    keep = [i for i in range(tiny.n_image_tokens) if i not in exclude]
+    runs = [(img[:, keep], txt) for img, txt in runs]
+    n_img = len(keep)
     assert isinstance(al, Alignment) and al.n_images == n
     for l in range(L):
         mean_cos = [[_cos(runs[i][0][l].mean(0), runs[j][1][l].mean(0)) for j in range(n)] for i in range(n)]
@@ -72,12 +76,12 @@ def test_alignment_matches_hand_computed(tiny, feats):
             "mean_cos_other": sum(mean_cos[i][j] for i, j in others) / len(others),
             "pair_cos": sum(pair_cos[i][i] for i in range(n)) / n,
             "pair_cos_other": sum(pair_cos[i][j] for i, j in others) / len(others),
-            "retrieval": sum(max(range(n), key=lambda j: mean_cos[i][j]) == i for i in range(n)) / n,
+            "retrieval": sum(max(range(n), key=lambda j: pair_cos[i][j]) == i for i in range(n)) / n,
             "image_step_cos": sum(_cos(u, v) for r in runs for u, v in zip(r[0][l], r[0][l + 1]))
-                              / (n * tiny.n_image_tokens),
+                              / (n * n_img),
             "text_step_cos": (sum(_cos(u, v) for r in runs for u, v in zip(r[1][l], r[1][l + 1]))
                               / sum(len(r[1][l]) for r in runs)),
-            "image_norm": sum(float(u.norm()) for r in runs for u in r[0][l]) / (n * tiny.n_image_tokens),
+            "image_norm": sum(float(u.norm()) for r in runs for u in r[0][l]) / (n * n_img),
             "text_norm": sum(float(u.norm()) for r in runs for u in r[1][l]) / sum(len(r[1][l]) for r in runs),
         }
         for name, value in expected.items():
@@ -139,6 +143,12 @@ def test_bad_captions(tiny, feats):
         alignment(tiny, "a dog", image_features=feats)
     with pytest.raises(ValueError, match="non-empty"):
         alignment(tiny, CAPTIONS[:3] + [""], image_features=feats)
+    with pytest.raises(ValueError, match=r"exclude_image_tokens \[16\] out of range"):
+        alignment(tiny, CAPTIONS, image_features=feats, exclude_image_tokens=(16,))
+    with pytest.raises(TypeError, match="sequence of ints"):
+        alignment(tiny, CAPTIONS, image_features=feats, exclude_image_tokens=0)
+    with pytest.raises(ValueError, match="no image token"):
+        alignment(tiny, CAPTIONS, image_features=feats, exclude_image_tokens=range(16))
     with pytest.raises(ValueError, match="at least 2 images"):
         alignment(tiny, CAPTIONS[:1], image_features=feats[:1])
 

@@ -7,7 +7,7 @@ positions and at the caption's text positions of ``[image slots][caption]`` sequ
 - **alignment**: the cosine of the mean image token with the mean text token (``mean_cos``), and the
   mean cosine over all (image token, text token) pairs (``pair_cos``), for an image with its own
   caption and with the other captions of the batch (``*_other``); ``retrieval`` is how often an
-  image's own caption has the highest ``mean_cos`` among all captions;
+  image's own caption has the highest ``pair_cos`` among all captions;
 - **separability**: balanced accuracy of a nearest-centroid classifier of image vs text tokens
   (on unit vectors: the direction counts, not the norm), leave-one-sample-out;
 - **stability**: the cosine of each token's residual before and after block ``l``
@@ -45,7 +45,7 @@ class Alignment:
         mean_cos_other: Same with the other captions of the set (mean over them).
         pair_cos: ``[n_layers]`` mean cosine over (image token, own caption token) pairs.
         pair_cos_other: Same with the other captions' tokens.
-        retrieval: ``[n_layers]`` fraction of images whose own caption has the highest ``mean_cos``.
+        retrieval: ``[n_layers]`` fraction of images whose own caption has the highest ``pair_cos``.
         separability: ``[n_layers]`` nearest-centroid balanced accuracy, image vs text tokens
             scaled to unit norm (0.5: indistinguishable, 1: separate), leave-one-sample-out.
         image_step_cos, text_step_cos: ``[n_layers]`` cosine of a token's residual before and after
@@ -236,9 +236,22 @@ def _nearest_centroid_accuracy(image: Tensor, text: list[Tensor]) -> Tensor:
     return 0.5 * (hit_img / n_img.sum() + hit_txt / n_txt.sum())
 
 
+def _kept_image_tokens(exclude: Sequence[int], n_image_tokens: int) -> list[int]:
+    ints = not isinstance(exclude, (int, str)) and all(type(i) is int for i in exclude)
+    if not ints:
+        raise TypeError(f"exclude_image_tokens must be a sequence of ints, got {exclude!r}")
+    bad = [i for i in exclude if not 0 <= i < n_image_tokens]
+    if bad:
+        raise ValueError(f"exclude_image_tokens {bad} out of range: image tokens are 0..{n_image_tokens - 1}")
+    keep = [i for i in range(n_image_tokens) if i not in set(exclude)]
+    if not keep:
+        raise ValueError("exclude_image_tokens leaves no image token")
+    return keep
+
+
 def alignment(model, captions: Sequence[str], images: Images | None = None,
               image_features: Float[Tensor, "batch patch d_img"] | None = None,
-              batch_size: int = 8) -> Alignment:
+              batch_size: int = 8, exclude_image_tokens: Sequence[int] = ()) -> Alignment:
     """Implicit multimodal alignment of images with their captions, per block (Shukor & Cord, 2024).
 
     Each image is run with its own caption, ``[image slots][caption]``. Image tokens come first, so
@@ -250,11 +263,16 @@ def alignment(model, captions: Sequence[str], images: Images | None = None,
         captions: One caption per image (at least two images).
         images, image_features: As for the model's forward (exactly one).
         batch_size: Sequences per forward pass.
+        exclude_image_tokens: Image token indices (``0 .. n_image_tokens - 1``) to leave out of
+            every measure, e.g. ``(0,)``: without a BOS the first image token becomes the
+            attention sink, with a residual norm far above the others.
 
     Returns:
         An :class:`Alignment`, one value per block for each measure (see there).
     """
+    keep = _kept_image_tokens(exclude_image_tokens, model.n_image_tokens)
     image, text = residuals(model, captions, images, image_features, batch_size)
+    image = image[:, :, keep]
     resid_pre, n = slice(0, -1), image.shape[0]
     # [batch, layer + 1, d]: mean tokens, and mean unit vectors (their dot product = mean pairwise cosine)
     img_mean, txt_mean = image.mean(2), torch.stack([t.mean(1) for t in text])
@@ -269,7 +287,7 @@ def alignment(model, captions: Sequence[str], images: Images | None = None,
 
     mean_cos, mean_cos_other = own_and_other(mean_mat)
     pair_cos, pair_cos_other = own_and_other(pair_mat)
-    retrieval = (mean_mat.argmax(-1) == torch.arange(n)).float().mean(-1)[resid_pre]
+    retrieval = (pair_mat.argmax(-1) == torch.arange(n)).float().mean(-1)[resid_pre]
     img_step = F.cosine_similarity(image[:, :-1], image[:, 1:], dim=-1).mean((0, 2))
     txt_step = torch.cat([F.cosine_similarity(t[:-1], t[1:], dim=-1) for t in text], dim=1).mean(1)
     return Alignment(
