@@ -1,10 +1,14 @@
 """tl_multimodal.nouns: the first noun of COCO-style and LM-style captions, checked against the
 nouns a reader picks by hand, with offsets checked against the text itself."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
+from tl_multimodal import nouns
 from tl_multimodal.nouns import first_noun, tag
 
 # (caption, its first noun as a reader picks it; the filler and "group of" rules apply)
@@ -81,3 +85,14 @@ def test_bad_input():
         first_noun(None)
     with pytest.raises(TypeError, match="text must be a str"):
         first_noun(["a dog"])
+
+
+def test_works_without_any_downloaded_corpus(tmp_path):
+    """The tagger's data ship in the textblob wheel: no NLTK corpus, no network, no home directory data."""
+    env = {**os.environ, "NLTK_DATA": str(tmp_path), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    # load nouns.py alone (importing the package would load torch and TransformerLens: slow)
+    code = ("import importlib.util as u; s = u.spec_from_file_location('nouns', " + repr(nouns.__file__) + "); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.first_noun('a large animal with a door in it'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "('animal', 8)"
