@@ -162,3 +162,13 @@ def test_plot_draws_the_measures(tiny, feats):
     assert list(drawn["mean token, own caption"]) == al.mean_cos.tolist()
     assert list(drawn["separability (nearest centroid)"]) == al.separability.tolist()
     assert fig.axes[3].get_yscale() == "log"
+
+
+def test_images_go_through_the_image_door(tiny, pixels):
+    """Pixels (or PIL images) give the same measures as the encoder features of those pixels."""
+    captions = CAPTIONS[:3]
+    from_pixels = alignment(tiny, captions, images=pixels)
+    with torch.no_grad():
+        feats = tiny.vision(tiny.preprocess(pixels))
+    from_feats = alignment(tiny, captions, image_features=feats)
+    torch.testing.assert_close(from_pixels.to_dataframe().to_numpy(), from_feats.to_dataframe().to_numpy())

@@ -185,7 +185,8 @@ def residuals(model, captions: Sequence[str], images: Images | None = None,
     Returns:
         ``(image, text)``: ``image[b, l]`` the residuals at image positions before block ``l``
         (``l = n_layers``: after the last block), float32 on the CPU; ``text[b]`` the same at the
-        caption's text positions of sequence ``b``.
+        caption's text positions of sequence ``b``. They take ``4 * (n_layers + 1) * d_model`` bytes
+        per token: about 150 MB for 35 images (49 tokens and a short caption each) with SmolLM2-135M.
     """
     with torch.no_grad():
         embed = model.embed_images(images, image_features)
