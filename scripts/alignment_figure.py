@@ -31,21 +31,25 @@ def main():
     p.add_argument("--data-dir", default=ROOT.parent / "shared" / "data" / "coco_mini", type=Path)
     p.add_argument("--split", default="dev")
     p.add_argument("--caption", type=int, default=0, help="which of each image's captions (index)")
-    p.add_argument("--projection", default=SHIPPED_PROJECTION, type=Path)
+    p.add_argument("--projection", default=SHIPPED_PROJECTION, type=Path,
+                   help="projection checkpoint; 'none' for an untrained (random) projection, as a reference")
     p.add_argument("--out", default=ROOT / "docs" / "images" / "alignment.png", type=Path)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
     data = load_coco_mini(args.data_dir, args.split)
-    model = load_offline(args.projection)
+    untrained = str(args.projection).lower() == "none"
+    torch.manual_seed(0)  # the untrained projection's initialisation
+    model = load_offline(None if untrained else args.projection)
     captions = [caps[args.caption] for caps in data["captions"]]
     feats = encode_images(model, data, progress=False)
     al = alignment(model, captions, image_features=feats)
     no_sink = alignment(model, captions, image_features=feats, exclude_image_tokens=(0,))
     norms = soft_prompt_norms(model, image_features=feats)
 
-    print(f"{args.split} split: {len(data)} images, caption {args.caption} of each; projection {args.projection.name}")
+    print(f"{args.split} split: {len(data)} images, caption {args.caption} of each; "
+          f"projection {'untrained' if untrained else args.projection.name}")
     print("all image tokens:", al, sep="\n")
     print("without image token 0 (the attention sink):", no_sink, sep="\n")
     print(norms)
