@@ -18,7 +18,7 @@ def tiny_vlm(gpt2_tokenizer, vit_encoder):
     torch.manual_seed(6)
     cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=64, d_head=16, n_heads=4, d_mlp=128,
                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LN", model_name="tiny-gpt2")
-    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder)
+    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()
 
 
 @pytest.fixture(scope="module")
