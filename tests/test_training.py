@@ -272,3 +272,13 @@ def test_resume_refuses_other_settings_and_other_files(tiny_vlm, colour_data, tm
     tiny_vlm.projection.save(tmp_path / "p.pt")
     with pytest.raises(ValueError, match="not a training state"):
         train_projection(tiny_vlm, colour_data, steps=4, batch_size=2, resume_from=tmp_path / "p.pt", progress=False)
+
+
+def test_caption_token_nll_bad_arguments(tiny_vlm):
+    tokens = tiny_vlm.to_tokens("a cat", image=True)
+    with pytest.raises(ValueError, match=r"both be \[batch, pos\], got \(1, 18\) and \(1, 17\)"):
+        caption_token_nll(tiny_vlm, tokens, torch.ones(1, 17, dtype=torch.long), torch.zeros(1, 16, 64))
+    mask = torch.zeros_like(tokens)
+    mask[:, :16] = 1  # the caption is all padding
+    with pytest.raises(ValueError, match="no caption token to predict"):
+        caption_token_nll(tiny_vlm, tokens, mask, torch.zeros(1, 16, 64))

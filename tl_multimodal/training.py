@@ -202,10 +202,18 @@ def caption_token_nll(model: HookedVisionPrefix, tokens: Int[Tensor, "batch pos"
 
     Returns:
         One NLL per target, in row-major order of the target positions.
+
+    Raises:
+        ValueError: ``tokens`` and ``attention_mask`` differ in shape, or no position has a target.
     """
+    if tokens.ndim != 2 or tokens.shape != attention_mask.shape:
+        raise ValueError(f"tokens and attention_mask must both be [batch, pos], got {tuple(tokens.shape)} "
+                         f"and {tuple(attention_mask.shape)}")
+    targets = attention_mask[:, 1:].bool() & ~model.image_mask(tokens[:, 1:])
+    if not targets.any():
+        raise ValueError("no caption token to predict: every position is an image slot or padding")
     kwargs = {} if image_features is None else {"image_features": image_features}
     resid = model(tokens, attention_mask=attention_mask, stop_at_layer=model.cfg.n_layers, **kwargs)
-    targets = attention_mask[:, 1:].bool() & ~model.image_mask(tokens[:, 1:])
     resid = resid[:, :-1][targets][None]  # [1, n_target, d_model]
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
@@ -331,8 +339,8 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
 
     Raises:
         TypeError, ValueError: Bad arguments or rows (each row named), before any work.
-        FloatingPointError: The loss or gradient became NaN/infinite; the last checkpoint written
-            (``result.state`` of the error's message) is the last good one.
+        FloatingPointError: The loss or gradient became NaN/infinite; the message names the last
+            training state written (a good one, to resume from with a lower ``lr``).
     """
     _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
     if checkpoint_every is not None:
