@@ -262,7 +262,7 @@ def test_resume_refuses_other_settings_and_other_files(tiny_vlm, colour_data, tm
     import tl_multimodal.training as training
     state = {"format": training._STATE_FORMAT, "step": 2, "projection": tiny_vlm.projection.state_dict(),
              "config": {"batch_size": 2, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0, "clip": 1.0, "seed": 0,
-                        "n_images": 4}}
+                        "n_images": 4, "grad_accum": 1, "processes": 1}}
     torch.save(state, tmp_path / "training_state.pt")
     with pytest.raises(ValueError, match=r"other settings; batch_size: checkpoint has 2, this call 3; "
                                          r"lr: checkpoint has 0.001, this call 0.01"):
@@ -282,3 +282,54 @@ def test_caption_token_nll_bad_arguments(tiny_vlm):
     mask[:, :16] = 1  # the caption is all padding
     with pytest.raises(ValueError, match="no caption token to predict"):
         caption_token_nll(tiny_vlm, tokens, mask, torch.zeros(1, 16, 64))
+
+
+# ---------------------------------------------------------------------------- scale: cache, accumulation, processes
+def test_feature_cache_is_written_once_and_reused(tiny_vlm, colour_data, tmp_path):
+    calls = []
+    handle = tiny_vlm.vision.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        direct = encode_images(tiny_vlm, colour_data, progress=False)
+        first = encode_images(tiny_vlm, colour_data, progress=False, cache=tmp_path / "f.npy")
+        n_encoder_passes = len(calls)
+        second = encode_images(tiny_vlm, colour_data, progress=False, cache=tmp_path / "f.npy")
+    finally:
+        handle.remove()
+    assert len(calls) == n_encoder_passes == 2  # the second read skips the encoder
+    assert torch.equal(first, direct) and torch.equal(second, direct)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "f.npy"]
+    with pytest.raises(ValueError, match=r"f.npy was written for .*'n_images': 4.*'n_images': 2"):
+        encode_images(tiny_vlm, colour_data.select([0, 1]), progress=False, cache=tmp_path / "f.npy")
+    with pytest.raises(ValueError, match=r"cache must be a .npy file"):
+        encode_images(tiny_vlm, colour_data, progress=False, cache=tmp_path / "f.bin")
+
+
+def _dp_train(model, data, kwargs, out):
+    train_projection(model, data, **kwargs)
+    if torch.distributed.get_rank() == 0:
+        torch.save(model.projection.state_dict(), out)
+
+
+def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data, tmp_path):
+    """Oracle: one process, one pass per global batch. Dropout off: masks are drawn per pass."""
+    from accelerate import debug_launcher
+
+    init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    kw = dict(steps=3, batch_size=4, lr=1e-2, warmup=1, seed=2, progress=False)
+    runs = {}
+    dropout, tiny_vlm.projection.dropout.p = tiny_vlm.projection.dropout.p, 0.0
+    try:
+        for name, extra in {"one": {}, "accum": {"grad_accum": 2},
+                            "cached": {"feature_cache": tmp_path / "f.npy", "grad_accum": 4}}.items():
+            tiny_vlm.projection.load_state_dict(init)
+            train_projection(tiny_vlm, colour_data, **kw, **extra)
+            runs[name] = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+        tiny_vlm.projection.load_state_dict(init)
+        debug_launcher(_dp_train, args=(tiny_vlm, colour_data, kw, tmp_path / "dp.pt"), num_processes=2)
+        runs["two processes"] = torch.load(tmp_path / "dp.pt", weights_only=True)
+    finally:
+        tiny_vlm.projection.dropout.p = dropout
+    assert not torch.equal(runs["one"]["linear.weight"], init["linear.weight"])
+    for name, run in runs.items():
+        for k, v in run.items():
+            torch.testing.assert_close(v, runs["one"][k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")

@@ -13,13 +13,17 @@ atomically (:mod:`tl_multimodal.checkpoints`) and resumes from it bit for bit.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
+import torch.distributed as dist
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -31,7 +35,8 @@ from tl_multimodal.prefix import HookedVisionPrefix
 STATE_FILE = "training_state.pt"
 _STATE_FORMAT = "tl_multimodal training state v1"
 # settings a resumed run must share with the run it continues (``steps`` may grow)
-_RESUME_KEYS = ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "n_images")
+_RESUME_KEYS = ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "n_images", "grad_accum",
+                "processes")
 
 
 @dataclass
@@ -80,19 +85,71 @@ def _restoring(model: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-@torch.no_grad()
 def encode_images(model: HookedVisionPrefix, dataset: datasets.Dataset, image_column: str = "image",
-                  batch_size: int = 32, progress: bool = True) -> Float[Tensor, "n patch d_img"]:
-    """Encoder features of every image of ``dataset`` (computed once, kept on the CPU)."""
+                  batch_size: int = 32, progress: bool = True, cache: str | Path | None = None,
+                  ) -> Float[Tensor, "n patch d_img"]:
+    """Encoder features of every image of ``dataset`` (computed once, kept on the CPU).
+
+    Args:
+        model: The model whose encoder runs.
+        dataset: Rows with an image column.
+        image_column: Its name.
+        batch_size: Images per encoder pass.
+        progress: Show a progress bar.
+        cache: A ``.npy`` file for the features instead of RAM: written once (atomically, with a
+            ``.json`` record of encoder and row count beside it), then memory-mapped, so a run
+            reads only the rows it draws and later runs on the same data skip the encoder. You
+            pair the file with its dataset; a record for another encoder or row count is refused.
+
+    Returns:
+        ``[n, patch, d_img]`` float32 features (memory-mapped, copy-on-write, with ``cache``).
+    """
     _check_positive(batch_size=batch_size)
     _check_columns(dataset, "dataset", image_column)
-    out = []
+    if cache is not None:
+        return _cached_features(model, dataset, image_column, batch_size, progress, Path(cache))
+    return torch.cat(list(_encode(model, dataset, image_column, batch_size, progress)))
+
+
+@torch.no_grad()
+def _encode(model, dataset, image_column, batch_size, progress):
     with _restoring(model):
         model.eval()
         for start in tqdm(range(0, len(dataset), batch_size), desc="encoding images", disable=not progress):
             images = dataset[start:start + batch_size][image_column]
-            out.append(model.vision(model.preprocess(images)).float().cpu())
-    return torch.cat(out)
+            yield model.vision(model.preprocess(images)).float().cpu()
+
+
+def _cached_features(model, dataset, image_column, batch_size, progress, path: Path) -> Tensor:
+    """:func:`encode_images` through the on-disk cache ``path`` (rank 0 writes it, others wait)."""
+    if path.suffix != ".npy":
+        raise ValueError(f"cache must be a .npy file, got {str(path)!r}")
+    record = {"encoder": model.vision.model_name, "n_images": len(dataset),
+              "shape": [len(dataset), model.n_image_tokens, model.vision.d_img]}
+    meta = path.with_suffix(".json")
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if rank == 0 and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(record["shape"]))
+            start = 0
+            for chunk in _encode(model, dataset, image_column, batch_size, progress):
+                out[start:start + len(chunk)] = chunk.numpy()
+                start += len(chunk)
+            out.flush()
+            del out
+            meta.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    have = json.loads(meta.read_text()) if meta.exists() else None
+    if have != record:
+        raise ValueError(f"feature cache {path} was written for {have} (from {meta}), not for this data "
+                         f"and encoder {record}; delete it or name another file")
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
 # ---------------------------------------------------------------------------- checking inputs
@@ -272,17 +329,38 @@ def _mean_nll(model: HookedVisionPrefix, ids: list[list[int]], image_features: T
 
 
 # ---------------------------------------------------------------------------- training
-def _rng_states(rng: random.Random) -> dict:
-    return {"python": rng.getstate(), "torch": torch.get_rng_state(),
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (1 unless launched with ``accelerate launch``).
+
+    A process started by ``accelerate launch`` (or ``torchrun``) whose process group is not set up
+    yet joins it through accelerate's ``PartialState``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
+        from accelerate import PartialState
+
+        PartialState()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rng_states(rng: random.Random, world: int) -> dict:
+    """The sampling RNG (shared by all processes) and every process's torch RNGs (dropout)."""
+    mine = {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    ranks = [mine]
+    if world > 1:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+    return {"python": rng.getstate(), "ranks": ranks}
 
 
-def _set_rng_states(rng: random.Random, states: dict) -> None:
+def _set_rng_states(rng: random.Random, states: dict, rank: int) -> None:
     version, internal, gauss = states["python"]
     rng.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    torch.set_rng_state(states["ranks"][rank]["torch"])
+    if states["ranks"][rank]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["ranks"][rank]["cuda"])
 
 
 def _load_state(path: str | Path, config: dict, steps: int) -> dict:
@@ -294,7 +372,7 @@ def _load_state(path: str | Path, config: dict, steps: int) -> dict:
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"resume_from={str(path)!r} is not a training state written by train_projection "
                          f"(those are named {STATE_FILE})")
-    differ = [f"{k}: checkpoint has {state['config'][k]!r}, this call {config[k]!r}"
+    differ = [f"{k}: checkpoint has {state['config'].get(k)!r}, this call {config[k]!r}"
               for k in _RESUME_KEYS if state["config"].get(k) != config[k]]
     if differ:
         raise ValueError(f"resume_from={str(path)!r} was written by a run with other settings; " + "; ".join(differ))
@@ -308,8 +386,8 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
                      batch_size: int = 256, lr: float = 8e-4, warmup: int = 100, weight_decay: float = 0.0,
                      clip: float = 1.0, dev_dataset: datasets.Dataset | None = None, eval_every: int = 500,
                      checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
-                     resume_from: str | Path | None = None,
-                     image_column: str = "image", caption_column: str = "captions",
+                     resume_from: str | Path | None = None, grad_accum: int = 1,
+                     feature_cache: str | Path | None = None, image_column: str = "image", caption_column: str = "captions",
                      device: str | torch.device | None = None, mixed_precision: bool | None = None,
                      seed: int = 0, progress: bool = True, dataset_name: str = "") -> TrainingResult:
     """Train ``model.projection`` on image-caption pairs (LiMBeR's optimiser settings as defaults).
@@ -329,10 +407,20 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
             optimizer, scheduler, step, RNG states, sampling order), written atomically.
         resume_from: A ``training_state.pt`` (or the folder holding one) to continue from: the run
             goes on as if never interrupted (same settings required; ``steps`` may be larger).
+        grad_accum: Micro-batches per step: each step's ``batch_size`` rows are split in this many
+            passes whose gradients add up to the full batch's (less memory, same step).
+        feature_cache: A ``.npy`` file for the encoder features (see :func:`encode_images`):
+            memory-mapped instead of held in RAM, written once and reused by later runs.
         device: Where to train; default CUDA when present, else the model's device.
         mixed_precision: bf16 autocast; default on when training on CUDA.
         seed: Seeds caption sampling, batch order and dropout.
         dataset_name: Recorded in the checkpoint metadata.
+
+    Launched on several processes (``accelerate launch --num_processes N script.py``), every process
+    draws the same global batches and runs its share of each (``batch_size / N``, then split by
+    ``grad_accum``); gradients are summed across processes before the shared optimizer step, so the
+    projection follows the one-process run (up to float summation order, and dropout masks, which
+    are drawn per process). Process 0 writes checkpoints; all resume from them.
 
     Returns:
         The losses; the trained projection is in ``model.projection`` (with its training record).
@@ -342,7 +430,10 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         FloatingPointError: The loss or gradient became NaN/infinite; the message names the last
             training state written (a good one, to resume from with a lower ``lr``).
     """
-    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every)
+    _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every, grad_accum=grad_accum)
+    rank, world = _rank_world()
+    if batch_size < world * grad_accum:
+        raise ValueError(f"batch_size={batch_size} cannot be split over {world} processes x grad_accum={grad_accum}")
     if checkpoint_every is not None:
         _check_positive(checkpoint_every=checkpoint_every)
         if checkpoint_dir is None:
@@ -363,13 +454,15 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         dev_captions = [c[0] for c in _caption_ids(model, dev_dataset[caption_column],
                                                    f"dev_dataset column {caption_column!r}", n_start)]
     config = {"batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
-              "clip": clip, "seed": seed, "n_images": len(captions)}
+              "clip": clip, "seed": seed, "n_images": len(captions), "grad_accum": grad_accum, "processes": world}
     state = _load_state(resume_from, config, steps) if resume_from is not None else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else model.W_E.device))
+    if device is None:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else model.W_E.device
+    device = torch.device(device)
     mixed_precision = device.type == "cuda" if mixed_precision is None else mixed_precision
     if model.W_E.device != device:
         model.to(device)
@@ -377,19 +470,21 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         return _train(model, dataset, captions, dev_dataset, dev_captions, state, config, steps=steps,
                       eval_every=eval_every, ckpt_dir=ckpt_dir, checkpoint_every=checkpoint_every,
                       image_column=image_column, device=device, mixed_precision=mixed_precision,
-                      progress=progress, dataset_name=dataset_name)
+                      progress=progress and rank == 0, dataset_name=dataset_name, rank=rank, world=world,
+                      feature_cache=feature_cache)
 
 
 def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *, steps, eval_every,
-           ckpt_dir, checkpoint_every, image_column, device, mixed_precision, progress, dataset_name):
+           ckpt_dir, checkpoint_every, image_column, device, mixed_precision, progress, dataset_name, rank,
+           world, feature_cache):
     """The loop of :func:`train_projection`, its inputs checked; the caller restores the model."""
     model.requires_grad_(False)
     model.projection.requires_grad_(True)
-    features = encode_images(model, dataset, image_column, progress=progress)
+    features = encode_images(model, dataset, image_column, progress=progress, cache=feature_cache)
     dev_features = None if dev_dataset is None else encode_images(model, dev_dataset, image_column, progress=progress)
 
     rng = random.Random(config["seed"])
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config["seed"] + rank)  # dropout: each process its own masks
     params = list(model.projection.parameters())
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
     warmup = config["warmup"]
@@ -400,7 +495,7 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
         model.projection.load_state_dict(state["projection"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        _set_rng_states(rng, state["rng"])
+        _set_rng_states(rng, state["rng"], rank)
         order = list(state["order"])
         result.train_losses = list(state["train_losses"])
         result.dev_losses = [tuple(d) for d in state["dev_losses"]]
@@ -418,13 +513,18 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
     def save(name: str) -> None:  # the projection for users, then the state to resume from
         model.projection.info.training = record()
         result.checkpoints.append(ckpt_dir / name)
-        model.projection.save(result.checkpoints[-1])
-        result.state = atomic_save({
-            "format": _STATE_FORMAT, "step": result.steps, "config": config,
-            "projection": model.projection.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "rng": _rng_states(rng), "order": order,
-            "train_losses": result.train_losses, "dev_losses": [list(d) for d in result.dev_losses],
-        }, ckpt_dir / STATE_FILE)
+        result.state = ckpt_dir / STATE_FILE
+        rngs = _rng_states(rng, world)  # every process takes part
+        if rank == 0:
+            model.projection.save(result.checkpoints[-1])
+            atomic_save({
+                "format": _STATE_FORMAT, "step": result.steps, "config": config,
+                "projection": model.projection.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": rngs, "order": order,
+                "train_losses": result.train_losses, "dev_losses": [list(d) for d in result.dev_losses],
+            }, result.state)
+        if world > 1:
+            dist.barrier()
         saved_at[0] = result.steps
 
     def fail(what: str, value: float, step: int):
@@ -433,7 +533,7 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
         return FloatingPointError(f"{what} became {value} at step {step}; training stopped, {kept}. "
                                   "Try a lower lr or check the data.")
 
-    batch_size = config["batch_size"]
+    batch_size, grad_accum = config["batch_size"], config["grad_accum"]
     bar = tqdm(range(result.steps + 1, steps + 1), desc="training projection", disable=not progress,
                initial=result.steps, total=steps)
     model.train()
@@ -441,14 +541,28 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
         if len(order) < batch_size:
             order += rng.sample(range(len(captions)), len(captions))
         idx, order = order[:batch_size], order[batch_size:]
-        tokens, mask = _batch(model, [rng.choice(captions[i]) for i in idx])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-            loss = caption_token_nll(model, tokens.to(device), mask.to(device), features[idx].to(device)).mean()
-        value = loss.item()
+        chosen = [rng.choice(captions[i]) for i in idx]  # the same draws in every process
+        n_targets = sum(map(len, chosen))  # every caption token (end-of-text included) is a target
+        parts = np.array_split(np.arange(len(idx)), world * grad_accum)[rank * grad_accum:(rank + 1) * grad_accum]
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for part in parts:
+            tokens, mask = _batch(model, [chosen[j] for j in part])
+            rows = [idx[j] for j in part]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+                nll = caption_token_nll(model, tokens.to(device), mask.to(device), features[rows].to(device)).sum()
+            if torch.isfinite(nll):  # else the step fails below, in every process alike
+                (nll / n_targets).backward()  # micro-batch gradients add up to the full batch's
+            total += nll.detach().double()
+        if world > 1:  # sum the gradients and the loss over processes
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            dist.all_reduce(total)
+        value = total.item() / n_targets
         if not math.isfinite(value):
             raise fail("loss", value, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, config["clip"])
         if not torch.isfinite(norm):
             raise fail("gradient norm", norm.item(), step)
