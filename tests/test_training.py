@@ -231,6 +231,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_vlm, colour_data, tm
         assert torch.equal(tiny_vlm.projection.state_dict()[k], v), k
     assert resumed.train_losses == whole.train_losses and resumed.dev_losses == whole.dev_losses
     assert resumed.steps == 7 and resumed.state == tmp_path / "cut" / "training_state.pt"
+    frame = resumed.to_frame()
+    assert list(frame.columns) == ["step", "train_loss", "dev_loss"] and frame.step.tolist() == list(range(1, 8))
+    assert frame.dropna().set_index("step").dev_loss.to_dict() == dict(whole.dev_losses)
     assert not tiny_vlm.training and all(p.requires_grad for p in tiny_vlm.parameters())
 
 
@@ -333,3 +336,29 @@ def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data
     for name, run in runs.items():
         for k, v in run.items():
             torch.testing.assert_close(v, runs["one"][k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+
+
+def test_failed_state_write_keeps_the_previous_state(tiny_vlm, colour_data, tmp_path, monkeypatch):
+    """Fault injection in the file write: the 4th torch.save (step 4's state) fills the disk part-way."""
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        real_save(obj, f, *args, **kwargs)
+        if len(calls) == 4:
+            f.truncate(100)
+            raise OSError(28, "No space left on device")
+
+    before = _flags(tiny_vlm)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError, match="No space left"):
+        train_projection(tiny_vlm, colour_data, steps=6, batch_size=2, checkpoint_dir=tmp_path,
+                         checkpoint_every=2, progress=False)
+    monkeypatch.undo()
+    assert _flags(tiny_vlm) == before
+    assert torch.load(tmp_path / "training_state.pt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projection_step2.pt", "projection_step4.pt",
+                                                          "training_state.pt"]
+    result = train_projection(tiny_vlm, colour_data, steps=6, batch_size=2, checkpoint_dir=tmp_path,
+                              checkpoint_every=2, resume_from=tmp_path, progress=False)
+    assert result.steps == 6 and len(result.train_losses) == 6

@@ -1,7 +1,8 @@
 """Training the LiMBeR projection, and the caption log-likelihood that measures it.
 
 Only the projection learns: the LM and the encoder are frozen. Encoder features are computed once
-per image and kept, so a training step runs only the projection and the LM. The loss is next-token
+per image and kept (in RAM, or in a memory-mapped file), so a training step runs only the projection
+and the LM. The loss is next-token
 cross-entropy on caption tokens (image positions are never targets), as in LiMBeR; the LM is
 unembedded only at the positions that predict a caption token.
 
