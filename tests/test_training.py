@@ -136,7 +136,8 @@ def no_step(tiny_vlm):
 
 @pytest.mark.parametrize("data, error, match", [
     (lambda: _data([]), ValueError, "dataset is empty"),
-    (lambda: _data(["a cat"]).rename_column("captions", "text"), ValueError, r"no column 'captions' \(columns: image, text\)"),
+    (lambda: _data(["a cat"]).rename_column("captions", "text"), ValueError,
+     r"no column 'captions' \(columns: image, text\)"),
     (lambda: _data(["a cat"]).remove_columns("image"), ValueError, "no column 'image'"),
     (lambda: datasets.Dataset.from_list([{"image": None, "captions": 5}]), TypeError, "row 0 holds int 5"),
     (lambda: datasets.Dataset.from_list([{"image": None, "captions": "ok"}, {"image": None, "captions": None}]),

@@ -388,7 +388,8 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
                      clip: float = 1.0, dev_dataset: datasets.Dataset | None = None, eval_every: int = 500,
                      checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                      resume_from: str | Path | None = None, grad_accum: int = 1,
-                     feature_cache: str | Path | None = None, image_column: str = "image", caption_column: str = "captions",
+                     feature_cache: str | Path | None = None, image_column: str = "image",
+                     caption_column: str = "captions",
                      device: str | torch.device | None = None, mixed_precision: bool | None = None,
                      seed: int = 0, progress: bool = True, dataset_name: str = "") -> TrainingResult:
     """Train ``model.projection`` on image-caption pairs (LiMBeR's optimiser settings as defaults).
