@@ -35,6 +35,8 @@ def main():
     p.add_argument("--checkpoint-dir", type=Path, default=None, help="folder for checkpoints and the training state")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's training state")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--feature-cache", type=Path, default=None, help="a .npy file for the encoder features")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     args = p.parse_args()
     if args.resume and args.checkpoint_dir is None:
@@ -47,6 +49,7 @@ def main():
                               dev_dataset=dev, eval_every=args.eval_every, seed=args.seed,
                               checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                               resume_from=args.checkpoint_dir if args.resume else None,
+                              grad_accum=args.grad_accum, feature_cache=args.feature_cache,
                               dataset_name=f"coco_mini train ({len(train)} images x 5 captions)")
     print(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)

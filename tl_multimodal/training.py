@@ -418,7 +418,8 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         seed: Seeds caption sampling, batch order and dropout.
         dataset_name: Recorded in the checkpoint metadata.
 
-    Launched on several processes (``accelerate launch --num_processes N script.py``), every process
+    Launched on several processes (``accelerate launch --multi_gpu --num_processes N script.py`` on
+    GPUs; ``torchrun --nproc_per_node N script.py`` on CPUs, gloo), every process
     draws the same global batches and runs its share of each (``batch_size / N``, then split by
     ``grad_accum``); gradients are summed across processes before the shared optimizer step, so the
     projection follows the one-process run (up to float summation order, and dropout masks, which
