@@ -2,6 +2,10 @@
 `train` split of the offline COCO sample (220 images x 5 captions), evaluated on `dev`.
 
     python scripts/train_offline_projection.py --data-dir ../shared/data/coco_mini --steps 200 --batch-size 8 --lr 3e-3
+
+With ``--checkpoint-dir DIR`` the run writes ``DIR/training_state.pt`` every ``--checkpoint-every``
+steps; after an interruption, the same command with ``--resume`` continues where it stopped and
+ends with the same projection as an uninterrupted run.
 """
 
 import argparse
@@ -27,15 +31,25 @@ def main():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=SHIPPED_PROJECTION)
+    p.add_argument("--out", type=Path, default=SHIPPED_PROJECTION, help="where the final projection goes")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="folder for checkpoints and the training state")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir's training state")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--feature-cache", type=Path, default=None, help="a .npy file for the encoder features")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     args = p.parse_args()
+    if args.resume and args.checkpoint_dir is None:
+        p.error("--resume needs --checkpoint-dir")
     torch.set_num_threads(args.threads)
 
     model = load_offline(projection=None)
     train, dev = load_coco_mini(args.data_dir, "train"), load_coco_mini(args.data_dir, "dev")
     result = train_projection(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               dev_dataset=dev, eval_every=args.eval_every, seed=args.seed,
+                              checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                              resume_from=args.checkpoint_dir if args.resume else None,
+                              grad_accum=args.grad_accum, feature_cache=args.feature_cache,
                               dataset_name=f"coco_mini train ({len(train)} images x 5 captions)")
     print(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from PIL import Image
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_multimodal import HookedVisionPrefix, ImageProjection
-from tl_multimodal.training import caption_nll, encode_images, train_projection
+from tl_multimodal.training import _batch, _caption_ids, caption_nll, caption_token_nll, encode_images, train_projection
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20)}
 
@@ -18,7 +18,7 @@ def tiny_vlm(gpt2_tokenizer, vit_encoder):
     torch.manual_seed(6)
     cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=64, d_head=16, n_heads=4, d_mlp=128,
                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LN", model_name="tiny-gpt2")
-    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder)
+    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,282 @@ def test_projection_for_another_model_is_refused(tiny_vlm, cnn_encoder, gpt2_tok
     with pytest.raises(ValueError, match="lm: projection has 'tiny-gpt2', model has 'x'"):
         HookedVisionPrefix(HookedTransformer(bigger, tokenizer=gpt2_tokenizer), tiny_vlm.vision,
                            ImageProjection.load(tmp_path / "p.pt"))
+
+
+# ---------------------------------------------------------------------------- the loss
+def test_caption_token_nll_equals_the_full_model_loss(tiny_vlm, colour_data):
+    """Oracle: HookedTransformer's own loss over all positions (unembedding everything), same batch."""
+    feats = encode_images(tiny_vlm, colour_data, progress=False)
+    texts = ["a red square", "a rather long green square caption with padding after others", "blue", "x y"]
+    ids = [r[0] for r in _caption_ids(tiny_vlm, texts, "captions", tiny_vlm.n_image_tokens)]
+    tokens, mask = _batch(tiny_vlm, ids)
+    assert torch.equal(tokens, tiny_vlm.to_tokens([t + "<|endoftext|>" for t in texts], image=True,
+                                                  padding_side="right"))
+    with torch.no_grad():
+        mine = caption_token_nll(tiny_vlm, tokens, mask, feats)
+        full = tiny_vlm(tokens, image_features=feats, attention_mask=mask, return_type="loss", loss_per_token=True)
+        mean = tiny_vlm(tokens, image_features=feats, attention_mask=mask, return_type="loss")
+    targets = mask[:, 1:].bool() & ~tiny_vlm.image_mask(tokens[:, 1:])
+    assert mine.shape == (targets.sum(),) and (mask.sum(1) < mask.shape[1]).any()
+    torch.testing.assert_close(mine, full[targets], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mine.mean(), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_caption_token_nll_gradient_equals_the_full_model_loss(tiny_vlm, colour_data):
+    feats = encode_images(tiny_vlm, colour_data, progress=False)
+    ids = [r[0] for r in _caption_ids(tiny_vlm, ["red", "a green square"] * 2, "c", tiny_vlm.n_image_tokens)]
+    tokens, mask = _batch(tiny_vlm, ids)
+    grads = []
+    for loss_fn in (lambda: caption_token_nll(tiny_vlm, tokens, mask, feats).mean(),
+                    lambda: tiny_vlm(tokens, image_features=feats, attention_mask=mask, return_type="loss")):
+        tiny_vlm.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        grads.append(tiny_vlm.projection.linear.weight.grad.clone())
+    tiny_vlm.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- bad input, before any work
+def _data(captions):
+    rows = [{"image": Image.new("RGB", (8, 8)), "captions": c} for c in captions]
+    return datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+
+
+@pytest.fixture
+def no_step(tiny_vlm):
+    """Counts soft-prompt embeddings (one per training step): bad input must be refused before any."""
+    calls = []
+    with tiny_vlm.hooks(fwd_hooks=[("hook_image_embed", lambda x, hook: calls.append(1))]):
+        yield
+    assert calls == []
+
+
+@pytest.mark.parametrize("data, error, match", [
+    (lambda: _data([]), ValueError, "dataset is empty"),
+    (lambda: _data(["a cat"]).rename_column("captions", "text"), ValueError,
+     r"no column 'captions' \(columns: image, text\)"),
+    (lambda: _data(["a cat"]).remove_columns("image"), ValueError, "no column 'image'"),
+    (lambda: datasets.Dataset.from_list([{"image": None, "captions": 5}]), TypeError, "row 0 holds int 5"),
+    (lambda: datasets.Dataset.from_list([{"image": None, "captions": "ok"}, {"image": None, "captions": None}]),
+     TypeError, "row 1 holds NoneType"),
+    (lambda: _data([["ok"], []]), ValueError, "row 1 has no caption"),
+    (lambda: _data(["a cat", "fine", "  "]), ValueError, "row 2 has an empty caption"),
+    (lambda: _data(["a cat", "short", " ".join(["word"] * 60)]), ValueError,
+     r"n_ctx=64 allows after 16 image slots \(at most 48 tokens.*\): row 2 caption 0 has 61 tokens$"),
+    (lambda: [{"image": None, "captions": "a"}], TypeError, "dataset must be a datasets.Dataset, got list"),
+])
+def test_bad_dataset_is_refused_before_step_one(tiny_vlm, no_step, data, error, match):
+    with pytest.raises(error, match=match):
+        train_projection(tiny_vlm, data(), steps=1, batch_size=1, progress=False)
+
+
+def test_bad_dev_dataset_is_refused_before_step_one(tiny_vlm, colour_data, no_step):
+    with pytest.raises(ValueError, match="dev_dataset column 'captions': row 1 has an empty caption"):
+        train_projection(tiny_vlm, colour_data, dev_dataset=_data(["a", ""]), steps=1, batch_size=1, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"steps": 0}, ValueError, "steps must be at least 1, got 0"),
+    ({"batch_size": 2.0}, TypeError, "batch_size must be an int, got float"),
+    ({"lr": float("nan")}, ValueError, "lr must be a positive number"),
+    ({"warmup": -1}, ValueError, "warmup must be an int >= 0"),
+    ({"checkpoint_every": 5}, ValueError, "checkpoint_every needs checkpoint_dir"),
+    ({"resume_from": "/nonexistent/training_state.pt"}, FileNotFoundError, "does not exist"),
+])
+def test_bad_arguments_are_refused(tiny_vlm, colour_data, no_step, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        train_projection(tiny_vlm, colour_data, **{"steps": 1, "batch_size": 1, "progress": False, **kwargs})
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (([],), ValueError, "captions is empty"),
+    (("a cat",), TypeError, "captions must be a list of strings, got str"),
+    ((["a cat", 3],), TypeError, "row 1 holds int"),
+    ((["a cat", " "],), ValueError, "row 1 has an empty caption"),
+    ((["a cat"], torch.zeros(2, 16, 64)), ValueError, r"image_features must be \[1 captions"),
+    ((["a cat"], None, 0), ValueError, "batch_size must be at least 1"),
+])
+def test_caption_nll_bad_arguments(tiny_vlm, args, error, match):
+    with pytest.raises(error, match=match):
+        caption_nll(tiny_vlm, *args)
+
+
+# ---------------------------------------------------------------------------- faults and resume
+def _flags(model):
+    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
+
+
+class Boom(Exception):
+    pass
+
+
+def _fail_at(model, step, exc=Boom, nan=False):
+    """A hook on hook_image_embed that raises (or returns NaN) in training step ``step`` (fault injection)."""
+    calls = []
+
+    def hook(x, hook):
+        if model.projection.training:  # training steps only; dev evaluation runs in eval mode
+            calls.append(1)
+            if len(calls) == step:
+                if nan:
+                    return torch.full_like(x, float("nan"))
+                raise exc(f"injected fault at step {step}")
+    return model.hooks(fwd_hooks=[("hook_image_embed", hook)])
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_vlm, colour_data, tmp_path):
+    init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    kw = dict(steps=7, batch_size=3, lr=1e-2, warmup=3, dev_dataset=colour_data, eval_every=3,
+              checkpoint_every=2, progress=False, seed=5)
+    whole = train_projection(tiny_vlm, colour_data, checkpoint_dir=tmp_path / "whole", **kw)
+    expected = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+
+    tiny_vlm.projection.load_state_dict(init)
+    tiny_vlm.train()  # an unusual starting state, to be restored exactly
+    tiny_vlm.blocks[0].requires_grad_(False)
+    before = _flags(tiny_vlm)
+    with _fail_at(tiny_vlm, 5), pytest.raises(Boom):
+        train_projection(tiny_vlm, colour_data, checkpoint_dir=tmp_path / "cut", **kw)
+    assert _flags(tiny_vlm) == before
+    tiny_vlm.requires_grad_(True)
+    tiny_vlm.eval()
+
+    with torch.no_grad():
+        tiny_vlm.projection.linear.weight.zero_()  # the state must bring the weights back
+    resumed = train_projection(tiny_vlm, colour_data, checkpoint_dir=tmp_path / "cut",
+                               resume_from=tmp_path / "cut", **kw)
+    for k, v in expected.items():
+        assert torch.equal(tiny_vlm.projection.state_dict()[k], v), k
+    assert resumed.train_losses == whole.train_losses and resumed.dev_losses == whole.dev_losses
+    assert resumed.steps == 7 and resumed.state == tmp_path / "cut" / "training_state.pt"
+    frame = resumed.to_frame()
+    assert list(frame.columns) == ["step", "train_loss", "dev_loss"] and frame.step.tolist() == list(range(1, 8))
+    assert frame.dropna().set_index("step").dev_loss.to_dict() == dict(whole.dev_losses)
+    assert not tiny_vlm.training and all(p.requires_grad for p in tiny_vlm.parameters())
+
+
+def test_keyboard_interrupt_restores_modes_and_flags(tiny_vlm, colour_data):
+    tiny_vlm.eval()
+    before = _flags(tiny_vlm)
+    with _fail_at(tiny_vlm, 2, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
+        train_projection(tiny_vlm, colour_data, steps=5, batch_size=2, progress=False)
+    assert _flags(tiny_vlm) == before
+    a = tiny_vlm.embed_images(image_features=torch.ones(1, 16, 64))
+    assert torch.equal(a, tiny_vlm.embed_images(image_features=torch.ones(1, 16, 64)))  # dropout off
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_vlm, colour_data, tmp_path):
+    before = _flags(tiny_vlm)
+    with _fail_at(tiny_vlm, 5, nan=True), pytest.raises(
+            FloatingPointError, match=r"loss became nan at step 5.*last good state is .*training_state.pt \(step 4\)"):
+        train_projection(tiny_vlm, colour_data, steps=8, batch_size=2, checkpoint_dir=tmp_path,
+                         checkpoint_every=2, progress=False)
+    assert _flags(tiny_vlm) == before
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["projection"].values())
+    assert torch.equal(ImageProjection.load(tmp_path / "projection_step4.pt").linear.weight,
+                       state["projection"]["linear.weight"])
+    assert not (tmp_path / "projection_step6.pt").exists()
+
+
+def test_resume_refuses_other_settings_and_other_files(tiny_vlm, colour_data, tmp_path, no_step):
+    import tl_multimodal.training as training
+    state = {"format": training._STATE_FORMAT, "step": 2, "projection": tiny_vlm.projection.state_dict(),
+             "config": {"batch_size": 2, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0, "clip": 1.0, "seed": 0,
+                        "n_images": 4, "grad_accum": 1, "processes": 1}}
+    torch.save(state, tmp_path / "training_state.pt")
+    with pytest.raises(ValueError, match=r"other settings; batch_size: checkpoint has 2, this call 3; "
+                                         r"lr: checkpoint has 0.001, this call 0.01"):
+        train_projection(tiny_vlm, colour_data, steps=4, batch_size=3, lr=1e-2, resume_from=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="at step 2, past steps=1"):
+        train_projection(tiny_vlm, colour_data, steps=1, batch_size=2, lr=1e-3, resume_from=tmp_path, progress=False)
+    tiny_vlm.projection.save(tmp_path / "p.pt")
+    with pytest.raises(ValueError, match="not a training state"):
+        train_projection(tiny_vlm, colour_data, steps=4, batch_size=2, resume_from=tmp_path / "p.pt", progress=False)
+
+
+def test_caption_token_nll_bad_arguments(tiny_vlm):
+    tokens = tiny_vlm.to_tokens("a cat", image=True)
+    with pytest.raises(ValueError, match=r"both be \[batch, pos\], got \(1, 18\) and \(1, 17\)"):
+        caption_token_nll(tiny_vlm, tokens, torch.ones(1, 17, dtype=torch.long), torch.zeros(1, 16, 64))
+    mask = torch.zeros_like(tokens)
+    mask[:, :16] = 1  # the caption is all padding
+    with pytest.raises(ValueError, match="no caption token to predict"):
+        caption_token_nll(tiny_vlm, tokens, mask, torch.zeros(1, 16, 64))
+
+
+# ---------------------------------------------------------------------------- scale: cache, accumulation, processes
+def test_feature_cache_is_written_once_and_reused(tiny_vlm, colour_data, tmp_path):
+    calls = []
+    handle = tiny_vlm.vision.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        direct = encode_images(tiny_vlm, colour_data, progress=False)
+        first = encode_images(tiny_vlm, colour_data, progress=False, cache=tmp_path / "f.npy")
+        n_encoder_passes = len(calls)
+        second = encode_images(tiny_vlm, colour_data, progress=False, cache=tmp_path / "f.npy")
+    finally:
+        handle.remove()
+    assert len(calls) == n_encoder_passes == 2  # the second read skips the encoder
+    assert torch.equal(first, direct) and torch.equal(second, direct)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "f.npy"]
+    with pytest.raises(ValueError, match=r"f.npy was written for .*'n_images': 4.*'n_images': 2"):
+        encode_images(tiny_vlm, colour_data.select([0, 1]), progress=False, cache=tmp_path / "f.npy")
+    with pytest.raises(ValueError, match=r"cache must be a .npy file"):
+        encode_images(tiny_vlm, colour_data, progress=False, cache=tmp_path / "f.bin")
+
+
+def _dp_train(model, data, kwargs, out):
+    train_projection(model, data, **kwargs)
+    if torch.distributed.get_rank() == 0:
+        torch.save(model.projection.state_dict(), out)
+
+
+def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data, tmp_path):
+    """Oracle: one process, one pass per global batch. Dropout off: masks are drawn per pass."""
+    from accelerate import debug_launcher
+
+    init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    kw = dict(steps=3, batch_size=4, lr=1e-2, warmup=1, seed=2, progress=False)
+    runs = {}
+    dropout, tiny_vlm.projection.dropout.p = tiny_vlm.projection.dropout.p, 0.0
+    try:
+        for name, extra in {"one": {}, "accum": {"grad_accum": 2},
+                            "cached": {"feature_cache": tmp_path / "f.npy", "grad_accum": 4}}.items():
+            tiny_vlm.projection.load_state_dict(init)
+            train_projection(tiny_vlm, colour_data, **kw, **extra)
+            runs[name] = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+        tiny_vlm.projection.load_state_dict(init)
+        debug_launcher(_dp_train, args=(tiny_vlm, colour_data, kw, tmp_path / "dp.pt"), num_processes=2)
+        runs["two processes"] = torch.load(tmp_path / "dp.pt", weights_only=True)
+    finally:
+        tiny_vlm.projection.dropout.p = dropout
+    assert not torch.equal(runs["one"]["linear.weight"], init["linear.weight"])
+    for name, run in runs.items():
+        for k, v in run.items():
+            torch.testing.assert_close(v, runs["one"][k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+
+
+def test_failed_state_write_keeps_the_previous_state(tiny_vlm, colour_data, tmp_path, monkeypatch):
+    """Fault injection in the file write: the 4th torch.save (step 4's state) fills the disk part-way."""
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        real_save(obj, f, *args, **kwargs)
+        if len(calls) == 4:
+            f.truncate(100)
+            raise OSError(28, "No space left on device")
+
+    before = _flags(tiny_vlm)
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError, match="No space left"):
+        train_projection(tiny_vlm, colour_data, steps=6, batch_size=2, checkpoint_dir=tmp_path,
+                         checkpoint_every=2, progress=False)
+    monkeypatch.undo()
+    assert _flags(tiny_vlm) == before
+    assert torch.load(tmp_path / "training_state.pt", weights_only=True)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["projection_step2.pt", "projection_step4.pt",
+                                                          "training_state.pt"]
+    result = train_projection(tiny_vlm, colour_data, steps=6, batch_size=2, checkpoint_dir=tmp_path,
+                              checkpoint_every=2, resume_from=tmp_path, progress=False)
+    assert result.steps == 6 and len(result.train_losses) == 6

@@ -8,6 +8,7 @@ Loading uses ``torch.load(weights_only=True)`` (no arbitrary pickles) and names 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,7 +47,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: The file is empty, truncated or not a torch checkpoint.
+        ValueError: The file is empty, truncated, not a torch checkpoint, or holds objects other
+            than tensors and plain containers (refused unread: unpickling them could run code).
     """
     path = Path(path)
     if not path.is_file():
@@ -55,6 +57,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted write?")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path} could not be read safely: it holds objects other than tensors "
+                         f"and plain containers, and loading it could run code ({first})") from None
     except (EOFError, RuntimeError, OSError) as e:
         raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
                          "it is truncated or not a torch checkpoint") from None
