@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from tl_multimodal import ImageProjection, VisionBridge
+from tl_multimodal import HookedVisionPrefix, ImageProjection, VisionBridge
 from tl_multimodal.loading import _hooked_config
 
 try:
@@ -159,7 +159,6 @@ def test_generation_equals_greedy_full_forward_decoding(models, pixels):
     _, vb = models
     expected = _greedy(vb, pixels, 5)
     kwargs = dict(images=pixels, do_sample=False, stop_at_eos=False, return_type="tokens", verbose=False)
-    assert torch.equal(vb.generate(PROMPT, 5, use_past_kv_cache=False, **kwargs), expected)
     assert torch.equal(vb.generate(PROMPT, 5, **kwargs), expected)
     n_prompt = vb.to_tokens(PROMPT, image=True).shape[1]
     captions = vb.caption(pixels, max_new_tokens=5)
@@ -169,8 +168,6 @@ def test_generation_equals_greedy_full_forward_decoding(models, pixels):
 @needs_hooked_transformer
 @torch.no_grad()
 def test_same_logits_and_captions_as_hooked_vision_prefix_on_the_same_weights(gpt2_tokenizer, vit_encoder, pixels):
-    from tl_multimodal import HookedVisionPrefix
-
     hf = _tiny_hf("llama")
     cfg = _hooked_config(hf.config, "cpu", torch.float32)
     lm = HookedTransformer(cfg, tokenizer=gpt2_tokenizer)
@@ -226,3 +223,11 @@ def test_projection_checkpoint_round_trip(models, pixels, tmp_path):
     other.save(path)
     with pytest.raises(ValueError, match="lm: projection has 'another-lm', model has 'tiny'"):
         vb.load_projection(path)
+
+
+@pytest.mark.skipif(HookedTransformer is not None, reason="TransformerLens 3 keeps HookedTransformer")
+def test_hooked_vision_prefix_names_the_bridge_on_transformer_lens_4(vit_encoder):
+    with pytest.raises(ImportError, match=r"HookedVisionPrefix \(built on HookedTransformer\).*VisionBridge"):
+        HookedVisionPrefix(object(), vit_encoder)
+    with pytest.raises(ImportError, match="VisionBridge"):
+        HookedVisionPrefix.from_pretrained("gpt2")

@@ -378,8 +378,16 @@ class VisionBridge(nn.Module):
         return nll if per_token else nll.sum() / targets.sum()
 
     def generate(self, input="", max_new_tokens: int = 10, *args, images: Images | None = None,
-                 image_features: Tensor | None = None, image_embed: Tensor | None = None, **kwargs):
-        """The bridge's ``generate`` with images (images embedded once; KV cache on by default)."""
+                 image_features: Tensor | None = None, image_embed: Tensor | None = None,
+                 use_past_kv_cache: bool = False, **kwargs):
+        """The bridge's ``generate`` with images (embedded once, before the first step).
+
+        ``use_past_kv_cache`` is off by default: with transformers 5.24 the bridge's attention
+        (TransformerLens 3.9 and 4.3) never writes the KV cache (transformers passes it as
+        ``cache=``, the bridge reads ``past_key_values=``), so cached steps silently attend to the
+        new token alone. Without the cache every step is a full forward pass: exact, slower.
+        """
+        kwargs["use_past_kv_cache"] = use_past_kv_cache
         if images is None and image_features is None and image_embed is None:
             return self.bridge.generate(input, max_new_tokens, *args, **kwargs)
         source = self._source(images, image_features, image_embed)
