@@ -7,7 +7,7 @@ present in 3.x). The bridge runs the Hugging Face model itself; image slots are 
 HF input embedding (a forward pre-hook maps slot ids to a valid id, a forward hook puts the
 projected image tokens there), so tokens with image slots flow through every bridge entry point,
 ``hook_embed`` holds the image tokens at the slots, and ``run_with_cache``, ``run_with_hooks``,
-``generate`` (with its KV cache) and ``transformer_lens.patching`` see one ordinary sequence.
+``generate`` and ``transformer_lens.patching`` see one ordinary sequence.
 
     bridge = TransformerBridge.boot_transformers("gpt2")
     model = VisionBridge(bridge, VisionEncoder.from_timm("beit_base_patch16_224"), projection)
