@@ -80,6 +80,18 @@ def test_logits_equal_the_hf_model_fed_the_same_embeddings(models, gpt2_tokenize
 
 
 @torch.no_grad()
+def test_loss_counts_text_tokens_only_like_hf_with_ignored_image_labels(models, gpt2_tokenizer, pixels):
+    hf, vb = models
+    ids = torch.tensor([gpt2_tokenizer(" a dog on a red sofa")["input_ids"]])
+    labels = torch.cat([torch.full((3, vb.n_image_tokens), -100), ids.expand(3, -1)], dim=1)
+    expected = hf(inputs_embeds=_hf_inputs(vb, hf, pixels, ids), labels=labels).loss
+    loss = vb(" a dog on a red sofa", images=pixels, return_type="loss")
+    assert torch.allclose(loss, expected, atol=1e-5)
+    logits, per_token = vb(" a dog on a red sofa", images=pixels, return_type="both", loss_per_token=True)
+    assert per_token.shape == (3, logits.shape[1] - 1) and (per_token[:, :vb.n_image_tokens - 1] == 0).all()
+
+
+@torch.no_grad()
 def test_image_features_and_image_embed_give_the_same_logits_as_images(models, pixels):
     _, vb = models
     feats = vb.vision(vb.preprocess(pixels))

@@ -328,12 +328,17 @@ class VisionBridge(nn.Module):
         return None if bool(started.all()) else started
 
     # ---------------------------------------------------------------- running the model
-    def _run(self, method, input, args, kwargs, images, image_features, image_embed):
+    def _prepare(self, input, kwargs: dict, images, image_features, image_embed):
+        """A call's checked soft-prompt source and its tokens (with the padding mask put in ``kwargs``)."""
         source = self._source(images, image_features, image_embed)
         tokens = self._image_tokens(input, source[1].shape[0])
         mask = self._padding_mask(tokens)
         if mask is not None and kwargs.get("attention_mask") is None:
             kwargs["attention_mask"] = mask
+        return source, tokens
+
+    def _run(self, method, input, args, kwargs, images, image_features, image_embed):
+        source, tokens = self._prepare(input, kwargs, images, image_features, image_embed)
         with self._binding(source):
             return method(tokens, *args, **kwargs)
 
@@ -348,10 +353,19 @@ class VisionBridge(nn.Module):
             image_features: Precomputed encoder features ``[batch, patch, d_img]`` instead of images.
             image_embed: Soft prompts from :meth:`embed_images` ``[batch, patch, d_model]``.
             *args, **kwargs: As for ``TransformerBridge.forward`` (return_type, stop_at_layer, ...).
+                ``return_type="loss"``/``"both"`` use :meth:`loss_fn` (text tokens only).
         """
         if images is None and image_features is None and image_embed is None:
             return self.bridge(input, *args, **kwargs)
-        return self._run(self.bridge.forward, input, args, kwargs, images, image_features, image_embed)
+        return_type = kwargs.get("return_type", "logits")
+        if args or return_type not in ("loss", "both"):
+            return self._run(self.bridge.forward, input, args, kwargs, images, image_features, image_embed)
+        per_token = kwargs.pop("loss_per_token", False)
+        source, tokens = self._prepare(input, kwargs, images, image_features, image_embed)
+        with self._binding(source):
+            logits = self.bridge.forward(tokens, **{**kwargs, "return_type": "logits"})
+        loss = self.loss_fn(logits, tokens, kwargs.get("attention_mask"), per_token=per_token)
+        return loss if return_type == "loss" else (logits, loss)
 
     def run_with_cache(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
                        image_embed: Tensor | None = None, **kwargs):
