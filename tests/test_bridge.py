@@ -8,8 +8,9 @@ import pytest
 import torch
 import transformers
 
-from tl_multimodal import HookedVisionPrefix, ImageProjection, VisionBridge
-from tl_multimodal.loading import _hooked_config
+from tl_multimodal import HookedVisionPrefix, ImageProjection, VisionBridge, VisionEncoder, loading
+from tl_multimodal.cli import _sample_images
+from tl_multimodal.loading import SHIPPED_PROJECTION, SMOLLM2_MODEL_NAME, _hooked_config
 
 try:
     from transformer_lens import HookedTransformer
@@ -243,3 +244,41 @@ def test_hooked_vision_prefix_names_the_bridge_on_transformer_lens_4(vit_encoder
         HookedVisionPrefix(object(), vit_encoder)
     with pytest.raises(ImportError, match="VisionBridge"):
         HookedVisionPrefix.from_pretrained("gpt2")
+
+
+# ------------------------------------------------------------------ the real offline models (issue 10's acceptance)
+@pytest.fixture(scope="module")
+def smollm2_models():
+    """(oracle HF SmolLM2, VisionBridge over a copy, HookedVisionPrefix on TransformerLens 3 else None),
+    EfficientNet-Lite0 and the shipped projection; the GGUF file is read once."""
+    hf, tok = loading.load_hf_smollm2()
+    encoder = VisionEncoder(loading.load_efficientnet_lite0(), name="tf_efficientnet_lite0")
+    hooked = None
+    if HookedTransformer is not None:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(loading, "load_hf_smollm2", lambda dtype=torch.float32: (hf, tok))
+            hooked = HookedVisionPrefix(loading.load_smollm2(), encoder, ImageProjection.load(SHIPPED_PROJECTION))
+        hooked.eval()
+    vb = VisionBridge.from_hf(copy.deepcopy(hf), tok, encoder, ImageProjection.load(SHIPPED_PROJECTION),
+                              model_name=SMOLLM2_MODEL_NAME).eval()
+    return hf, vb, hooked
+
+
+@torch.no_grad()
+def test_smollm2_bridge_logits_equal_hf_on_the_sample_images(smollm2_models):
+    hf, vb, _ = smollm2_models
+    hf.set_attn_implementation("eager")  # as the bridge runs it (sdpa differs by ~1e-4 in float32)
+    pixels = vb.preprocess(list(_sample_images().values()))
+    ids = torch.tensor([vb.tokenizer(PROMPT)["input_ids"]])
+    inputs = torch.cat([vb.embed_images(pixels), hf.get_input_embeddings()(ids).expand(len(pixels), -1, -1)], 1)
+    assert torch.allclose(vb(PROMPT, images=pixels), hf(inputs_embeds=inputs).logits, atol=1e-4, rtol=1e-4)
+
+
+@needs_hooked_transformer
+@torch.no_grad()
+def test_smollm2_bridge_captions_the_sample_images_like_hooked_vision_prefix(smollm2_models):
+    _, vb, hooked = smollm2_models
+    images = list(_sample_images().values())
+    kwargs = dict(images=vb.preprocess(images), do_sample=False, return_type="tokens", verbose=False)
+    assert torch.equal(vb.generate(PROMPT, 12, **kwargs), hooked.generate(PROMPT, 12, **kwargs))
+    assert vb.caption(images, max_new_tokens=12) == hooked.caption(images, max_new_tokens=12)
