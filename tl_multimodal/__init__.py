@@ -5,6 +5,7 @@ TransformerLens tool works on them.
 """
 
 from tl_multimodal.attribution import Attribution, TopUnits, attribute, attribute_dataset, first_noun
+from tl_multimodal.bridge import VisionBridge, load_offline_bridge
 from tl_multimodal.data import load_coco_mini
 from tl_multimodal.decoding import UnitDecoding, decode_image_prompts, decode_unit, decode_units, is_interpretable
 from tl_multimodal.encoders import VisionEncoder
@@ -23,6 +24,6 @@ __all__ = [
     "ablate_units", "ablation_curve", "patch_resid", "patch_units", "unit_patch_sweep",
     "coco_category_mask", "heatmap_ious", "unit_heatmap",
     "HookedVisionPrefix", "ImageProjection", "ProjectionInfo", "TrainingResult", "ViTWithLMBlocks",
-    "VisionEncoder", "caption_nll", "encode_images", "load_coco_mini", "load_efficientnet_lite0",
-    "load_offline", "load_smollm2", "train_projection", "UnitReport", "build_report", "write_report",
+    "VisionBridge", "VisionEncoder", "caption_nll", "encode_images", "load_coco_mini", "load_efficientnet_lite0",
+    "load_offline", "load_offline_bridge", "load_smollm2", "train_projection", "UnitReport", "build_report", "write_report",
 ]

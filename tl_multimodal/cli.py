@@ -23,10 +23,21 @@ def _sample_images() -> dict[str, Image.Image]:
 
 
 def _model(args):
-    """The hub models with --hub, else the offline SmolLM2 + EfficientNet-Lite0 (+ shipped projection)."""
+    """The hub models with --hub, else the offline SmolLM2 + EfficientNet-Lite0 (+ shipped projection).
+
+    A VisionBridge with --bridge or on TransformerLens 4 (no HookedTransformer), else a HookedVisionPrefix.
+    """
+    from tl_multimodal.compat import HAS_HOOKED_TRANSFORMER
     from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
     from tl_multimodal.prefix import HookedVisionPrefix
 
+    if args.bridge or not HAS_HOOKED_TRANSFORMER:
+        from tl_multimodal.bridge import VisionBridge, load_offline_bridge
+
+        if args.hub:
+            return VisionBridge.from_pretrained(args.lm, args.encoder, projection=args.projection)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return load_offline_bridge(args.projection or SHIPPED_PROJECTION)
     if args.hub:
         return HookedVisionPrefix.from_pretrained(args.lm, args.encoder, projection=args.projection)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,6 +79,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hub", action="store_true", help="load --lm and --encoder from the hub instead")
     parser.add_argument("--lm", default="gpt2", help="with --hub: a HookedTransformer.from_pretrained name")
     parser.add_argument("--encoder", default="beit_base_patch16_224", help="with --hub: a timm model name")
+    parser.add_argument("--bridge", action="store_true",
+                        help="run the LM through TransformerBridge (VisionBridge); the default on TransformerLens 4")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,8 +25,8 @@ from typing import Literal, Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from tl_multimodal.compat import HookedTransformer  # for type hints; a stand-in on TransformerLens 4
 from tl_multimodal.units import as_units
 
 WORD_LIST = Path(__file__).parent / "assets" / "english_words.tsv"

@@ -51,9 +51,9 @@ import torch
 import torch.nn as nn
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.components import TransformerBlock
 from transformer_lens.hook_points import HookPoint
+
+from tl_multimodal.compat import HookedTransformer, TransformerBlock  # TL 4: stand-ins naming VisionBridge
 
 try:  # TransformerLens >= 3.0 keeps it in its own module
     from transformer_lens.HookedRootModule import HookedRootModule

@@ -22,12 +22,10 @@ import warnings
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.components import Embed
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import lm_cross_entropy_loss
-from transformer_lens.utils import USE_DEFAULT_VALUE
 
+from tl_multimodal.compat import USE_DEFAULT_VALUE, Embed, HookedTransformer  # TL 4: stand-ins naming VisionBridge
 from tl_multimodal.encoders import VisionEncoder
 from tl_multimodal.images import Images, to_pixels
 from tl_multimodal.projection import ImageProjection, ProjectionInfo

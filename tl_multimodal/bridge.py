@@ -1,0 +1,469 @@
+"""VisionBridge: images as soft prompts in any LM wrapped by TransformerLens's ``TransformerBridge``.
+
+The same model as :class:`~tl_multimodal.prefix.HookedVisionPrefix` (a frozen vision encoder,
+``hook_image_features``, a LiMBeR projection, ``hook_image_embed``, image slots = token id
+``cfg.d_vocab``), built on ``TransformerBridge``, the model class of TransformerLens 4 (also
+present in 3.x). The bridge runs the Hugging Face model itself; image slots are filled inside the
+HF input embedding (a forward pre-hook maps slot ids to a valid id, a forward hook puts the
+projected image tokens there), so tokens with image slots flow through every bridge entry point,
+``hook_embed`` holds the image tokens at the slots, and ``run_with_cache``, ``run_with_hooks``,
+``generate`` and ``transformer_lens.patching`` see one ordinary sequence.
+
+    bridge = TransformerBridge.boot_transformers("gpt2")
+    model = VisionBridge(bridge, VisionEncoder.from_timm("beit_base_patch16_224"), projection)
+    logits, cache = model.run_with_cache("A picture of", images=pixels)
+    model.caption(pil_images)
+
+Everything not defined here (``cfg``, ``tokenizer``, ``W_U``, ``W_out``, ``blocks``, ``hooks``,
+``hook_dict``, ...) is the wrapped bridge's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from tl_multimodal.encoders import VisionEncoder
+from tl_multimodal.images import Images, to_pixels
+from tl_multimodal.projection import ImageProjection, ProjectionInfo
+
+_IMAGE_ARGS = ("images", "image_features", "image_embed")
+
+
+class VisionBridge(nn.Module):
+    """A ``TransformerBridge`` LM with a frozen vision encoder and a LiMBeR projection in front.
+
+    Args:
+        bridge: The text LM as a ``TransformerBridge`` (e.g. ``TransformerBridge.boot_transformers``).
+            It is used in place: two hook points (``hook_image_features``, ``hook_image_embed``)
+            are added to it and its input embedding learns to fill image slots. Calls without
+            image slots run exactly as before.
+        encoder: The frozen vision encoder.
+        projection: A trained :class:`ImageProjection`; ``None`` makes a fresh (untrained) one.
+
+    Attributes:
+        bridge: The wrapped ``TransformerBridge``.
+        vision: The :class:`VisionEncoder`.
+        projection: The :class:`ImageProjection`.
+        n_image_tokens: Soft-prompt positions per image (= the encoder's patches).
+        image_token_id: The id that marks an image slot in a token tensor (``cfg.d_vocab``).
+    """
+
+    def __init__(self, bridge, encoder: VisionEncoder, projection: ImageProjection | None = None):
+        super().__init__()
+        if not hasattr(bridge, "adapter") or not hasattr(bridge, "original_model"):
+            raise TypeError(f"bridge must be a transformer_lens TransformerBridge, got {type(bridge).__name__}")
+        cfg = bridge.cfg
+        self.bridge = bridge
+        self.vision = encoder
+        self.n_image_tokens = encoder.n_patches
+        self.image_token_id = cfg.d_vocab
+        embedding = bridge.embed.original_component
+        if embedding.num_embeddings != cfg.d_vocab:
+            raise ValueError(f"the LM's input embedding has {embedding.num_embeddings} rows but cfg.d_vocab is "
+                             f"{cfg.d_vocab}; image slots (id d_vocab) need them equal")
+        info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
+                              lm=cfg.model_name, d_model=cfg.d_model)
+        if projection is None:
+            projection = ImageProjection(info)
+        projection.check_fits(info.encoder, info.d_img, info.grid, info.lm, info.d_model)
+        if getattr(bridge, "_vision_bridge_wired", False):
+            raise ValueError("this bridge already feeds a VisionBridge; boot a fresh TransformerBridge")
+        self.projection = projection.to(self._device)
+        self.vision.to(self._device)
+        # On the bridge, so its run_with_cache / run_with_hooks / hooks() know them by name.
+        bridge.hook_image_features = HookPoint()  # [batch, patch, d_img]
+        bridge.hook_image_embed = HookPoint()  # [batch, patch, d_model]
+        self._bound: Any = None  # the soft prompts (or what makes them) for the running call
+        self._slots: Tensor | None = None
+        embedding.register_forward_pre_hook(self._mask_slots)
+        embedding.register_forward_hook(self._fill_slots)
+        bridge._vision_bridge_wired = True
+
+    @classmethod
+    def from_hf(cls, hf_model, tokenizer, encoder: VisionEncoder, projection: ImageProjection | None = None,
+                model_name: str | None = None) -> "VisionBridge":
+        """Wrap an in-memory Hugging Face causal LM (no download).
+
+        Args:
+            hf_model: E.g. a ``LlamaForCausalLM`` or ``GPT2LMHeadModel``.
+            tokenizer: Its tokenizer.
+            encoder: The frozen vision encoder.
+            projection: A trained projection, or ``None`` for an untrained one.
+            model_name: The LM's name as recorded in projection checkpoints; defaults to
+                ``hf_model.config.name_or_path``.
+        """
+        from transformer_lens.model_bridge import TransformerBridge
+
+        name = model_name or hf_model.config.name_or_path or type(hf_model).__name__
+        return cls(TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer),
+                   encoder, projection)
+
+    @classmethod
+    def from_pretrained(cls, model_name: str = "gpt2", encoder: str = "beit_base_patch16_224",
+                        projection: str | None = None, **boot_kwargs) -> "VisionBridge":
+        """Boot an LM and a pretrained timm encoder from the hub (needs internet), plus a projection.
+
+        Args:
+            model_name: Any name ``TransformerBridge.boot_transformers`` accepts.
+            encoder: A timm model name; its pretrained weights are downloaded.
+            projection: Path of a projection checkpoint, or ``None`` for an untrained one.
+            **boot_kwargs: Passed to ``TransformerBridge.boot_transformers``.
+        """
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(model_name, **boot_kwargs)
+        proj = ImageProjection.load(projection) if projection is not None else None
+        return cls(bridge, VisionEncoder.from_timm(encoder, pretrained=True), proj)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            bridge = self.__dict__["_modules"].get("bridge")
+            if bridge is None:
+                raise
+            return getattr(bridge, name)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.bridge.embed.original_component.weight.device
+
+    def to(self, *args, **kwargs) -> "VisionBridge":
+        """Move the bridge (keeping its ``cfg.device`` right), the encoder and the projection."""
+        self.bridge.to(*args, **kwargs)
+        self.vision.to(*args, **kwargs)
+        self.projection.to(*args, **kwargs)
+        return self
+
+    # ---------------------------------------------------------------- images -> soft prompts
+    def load_projection(self, path) -> None:
+        """Replace the projection by a checkpoint, failing clearly if it was made for another model."""
+        proj = ImageProjection.load(path)
+        i = self.projection.info
+        proj.check_fits(i.encoder, i.d_img, i.grid, i.lm, i.d_model)
+        self.projection = proj.to(self._device).train(self.training)
+
+    def preprocess(self, images: Images) -> Float[Tensor, "batch channel height width"]:
+        """Any image input -> the encoder's normalised pixel tensor, on the model's device.
+
+        Takes PIL images of any mode, paths, numpy arrays, lists or tuples of them, or pixel tensors
+        (checked: shape, size, NaNs, normalised values); see :mod:`tl_multimodal.images`.
+        """
+        return to_pixels(self.vision, images).to(self._device)
+
+    def embed_images(self, images: Images | None = None,
+                     image_features: Float[Tensor, "batch patch d_img"] | None = None,
+                     ) -> Float[Tensor, "batch patch d_model"]:
+        """Encode images (or take precomputed encoder features) and project them to soft prompts.
+
+        Runs ``hook_image_features`` and ``hook_image_embed``.
+        """
+        if (images is None) == (image_features is None):
+            raise ValueError("pass exactly one of images= and image_features=")
+        if images is not None:
+            pixels = self.preprocess(images)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
+                image_features = self.vision(pixels)
+        else:
+            self._check_features(image_features)
+        weight = self.projection.linear.weight
+        features = self.bridge.hook_image_features(image_features.to(weight.device, weight.dtype))
+        return self.bridge.hook_image_embed(self.projection(features))
+
+    def _check_features(self, image_features: Tensor) -> None:
+        expected = (self.n_image_tokens, self.vision.d_img)
+        if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
+            raise ValueError(f"image_features must be [batch, {expected[0]}, {expected[1]}], "
+                             f"got {tuple(image_features.shape)}")
+        if not torch.isfinite(image_features).all():
+            raise ValueError("image_features contain NaN or infinite values")
+
+    def _check_embed(self, image_embed: Tensor) -> None:
+        expected = (self.n_image_tokens, self.cfg.d_model)
+        if image_embed.ndim != 3 or tuple(image_embed.shape[1:]) != expected:
+            raise ValueError(f"image_embed must be [batch, {expected[0]}, {expected[1]}] "
+                             f"(model.embed_images(...)), got {tuple(image_embed.shape)}")
+
+    def _source(self, images, image_features, image_embed) -> tuple[str, Tensor]:
+        """What a call's soft prompts come from, checked (images become pixels): ``(kind, tensor)``."""
+        if sum(x is not None for x in (images, image_features, image_embed)) != 1:
+            raise ValueError("pass exactly one of images=, image_features= and image_embed=")
+        if images is not None:
+            return "images", self.preprocess(images)
+        if image_features is not None:
+            self._check_features(image_features)
+            return "image_features", image_features
+        self._check_embed(image_embed)
+        return "image_embed", image_embed.to(self._device)
+
+    # ---------------------------------------------------------------- image slots in the embedding
+    def _bound_embed(self) -> Tensor:
+        kind, value = self._bound
+        if kind == "image_embed":
+            return value
+        # Embedded here, inside the bridge's forward, so hooks that a run_with_hooks /
+        # run_with_cache call added to hook_image_features / hook_image_embed see it.
+        return self.embed_images(**{kind: value})
+
+    def _mask_slots(self, module: nn.Module, args: tuple) -> tuple | None:
+        tokens = args[0]
+        slots = tokens == self.image_token_id
+        if not slots.any():
+            self._slots = None
+            return None
+        if self._bound is None:
+            raise ValueError("tokens contain image slots but no images were given; pass images=...")
+        self._slots = slots
+        return (tokens.masked_fill(slots, 0), *args[1:])
+
+    def _fill_slots(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        slots, self._slots = self._slots, None
+        if slots is None:
+            return None
+        image_embed = self._bound_embed()
+        n_slots = slots.sum(-1)
+        batch, n_patch = image_embed.shape[:2]
+        if slots.shape[0] != batch or (n_slots != n_patch).any():
+            raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
+                             f"{slots.shape[0]} with {n_slots.tolist()} image slots per row")
+        return output.masked_scatter(slots[..., None], image_embed.to(output.dtype))
+
+    @contextlib.contextmanager
+    def _binding(self, source: tuple[str, Tensor]):
+        previous, self._bound = self._bound, source
+        try:
+            yield
+        finally:
+            self._bound = previous
+
+    @contextlib.contextmanager
+    def bind_images(self, images: Images | None = None, image_features: Tensor | None = None,
+                    image_embed: Tensor | None = None):
+        """Within the block, calls given image-slot tokens but no images use these images.
+
+        For code that runs the model itself on tokens, e.g. ``transformer_lens.patching``. The
+        images are embedded once, on entry (``hook_image_features``/``hook_image_embed`` run then,
+        not in each call inside the block); ``image_embed=`` binds soft prompts already made by
+        :meth:`embed_images` (no hook runs).
+        """
+        kind, value = self._source(images, image_features, image_embed)
+        if kind != "image_embed":
+            value = self.embed_images(**{kind: value})
+        with self._binding(("image_embed", value)):
+            yield self
+
+    # ---------------------------------------------------------------- tokens with image slots
+    @property
+    def image_positions(self) -> slice:
+        """Positions of the image tokens in an unpadded (or right-padded) image-prefixed sequence."""
+        return slice(0, self.n_image_tokens)
+
+    def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+        """True where ``tokens`` holds an image slot."""
+        return tokens == self.image_token_id
+
+    def to_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
+                  move_to_device: bool = True, truncate: bool = True, image: bool = False,
+                  ) -> Int[Tensor, "batch pos"]:
+        """The bridge's ``to_tokens``; with ``image=True``, each text follows an image's slots.
+
+        With ``image=True`` no BOS is added unless ``prepend_bos=True`` (the image tokens open the
+        sequence), nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
+        on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
+        """
+        if not image:
+            return self.bridge.to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
+        texts = [input] if isinstance(input, str) else list(input)
+        rows = [self.bridge.to_tokens(t, bool(prepend_bos), move_to_device=False, truncate=False)[0]
+                for t in texts]
+        slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
+        rows = [torch.cat([slots, r.long()]) for r in rows]
+        self._check_length(max(len(r) for r in rows))
+        side = padding_side or self.tokenizer.padding_side
+        pad = self.tokenizer.pad_token_id
+        width = max(len(r) for r in rows)
+        fill = [torch.full((width - len(r),), pad, dtype=torch.long) for r in rows]
+        tokens = torch.stack([torch.cat([f, r] if side == "left" else [r, f]) for r, f in zip(rows, fill)])
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def to_str_tokens(self, input, *args, **kwargs):
+        """The bridge's ``to_str_tokens``; image slots in a token tensor read ``<image_i>``."""
+        if isinstance(input, Tensor) and self.image_mask(input).any():
+            ids = input.squeeze().tolist()
+            names = iter(f"<image_{i}>" for i in range(len(ids)))
+            return [next(names) if t == self.image_token_id else self.tokenizer.decode([t]) for t in ids]
+        return self.bridge.to_str_tokens(input, *args, **kwargs)
+
+    def _check_length(self, n_pos: int) -> None:
+        if n_pos > self.cfg.n_ctx:
+            raise ValueError(f"sequence of {n_pos} positions ({self.n_image_tokens} image + "
+                             f"{n_pos - self.n_image_tokens} text) is longer than n_ctx={self.cfg.n_ctx}")
+
+    def _image_tokens(self, input, batch: int) -> Int[Tensor, "batch pos"]:
+        """Tokens with image slots for ``input`` (text, or tokens already holding the slots)."""
+        if isinstance(input, str):
+            return self.to_tokens(input, image=True).expand(batch, -1)
+        if isinstance(input, list):
+            if len(input) != batch:
+                raise ValueError(f"{len(input)} prompts for {batch} images")
+            return self.to_tokens(input, image=True)
+        if not isinstance(input, Tensor) or input.is_floating_point():
+            raise TypeError("input must be text, a list of texts, or integer tokens from "
+                            f"model.to_tokens(text, image=True); got {type(input).__name__}")
+        tokens = input if input.ndim == 2 else input[None]
+        if not self.image_mask(tokens).any():
+            raise ValueError("token tensor has no image slots; build it with model.to_tokens(text, image=True)")
+        self._check_length(tokens.shape[1])
+        return tokens.to(self.cfg.device)
+
+    def _padding_mask(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
+        """The attention mask of left-padded image rows: positions before a row's first slot are padding."""
+        started = self.image_mask(tokens).long().cummax(-1).values
+        return None if bool(started.all()) else started
+
+    # ---------------------------------------------------------------- running the model
+    def _prepare(self, input, kwargs: dict, images, image_features, image_embed):
+        """A call's checked soft-prompt source and its tokens (with the padding mask put in ``kwargs``)."""
+        source = self._source(images, image_features, image_embed)
+        tokens = self._image_tokens(input, source[1].shape[0])
+        mask = self._padding_mask(tokens)
+        if mask is not None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = mask
+        return source, tokens
+
+    def _run(self, method, input, args, kwargs, images, image_features, image_embed):
+        source, tokens = self._prepare(input, kwargs, images, image_features, image_embed)
+        with self._binding(source):
+            return method(tokens, *args, **kwargs)
+
+    def forward(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
+                image_embed: Tensor | None = None, **kwargs):
+        """The bridge's ``forward`` with images.
+
+        Args:
+            input: Text (a string is shared by all images; a list gives one per image), or tokens
+                with image slots (``model.to_tokens(text, image=True)``).
+            images: Pixels ``[batch, channel, height, width]`` or PIL images.
+            image_features: Precomputed encoder features ``[batch, patch, d_img]`` instead of images.
+            image_embed: Soft prompts from :meth:`embed_images` ``[batch, patch, d_model]``.
+            *args, **kwargs: As for ``TransformerBridge.forward`` (return_type, stop_at_layer, ...).
+                ``return_type="loss"``/``"both"`` use :meth:`loss_fn` (text tokens only).
+        """
+        if images is None and image_features is None and image_embed is None:
+            return self.bridge(input, *args, **kwargs)
+        return_type = kwargs.get("return_type", "logits")
+        if args or return_type not in ("loss", "both"):
+            return self._run(self.bridge.forward, input, args, kwargs, images, image_features, image_embed)
+        per_token = kwargs.pop("loss_per_token", False)
+        source, tokens = self._prepare(input, kwargs, images, image_features, image_embed)
+        with self._binding(source):
+            logits = self.bridge.forward(tokens, **{**kwargs, "return_type": "logits"})
+        loss = self.loss_fn(logits, tokens, kwargs.get("attention_mask"), per_token=per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def run_with_cache(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
+                       image_embed: Tensor | None = None, **kwargs):
+        """The bridge's ``run_with_cache`` with images (``hook_image_*`` are cached too)."""
+        if images is None and image_features is None and image_embed is None:
+            return self.bridge.run_with_cache(input, *args, **kwargs)
+        return self._run(self.bridge.run_with_cache, input, args, kwargs, images, image_features, image_embed)
+
+    def run_with_hooks(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
+                       image_embed: Tensor | None = None, **kwargs):
+        """The bridge's ``run_with_hooks`` with images (hooks on ``hook_image_*`` run too)."""
+        if images is None and image_features is None and image_embed is None:
+            return self.bridge.run_with_hooks(input, *args, **kwargs)
+        return self._run(self.bridge.run_with_hooks, input, args, kwargs, images, image_features, image_embed)
+
+    def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
+        """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only)."""
+        tokens = tokens.to(logits.device)
+        targets = ~self.image_mask(tokens[:, 1:])
+        if attention_mask is not None:
+            targets &= attention_mask[:, 1:].bool().to(logits.device)
+        logprobs = logits[:, :-1].log_softmax(-1)
+        nll = -logprobs.gather(-1, tokens[:, 1:].masked_fill(~targets, 0)[..., None])[..., 0] * targets
+        return nll if per_token else nll.sum() / targets.sum()
+
+    def generate(self, input="", max_new_tokens: int = 10, *args, images: Images | None = None,
+                 image_features: Tensor | None = None, image_embed: Tensor | None = None,
+                 use_past_kv_cache: bool = False, **kwargs):
+        """The bridge's ``generate`` with images (embedded once, before the first step).
+
+        ``use_past_kv_cache`` is off by default: with transformers 5.24 the bridge's attention
+        (TransformerLens 3.9 and 4.3) never writes the KV cache (transformers passes it as
+        ``cache=``, the bridge reads ``past_key_values=``), so cached steps silently attend to the
+        new token alone. Without the cache every step is a full forward pass: exact, slower.
+        """
+        kwargs["use_past_kv_cache"] = use_past_kv_cache
+        if images is None and image_features is None and image_embed is None:
+            return self.bridge.generate(input, max_new_tokens, *args, **kwargs)
+        source = self._source(images, image_features, image_embed)
+        tokens = self._image_tokens(input, source[1].shape[0])
+        self._check_length(tokens.shape[1] + max_new_tokens)
+        decode = kwargs.get("return_type", "input") in ("input", "str")
+        if decode:
+            kwargs["return_type"] = "tokens"
+        mask = self._padding_mask(tokens)
+        if mask is not None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = mask
+        with torch.no_grad(), self.bind_images(**{source[0]: source[1]}):
+            out = self.bridge.generate(tokens, max_new_tokens, *args, **kwargs)
+        if not decode:
+            return out
+        return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+
+    @torch.no_grad()
+    def caption(self, images: Images, prompt: str = "A picture of", max_new_tokens: int = 20,
+                do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, batch_size: int = 16) -> list[str]:
+        """Caption images: the text generated after ``prompt`` (greedy unless ``do_sample``).
+
+        Args:
+            images: Pixels ``[batch, channel, height, width]`` or PIL images.
+            prompt: Text after the image tokens (LiMBeR: "A picture of").
+            max_new_tokens: Most tokens generated per caption; stops early at end-of-text.
+            do_sample, temperature, top_k, top_p: Sampling settings, as in ``generate``.
+            batch_size: Images per generation batch.
+
+        Returns:
+            One caption per image, without the prompt.
+        """
+        pixels = self.preprocess(images)
+        n_prompt = self.to_tokens(prompt, image=True).shape[1]
+        captions = []
+        for chunk in pixels.split(batch_size):
+            out = self.generate(prompt, max_new_tokens, images=chunk, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                return_type="tokens", verbose=False)
+            captions += [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in out]
+        return captions
+
+
+def load_offline_bridge(projection=None, device: str | torch.device = "cpu") -> VisionBridge:
+    """SmolLM2-135M behind EfficientNet-Lite0, as a :class:`VisionBridge` (no HookedTransformer needed).
+
+    The same models and shipped projection as :func:`tl_multimodal.loading.load_offline`, from
+    pip packages only, so it works offline and under TransformerLens 4.
+
+    Args:
+        projection: A projection checkpoint; defaults to the shipped one. Pass ``False`` for an
+            untrained projection.
+        device: Where to put the model.
+    """
+    from tl_multimodal.loading import (SHIPPED_PROJECTION, SMOLLM2_MODEL_NAME, load_efficientnet_lite0,
+                                       load_hf_smollm2)
+
+    if projection is None:
+        projection = SHIPPED_PROJECTION
+    proj = ImageProjection.load(projection) if projection is not False else None
+    hf_model, tokenizer = load_hf_smollm2()
+    encoder = VisionEncoder(load_efficientnet_lite0(), name="tf_efficientnet_lite0")
+    model = VisionBridge.from_hf(hf_model.to(device), tokenizer, encoder, proj, model_name=SMOLLM2_MODEL_NAME)
+    return model.eval()
