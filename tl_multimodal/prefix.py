@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import warnings
 
 import numpy as np
@@ -61,6 +62,33 @@ class _ImageSlotEmbed(Embed):
         return embed.masked_scatter(slots[..., None], self.image_embed.to(embed.dtype))
 
 
+def _lay_out_weights_as_linear(model: HookedTransformer) -> None:
+    """Store the LM's matrices in ``nn.Linear``'s memory layout (same shapes, same values).
+
+    TransformerLens 3.9 multiplies by ``W.T.contiguous()`` (gated MLP, unembedding) or a reshaped
+    ``W`` (attention Q/K/V/O), which copies every weight matrix on every forward pass: about 70%
+    of the CPU time of a one-token decoding step. With each parameter a transposed view of a
+    ``[out, in]`` tensor, those calls find the layout they want and copy nothing; the products are
+    the same kernels on the same memory (bit-identical results). Shapes, ``state_dict`` and hooks
+    are unchanged.
+    """
+    def relayout(param: torch.nn.Parameter, order: tuple[int, ...]) -> None:
+        inverse = tuple(order.index(i) for i in range(len(order)))
+        param.data = param.data.permute(order).contiguous().permute(inverse)
+
+    with torch.no_grad():
+        for block in model.blocks:
+            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):  # [head, d_model, d_head] -> [head, d_head, d_model]
+                if isinstance(block.attn._parameters.get(name), torch.nn.Parameter):
+                    relayout(block.attn._parameters[name], (0, 2, 1))
+            relayout(block.attn.W_O, (2, 0, 1))  # [head, d_head, d_model] -> [d_model, head, d_head]
+            if model.cfg.gated_mlp:
+                for name in ("W_in", "W_gate", "W_out"):
+                    if isinstance(block.mlp._parameters.get(name), torch.nn.Parameter):
+                        relayout(block.mlp._parameters[name], (1, 0))
+        relayout(model.unembed.W_U, (1, 0))
+
+
 class HookedVisionPrefix(HookedTransformer):
     """A HookedTransformer with a frozen vision encoder and a LiMBeR projection in front.
 
@@ -89,6 +117,7 @@ class HookedVisionPrefix(HookedTransformer):
         missing, unexpected = self.load_state_dict(lm.state_dict(), strict=False)
         if missing or unexpected:
             raise ValueError(f"could not copy the LM's weights: missing {missing}, unexpected {unexpected}")
+        _lay_out_weights_as_linear(self)
         self.vision = encoder
         self.n_image_tokens = encoder.n_patches
         info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
@@ -368,21 +397,28 @@ class HookedVisionPrefix(HookedTransformer):
 
     def generate(self, input="", max_new_tokens: int = 10, *args, images: ImageInput | None = None,
                  image_features: Tensor | None = None, image_embed: Tensor | None = None, **kwargs):
-        """``HookedTransformer.generate`` with images (KV cache on by default, as there)."""
+        """``HookedTransformer.generate`` with images (KV cache on by default, as there).
+
+        The sampling arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``, ...), however given, are checked first, with or without images.
+        """
+        bound = _PARENT_GENERATE.bind(self, input, max_new_tokens, *args, **kwargs).arguments
+        del bound["self"]
+        _check_generation_args(bound)
         if images is None and image_features is None and image_embed is None:
-            return super().generate(input, max_new_tokens, *args, **kwargs)
+            return super().generate(**bound)
         with torch.no_grad():
             image_embed = self._image_embed(images, image_features, image_embed)
-        tokens = self._image_tokens(input, image_embed.shape[0])
+        bound.setdefault("prepend_bos", False)
+        tokens = self._image_tokens(input, image_embed.shape[0], bound["prepend_bos"],
+                                    bound.get("padding_side", USE_DEFAULT_VALUE))
         self._check_length(tokens.shape[1] + max_new_tokens)
-        if kwargs.get("return_type", "input") in ("input", "str"):
-            kwargs["return_type"] = "tokens"
-            decode = True
-        else:
-            decode = False
-        kwargs.setdefault("prepend_bos", False)
+        decode = bound.get("return_type", "input") in ("input", "str")
+        if decode:
+            bound["return_type"] = "tokens"
+        bound["input"] = tokens
         with self._bound(image_embed):
-            out = super().generate(tokens, max_new_tokens, *args, **kwargs)
+            out = super().generate(**bound)
         if not decode:
             return out
         return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
@@ -394,15 +430,25 @@ class HookedVisionPrefix(HookedTransformer):
         """Caption images: the text generated after ``prompt`` (greedy unless ``do_sample``).
 
         Args:
-            images: Pixels ``[batch, channel, height, width]`` or PIL images.
-            prompt: Text after the image tokens (LiMBeR: "A picture of").
-            max_new_tokens: Most tokens generated per caption; stops early at end-of-text.
+            images: Anything :meth:`preprocess` takes: PIL images, paths, numpy arrays (one or a
+                list/tuple), or normalised pixels ``[batch, channel, height, width]``.
+            prompt: Text after the image tokens (LiMBeR: "A picture of"), shared by all images.
+            max_new_tokens: Most tokens generated per caption (>= 1); stops early at end-of-text.
             do_sample, temperature, top_k, top_p: Sampling settings, as in ``generate``.
-            batch_size: Images per generation batch.
+            batch_size: Images per generation batch (>= 1).
 
         Returns:
             One caption per image, without the prompt.
+
+        Raises:
+            TypeError, ValueError: A bad argument, named.
         """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string (shared by all images), got {type(prompt).__name__}; "
+                            "for one prompt per image call model.generate(prompts, images=...)")
+        _check_int(batch_size, "batch_size")
+        _check_generation_args(dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    temperature=temperature, top_k=top_k, top_p=top_p))
         images = self.preprocess(images)
         n_prompt = self.to_tokens(prompt, image=True).shape[1]
         captions = []
@@ -412,3 +458,35 @@ class HookedVisionPrefix(HookedTransformer):
                                 return_type="tokens", verbose=False)
             captions += [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in out]
         return captions
+
+
+_PARENT_GENERATE = inspect.signature(HookedTransformer.generate)
+
+
+def _check_int(value, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_generation_args(args: dict) -> None:
+    """Name the first bad sampling argument among those given to ``generate``/``caption``."""
+    if "max_new_tokens" in args:
+        _check_int(args["max_new_tokens"], "max_new_tokens")
+    for name in ("do_sample", "stop_at_eos", "use_past_kv_cache", "verbose"):
+        if name in args and not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {args[name]!r}")
+    if args.get("top_k") is not None:
+        _check_int(args["top_k"], "top_k")
+    top_p = args.get("top_p")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    for name in ("temperature", "freq_penalty"):  # temperature 0 is greedy, as in TransformerLens
+        if name not in args:
+            continue
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
