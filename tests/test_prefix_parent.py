@@ -160,7 +160,7 @@ def test_run_with_cache_keys_and_values_equal_the_parents(pair):
     logits, cache = child.run_with_cache(tokens)
     expected_logits, expected = lm.run_with_cache(tokens)
     assert list(cache.keys()) == list(expected.keys())
-    torch.testing.assert_close(logits, expected_logits)
+    assert torch.equal(logits, expected_logits)  # bit for bit: the weight layout changes no result
     for name in expected.keys():
         torch.testing.assert_close(cache[name], expected[name])
 
