@@ -12,7 +12,7 @@ oracle, embeds a few COCO images once, and times greedy decoding of 20 new token
 It prints the ratios to HF and whether every token matches HF greedy decoding and the caption
 before the change.
 
-    python benchmarks/bench_caption.py [--data ../shared/data/coco_mini] [--repeats 3]
+    python benchmarks/bench_caption.py [--data /work/shared/data/coco_mini] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _default_layout(model):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(Path(__file__).parents[1] / ".." / "shared" / "data" / "coco_mini"),
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini"),
                         help="COCO-style folder with metadata.jsonl and images (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default: %(default)s)")
     args = parser.parse_args()
@@ -51,10 +51,10 @@ def main() -> None:
     from tl_multimodal.data import load_coco_mini
     from tl_multimodal.loading import load_hf_smollm2, load_offline
 
+    images = [row["image"] for row in load_coco_mini(args.data, split="dev").select(range(8))]  # before loading
     model = load_offline()
     hf, _ = load_hf_smollm2()
     before = _default_layout(model)
-    images = [row["image"] for row in load_coco_mini(args.data, split="dev").select(range(8))]
     eos = model.tokenizer.eos_token_id
 
     with torch.no_grad():
