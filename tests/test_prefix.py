@@ -1,9 +1,11 @@
 """HookedVisionPrefix against independent oracles: the upstream HF models fed the same embeddings,
 TransformerLens's own cache decomposition, and greedy decoding without a KV cache."""
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
@@ -160,3 +162,88 @@ def test_token_and_image_mismatches_raise(vlm, pixels):
         vlm(vlm.to_tokens(PROMPT, image=True))
     with pytest.raises(ValueError, match="image_features must be"):
         vlm(PROMPT, image_features=torch.zeros(1, 5, 64))
+
+
+# ------------------------------------------------------------------ bad input at the door (caption, forward, preprocess)
+@pytest.fixture(scope="module")
+def photo():
+    """A small RGB photo (not the encoder's size: preprocess resizes it)."""
+    return Image.fromarray(np.random.default_rng(7).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+
+
+@torch.no_grad()
+def test_raw_0_255_float_pixels_are_refused_with_a_pointer_to_preprocess(vlm, pixels):
+    raw = (torch.rand(1, 3, 32, 32) * 255).round()
+    for call in (lambda: vlm.caption(raw, max_new_tokens=1), lambda: vlm(PROMPT, images=raw),
+                 lambda: vlm.preprocess(raw)):
+        with pytest.raises(ValueError, match=r"raw 0-255 pixels.*model\.preprocess"):
+            call()
+
+
+@torch.no_grad()
+def test_float64_and_half_pixels_are_converted(vlm, pixels):
+    assert vlm.caption(pixels.double(), max_new_tokens=3) == vlm.caption(pixels, max_new_tokens=3)
+    half = pixels.half()
+    assert torch.equal(vlm(PROMPT, images=half), vlm(PROMPT, images=half.float()))
+    assert vlm.preprocess(pixels.bfloat16()).dtype == torch.float32
+
+
+@torch.no_grad()
+def test_paths_arrays_16_bit_and_exif_images_reach_caption(vlm, photo, tmp_path):
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    expected = vlm.caption([photo], max_new_tokens=3)
+    for same in (str(path), path, np.asarray(photo), (photo,), [str(path)]):
+        assert vlm.caption(same, max_new_tokens=3) == expected
+    wide = np.asarray(photo)[..., 0].astype(np.uint16) * 257  # 16-bit grey, full range
+    grey8 = Image.fromarray(np.asarray(photo)[..., 0]).convert("RGB")
+    assert torch.equal(vlm.preprocess(Image.fromarray(wide)), vlm.preprocess(grey8))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 CCW to display"
+    tagged = tmp_path / "tagged.png"
+    photo.save(tagged, exif=exif)
+    upright = Image.fromarray(np.rot90(np.asarray(photo)).copy())
+    assert torch.equal(vlm.preprocess(str(tagged)), vlm.preprocess(upright))
+
+
+@torch.no_grad()
+def test_prompts_as_tuples_lists_and_none(vlm, pixels):
+    prompts = ("A picture of", "A photo of")
+    assert torch.equal(vlm(prompts, images=pixels[:2]), vlm(list(prompts), images=pixels[:2]))
+    with pytest.raises(TypeError, match="input must be a string, a list of strings or a token tensor"):
+        vlm(None, images=pixels[:1])
+    with pytest.raises(TypeError, match="holding"):
+        vlm(["a", 3], images=pixels[:2])
+    for bad in (None, prompts, 3):
+        with pytest.raises(TypeError, match="prompt must be a string"):
+            vlm.caption(pixels, prompt=bad)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1, got 0"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1, got 0"),
+    (dict(batch_size=None), TypeError, "batch_size must be an int"),
+    (dict(do_sample="yes"), TypeError, "do_sample must be True or False"),
+    (dict(temperature=-1.0), ValueError, "temperature must be finite and >= 0"),
+    (dict(temperature="hot"), TypeError, "temperature must be a number"),
+    (dict(top_k=0), ValueError, "top_k must be >= 1"),
+    (dict(top_p=1.5), ValueError, r"top_p must be a number in \(0, 1\]"),
+])
+def test_every_caption_and_generate_argument_is_named(vlm, pixels, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        vlm.caption(pixels, **kwargs)
+    if "batch_size" not in kwargs:
+        with pytest.raises(error, match=message):
+            vlm.generate(PROMPT, **{"max_new_tokens": 2, **kwargs}, images=pixels, verbose=False)
+        with pytest.raises(error, match=message):
+            vlm.generate("Hello", **{"max_new_tokens": 2, **kwargs}, verbose=False)
+
+
+def test_empty_images_are_refused(vlm):
+    with pytest.raises(ValueError, match="empty"):
+        vlm.caption(Image.new("RGB", (0, 0)))
+    with pytest.raises(ValueError, match="no images"):
+        vlm.caption([])
+    with pytest.raises(TypeError, match="got int"):
+        vlm.caption(3)

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+import math
 import warnings
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -31,6 +34,7 @@ from tl_multimodal.images import Images, to_pixels
 from tl_multimodal.projection import ImageProjection, ProjectionInfo
 
 ImageInput = Images  # kept for the analysis modules that import it
+_PARENT_FORWARD = inspect.signature(HookedTransformer.forward)
 
 
 class _ImageSlotEmbed(Embed):
@@ -54,6 +58,33 @@ class _ImageSlotEmbed(Embed):
                              f"{tokens.shape[0]} with {n_slots.tolist()} image slots per row")
         embed = super().forward(tokens.masked_fill(slots, 0))
         return embed.masked_scatter(slots[..., None], self.image_embed.to(embed.dtype))
+
+
+def _lay_out_weights_as_linear(model: HookedTransformer) -> None:
+    """Store the LM's matrices in ``nn.Linear``'s memory layout (same shapes, same values).
+
+    TransformerLens 3.9 multiplies by ``W.T.contiguous()`` (gated MLP, unembedding) or a reshaped
+    ``W`` (attention Q/K/V/O), which copies every weight matrix on every forward pass: about 70%
+    of the CPU time of a one-token decoding step. With each parameter a transposed view of a
+    ``[out, in]`` tensor, those calls find the layout they want and copy nothing; the products are
+    the same kernels on the same memory (bit-identical results). Shapes, ``state_dict`` and hooks
+    are unchanged.
+    """
+    def relayout(param: torch.nn.Parameter, order: tuple[int, ...]) -> None:
+        inverse = tuple(order.index(i) for i in range(len(order)))
+        param.data = param.data.permute(order).contiguous().permute(inverse)
+
+    with torch.no_grad():
+        for block in model.blocks:
+            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):  # [head, d_model, d_head] -> [head, d_head, d_model]
+                if isinstance(block.attn._parameters.get(name), torch.nn.Parameter):
+                    relayout(block.attn._parameters[name], (0, 2, 1))
+            relayout(block.attn.W_O, (2, 0, 1))  # [head, d_head, d_model] -> [d_model, head, d_head]
+            if model.cfg.gated_mlp:
+                for name in ("W_in", "W_gate", "W_out"):
+                    if isinstance(block.mlp._parameters.get(name), torch.nn.Parameter):
+                        relayout(block.mlp._parameters[name], (1, 0))
+        relayout(model.unembed.W_U, (1, 0))
 
 
 class HookedVisionPrefix(HookedTransformer):
@@ -89,6 +120,7 @@ class HookedVisionPrefix(HookedTransformer):
         missing, unexpected = self.load_state_dict(lm.state_dict(), strict=False)
         if missing or unexpected:
             raise ValueError(f"could not copy the LM's weights: missing {missing}, unexpected {unexpected}")
+        _lay_out_weights_as_linear(self)
         self.vision = encoder
         info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
                               lm=cfg.model_name, d_model=cfg.d_model)
@@ -103,19 +135,46 @@ class HookedVisionPrefix(HookedTransformer):
         torch.nn.Module.to(self, lm.W_E.device)
 
     @classmethod
-    def from_pretrained(cls, model_name: str = "gpt2", encoder: str = "beit_base_patch16_224",
+    def from_pretrained(cls, model_name: str = "gpt2", *lm_args, encoder: str = "beit_base_patch16_224",
                         projection: str | None = None, **lm_kwargs) -> "HookedVisionPrefix":
         """Load an LM and a pretrained timm encoder from the hub (needs internet), plus a projection.
 
+        Positional arguments are the parent's (``fold_ln``, ``center_writing_weights``, ...); the
+        vision arguments are keyword-only.
+
         Args:
             model_name: Any name ``HookedTransformer.from_pretrained`` accepts.
+            *lm_args: Passed to ``HookedTransformer.from_pretrained`` after ``model_name``.
             encoder: A timm model name; its pretrained weights are downloaded.
             projection: Path of a projection checkpoint, or ``None`` for an untrained one.
             **lm_kwargs: Passed to ``HookedTransformer.from_pretrained``.
         """
-        lm = HookedTransformer.from_pretrained(model_name, **lm_kwargs)
+        if not isinstance(encoder, str):
+            raise TypeError(f"encoder must be a timm model name (str), got {type(encoder).__name__}")
+        lm = HookedTransformer.from_pretrained(model_name, *lm_args, **lm_kwargs)
         proj = ImageProjection.load(projection) if projection is not None else None
         return cls(lm, VisionEncoder.from_timm(encoder, pretrained=True), proj)
+
+    # ---------------------------------------------------------------- parameter counts
+    @property
+    def n_params_total(self) -> int:
+        """Parameters of the language model alone, as ``HookedTransformer.n_params_total`` counts them.
+
+        The vision encoder and the projection are counted by :attr:`n_params_vision` and
+        :attr:`n_params_projection`.
+        """
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if not name.startswith(("vision.", "projection.")))
+
+    @property
+    def n_params_vision(self) -> int:
+        """Parameters of the (frozen) vision encoder."""
+        return sum(p.numel() for p in self.vision.parameters())
+
+    @property
+    def n_params_projection(self) -> int:
+        """Parameters of the image projection (the only trained part)."""
+        return sum(p.numel() for p in self.projection.parameters())
 
     @classmethod
     def from_llava(cls, model_or_name, **kwargs) -> "HookedVisionPrefix":
@@ -217,27 +276,66 @@ class HookedVisionPrefix(HookedTransformer):
         tokens = torch.stack([torch.cat([f, r] if side == "left" else [r, f]) for r, f in zip(rows, fill)])
         return tokens.to(self.cfg.device) if move_to_device else tokens
 
-    def to_str_tokens(self, input, *args, **kwargs):
-        """TransformerLens's ``to_str_tokens``; image slots in a token tensor read ``<image_i>``."""
-        if isinstance(input, Tensor) and self.image_mask(input).any():
-            ids = input.squeeze().tolist()
-            names = iter(f"<image_{i}>" for i in range(len(ids)))
-            return [next(names) if t == self.image_token_id else self.tokenizer.decode([t]) for t in ids]
-        return super().to_str_tokens(input, *args, **kwargs)
+    def to_str_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE):
+        """TransformerLens's ``to_str_tokens``; image slots in token ids read ``<image_i>``.
+
+        Takes every input the parent takes (text, a list, token ids ``[pos]``/``[1, pos]``/one
+        element, numpy arrays) and a batch ``[batch, pos]`` of token ids (a list per row).
+        """
+        if isinstance(input, (Tensor, np.ndarray)):
+            ids = torch.as_tensor(input)
+            if ids.ndim == 2 and ids.shape[0] > 1:
+                return [self.to_str_tokens(row, prepend_bos, padding_side) for row in ids]
+            slots = self.image_mask(ids.reshape(-1))
+            if slots.any():
+                text = super().to_str_tokens(ids.reshape(-1).masked_fill(slots, 0), prepend_bos, padding_side)
+                names = iter(f"<image_{i}>" for i in range(int(slots.sum())))
+                return [next(names) if s else t for t, s in zip(text, slots.tolist())]
+        return super().to_str_tokens(input, prepend_bos, padding_side)
+
+    def to_string(self, tokens):
+        """TransformerLens's ``to_string``; image slots are left out of the decoded text."""
+        ids = tokens if isinstance(tokens, Tensor) else torch.tensor(tokens)
+        if ids.ndim == 2 and self.image_mask(ids).any():
+            return [self.to_string(row) for row in ids]
+        if ids.ndim <= 1 and self.image_mask(ids).any():
+            return super().to_string(ids[~self.image_mask(ids)])
+        return super().to_string(tokens)
+
+    def tokens_to_residual_directions(self, tokens):
+        """TransformerLens's ``tokens_to_residual_directions``, refusing image slots by name.
+
+        An image slot is not a vocabulary entry and has no unembedding direction, so
+        ``cache.logit_attrs(..., tokens=...)`` needs the *answer* tokens (text ids), e.g.
+        ``tokens[:, 1:][~model.image_mask(tokens[:, 1:])]`` or the target ids.
+        """
+        if isinstance(tokens, int) and tokens == self.image_token_id or (
+                isinstance(tokens, Tensor) and self.image_mask(tokens).any()):
+            raise ValueError(f"tokens hold image slots (id {self.image_token_id}), which have no "
+                             "unembedding direction; pass text token ids (the answers whose logits you "
+                             "attribute), e.g. the target ids or the text tokens without image slots")
+        return super().tokens_to_residual_directions(tokens)
 
     def _check_length(self, n_pos: int) -> None:
         if n_pos > self.cfg.n_ctx:
             raise ValueError(f"sequence of {n_pos} positions ({self.n_image_tokens} image + "
                              f"{n_pos - self.n_image_tokens} text) is longer than n_ctx={self.cfg.n_ctx}")
 
-    def _image_tokens(self, input, batch: int) -> Int[Tensor, "batch pos"]:
-        """Tokens with image slots for ``input`` (text, or tokens already holding the slots)."""
+    def _image_tokens(self, input, batch: int, prepend_bos=USE_DEFAULT_VALUE,
+                      padding_side=USE_DEFAULT_VALUE, what: str = "input") -> Int[Tensor, "batch pos"]:
+        """Tokens with image slots for ``input`` (text, texts, or tokens already holding the slots)."""
         if isinstance(input, str):
-            return self.to_tokens(input, image=True).expand(batch, -1)
-        if isinstance(input, list):
+            return self.to_tokens(input, prepend_bos, padding_side, image=True).expand(batch, -1)
+        if isinstance(input, (list, tuple)):
+            if not all(isinstance(t, str) for t in input):
+                raise TypeError(f"{what} must be a string, a list of strings or a token tensor; got a "
+                                f"{type(input).__name__} holding {sorted({type(t).__name__ for t in input})}")
             if len(input) != batch:
-                raise ValueError(f"{len(input)} prompts for {batch} images")
-            return self.to_tokens(input, image=True)
+                raise ValueError(f"{len(input)} prompts for {batch} images ({what})")
+            return self.to_tokens(list(input), prepend_bos, padding_side, image=True)
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{what} must be a string, a list of strings or a token tensor with image "
+                            f"slots, got {type(input).__name__}")
         tokens = input if input.ndim == 2 else input[None]
         if not self.image_mask(tokens).any():
             raise ValueError("token tensor has no image slots; build it with "
@@ -300,11 +398,15 @@ class HookedVisionPrefix(HookedTransformer):
         if images is None and image_features is None and image_embed is None:
             return super().forward(input, *args, **kwargs)
         image_embed = self._image_embed(images, image_features, image_embed)
-        tokens = self._image_tokens(input, image_embed.shape[0])
-        if len(args) < 3:  # no BOS in image sequences: a leading pad is padding, never a BOS
-            kwargs.setdefault("prepend_bos", False)
+        # Name the parent's arguments, however given: no BOS in image sequences unless asked for
+        # (a leading pad is padding, never a BOS).
+        bound = _PARENT_FORWARD.bind(self, input, *args, **kwargs).arguments
+        del bound["self"]
+        bound.setdefault("prepend_bos", False)
+        bound["input"] = self._image_tokens(input, image_embed.shape[0], bound["prepend_bos"],
+                                            bound.get("padding_side", USE_DEFAULT_VALUE))
         with self._bound(image_embed):
-            return super().forward(tokens, *args, **kwargs)
+            return super().forward(**bound)
 
     def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
         """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only).
@@ -314,29 +416,37 @@ class HookedVisionPrefix(HookedTransformer):
         """
         tokens = tokens.to(logits.device)
         targets = ~self.image_mask(tokens[:, 1:])
-        if attention_mask is not None:
-            targets &= attention_mask[:, 1:].bool().to(logits.device)
+        if attention_mask is not None:  # as TransformerLens: both the position and its next one unmasked
+            mask = attention_mask.bool().to(logits.device)
+            targets &= mask[:, :-1] & mask[:, 1:]
         nll = lm_cross_entropy_loss(logits, tokens.masked_fill(self.image_mask(tokens), 0), per_token=True)
-        nll = nll * targets
+        nll = nll.masked_fill(~targets, 0.0)
         return nll if per_token else nll.sum() / targets.sum()
 
     def generate(self, input="", max_new_tokens: int = 10, *args, images: ImageInput | None = None,
                  image_features: Tensor | None = None, image_embed: Tensor | None = None, **kwargs):
-        """``HookedTransformer.generate`` with images (KV cache on by default, as there)."""
+        """``HookedTransformer.generate`` with images (KV cache on by default, as there).
+
+        The sampling arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``, ...), however given, are checked first, with or without images.
+        """
+        bound = _PARENT_GENERATE.bind(self, input, max_new_tokens, *args, **kwargs).arguments
+        del bound["self"]
+        _check_generation_args(bound)
         if images is None and image_features is None and image_embed is None:
-            return super().generate(input, max_new_tokens, *args, **kwargs)
+            return super().generate(**bound)
         with torch.no_grad():
             image_embed = self._image_embed(images, image_features, image_embed)
-        tokens = self._image_tokens(input, image_embed.shape[0])
+        bound.setdefault("prepend_bos", False)
+        tokens = self._image_tokens(input, image_embed.shape[0], bound["prepend_bos"],
+                                    bound.get("padding_side", USE_DEFAULT_VALUE))
         self._check_length(tokens.shape[1] + max_new_tokens)
-        if kwargs.get("return_type", "input") in ("input", "str"):
-            kwargs["return_type"] = "tokens"
-            decode = True
-        else:
-            decode = False
-        kwargs.setdefault("prepend_bos", False)
+        decode = bound.get("return_type", "input") in ("input", "str")
+        if decode:
+            bound["return_type"] = "tokens"
+        bound["input"] = tokens
         with self._bound(image_embed):
-            out = super().generate(tokens, max_new_tokens, *args, **kwargs)
+            out = super().generate(**bound)
         if not decode:
             return out
         return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
@@ -348,15 +458,25 @@ class HookedVisionPrefix(HookedTransformer):
         """Caption images: the text generated after ``prompt`` (greedy unless ``do_sample``).
 
         Args:
-            images: Pixels ``[batch, channel, height, width]`` or PIL images.
-            prompt: Text after the image tokens (LiMBeR: "A picture of").
-            max_new_tokens: Most tokens generated per caption; stops early at end-of-text.
+            images: Anything :meth:`preprocess` takes: PIL images, paths, numpy arrays (one or a
+                list/tuple), or normalised pixels ``[batch, channel, height, width]``.
+            prompt: Text after the image tokens (LiMBeR: "A picture of"), shared by all images.
+            max_new_tokens: Most tokens generated per caption (>= 1); stops early at end-of-text.
             do_sample, temperature, top_k, top_p: Sampling settings, as in ``generate``.
-            batch_size: Images per generation batch.
+            batch_size: Images per generation batch (>= 1).
 
         Returns:
             One caption per image, without the prompt.
+
+        Raises:
+            TypeError, ValueError: A bad argument, named.
         """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string (shared by all images), got {type(prompt).__name__}; "
+                            "for one prompt per image call model.generate(prompts, images=...)")
+        _check_int(batch_size, "batch_size")
+        _check_generation_args(dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                    temperature=temperature, top_k=top_k, top_p=top_p))
         images = self.preprocess(images)
         n_prompt = self.to_tokens(prompt, image=True).shape[1]
         captions = []
@@ -366,3 +486,35 @@ class HookedVisionPrefix(HookedTransformer):
                                 return_type="tokens", verbose=False)
             captions += [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in out]
         return captions
+
+
+_PARENT_GENERATE = inspect.signature(HookedTransformer.generate)
+
+
+def _check_int(value, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_generation_args(args: dict) -> None:
+    """Name the first bad sampling argument among those given to ``generate``/``caption``."""
+    if "max_new_tokens" in args:
+        _check_int(args["max_new_tokens"], "max_new_tokens")
+    for name in ("do_sample", "stop_at_eos", "use_past_kv_cache", "verbose"):
+        if name in args and not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {args[name]!r}")
+    if args.get("top_k") is not None:
+        _check_int(args["top_k"], "top_k")
+    top_p = args.get("top_p")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    for name in ("temperature", "freq_penalty"):  # temperature 0 is greedy, as in TransformerLens
+        if name not in args:
+            continue
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")

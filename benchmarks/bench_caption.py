@@ -1,0 +1,99 @@
+"""Captioning speed against Hugging Face ``generate`` on the same weights and the same soft prompts.
+
+Loads the offline model (SmolLM2-135M + EfficientNet-Lite0 + the shipped projection) and its HF
+oracle, embeds a few COCO images once, and times greedy decoding of 20 new tokens at batch 1 and 8
+(one thread, thread CPU time, interleaved runs, medians; see ``_timing.py``):
+
+* ``hf``: ``LlamaForCausalLM.generate(inputs_embeds=soft prompts + prompt embeddings)``;
+* ``generate``: ``model.generate(prompt, image_embed=...)`` (the same embeddings, no encoder);
+* ``caption``: ``model.caption(pixels)`` (encoder and projection included);
+* ``before``: ``caption`` with TransformerLens's default weight layout (the speed before this change).
+
+It prints the ratios to HF and whether every token matches HF greedy decoding and the caption
+before the change.
+
+    python benchmarks/bench_caption.py [--data /work/shared/data/coco_mini] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved  # noqa: E402
+
+PROMPT = "A picture of"
+N_NEW = 20
+
+
+def _default_layout(model):
+    """A copy of ``model`` whose weights have TransformerLens's own (contiguous) layout."""
+    before = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in before.parameters():
+            p.data = p.data.contiguous()
+    return before
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini"),
+                        help="COCO-style folder with metadata.jsonl and images (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default: %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from tl_multimodal.data import load_coco_mini
+    from tl_multimodal.loading import load_hf_smollm2, load_offline
+
+    images = [row["image"] for row in load_coco_mini(args.data, split="dev").select(range(8))]  # before loading
+    model = load_offline()
+    hf, _ = load_hf_smollm2()
+    before = _default_layout(model)
+    eos = model.tokenizer.eos_token_id
+
+    with torch.no_grad():
+        pixels = model.preprocess(images)
+        embed = model.embed_images(pixels)
+        text = model.to_tokens(PROMPT, image=True)[:, model.n_image_tokens:]
+        for batch in (1, 8):
+            px, emb = pixels[:batch], embed[:batch]
+            inputs = torch.cat([emb, hf.get_input_embeddings()(text).expand(batch, -1, -1)], dim=1)
+            mask = torch.ones(inputs.shape[:2], dtype=torch.long)
+
+            def run_hf():
+                return hf.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=N_NEW,
+                                   do_sample=False, eos_token_id=eos, pad_token_id=eos)
+
+            def run_generate():
+                return model.generate(PROMPT, N_NEW, image_embed=emb, do_sample=False, verbose=False,
+                                      return_type="tokens")
+
+            times = interleaved({"hf": run_hf, "generate": run_generate,
+                                 "caption": lambda: model.caption(px, max_new_tokens=N_NEW),
+                                 "before": lambda: before.caption(px, max_new_tokens=N_NEW)},
+                                repeats=args.repeats)
+            hf_text = [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in run_hf()]
+            captions = model.caption(px, max_new_tokens=N_NEW)
+            same_hf = captions == hf_text
+            same_before = captions == before.caption(px, max_new_tokens=N_NEW)
+            gen = run_generate()[:, model.n_image_tokens + text.shape[1]:]
+            same_gen = [model.tokenizer.decode(r, skip_special_tokens=True).strip() for r in gen] == captions
+            print(f"batch {batch}: hf {times['hf']:.3f}s  generate {times['generate']:.3f}s  "
+                  f"caption {times['caption']:.3f}s  before {times['before']:.3f}s (thread CPU, median of "
+                  f"{args.repeats})")
+            print(f"  generate/hf {times['generate'] / times['hf']:.2f}  caption/hf "
+                  f"{times['caption'] / times['hf']:.2f}  before/hf {times['before'] / times['hf']:.2f}  "
+                  f"caption speed-up {times['before'] / times['caption']:.2f}x")
+            print(f"  identical: caption == HF greedy {same_hf}, caption == before {same_before}, "
+                  f"generate == caption {same_gen}")
+            print(f"  first caption: {captions[0]!r}")
+
+
+if __name__ == "__main__":
+    main()
