@@ -116,10 +116,13 @@ def image_files(inputs: list[str]) -> list[Path]:
     Raises:
         CLIError: A missing path, a pattern or folder without images, or a file that is not an image.
     """
-    extensions = _image_extensions()
+    extensions: set[str] = set()  # PIL's, read only when a folder or pattern needs them (it imports PIL)
     found: list[Path] = []
     for text in inputs:
         path = Path(text)
+        pattern = not path.exists() and bool(_GLOB_CHARS & set(text))
+        if (path.is_dir() or pattern) and not extensions:
+            extensions = _image_extensions()
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
             if not files:
@@ -128,7 +131,7 @@ def image_files(inputs: list[str]) -> list[Path]:
             if not path.is_file():
                 raise CLIError(f"{path} is not a regular file", EXIT_INPUT)
             files = [path]
-        elif _GLOB_CHARS & set(text):
+        elif pattern:
             files = sorted(Path(p) for p in glob.glob(text, recursive=True)
                            if Path(p).is_file() and Path(p).suffix.lower() in extensions)
             if not files:

@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import warnings
 from collections import OrderedDict
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,10 @@ if TYPE_CHECKING:  # heavy imports stay lazy at runtime
 
 CACHE_ENV = "TL_MULTIMODAL_CACHE"
 _CACHE_FORMAT = 1  # bump when the cached layout or the conversion changes
+# The Hugging Face config fields that _hooked_config reads; the cache stores only these.
+_CONFIG_FIELDS = ("hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                  "num_hidden_layers", "max_position_embeddings", "vocab_size", "hidden_act", "rms_norm_eps",
+                  "rope_parameters", "rope_theta")
 SMOLLM2_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_MODEL_NAME = "SmolLM2-135M-Instruct"
 _EFFNET_WEIGHTS_FILENAME = "efficientnet-lite0-57934424.pth"
@@ -219,7 +224,8 @@ def _save_cache(entry: pathlib.Path, digest: str, hf_config, state_dict, tokeniz
         os.replace(tmp, entry / "tokenizer")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    atomic_save({"format": _CACHE_FORMAT, "gguf_sha256": digest, "hf_config": hf_config.to_dict(),
+    config = {name: getattr(hf_config, name) for name in _CONFIG_FIELDS if hasattr(hf_config, name)}
+    atomic_save({"format": _CACHE_FORMAT, "gguf_sha256": digest, "hf_config": config,
                  "state_dict": state_dict}, entry / "weights.pt")
 
 
@@ -229,22 +235,18 @@ def _load_cache(entry: pathlib.Path, digest: str):
     Raises:
         ValueError: The entry exists but cannot be read or does not belong to this GGUF file.
     """
-    from transformers import AutoTokenizer, LlamaConfig
-
-    from tl_multimodal.checkpoints import load_checkpoint
+    from transformers import AutoTokenizer
 
     weights = entry / "weights.pt"
     if not weights.is_file():
         return None
-    saved = load_checkpoint(weights)
+    # mmap: the tensors are read from the page cache straight into the model by load_state_dict,
+    # instead of being copied once more by torch.load.
+    saved = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(saved, dict) or saved.get("format") != _CACHE_FORMAT or saved.get("gguf_sha256") != digest:
         raise ValueError(f"{weights} is not a cache entry for this GGUF file")
-    try:
-        hf_config = LlamaConfig.from_dict(saved["hf_config"])
-        tokenizer = AutoTokenizer.from_pretrained(entry / "tokenizer")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{entry} could not be read ({type(e).__name__}: {e})") from None
-    return hf_config, saved["state_dict"], tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(entry / "tokenizer")
+    return SimpleNamespace(**saved["hf_config"]), saved["state_dict"], tokenizer
 
 
 def _convert_smollm2(cache: bool):
@@ -257,8 +259,9 @@ def _convert_smollm2(cache: bool):
         entry = smollm2_cache_path()
         try:
             found = _load_cache(entry, digest)
-        except ValueError as e:
-            warnings.warn(f"SmolLM2 cache is corrupt, rebuilding it: {e}", stacklevel=3)
+        except Exception as e:  # noqa: BLE001 -- a damaged file can fail in many ways; all mean rebuild
+            warnings.warn(f"the SmolLM2 cache at {entry} cannot be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); rebuilding it", stacklevel=3)
             found = None
         if found is not None:
             return found
