@@ -154,3 +154,39 @@ def test_cache_command_clears_the_cache(tmp_path):
     result = run("cache", "--clear", env=_env(TL_MULTIMODAL_CACHE=str(root)), runner=False)
     assert result.returncode == 0 and result.stdout.strip() == f"deleted {root} (2 MB)"
     assert not root.exists()
+
+
+@pytest.fixture(scope="module")
+def offline_cache(tmp_path_factory):
+    """An empty converted-model cache folder for the end-to-end test."""
+    pytest.importorskip("gguf")
+    from tl_multimodal.loading import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except ImportError as e:
+        pytest.skip(str(e))
+    return tmp_path_factory.mktemp("cli_cache")
+
+
+def test_caption_end_to_end_with_the_offline_model(files, offline_cache, monkeypatch):
+    """Cold cache, then warm: one progress line each, captions equal to ``model.caption`` on the same files."""
+    from tl_multimodal.loading import load_offline
+
+    env = _env(TL_MULTIMODAL_CACHE=str(offline_cache))
+    argv = ["caption", str(files / "good"), str(files / "good" / "sub" / "*.png"), "--max-new-tokens", "5"]
+    cold, warm = run(*argv, runner=False, env=env), run(*argv, runner=False, env=env)
+    for result in (cold, warm):
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.count("Loading SmolLM2-135M + EfficientNet-Lite0 on cpu") == 1
+        assert "Moving model to device" not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+    assert f"first run: converting the GGUF file takes about 2 min, then it is cached in {offline_cache}" in cold.stderr
+    assert "(from the cache)" in warm.stderr and "de-quantizing" not in warm.stderr
+    assert cold.stdout == warm.stdout
+
+    monkeypatch.setenv("TL_MULTIMODAL_CACHE", str(offline_cache))
+    model = load_offline()
+    paths = [files / "good" / "a.jpg", files / "good" / "b.png", files / "good" / "sub" / "c.png"]
+    captions = model.caption(paths, max_new_tokens=5)
+    assert cold.stdout.splitlines() == [f"{p}: A picture of {c}" for p, c in zip(paths, captions)]
