@@ -306,7 +306,17 @@ def load_smollm2(
     hf_config, state_dict, tokenizer = _convert_smollm2(cache)
     cfg = _hooked_config(hf_config, device, dtype)
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    # TransformerLens swaps the tokenizer for a reload with add_bos_token=True (get_tokenizer_with_bos).
+    # From the GGUF file that reload keeps the file's add_bos_token=false (and parses the file again,
+    # ~20 s); from the cached folder it would prepend <|im_start|> to every text. SmolLM2 adds no BOS, so
+    # the reload is skipped the documented way: a tokenizer without a bos_token is kept as it is. The
+    # BOS token is put back right after (to_tokens(prepend_bos=True) still uses it).
+    bos = tokenizer.bos_token
+    tokenizer.bos_token = None
+    try:
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    finally:
+        tokenizer.bos_token = bos
     # Plain load_state_dict == load_and_process_state_dict with every processing flag off,
     # but one call instead of one per tensor (several seconds faster). Only buffers
     # (rotary tables, causal masks) may be missing from the converted state dict.
