@@ -188,7 +188,7 @@ def smollm2_cache_path() -> pathlib.Path:
     """The cache entry (a folder) for the installed SmolLM2 GGUF file; it may not exist yet.
 
     It holds ``tokenizer/`` (``save_pretrained``) and ``weights.pt`` (the converted float32 state
-    dict, the GGUF's hash and the Hugging Face config), written last, so its presence marks a
+    dict, the GGUF's hash and the config fields :func:`_hooked_config` reads), written last, so its presence marks a
     complete entry.
     """
     digest = file_sha256(smollm2_gguf_path())
@@ -233,7 +233,8 @@ def _load_cache(entry: pathlib.Path, digest: str):
     """``(hf_config, state_dict, tokenizer)`` from a cache entry, or ``None`` if there is none.
 
     Raises:
-        ValueError: The entry exists but cannot be read or does not belong to this GGUF file.
+        ValueError: The entry does not belong to this GGUF file. A damaged entry raises whatever
+            ``torch.load`` or the tokenizer raise; the caller rebuilds the entry on any error.
     """
     from transformers import AutoTokenizer
 
