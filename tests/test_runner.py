@@ -21,7 +21,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_multimodal import HookedVisionPrefix, VisionEncoder, load_coco_mini
 from tl_multimodal.attribution import attribute
-from tl_multimodal.runner import (SCHEMA_COLUMNS, load_model, load_rows, main_attribute, open_dataset,
+from tl_multimodal.cli import build_parser
+from tl_multimodal.runner import (SCHEMA_COLUMNS, load_model, load_rows, open_dataset, run_attribute,
                                   run_attribution, shard_name)
 
 ROOT = Path(__file__).parents[1]
@@ -216,12 +217,13 @@ def test_command_line_one_process(model, images, oracle, tmp_path):
     factory = tmp_path / "factory.py"
     factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom test_runner import build_tiny_vlm\n"
                        f"def build():\n    return build_tiny_vlm({str(weights)!r})\n")
-    s = main_attribute([str(data), "--split", "dev", "--out", str(tmp_path / "out"), "--k", str(K),
-                        "--shard-size", "4", "--model", f"{factory}:build", "--no-progress"])
+    s = run_attribute(build_parser().parse_args([
+        "attribute", str(data), "--split", "dev", "--out", str(tmp_path / "out"), "--k", str(K),
+        "--shard-size", "4", "--model", f"{factory}:build", "--no-progress"]))
     assert (s.rank, s.world_size, s.images) == (0, 1, 7)
     _assert_rows_equal(load_rows(tmp_path / "out"), oracle)
-    with pytest.raises(SystemExit, match="--split"):
-        main_attribute(["no/such/thing", "--out", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match="--split"):
+        run_attribute(build_parser().parse_args(["attribute", "no/such/thing", "--out", str(tmp_path / "o2")]))
 
 
 def test_two_accelerate_processes_write_the_same_rows_as_one(model, images, tmp_path):

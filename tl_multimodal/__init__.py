@@ -2,28 +2,50 @@
 
 Images become soft-prompt tokens of a TransformerLens ``HookedTransformer`` (LiMBeR), so every
 TransformerLens tool works on them.
+
+The public names below are imported on first use (PEP 562 ``__getattr__``): importing the package, or
+``tl_multimodal.cli`` for ``tl-multimodal --help``, does not import torch or TransformerLens.
 """
 
-from tl_multimodal.attribution import Attribution, TopUnits, attribute, attribute_dataset, first_noun
-from tl_multimodal.bridge import VisionBridge, load_offline_bridge
-from tl_multimodal.data import load_coco_mini
-from tl_multimodal.decoding import UnitDecoding, decode_image_prompts, decode_unit, decode_units, is_interpretable
-from tl_multimodal.encoders import VisionEncoder
-from tl_multimodal.heatmaps import coco_category_mask, heatmap_ious, unit_heatmap
-from tl_multimodal.lm_blocks import ViTWithLMBlocks
-from tl_multimodal.loading import load_efficientnet_lite0, load_offline, load_smollm2
-from tl_multimodal.patching import ablate_units, ablation_curve, patch_resid, patch_units, unit_patch_sweep
-from tl_multimodal.prefix import HookedVisionPrefix
-from tl_multimodal.projection import ImageProjection, ProjectionInfo
-from tl_multimodal.report import UnitReport, build_report, write_report
-from tl_multimodal.training import TrainingResult, caption_nll, encode_images, train_projection
+from __future__ import annotations
 
-__all__ = [
-    "Attribution", "TopUnits", "UnitDecoding", "attribute", "attribute_dataset", "decode_image_prompts",
-    "decode_unit", "decode_units", "first_noun", "is_interpretable",
-    "ablate_units", "ablation_curve", "patch_resid", "patch_units", "unit_patch_sweep",
-    "coco_category_mask", "heatmap_ious", "unit_heatmap",
-    "HookedVisionPrefix", "ImageProjection", "ProjectionInfo", "TrainingResult", "ViTWithLMBlocks",
-    "VisionBridge", "VisionEncoder", "caption_nll", "encode_images", "load_coco_mini", "load_efficientnet_lite0",
-    "load_offline", "load_offline_bridge", "load_smollm2", "train_projection", "UnitReport", "build_report", "write_report",
-]
+import importlib
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "alignment": ["Alignment", "SoftPromptNorms", "alignment", "soft_prompt_norms"],
+    "attribution": ["Attribution", "TopUnits", "attribute", "attribute_dataset"],
+    "bridge": ["VisionBridge", "load_offline_bridge"],
+    "data": ["load_coco_mini"],
+    "decoding": ["UnitDecoding", "decode_image_prompts", "decode_unit", "decode_units", "is_interpretable"],
+    "encoders": ["HFVisionEncoder", "VisionEncoder"],
+    "heatmaps": ["coco_category_mask", "heatmap_ious", "unit_heatmap"],
+    "limber": ["LIMBER_CONFIGS", "load_limber"],
+    "llava": ["from_llava"],
+    "lm_blocks": ["ViTWithLMBlocks"],
+    "loading": ["clear_cache", "load_efficientnet_lite0", "load_offline", "load_smollm2"],
+    "patching": ["ablate_units", "ablation_curve", "patch_resid", "patch_units", "unit_patch_sweep"],
+    "nouns": ["first_noun"],
+    "prefix": ["HookedVisionPrefix"],
+    "projection": ["ImageProjection", "ProjectionInfo"],
+    "report": ["UnitReport", "build_report", "write_report"],
+    "runner": ["RunSummary", "load_rows", "run_attribution"],
+    "training": ["TrainingResult", "caption_nll", "encode_images", "train_projection"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    """Import the module defining ``name`` on first access and cache the attribute here."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tl_multimodal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"tl_multimodal.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,13 +1,7 @@
-"""``python -m tl_multimodal COMMAND ...``: the same commands as ``tl-multimodal``."""
+"""``python -m tl_multimodal``: the same entry point as the ``tl-multimodal`` command."""
 
 import sys
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["attribute"]:
-        from tl_multimodal.runner import main_attribute
+from tl_multimodal.cli import main
 
-        main_attribute(sys.argv[2:])
-    else:
-        from tl_multimodal.cli import main
-
-        main(sys.argv[1:])
+sys.exit(main())

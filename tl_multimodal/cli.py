@@ -1,108 +1,374 @@
-"""Command line: caption images with a frozen text-only LM.
+"""Command line: caption images with a frozen text-only LM, or report an image's multimodal units.
 
-    tl-multimodal caption                      # offline: bundled sample images, SmolLM2 + EfficientNet-Lite0
-    tl-multimodal caption photo.jpg --hub      # GPT-2 small + BEiT from the hub (needs internet)
-    tl-multimodal report photo.jpg --out report.html --k 10   # HTML report of the top multimodal units
+examples:
+  tl-multimodal caption                         # bundled sample photos, offline SmolLM2 + EfficientNet-Lite0
+  tl-multimodal caption photo.jpg photos/ "shots/*.png"   # files, folders and (quoted) globs
+  tl-multimodal caption photo.jpg --hub         # GPT-2 small + BEiT from the hub (needs internet)
+  tl-multimodal report photo.jpg -o report.html --k 10    # HTML report of the top multimodal units
+  tl-multimodal cache --clear                   # delete the converted-model cache
+
+exit codes: 0 ok, 1 the command failed, 2 bad option, 3 bad input file, 4 bad output path,
+5 the model could not be loaded, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
-from PIL import Image
+# Nothing heavy (torch, TransformerLens, PIL) is imported at module level: `--help` and option errors
+# must answer at once. Each command imports what it needs when it runs.
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT, EXIT_MODEL, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$")
+_GLOB_CHARS = set("*?[")
 
 
-def _sample_images() -> dict[str, Image.Image]:
+class CLIError(Exception):
+    """A user error: printed as one line, and the process exits with ``code``."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: message (see prog --help)``, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the description's layout; show each option's default unless its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N, mps or xpu, got {text!r}")
+    return text
+
+
+# ------------------------------------------------------------------------------------- files
+def _image_extensions() -> set[str]:
+    from PIL import Image
+
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _check_image(path: Path) -> None:
+    """Raise ``CLIError`` unless PIL can open and decode ``path``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except UnidentifiedImageError:
+        raise CLIError(f"{path} is not an image file PIL can read", EXIT_INPUT) from None
+    except PermissionError:
+        raise CLIError(f"{path} cannot be read (permission denied)", EXIT_INPUT) from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged image data
+        raise CLIError(f"{path} is a damaged image ({e})", EXIT_INPUT) from None
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """Expand files, folders (their image files, not recursive) and glob patterns; check each image.
+
+    Every file is opened and decoded here, before any model loads, so a bad input fails at once.
+
+    Args:
+        inputs: Paths or glob patterns, as typed.
+
+    Returns:
+        The image files in the order given (sorted within a folder or pattern), without duplicates.
+
+    Raises:
+        CLIError: A missing path, a pattern or folder without images, or a file that is not an image.
+    """
+    extensions: set[str] = set()  # PIL's, read only when a folder or pattern needs them (it imports PIL)
+    found: list[Path] = []
+    for text in inputs:
+        path = Path(text)
+        pattern = not path.exists() and bool(_GLOB_CHARS & set(text))
+        if (path.is_dir() or pattern) and not extensions:
+            extensions = _image_extensions()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+            if not files:
+                raise CLIError(f"folder {path} has no image files", EXIT_INPUT)
+        elif path.exists():
+            if not path.is_file():
+                raise CLIError(f"{path} is not a regular file", EXIT_INPUT)
+            files = [path]
+        elif pattern:
+            files = sorted(Path(p) for p in glob.glob(text, recursive=True)
+                           if Path(p).is_file() and Path(p).suffix.lower() in extensions)
+            if not files:
+                raise CLIError(f"no image file matches {text!r}", EXIT_INPUT)
+        else:
+            raise CLIError(f"{path} does not exist", EXIT_INPUT)
+        found += files
+    unique = list(dict.fromkeys(found))
+    for path in unique:
+        _check_image(path)
+    return unique
+
+
+def _check_output(path: Path) -> None:
+    """Raise ``CLIError`` unless ``path`` can be written as a file (missing folders are created)."""
+    if path.is_dir():
+        raise CLIError(f"--out {path} is a folder; give a file name such as {path / 'report.html'}", EXIT_OUTPUT)
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"--out {path}: {parent} is not a folder", EXIT_OUTPUT)
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"--out {path}: folder {parent} is not writable", EXIT_OUTPUT)
+
+
+def _check_file(path: Path | None, option: str) -> None:
+    if path is not None and not path.is_file():
+        raise CLIError(f"{option} {path} does not exist" if not path.exists() else f"{option} {path} is not a file",
+                       EXIT_INPUT)
+
+
+# ------------------------------------------------------------------------------------- model
+def _load_model(args):
+    """The hub models with --hub, else the offline SmolLM2 + EfficientNet-Lite0 (+ shipped projection).
+
+    Prints one progress line to stderr first; the first offline load converts the GGUF file (its
+    progress bar follows), later loads read the cache.
+    """
+    try:
+        import torch
+
+        from tl_multimodal import loading
+        from tl_multimodal.compat import HAS_HOOKED_TRANSFORMER
+        if args.bridge or not HAS_HOOKED_TRANSFORMER:  # TransformerLens 4 has only the bridge
+            from tl_multimodal.bridge import VisionBridge as HookedVisionPrefix
+            from tl_multimodal.bridge import load_offline_bridge as load_offline
+        else:
+            from tl_multimodal.loading import load_offline
+            from tl_multimodal.prefix import HookedVisionPrefix
+    except ImportError as e:
+        raise CLIError(f"cannot import the model code ({e})", EXIT_MODEL) from None
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise CLIError(f"--device {args.device} is not available here ({str(e).splitlines()[0]})", EXIT_USAGE) from None
+
+    start = time.perf_counter()
+    try:
+        if args.hub:
+            _progress(f"Loading {args.lm} + {args.encoder} from the Hugging Face hub on {args.device} ...")
+            model = HookedVisionPrefix.from_pretrained(args.lm, encoder=args.encoder, projection=args.projection,
+                                                       device=args.device)
+        else:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            cached = (loading.smollm2_cache_path() / "weights.pt").is_file()
+            note = ("from the cache" if cached else
+                    f"first run: converting the GGUF file takes about 2 min, then it is cached in {loading.cache_dir()}")
+            _progress(f"Loading SmolLM2-135M + EfficientNet-Lite0 on {args.device} ({note}) ...")
+            model = load_offline(args.projection or loading.SHIPPED_PROJECTION, device=args.device)
+    except ImportError as e:
+        raise CLIError(f"cannot load the model: {e}", EXIT_MODEL) from None
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load the model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                       EXIT_MODEL) from None
+    _progress(f"Model loaded in {time.perf_counter() - start:.1f} s.")
+    return model
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------- commands
+def _sample_images() -> dict[str, object]:
     """scikit-image's bundled photos (no download): a cat, a coffee cup, an astronaut."""
+    from PIL import Image
     from skimage import data
 
     return {f"skimage.data.{name}": Image.fromarray(getattr(data, name)()) for name in ("chelsea", "coffee", "astronaut")}
 
 
-def _model(args):
-    """The hub models with --hub, else the offline SmolLM2 + EfficientNet-Lite0 (+ shipped projection).
-
-    A VisionBridge with --bridge or on TransformerLens 4 (no HookedTransformer), else a HookedVisionPrefix.
-    """
-    from tl_multimodal.compat import HAS_HOOKED_TRANSFORMER
-    from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
-    from tl_multimodal.prefix import HookedVisionPrefix
-
-    if args.bridge or not HAS_HOOKED_TRANSFORMER:
-        from tl_multimodal.bridge import VisionBridge, load_offline_bridge
-
-        if args.hub:
-            return VisionBridge.from_pretrained(args.lm, args.encoder, projection=args.projection)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return load_offline_bridge(args.projection or SHIPPED_PROJECTION)
-    if args.hub:
-        return HookedVisionPrefix.from_pretrained(args.lm, args.encoder, projection=args.projection)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return load_offline(args.projection or SHIPPED_PROJECTION)
-
-
 def _caption(args) -> None:
+    files = image_files(args.images) if args.images else None
+    _check_file(args.projection, "--projection")
+    model = _load_model(args)
     import torch
 
-    model = _model(args)
-    images = {str(p): Image.open(p) for p in args.images} if args.images else _sample_images()
+    images = {str(p): p for p in files} if files else _sample_images()
     torch.manual_seed(args.seed)
     captions = model.caption(list(images.values()), prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                             do_sample=args.sample, temperature=args.temperature)
+                             do_sample=args.sample, temperature=args.temperature, batch_size=args.batch_size)
     for name, caption in zip(images, captions):
         print(f"{name}: {args.prompt} {caption}")
 
 
 def _report(args) -> None:
+    if Path(args.image).is_dir():
+        raise CLIError(f"{args.image} is a folder; report takes one image file", EXIT_INPUT)
+    files = image_files([args.image])
+    if len(files) != 1:
+        raise CLIError(f"{args.image!r} matches {len(files)} images; report takes one", EXIT_INPUT)
+    image = files[0]
+    _check_output(args.out)
+    _check_file(args.projection, "--projection")
+    model = _load_model(args)
+    from tl_multimodal.images import to_pil
     from tl_multimodal.report import write_report
 
-    if not args.image.is_file():
-        raise SystemExit(f"tl-multimodal report: image file {args.image} does not exist")
-    if args.k < 1:
-        raise SystemExit(f"tl-multimodal report: --k must be >= 1, got {args.k}")
-    model = _model(args)
-    try:
-        out = write_report(model, Image.open(args.image), args.out, k=args.k, prompt=args.prompt,
-                           max_new_tokens=args.max_new_tokens)
-    except ValueError as e:
-        raise SystemExit(f"tl-multimodal report: {e}") from None
+    out = write_report(model, to_pil(image, str(image)), args.out, k=args.k, prompt=args.prompt,
+                       max_new_tokens=args.max_new_tokens)
     print(out)
 
 
+def _attribute(args) -> None:
+    from tl_multimodal.runner import run_attribute  # torch, pyarrow: only when the command runs
+
+    run_attribute(args)
+
+
+def _cache(args) -> None:
+    from tl_multimodal import loading  # torch only, no model
+
+    root = loading.cache_dir()
+    if args.clear:
+        freed = loading.clear_cache()
+        print(f"deleted {root} ({freed / 1e6:.0f} MB)" if freed else f"no cache at {root}")
+        return
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    print(f"{root} ({size / 1e6:.0f} MB)" if size else f"{root} (empty)")
+
+
+# ------------------------------------------------------------------------------------- parser
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", default="A picture of")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--projection", type=Path, default=None, help="projection checkpoint")
-    parser.add_argument("--hub", action="store_true", help="load --lm and --encoder from the hub instead")
+    parser.add_argument("--prompt", default="A picture of", help="text after the image tokens")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N",
+                        help="most tokens generated per caption")
+    parser.add_argument("--device", type=_device, default="cpu", help="where the model runs: cpu, cuda, cuda:N, mps")
+    parser.add_argument("--projection", type=Path, default=None, metavar="FILE",
+                        help="projection checkpoint (default: the shipped one offline, an untrained one with --hub)")
+    parser.add_argument("--hub", action="store_true", help="load --lm and --encoder from the hub (needs internet)")
     parser.add_argument("--lm", default="gpt2", help="with --hub: a HookedTransformer.from_pretrained name")
     parser.add_argument("--encoder", default="beit_base_patch16_224", help="with --hub: a timm model name")
     parser.add_argument("--bridge", action="store_true",
                         help="run the LM through TransformerBridge (VisionBridge); the default on TransformerLens 4")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tl-multimodal", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    cap = sub.add_parser("caption", help="caption images (default: bundled samples, offline models)")
-    cap.add_argument("images", nargs="*", type=Path, help="image files (default: scikit-image samples)")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tl-multimodal`` parser; a new command is one more ``sub.add_parser`` with ``run=``."""
+    parser = _Parser(prog="tl-multimodal", description=__doc__, formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cap = sub.add_parser("caption", help="caption images", formatter_class=_Formatter,
+                         description="Caption images: the text the LM writes after the image tokens and --prompt.")
+    cap.add_argument("images", nargs="*", metavar="IMAGE",
+                     help="image files, folders of images or quoted glob patterns "
+                          "(default: three scikit-image sample photos)")
     _model_options(cap)
     cap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    cap.add_argument("--temperature", type=float, default=1.0)
-    cap.add_argument("--seed", type=int, default=0)
-    cap.set_defaults(func=_caption)
-    rep = sub.add_parser("report", help="write a self-contained HTML report of an image's top multimodal units")
-    rep.add_argument("image", type=Path, help="an image file")
-    rep.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file to write")
-    rep.add_argument("--k", type=int, default=10, help="top units shown")
+    cap.add_argument("--temperature", type=_positive_float, default=1.0, help="with --sample: softmax temperature")
+    cap.add_argument("--seed", type=int, default=0, help="random seed (for --sample)")
+    cap.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per generation batch")
+    cap.set_defaults(run=_caption)
+
+    rep = sub.add_parser("report", help="write an HTML report of an image's top multimodal units",
+                         formatter_class=_Formatter,
+                         description="Write a self-contained HTML report: the image, its caption, and the top\n"
+                                     "units by attribution with their decoded tokens and heatmaps.")
+    rep.add_argument("image", metavar="IMAGE", help="one image file")
+    rep.add_argument("-o", "--out", type=Path, default=Path("report.html"), metavar="FILE",
+                     help="the HTML file to write (missing folders are created)")
+    rep.add_argument("--k", type=_positive_int, default=10, help="top units shown")
     _model_options(rep)
-    rep.set_defaults(func=_report)
-    args = parser.parse_args(argv)
-    args.func(args)
+    rep.set_defaults(run=_report)
+
+    att = sub.add_parser("attribute", help="attribute every image of a dataset into Parquet shards",
+                         formatter_class=_Formatter,
+                         description="Caption each image, take the first noun as target, attribute it to every MLP\n"
+                                     "unit at every image patch, and write each image's top units to resumable\n"
+                                     "Parquet shards in --out. Under `accelerate launch` each process takes its\n"
+                                     "share of the shards.")
+    att.add_argument("data", metavar="DATA", help="a coco_mini-style folder, webdataset .tar shards, or a hub dataset name")
+    att.add_argument("--split", default=None, help="split of the dataset (e.g. train, dev)")
+    att.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="only the first N images")
+    att.add_argument("-o", "--out", type=Path, required=True, metavar="DIR",
+                     help="output folder of Parquet shards (a rerun skips finished shards)")
+    att.add_argument("--k", type=_positive_int, default=100, help="top units kept per image")
+    att.add_argument("--shard-size", type=_positive_int, default=64, metavar="N", help="images per shard")
+    att.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward/backward pass")
+    att.add_argument("--prompt", default="A picture of", help="text after the image tokens")
+    att.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="caption length")
+    att.add_argument("--hook", default="pre", choices=("pre", "post", "pre_linear"), help="MLP activation attributed")
+    att.add_argument("--image-column", default=None, help="the image column (default: found by name)")
+    att.add_argument("--id-column", default=None, help="the image id column (default: found by name)")
+    att.add_argument("--model", default="offline",
+                     help="'offline' (SmolLM2 + EfficientNet-Lite0) or module:function / file.py:function")
+    att.add_argument("--projection", type=Path, default=None, metavar="FILE", help="projection checkpoint")
+    att.add_argument("--no-progress", action="store_true", help="no progress bar")
+    att.set_defaults(run=_attribute)
+
+    cache = sub.add_parser("cache", help="show or clear the converted-model cache", formatter_class=_Formatter,
+                           description="The offline model is converted once and cached (in $TL_MULTIMODAL_CACHE,\n"
+                                       "$XDG_CACHE_HOME/tl_multimodal or ~/.cache/tl_multimodal).\n"
+                                       "Show the cache folder and its size, or delete it.")
+    cache.add_argument("--clear", action="store_true", help="delete the cache")
+    cache.set_defaults(run=_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``tl-multimodal``; returns the exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    prog = f"tl-multimodal {args.command}"
+    try:
+        args.run(args)
+    except CLIError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, TypeError) as e:  # the library names bad input with these
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -385,55 +385,20 @@ def load_model(spec: str = "offline", projection: str | Path | None = None):
     return model.eval()
 
 
-def add_attribute_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``attribute`` command to an ``argparse`` sub-parser collection; it runs :func:`run_attribute`."""
-    p = subparsers.add_parser("attribute", help="attribute every image of a dataset; write Parquet shards",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", help="coco_mini-style folder, webdataset .tar shards, or a hub dataset name")
-    p.add_argument("--split", default=None, help="split of the dataset (e.g. train, dev)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--out", type=Path, required=True, help="output folder of Parquet shards (resumed if present)")
-    p.add_argument("--k", type=int, default=100, help="top units kept per image")
-    p.add_argument("--shard-size", type=int, default=64, help="images per shard")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward/backward pass")
-    p.add_argument("--prompt", default="A picture of")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="caption length")
-    p.add_argument("--hook", default="pre", help="MLP activation attributed: pre, post or pre_linear")
-    p.add_argument("--image-column", default=None)
-    p.add_argument("--id-column", default=None)
-    p.add_argument("--model", default="offline", help="'offline' or module:function / file.py:function")
-    p.add_argument("--projection", type=Path, default=None, help="projection checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_attribute)
-    return p
-
-
 def run_attribute(args: argparse.Namespace) -> RunSummary:
     """Run the ``attribute`` command from parsed arguments (one process of an ``accelerate launch``)."""
     state = partial_state()
-    try:
-        data = open_dataset(args.data, args.split)
-        model = load_model(args.model, args.projection).to(state.device)
-        summary = run_attribution(model, data, args.out, k=args.k, shard_size=args.shard_size,
-                                  batch_size=args.batch_size, limit=args.limit, prompt=args.prompt,
-                                  max_new_tokens=args.max_new_tokens, hook=args.hook,
-                                  image_column=args.image_column, id_column=args.id_column,
-                                  rank=state.process_index, world_size=state.num_processes,
-                                  progress=not args.no_progress)
-    except ValueError as e:
-        raise SystemExit(f"tl-multimodal attribute: {e}") from None
+    data = open_dataset(args.data, args.split)
+    model = load_model(args.model, args.projection).to(state.device)
+    summary = run_attribution(model, data, args.out, k=args.k, shard_size=args.shard_size,
+                              batch_size=args.batch_size, limit=args.limit, prompt=args.prompt,
+                              max_new_tokens=args.max_new_tokens, hook=args.hook,
+                              image_column=args.image_column, id_column=args.id_column,
+                              rank=state.process_index, world_size=state.num_processes,
+                              progress=not args.no_progress)
     print(summary, flush=True)
     state.wait_for_everyone()
     if state.is_main_process:
         n = len(list(Path(args.out).glob("part-*.parquet")))
         print(f"done: {n} shards in {args.out}", flush=True)
     return summary
-
-
-def main_attribute(argv: list[str] | None = None) -> RunSummary:
-    """``tl-multimodal attribute ...`` as a function (``argv`` without the command name)."""
-    parser = argparse.ArgumentParser(prog="tl-multimodal")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_attribute_parser(sub)
-    args = parser.parse_args(["attribute", *(argv or [])])
-    return args.func(args)
