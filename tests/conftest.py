@@ -72,3 +72,12 @@ def vlm(gpt2_small, vit_encoder):
 def pixels():
     torch.manual_seed(4)
     return torch.randn(3, 3, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def small_vlm(gpt2_tokenizer, vit_encoder):
+    """A 2-layer GPT-2-style LM (random weights, real tokenizer) behind the tiny ViT: fast whole-API runs."""
+    torch.manual_seed(6)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=24, n_ctx=64, d_vocab=50257,
+                                  act_fn="gelu_new", normalization_type="LN", model_name="small")
+    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()

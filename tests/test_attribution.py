@@ -133,7 +133,16 @@ def test_first_noun_of_given_and_generated_captions(tiny_vlm, feats):
         assert caption_ids[j] == int(gen.target_ids[i])
         eos = tiny_vlm.tokenizer.eos_token_id
         caption_ids = caption_ids[:caption_ids.index(eos)] if eos in caption_ids else caption_ids
-        assert gen.captions[i] == tiny_vlm.tokenizer.decode(caption_ids)
+        full = tiny_vlm.tokenizer.decode(caption_ids)
+        # generation stopped once the noun was complete: the caption is the greedy one cut right after it
+        assert full.startswith(gen.captions[i])
+        found = first_noun(gen.captions[i])
+        if gen.captions[i] != full and found is not None:
+            assert found[1] + len(found[0]) < len(gen.captions[i])
+            n = next(n for n in range(len(caption_ids)) if tiny_vlm.tokenizer.decode(caption_ids[:n]) == gen.captions[i])
+            shorter = tiny_vlm.tokenizer.decode(caption_ids[:n - 1])
+            cut = first_noun(shorter)
+            assert cut is None or cut[1] + len(cut[0]) >= len(shorter)  # not settled one token earlier
 
 
 def test_integrated_gradients_completeness(gpt2_tokenizer, vit_encoder, feats):
@@ -202,28 +211,28 @@ def _planted(tok, vit_encoder, layer=1, unit=5, patch=6, target=" dog"):
 def test_planted_neuron_ranks_first_and_decodes_to_its_token(gpt2_tokenizer, vit_encoder):
     vlm, feats, tid = _planted(gpt2_tokenizer, vit_encoder, layer=1, unit=5, patch=6)
     attr = attribute(vlm, image_features=feats, target=" dog")
-    top = attr.top_units(k=10)
+    top = attr.top_units(10)
     assert isinstance(top, TopUnits) and len(top) == 20
     df = top.to_dataframe()
-    assert list(df.columns[:6]) == ["image", "rank", "layer", "unit", "patch", "score"]
+    assert list(df.columns[:6]) == ["image_index", "rank", "layer", "unit", "patch", "score"]
     for i in range(2):
-        best = df[(df.image == i) & (df["rank"] == 0)].iloc[0]
+        best = df[(df.image_index == i) & (df["rank"] == 0)].iloc[0]
         assert (best.layer, best.unit, best.patch) == (1, 5, 6)
-        assert best.score > 10 * df[(df.image == i) & (df["rank"] == 1)].score.iloc[0]
-    assert attr.top_units(3, image=1).image.tolist() == [1, 1, 1]
+        assert best.score > 10 * df[(df.image_index == i) & (df["rank"] == 1)].score.iloc[0]
+    assert attr.top_units(3, image_index=1).image_index.tolist() == [1, 1, 1]
     assert attr.heatmap(0, 1, 5).shape == vlm.vision.grid
     assert attr.heatmap(0, 1, 5).flatten().argmax() == 6
-    dec = decode_units(vlm, top.units()[:1], k=10)
+    dec = decode_units(vlm, top.units()[:1], n_tokens=10)
     assert dec.token_ids[0, 0] == tid and dec.tokens[0][0] == " dog"
 
     # dataset aggregation: the planted unit is every image's top unit
-    tops = attribute_dataset(vlm, [feats, feats[:1]], k=5, features=True, target=" dog")
-    assert tops.image.unique().tolist() == [0, 1, 2]
+    tops = attribute_dataset(vlm, [feats, feats[:1]], n_units=5, features=True, target=" dog")
+    assert tops.image_index.unique().tolist() == [0, 1, 2]
     counts = tops.unit_counts()
     assert (counts.iloc[0].layer, counts.iloc[0].unit, counts.iloc[0].n_images) == (1, 5, 3)
     assert tops.layer_counts().sum() == 15
-    joined = top_units_over([attr, attr], k=2)
-    assert joined.image.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    joined = top_units_over([attr, attr], n_units=2)
+    assert joined.image_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_bad_input_gets_clear_errors(tiny_vlm, feats):

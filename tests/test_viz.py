@@ -96,8 +96,8 @@ def test_render_rejects_nothing():
 
 # ---------------------------------------------------------------------------------- (a) decoded tokens
 def test_decoded_tokens_view_shows_each_units_tokens(tiny_vlm, tmp_path):
-    dec = decode_units(tiny_vlm, [(0, 3), (1, 60)], k=10)
-    view = decoded_tokens_view(dec, k=5)
+    dec = decode_units(tiny_vlm, [(0, 3), (1, 60)], n_tokens=10)
+    view = decoded_tokens_view(dec, n_tokens=5)
     calls = _render_calls(view.html)
     assert [name for name, _ in calls] == ["ColoredTokens", "ColoredTokens"]
     for (_, props), toks, probs in zip(calls, dec.tokens, dec.probs):
@@ -109,7 +109,7 @@ def test_decoded_tokens_view_shows_each_units_tokens(tiny_vlm, tmp_path):
     page = view.save(tmp_path / "dec.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and view.html in page
     with pytest.raises(ValueError, match="k must be"):
-        decoded_tokens_view(dec, k=11)
+        decoded_tokens_view(dec, n_tokens=11)
     with pytest.raises(ValueError, match="UnitDecoding"):
         decoded_tokens_view([(0, 3)])
 

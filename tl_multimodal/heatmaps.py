@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -31,9 +32,9 @@ from jaxtyping import Bool, Float, Int
 from PIL import Image
 from torch import Tensor
 
-from tl_multimodal.patching import _check_hook
-from tl_multimodal.units import as_units
-from tl_multimodal.prefix import HookedVisionPrefix
+from tl_multimodal.probe import Probe
+from tl_multimodal.units import as_units, mlp_act_name, mlp_hook
+from tl_multimodal.vlm import VisionLM, soft_prompts
 
 _DEFAULT_CROP_PCT = 0.875  # timm's default when a data config has none
 
@@ -113,7 +114,7 @@ class CropGeometry:
         return x0, y0, x1, y1
 
 
-def _geometry(model: HookedVisionPrefix, image) -> CropGeometry:
+def _geometry(model: VisionLM, image: Image.Image | None) -> CropGeometry:
     if isinstance(image, Image.Image):
         return CropGeometry.from_data_config(model.vision.data_config, image.size)
     _, H, W = model.vision.input_size
@@ -249,43 +250,55 @@ def _ann_to_mask(ann: dict, h: int, w: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- model -> grids
 @torch.no_grad()
-def unit_grid_activations(model: HookedVisionPrefix, images, units, hook: str = "hook_post",
-                          batch_size: int = 16) -> Float[Tensor, "batch n rows cols"]:
-    """Activations of MLP units at the image positions, as patch grids.
+def unit_grid_activations(model: VisionLM, images=None, units=None, hook: str = "post", batch_size: int = 16, *,
+                          image_features: Tensor | None = None, image_embed: Tensor | None = None,
+                          probe: Probe | None = None) -> Float[Tensor, "batch n_units rows cols"]:
+    """Activations of MLP units at the image slots, as patch grids.
 
-    The text prompt cannot change image-position activations (they come first, attention is
-    causal), so the model runs on the image tokens alone, up to the last layer needed.
+    Without ``probe`` the model runs on the image slots alone (``to_tokens("", image=True)``; text
+    after the image cannot change them under causal attention), up to the last layer needed; with
+    ``probe`` it runs on the probe's tokens and reads each row's image slots.
 
     Args:
-        model: The vision-prefixed model.
-        images: Pixels ``[batch, channel, h, w]`` or PIL images.
+        model: The vision LM.
+        images, image_features, image_embed: The images (anything ``model.preprocess`` takes), their
+            encoder features or their soft prompts: exactly one.
         units: ``(layer, unit)`` rows, ``[n, 2]`` for all images or ``[batch, n, 2]``.
-        hook: ``"hook_post"`` (the activation; default) or ``"hook_pre"`` (what attribution scores).
+        hook: ``"post"`` (the activation; default) or ``"pre"`` (what attribution scores).
         batch_size: Images per forward pass.
+        probe: Run on these tokens (e.g. ``attr.probe``) instead of the image slots alone.
     """
-    _check_hook(model, hook)
-    pixels = model.preprocess(images)
+    short = mlp_hook(model, hook)
+    emb = soft_prompts(model, images, image_features, image_embed)
+    if units is None:
+        raise ValueError("pass units=: (layer, unit) rows")
     u = as_units(model, units)
-    per_image = u if u.ndim == 3 else u[None].expand(len(pixels), -1, -1)
-    if per_image.shape[0] != len(pixels):
-        raise ValueError(f"per-image units for {per_image.shape[0]} images, but {len(pixels)} images given")
+    per_image = u if u.ndim == 3 else u[None].expand(len(emb), -1, -1)
+    if per_image.shape[0] != len(emb):
+        raise ValueError(f"per-image units for {per_image.shape[0]} images, but {len(emb)} images given")
+    if probe is None:
+        tokens = model.to_tokens("", image=True).expand(len(emb), -1)
+        mask = model.image_mask(tokens)
+    else:
+        probe.check_batch(len(emb))
+        tokens, mask = probe.tokens.to(model.cfg.device), probe.image_mask
     layers = sorted(set(per_image[..., 0].flatten().tolist()))
-    names = [f"blocks.{layer}.mlp.{hook}" for layer in layers]
-    tokens = model.to_tokens("", image=True)
+    names = [mlp_act_name(short, layer) for layer in layers]
     out = []
-    for start in range(0, len(pixels), batch_size):
-        chunk = pixels[start:start + batch_size]
-        cu = per_image[start:start + batch_size]
+    for start in range(0, len(emb), batch_size):
+        rows = slice(start, start + batch_size)
+        cu = per_image[rows]
         if not layers:
-            out.append(torch.zeros(len(chunk), 0, model.n_image_tokens))
+            out.append(torch.zeros(len(cu), 0, model.n_image_tokens))
             continue
-        _, cache = model.run_with_cache(tokens.expand(len(chunk), -1), images=chunk, names_filter=names,
+        _, cache = model.run_with_cache(tokens[rows], image_embed=emb[rows], names_filter=names,
                                         stop_at_layer=layers[-1] + 1)
-        acts = torch.stack([cache[n][:, model.image_positions].float().cpu() for n in names], 1)  # [b, L, p, d]
+        m = mask[rows].to(cache[names[0]].device)
+        acts = torch.stack([cache[n][m].reshape(len(cu), -1, model.cfg.d_mlp).float().cpu() for n in names], 1)
         li = torch.tensor([layers.index(v) for v in cu[..., 0].flatten().tolist()]).reshape(cu.shape[:2])
-        b = torch.arange(len(chunk))[:, None]
+        b = torch.arange(len(cu))[:, None]
         out.append(acts[b, li, :, cu[..., 1]])  # [b, n, patch]
-    return torch.cat(out).reshape(len(pixels), per_image.shape[1], *model.vision.grid)
+    return torch.cat(out).reshape(len(emb), per_image.shape[1], *model.vision.grid)
 
 
 # ---------------------------------------------------------------------------------- results
@@ -334,16 +347,25 @@ class UnitHeatmap:
                 f"max {self.grid.max():.3g} at patch {divmod(int(self.grid.argmax()), cols)})")
 
 
-def unit_heatmap(model: HookedVisionPrefix, image, layer: int, unit: int, hook: str = "hook_post") -> UnitHeatmap:
-    """The heatmap of MLP unit ``(layer, unit)`` on one image (PIL: original coordinates; a pixel
-    tensor ``[channel, h, w]``: the model-input frame)."""
-    batch = [image] if isinstance(image, Image.Image) else image[None] if image.ndim == 3 else image
-    if len(batch) != 1:
-        raise ValueError("unit_heatmap takes one image; use heatmap_ious for many")
-    grid = unit_grid_activations(model, batch, [(layer, unit)], hook)[0, 0]
-    geo = _geometry(model, image)
-    return UnitHeatmap(layer, unit, grid, grid_to_image(grid, geo), geo,
-                       image if isinstance(image, Image.Image) else None)
+def unit_heatmap(model: VisionLM, image, layer: int, unit: int, hook: str = "post") -> UnitHeatmap:
+    """The heatmap of MLP unit ``(layer, unit)`` on one image (PIL or a path: original coordinates;
+    a pixel tensor ``[channel, h, w]`` or an array: the model-input frame)."""
+    pil, pixels = one_image(model, image)
+    grid = unit_grid_activations(model, pixels, [(layer, unit)], hook)[0, 0]
+    geo = _geometry(model, pil)
+    return UnitHeatmap(layer, unit, grid, grid_to_image(grid, geo), geo, pil)
+
+
+def one_image(model: VisionLM, image) -> tuple[Image.Image | None, Float[Tensor, "1 channel height width"]]:
+    """One image, through the door once: its original (PIL, when given as PIL or a path) and its pixels."""
+    from tl_multimodal.images import to_pil
+
+    if isinstance(image, (list, tuple)) or (isinstance(image, (Tensor, np.ndarray)) and image.ndim == 4):
+        if len(image) != 1:
+            raise ValueError(f"pass one image, got {len(image)}")
+        image = image[0]
+    pil = to_pil(image) if isinstance(image, (Image.Image, str, Path)) else None
+    return pil, model.preprocess([pil] if pil is not None else image)
 
 
 @dataclass(repr=False)
@@ -370,8 +392,8 @@ class HeatmapIoUs:
                 f"mean IoU {self.iou.nanmean():.3f})")
 
 
-def heatmap_ious(model: HookedVisionPrefix, images: Sequence[Image.Image], units, object_masks,
-                 q: float = 95.0, hook: str = "hook_post", batch_size: int = 16) -> HeatmapIoUs:
+def heatmap_ious(model: VisionLM, images: Sequence[Image.Image], units, object_masks,
+                 q: float = 95.0, hook: str = "post", batch_size: int = 16) -> HeatmapIoUs:
     """IoU of unit heatmaps (at the ``q``-th percentile) with object masks, image by image.
 
     Args:
