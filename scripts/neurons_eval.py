@@ -167,7 +167,8 @@ def main(argv=None) -> dict:
         mask_to_input,
     )
     from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
-    from tl_multimodal.patching import ablation_curve, sample_matched_units
+    from tl_multimodal.ablation import ablation_curve, sample_matched_units
+    from tl_multimodal.probe import Probe
 
     ds = load_coco_mini(args.data_dir, args.split)
     if args.n_images is not None:
@@ -186,33 +187,25 @@ def main(argv=None) -> dict:
     k_keep = max(args.k, max(ks))
 
     # -------------------------------------------------------------- attribution, in small batches
-    tops, captions, targets, target_ids, prompts, nouns, pos_ok = [], [], [], [], [], [], 0
-    n_prefix = model.to_tokens("A picture of", image=True).shape[1]
+    tops, probes = [], []
     for start in range(0, n, args.batch_size):
         batch = images[start:start + args.batch_size]
         attr = attribute(model, batch, prompt="A picture of", batch_size=args.batch_size,
                          max_new_tokens=args.max_new_tokens)
         tops.append(attr.top_units(k_keep))
-        for i in range(len(batch)):
-            cap = attr.captions[i]
-            j = int(attr.positions[i]) + 1 - n_prefix  # caption tokens before the target
-            ids_i = model.tokenizer(cap, add_special_tokens=False)["input_ids"]
-            prompt_i = "A picture of" + model.tokenizer.decode(ids_i[:j])
-            pos_ok += model.to_tokens(prompt_i, image=True).shape[1] - 1 == int(attr.positions[i])
-            prompts.append(prompt_i)
-            found = first_noun(cap)
-            nouns.append(found[0] if found else None)
-        captions += attr.captions
-        targets += attr.targets
-        target_ids += attr.target_ids.tolist()
+        probes.append(attr.probe)
         print(f"{_tic(t0)} attributed images {start}..{start + len(batch) - 1}", flush=True)
         del attr
+    probe = Probe.concat(probes)
+    targets = probe.targets
+    # attribute() stops captioning once the target noun is complete: the full greedy captions, for (a)
+    captions = model.caption(images, prompt="A picture of", max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size)
+    nouns = [found[0] if (found := first_noun(c)) else None for c in captions]
     stages["attribution"] = time.perf_counter() - t0 - sum(stages.values())
     top = TopUnits.concat(tops)
-    ranked = top.units().reshape(n, k_keep, 2)  # best first, per image
+    ranked = top.units_per_image()  # [n, k_keep, 2], best first
     top_k = ranked[:, :args.k]
-    if pos_ok != n:
-        print(f"WARNING: {n - pos_ok} prompts re-tokenize to another length than the attribution's sequence")
 
     # -------------------------------------------------------------- where top units sit
     L = model.cfg.n_layers
@@ -222,7 +215,7 @@ def main(argv=None) -> dict:
 
     # -------------------------------------------------------------- (a) decoded text similarity
     flat = top_k.reshape(-1, 2)
-    dec = decode_units(model, flat, k=10)
+    dec = decode_units(model, flat, n_tokens=10)
     interp = dec.interpretable.reshape(n, args.k)
     texts = [" ".join(clean_token(t) for t in toks) for toks in dec.tokens]
     st = _sentence_model()
@@ -239,8 +232,8 @@ def main(argv=None) -> dict:
     stages["text_similarity"] = time.perf_counter() - t0 - sum(stages.values())
 
     # -------------------------------------------------------------- (b) ablation curve
-    curve = ablation_curve(model, images, ranked, torch.tensor(target_ids), prompt=prompts, ks=ks,
-                           n_random_seeds=args.ablation_seeds, seed=args.seed, batch_size=12)
+    curve = ablation_curve(model, images, ranked, ks=ks, probe=probe, n_random_seeds=args.ablation_seeds,
+                           seed=args.seed, batch_size=12)
     top_rel = curve.rel_change("top").mean(-1)  # [k]
     rand_rel = curve.rel_change("random").mean(-1)  # [k, seed]
     print(f"{_tic(t0)} (b) {curve!r}", flush=True)

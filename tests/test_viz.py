@@ -19,7 +19,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.decoding import decode_units
-from tl_multimodal.heatmaps import CropGeometry, grid_to_image
+from tl_multimodal.geometry import CropGeometry, grid_to_image
 from tl_multimodal.viz import (
     HeatmapView, HTMLView, circuitsvis_bundle, decoded_tokens_view, overlay_heatmap, patch_heatmap_view,
     plot_unit_heatmaps, render_circuitsvis, token_activations_view, unit_heatmap_view,

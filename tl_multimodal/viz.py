@@ -36,7 +36,8 @@ from PIL import Image
 from torch import Tensor
 
 from tl_multimodal.decoding import UnitDecoding
-from tl_multimodal.heatmaps import CropGeometry, grid_to_image, one_image, plot_heatmap, unit_grid_activations
+from tl_multimodal.geometry import CropGeometry, grid_to_image
+from tl_multimodal.heatmaps import one_image, plot_heatmap, unit_grid_activations
 from tl_multimodal.probe import Probe
 from tl_multimodal.units import as_units, mlp_act_name, mlp_hook
 from tl_multimodal.vlm import VisionLM, soft_prompts
