@@ -76,8 +76,8 @@ def pixels():
 
 @pytest.fixture(scope="session")
 def small_vlm(gpt2_tokenizer, vit_encoder):
-    """A 2-layer GPT-2-style LM (random weights, real tokenizer) behind the tiny ViT: fast whole-API runs."""
-    torch.manual_seed(6)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=24, n_ctx=64, d_vocab=50257,
-                                  act_fn="gelu_new", normalization_type="LN", model_name="small")
+    """2 layers, GPT-2's tokenizer and vocabulary (random weights), the tiny ViT (32x32 images, 4x4 grid)."""
+    torch.manual_seed(3)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257, n_ctx=64,
+                                  act_fn="gelu", normalization_type="LN", model_name="tiny")
     return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()

@@ -259,6 +259,20 @@ def test_bad_input_gets_clear_errors(tiny_vlm, feats):
         nan_lm.blocks[0].mlp.W_out[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         attribute(nan_lm, image_features=feats, target="dog")
+    attr = attribute(tiny_vlm, image_features=feats, target="dog")
+    assert torch.equal(attr.heatmap(1, 2, 23), attr.scores[1, 2, :, 23].reshape(4, 4))
+    with pytest.raises(ValueError, match=r"unit \(0, 24\) is out of range: the scores have 3 layers of 24 units"):
+        attr.heatmap(0, 0, 24)
+    with pytest.raises(ValueError, match="out of range"):
+        attr.heatmap(0, 3, 0)
+    with pytest.raises(ValueError, match="image_index 2 out of range for 2 images"):
+        attr.heatmap(2, 0, 0)
+    with pytest.raises(ValueError, match="multi_token='first'"):
+        attribute(tiny_vlm, image_features=feats, target="hippopotamus")
+    first = attribute(tiny_vlm, image_features=feats, target="hippopotamus", multi_token="first")
+    assert first.target_ids.tolist() == [tiny_vlm.tokenizer(" hippopotamus")["input_ids"][0]] * 2
+    with pytest.raises(ValueError, match="at most one of probe=, target= and captions="):
+        attribute(tiny_vlm, image_features=feats, target="dog", probe=attr.probe)
 
 
 def test_gpt2_small_one_backward_pass(vlm, pixels):
