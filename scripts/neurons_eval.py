@@ -134,16 +134,13 @@ def main(argv=None) -> dict:
     for start in range(0, n, args.batch_size):
         batch = images[start:start + args.batch_size]
         attr = attribute(model, batch, prompt="A picture of", batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, until="caption")  # the whole greedy caption
         tops.append(attr.top_units(k_keep))
         probes.append(attr.probe)
         print(f"{_tic(t0)} attributed images {start}..{start + len(batch) - 1}", flush=True)
         del attr
     probe = Probe.concat(probes)
-    targets = probe.targets
-    # attribute() stops captioning once the target noun is complete: the full greedy captions, for (a)
-    captions = model.caption(images, prompt="A picture of", max_new_tokens=args.max_new_tokens,
-                             batch_size=args.batch_size)
+    targets, captions = probe.targets, probe.captions
     nouns = [found[0] if (found := first_noun(c)) else None for c in captions]
     stages["attribution"] = time.perf_counter() - t0 - sum(stages.values())
     top = TopUnits.concat(tops)

@@ -126,6 +126,7 @@ def test_first_noun_of_given_and_generated_captions(tiny_vlm, feats):
     with warnings.catch_warnings():  # a random model's caption may have no noun: first word, with a warning
         warnings.simplefilter("ignore", UserWarning)
         gen = attribute(tiny_vlm, image_features=feats, max_new_tokens=12)  # the model's own greedy caption
+        whole = attribute(tiny_vlm, image_features=feats, max_new_tokens=12, until="caption")
     out = tiny_vlm.generate(PROMPT, 12, image_features=feats, do_sample=False, return_type="tokens", verbose=False)
     for i in range(2):
         caption_ids = out[i, n_prompt:].tolist()
@@ -134,6 +135,8 @@ def test_first_noun_of_given_and_generated_captions(tiny_vlm, feats):
         eos = tiny_vlm.tokenizer.eos_token_id
         caption_ids = caption_ids[:caption_ids.index(eos)] if eos in caption_ids else caption_ids
         full = tiny_vlm.tokenizer.decode(caption_ids)
+        assert whole.captions[i] == full  # until="caption": the whole greedy caption, its first noun
+        assert caption_ids[int(whole.positions[i]) - n_prompt + 1] == int(whole.target_ids[i])
         # generation stopped once the noun was complete: the caption is the greedy one cut right after it
         assert full.startswith(gen.captions[i])
         found = first_noun(gen.captions[i])

@@ -93,7 +93,7 @@ def test_batch_api_and_dataframe(vlm):
         decode_units(vlm, [(0, 3072)])
     with pytest.raises(ValueError, match="non-empty"):
         decode_units(vlm, [])
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="n_tokens must be"):
         decode_units(vlm, [(0, 0)], n_tokens=0)
 
 

@@ -76,9 +76,9 @@ def test_report_is_self_contained(written):
 
 
 def test_report_bad_input(vlm, photo, tmp_path):
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="n_units must be"):
         write_report(vlm, photo, tmp_path / "r.html", n_units=0)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing.png is not a file"):  # the image door's error
         write_report(vlm, tmp_path / "missing.png", tmp_path / "r.html")
     with pytest.raises(SystemExit, match="does not exist"):
         main(["report", str(tmp_path / "missing.png")])

@@ -97,7 +97,7 @@ def test_decoded_tokens_view_shows_each_units_tokens(small_vlm, tmp_path):
     assert view._repr_html_() == view.html
     page = view.save(tmp_path / "dec.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and view.html in page
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match="n_tokens must be"):
         decoded_tokens_view(dec, n_tokens=11)
     with pytest.raises(ValueError, match="UnitDecoding"):
         decoded_tokens_view([(0, 3)])
@@ -126,8 +126,10 @@ def test_token_activations_view_matches_the_cache(small_vlm, pixels):
 
 def test_token_activations_view_captions_by_default(small_vlm, pixels):
     view = token_activations_view(small_vlm, pixels[1], [(0, 1)], max_new_tokens=3)
-    caption = small_vlm.caption(pixels[1:2], max_new_tokens=3)[0]
-    assert view.text == f"A picture of {caption}".rstrip()
+    out = small_vlm.generate("A picture of", 3, images=pixels[1:2], do_sample=False, return_type="tokens",
+                             verbose=False)
+    assert view.text == small_vlm.tokenizer.decode(out[0, small_vlm.n_image_tokens:].tolist())
+    assert view.text.startswith("A picture of") and len(view.tokens) == out.shape[1]
 
 
 def test_token_activations_view_bad_input(small_vlm, pixels):
@@ -135,7 +137,7 @@ def test_token_activations_view_bad_input(small_vlm, pixels):
         token_activations_view(small_vlm, pixels[0], [(2, 0)], text="a")
     with pytest.raises(ValueError, match="one image"):
         token_activations_view(small_vlm, pixels, [(0, 0)], text="a")
-    with pytest.raises(ValueError, match="no hook_nope"):
+    with pytest.raises(ValueError, match="unknown hook .hook_nope."):
         token_activations_view(small_vlm, pixels[0], [(0, 0)], text="a", hook="hook_nope")
 
 

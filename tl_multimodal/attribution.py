@@ -356,16 +356,17 @@ def _attribute_probe(model: VisionLM, emb: Tensor, probe: Probe, names: list[str
 
 
 def _caption_and_attribute(model: VisionLM, emb: Tensor, prompt: str, names: list[str], objective: str,
-                           noun_finder, max_new_tokens: int, with_grad: bool,
+                           noun_finder, max_new_tokens: int, with_grad: bool, until: str = "noun",
                            ) -> tuple[Probe, Tensor | None, Tensor | None]:
     """Greedy captioning with a KV cache, stopping once every row's target is settled; with
     ``with_grad`` the same passes give the attribution (gradients flow back through the cache).
 
     A row's target settles when its first noun is complete (the text goes on past the noun) or at
-    end of text; for ``caption_logprob``, at end of text. Returns the probe, and the scores and
-    ``y`` (or None without grad).
+    end of text; with ``until="caption"`` or for ``caption_logprob``, at end of text (or after
+    ``max_new_tokens``). Returns the probe, and the scores and ``y`` (or None without grad).
     """
     whole = objective == "caption_logprob"
+    early = not whole and until == "noun"
     prefix = image_prompt_ids(model, prompt)
     b, device = emb.shape[0], model.cfg.device
     tokens = torch.tensor(prefix, device=device).repeat(b, 1)
@@ -390,7 +391,7 @@ def _caption_and_attribute(model: VisionLM, emb: Tensor, prompt: str, names: lis
                     continue
                 ids[i].append(t)
                 texts[i] += model.tokenizer.decode([t])
-                if not whole:
+                if early:
                     found = noun_finder(texts[i])
                     done[i] = found is not None and found[1] + len(found[0]) < len(texts[i])
             if all(done) or step == max_new_tokens - 1:
@@ -425,7 +426,8 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
               method: Literal["grad_x_act", "integrated_gradients"] = "grad_x_act", n_steps: int = 20,
               baseline: float = 0.0, max_new_tokens: int = 20,
               noun_finder: Callable[[str], tuple[str, int] | None] = first_noun,
-              multi_token: MultiToken = "error", batch_size: int = 8) -> Attribution:
+              until: Literal["noun", "caption"] = "noun", multi_token: MultiToken = "error",
+              batch_size: int = 8) -> Attribution:
     """Attribute ``y_c`` to every MLP unit at every image position.
 
     ``grad_x_act``: ``g = Z * dy_c/dZ`` from one forward and one ``torch.autograd.grad`` per batch
@@ -460,6 +462,9 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
         baseline: Activation value integrated from (integrated gradients).
         max_new_tokens: Most caption tokens generated per image.
         noun_finder: ``text -> (word, char offset) | None``; default :func:`first_noun`.
+        until: When generating: stop once each row's first noun is complete (``"noun"``, fast), or
+            generate the whole caption (``"caption"``: end of text or ``max_new_tokens``) and take the
+            first noun of it (a noun finder may change its mind on later words).
         multi_token: A string target of several tokens: ``"error"`` or ``"first"`` (first sub-token).
         batch_size: Images per forward/backward pass.
 
@@ -475,6 +480,8 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
     for name, v in (("n_steps", n_steps), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if until not in ("noun", "caption"):
+        raise ValueError(f"until must be 'noun' or 'caption', got {until!r}")
     if sum(x is not None for x in (probe, target, captions)) > 1:
         raise ValueError("pass at most one of probe=, target= and captions=")
     if objective == "caption_logprob" and target is not None:
@@ -498,12 +505,12 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
         chunk = emb[start:start + batch_size]
         if probe is None and method == "grad_x_act":
             part, scores, y = _caption_and_attribute(model, chunk, prompt, names, objective, noun_finder,
-                                                     max_new_tokens, with_grad=True)
+                                                     max_new_tokens, with_grad=True, until=until)
         else:
             if probe is None:
                 with torch.no_grad():
                     part, _, _ = _caption_and_attribute(model, chunk, prompt, [], objective, noun_finder,
-                                                        max_new_tokens, with_grad=False)
+                                                        max_new_tokens, with_grad=False, until=until)
             else:
                 part = probe[start:start + batch_size]
             scores, y = _attribute_probe(model, chunk, part, names, objective, method, n_steps, baseline)

@@ -259,7 +259,7 @@ def token_activations_view(model: VisionLM, image, units, text: str | None = Non
         image: One image (PIL, a path, an array, or a pixel tensor ``[channel, h, w]``).
         units: ``(layer, unit)`` pairs (a list or an ``[n, 2]`` tensor); one button each in the view.
         text: The text after the image; default: ``prompt`` followed by the model's own greedy
-            caption of the image.
+            caption of the image (its generated tokens).
         prompt: Prompt for the caption when ``text`` is None.
         hook: The MLP hook read (``"post"``: the activation; ``"pre"``: what attribution scores).
         max_new_tokens: Caption length when ``text`` is None.
@@ -284,11 +284,14 @@ def token_activations_view(model: VisionLM, image, units, text: str | None = Non
         tokens = torch.cat([row.tokens[:, :int(row.pred_pos[0]) + 1], row.target_ids[:, None]], 1).to(model.cfg.device)
         text = model.tokenizer.decode(tokens[0][~model.image_mask(tokens)[0]].tolist())
     else:
-        if text is None:
-            text = model.generate(prompt, max_new_tokens, image_embed=emb, do_sample=False, verbose=False)[0].rstrip()
-        if not text.strip():
-            raise ValueError("text is empty")
-        tokens = model.to_tokens(text, image=True)
+        if text is None:  # the model's own tokens, not a re-tokenization of their text
+            tokens = model.generate(prompt, max_new_tokens, image_embed=emb, do_sample=False, verbose=False,
+                                    return_type="tokens")
+            text = model.tokenizer.decode(tokens[0][~model.image_mask(tokens)[0]].tolist())
+        else:
+            if not text.strip():
+                raise ValueError("text is empty")
+            tokens = model.to_tokens(text, image=True)
     layers = sorted({l for l, _ in unit_list})
     names = [mlp_act_name(short, l) for l in layers]
     _, cache = model.run_with_cache(tokens, image_embed=emb, names_filter=names, stop_at_layer=layers[-1] + 1)
