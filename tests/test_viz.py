@@ -20,8 +20,9 @@ from tl_multimodal.decoding import decode_units
 from tl_multimodal.geometry import CropGeometry, grid_to_image
 from tl_multimodal.viz import (
     HeatmapView, HTMLView, circuitsvis_bundle, decoded_tokens_view, overlay_heatmap, patch_heatmap_view,
-    plot_unit_heatmaps, render_circuitsvis, token_activations_view, unit_heatmap_view,
+    render_circuitsvis, token_activations_view, unit_heatmap_view,
 )
+from tl_multimodal.figures import plot_unit_heatmaps
 
 matplotlib.use("Agg")
 CDN = re.compile(r"""(src\s*=\s*["']?\s*(https?:)?//|from\s*["']https?://|unpkg\.com|jsdelivr|cdnjs)""", re.I)

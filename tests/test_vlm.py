@@ -15,7 +15,8 @@ from tl_multimodal.decoding import decode_image_prompts
 from tl_multimodal.heatmaps import heatmap_ious, unit_grid_activations, unit_heatmap
 from tl_multimodal.patching import patch_resid, patch_units, unit_patch_sweep
 from tl_multimodal.report import build_report
-from tl_multimodal.viz import plot_unit_heatmaps, token_activations_view, unit_heatmap_view
+from tl_multimodal.figures import plot_unit_heatmaps
+from tl_multimodal.viz import token_activations_view, unit_heatmap_view
 from tl_multimodal.vlm import VisionLM, soft_prompts
 
 matplotlib.use("Agg")

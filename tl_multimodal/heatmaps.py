@@ -136,6 +136,8 @@ class UnitHeatmap:
 
     def plot(self, object_mask=None, q: float = 95.0, ax=None):
         """The heatmap over the image, with the ``q``-th percentile mask (and the object) outlined."""
+        from tl_multimodal.figures import plot_heatmap
+
         return plot_heatmap(self.image, self.heatmap, mask=self.mask(q), object_mask=object_mask, ax=ax,
                             title=f"L{self.layer}.{self.unit}")
 
@@ -223,40 +225,3 @@ def heatmap_ious(model: VisionLM, images: Sequence[Image.Image], units, object_m
         ious[i] = torch.tensor([mask_iou(m, obj, valid) for m in masks])
     u = as_units(model, units)
     return HeatmapIoUs(units=u if u.ndim == 3 else u[None].expand(len(images), -1, -1), iou=ious, q=q)
-
-
-def plot_heatmap(image: Image.Image | None, heatmap: Float[Tensor, "height width"], mask=None, object_mask=None,
-                 alpha: float = 0.5, cmap: str = "jet", title: str | None = None, ax=None):
-    """Overlay a heatmap (original image coordinates) on its image; outline masks.
-
-    Args:
-        image: The original image (``None``: the heatmap alone).
-        heatmap: ``[height, width]``; NaN pixels (cropped away) stay transparent.
-        mask: The activation mask, outlined in white.
-        object_mask: The object mask, outlined in lime.
-        alpha, cmap: Heatmap opacity and colormap.
-        title: Axes title.
-        ax: Axes to draw on (default: a new figure).
-
-    Returns:
-        The matplotlib Figure.
-    """
-    import matplotlib.pyplot as plt
-
-    fig = ax.figure if ax is not None else plt.figure(figsize=(5, 5))
-    ax = ax if ax is not None else fig.add_subplot()
-    hm = heatmap.detach().float().cpu().numpy()
-    if image is not None:
-        if image.size != (hm.shape[1], hm.shape[0]):
-            raise ValueError(f"heatmap is {hm.shape[1]}x{hm.shape[0]} but the image is {image.size[0]}x{image.size[1]}")
-        ax.imshow(image)
-    im = ax.imshow(np.ma.masked_invalid(hm), cmap=cmap, alpha=alpha if image is not None else 1.0)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    for m, color in ((mask, "white"), (object_mask, "lime")):
-        if m is not None:
-            ax.contour(np.asarray(m, dtype=float), levels=[0.5], colors=color, linewidths=1.5)
-    if title:
-        ax.set_title(title)
-    ax.set_axis_off()
-    fig.tight_layout()
-    return fig

@@ -11,7 +11,6 @@ at all. Every view has ``_repr_html_`` (shows in Jupyter/Colab) and ``.save(path
   ``ColoredTokensMulti``; image slots read ``<image_i>``).
 * :func:`unit_heatmap_view` / :func:`patch_heatmap_view` - a unit's activation (or any patch-grid
   score) over the patch grid, upsampled onto the image, as inline base64 PNGs.
-* :func:`plot_unit_heatmaps` - a matplotlib figure of several units' heatmaps on one image.
 
     view = unit_heatmap_view(model, pil_image, [(5, 1021), (7, 33)])
     view                      # renders in the notebook
@@ -24,7 +23,6 @@ import base64
 import functools
 import html
 import io
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 from uuid import uuid4
@@ -37,7 +35,7 @@ from torch import Tensor
 
 from tl_multimodal.decoding import UnitDecoding
 from tl_multimodal.geometry import CropGeometry, grid_to_image
-from tl_multimodal.heatmaps import one_image, plot_heatmap, unit_grid_activations
+from tl_multimodal.heatmaps import one_image, unit_grid_activations
 from tl_multimodal.probe import Probe
 from tl_multimodal.units import as_units, mlp_act_name, mlp_hook
 from tl_multimodal.vlm import VisionLM, soft_prompts
@@ -438,7 +436,7 @@ def patch_heatmap_view(image: Image.Image | None, grids: Float[Tensor, "n rows c
     return HeatmapView(body, title, heatmaps, g, labels, panels, image)
 
 
-def _display_image(model: VisionLM, image) -> tuple[Image.Image, CropGeometry, Tensor]:
+def display_image(model: VisionLM, image) -> tuple[Image.Image, CropGeometry, Tensor]:
     """The image to draw on, its geometry and its pixels: PIL originals (or paths) as they are, pixel
     tensors de-normalised."""
     pil, pixels = one_image(model, image)
@@ -470,55 +468,9 @@ def unit_heatmap_view(model: VisionLM, image, units, hook: str = "post", *, imag
         A :class:`HeatmapView` (one panel per unit, after the plain image).
     """
     unit_list = _unit_list(model, units)
-    pil, geometry, pixels = _display_image(model, image)
+    pil, geometry, pixels = display_image(model, image)
     grids = unit_grid_activations(model, None if image_embed is not None else pixels, unit_list, hook,
                                   image_embed=image_embed)[0]
     labels = [_unit_label(l, u) for l, u in unit_list]
     kwargs.setdefault("title", f"{hook} of {len(labels)} units over the patch grid {tuple(model.vision.grid)}")
     return patch_heatmap_view(pil, grids, labels, geometry, **kwargs)
-
-
-def plot_unit_heatmaps(model: VisionLM, image, units, hook: str = "post", ncols: int = 4, q: float | None = 95.0,
-                       object_mask=None, titles: Sequence[str] | None = None, panel_size: float = 3.0):
-    """A matplotlib figure: the image, then each unit's heatmap over it (95th-percentile mask outlined).
-
-    Args:
-        model: The vision LM (:class:`~tl_multimodal.vlm.VisionLM`).
-        image: One image (PIL or pixel tensor, as for :func:`unit_heatmap_view`).
-        units: ``(layer, unit)`` pairs, e.g. ``attr.top_units(8).units()``.
-        hook: The MLP hook read.
-        ncols: Panels per row.
-        q: Outline the pixels at or above this percentile (``None``: no outline).
-        object_mask: An object mask in the image's frame, outlined in lime
-            (:func:`~tl_multimodal.heatmaps.coco_category_mask`).
-        titles: One title per unit (default ``L{layer}.{unit}``).
-        panel_size: Inches per panel.
-
-    Returns:
-        The matplotlib Figure.
-    """
-    import matplotlib.pyplot as plt
-
-    from tl_multimodal.heatmaps import activation_mask
-
-    unit_list = _unit_list(model, units)
-    titles = [_unit_label(l, u) for l, u in unit_list] if titles is None else list(titles)
-    if len(titles) != len(unit_list):
-        raise ValueError(f"{len(titles)} titles for {len(unit_list)} units")
-    pil, geometry, pixels = _display_image(model, image)
-    heatmaps = grid_to_image(unit_grid_activations(model, pixels, unit_list, hook)[0], geometry)
-    n = len(unit_list) + 1
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols * 1.15, panel_size * nrows), squeeze=False)
-    axes = axes.flatten()
-    axes[0].imshow(pil)
-    axes[0].set_title("image")
-    axes[0].set_axis_off()
-    for ax, hm, t in zip(axes[1:], heatmaps, titles):
-        plot_heatmap(pil, hm, mask=activation_mask(hm, q) if q is not None else None, object_mask=object_mask,
-                     title=t, ax=ax)
-    for ax in axes[n:]:
-        ax.set_axis_off()
-    fig.tight_layout()
-    return fig
