@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
 
     from pycocotools.coco import COCO
 
-    from tl_multimodal.attribution import TopUnits, attribute, first_noun
+    from tl_multimodal.attribution import attribute_dataset, first_noun
     from tl_multimodal.data import load_coco_mini
     from tl_multimodal.decoding import clean_token, decode_units
     from tl_multimodal.coco import coco_category_mask, object_for_noun
@@ -111,7 +111,6 @@ def main(argv=None) -> dict:
     from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
     from tl_multimodal.ablation import ablation_curve, sample_matched_units
     from tl_multimodal.evaluation import text_similarity_test
-    from tl_multimodal.probe import Probe
 
     ds = load_coco_mini(args.data_dir, args.split)
     if args.n_images is not None:
@@ -130,21 +129,17 @@ def main(argv=None) -> dict:
     k_keep = max(args.k, max(ks))
 
     # -------------------------------------------------------------- attribution, in small batches
-    tops, probes = [], []
-    for start in range(0, n, args.batch_size):
-        batch = images[start:start + args.batch_size]
-        attr = attribute(model, batch, prompt="A picture of", batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens, until="caption")  # the whole greedy caption
-        tops.append(attr.top_units(k_keep))
-        probes.append(attr.probe)
-        print(f"{_tic(t0)} attributed images {start}..{start + len(batch) - 1}", flush=True)
-        del attr
-    probe = Probe.concat(probes)
-    targets, captions = probe.targets, probe.captions
+    def progress(start: int, m: int) -> None:
+        print(f"{_tic(t0)} attributed images {start}..{start + m - 1}", flush=True)
+
+    res = attribute_dataset(model, [images[s:s + args.batch_size] for s in range(0, n, args.batch_size)],
+                            n_units=k_keep, prompt="A picture of", batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, until="caption",  # the whole greedy caption
+                            on_batch=progress)
+    probe, targets, captions = res.probe, res.targets, res.captions
     nouns = [found[0] if (found := first_noun(c)) else None for c in captions]
     stages["attribution"] = time.perf_counter() - t0 - sum(stages.values())
-    top = TopUnits.concat(tops)
-    ranked = top.units_per_image()  # [n, k_keep, 2], best first
+    ranked = res.top_units.units_per_image()  # [n, k_keep, 2], best first
     top_k = ranked[:, :args.k]
 
     # -------------------------------------------------------------- where top units sit

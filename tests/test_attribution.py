@@ -142,7 +142,8 @@ def test_first_noun_of_given_and_generated_captions(tiny_vlm, feats):
         found = first_noun(gen.captions[i])
         if gen.captions[i] != full and found is not None:
             assert found[1] + len(found[0]) < len(gen.captions[i])
-            n = next(n for n in range(len(caption_ids)) if tiny_vlm.tokenizer.decode(caption_ids[:n]) == gen.captions[i])
+            decode = tiny_vlm.tokenizer.decode
+            n = next(n for n in range(len(caption_ids)) if decode(caption_ids[:n]) == gen.captions[i])
             shorter = tiny_vlm.tokenizer.decode(caption_ids[:n - 1])
             cut = first_noun(shorter)
             assert cut is None or cut[1] + len(cut[0]) >= len(shorter)  # not settled one token earlier
@@ -229,7 +230,13 @@ def test_planted_neuron_ranks_first_and_decodes_to_its_token(gpt2_tokenizer, vit
     assert dec.token_ids[0, 0] == tid and dec.tokens[0][0] == " dog"
 
     # dataset aggregation: the planted unit is every image's top unit
-    tops = attribute_dataset(vlm, [feats, feats[:1]], n_units=5, features=True, target=" dog")
+    seen = []
+    res = attribute_dataset(vlm, [feats, feats[:1]], n_units=5, features=True, target=" dog",
+                            on_batch=lambda start, n: seen.append((start, n)))
+    assert seen == [(0, 2), (2, 1)] and len(res) == 3 and res.targets == [" dog"] * 3
+    one = attribute(vlm, image_features=feats[:1], target=" dog").probe
+    assert torch.equal(res.probe.tokens, one.tokens.expand(3, -1))
+    tops = res.top_units
     assert tops.image_index.unique().tolist() == [0, 1, 2]
     counts = tops.unit_counts()
     assert (counts.iloc[0].layer, counts.iloc[0].unit, counts.iloc[0].n_images) == (1, 5, 3)

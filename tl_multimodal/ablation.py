@@ -241,7 +241,8 @@ class AblationCurve:
         return pd.DataFrame(rows, columns=["k", "kind", "seed", "image", "p_before", "p_after", "rel_change"])
 
     def plot(self, ax=None):
-        """Mean relative change of p(c) vs k (log x), top-k against random: :func:`~tl_multimodal.figures.plot_ablation_curve`."""
+        """Mean relative change of p(c) vs k (log x), top-k against random
+        (:func:`~tl_multimodal.figures.plot_ablation_curve`)."""
         from tl_multimodal.figures import plot_ablation_curve
 
         return plot_ablation_curve(self, ax)

@@ -17,7 +17,7 @@ which ablation, patching, heatmaps and views take.
     attr = attribute(model, images)            # Attribution, scores [batch, layer, patch, unit]
     attr.top_units(100).to_dataframe()          # image_index, layer, unit, patch, score
     ablate_units(model, images, attr.top_units(10).units_per_image(), probe=attr.probe)
-    tops = attribute_dataset(model, loader)     # top units of every image of a dataset
+    res = attribute_dataset(model, loader)      # top units and probes of every image of a dataset
 """
 
 from __future__ import annotations
@@ -528,9 +528,38 @@ def top_units_over(attributions: Iterable[Attribution], n_units: int = 100) -> T
     return TopUnits.concat([a.top_units(n_units) for a in attributions])
 
 
+@dataclass(repr=False)
+class DatasetAttribution:
+    """The attribution of a whole dataset, kept small: each image's top units and the query.
+
+    Attributes:
+        top_units: Each image's top ``n_units`` units (images numbered across the dataset).
+        probe: The queries of all images (captions, targets, positions), for ablation and patching.
+    """
+
+    top_units: TopUnits
+    probe: Probe
+
+    @property
+    def captions(self) -> list[str] | None:
+        """The captions (generated or given), or None."""
+        return self.probe.captions
+
+    @property
+    def targets(self) -> list[str]:
+        """The target token of each image."""
+        return self.probe.targets
+
+    def __len__(self) -> int:
+        return len(self.probe)
+
+    def __repr__(self) -> str:
+        return f"DatasetAttribution({len(self)} images x top {self.top_units.n_units}, targets={self.targets[:4]}...)"
+
+
 def attribute_dataset(model: VisionLM, batches: Iterable, n_units: int = 100, features: bool = False,
-                      **kwargs) -> TopUnits:
-    """Attribute every image of a dataset, keeping only each image's top ``n_units`` units.
+                      on_batch: Callable[[int, int], None] | None = None, **kwargs) -> DatasetAttribution:
+    """Attribute every image of a dataset, keeping each image's top ``n_units`` units and its probe.
 
     Args:
         model: A vision LM.
@@ -538,16 +567,24 @@ def attribute_dataset(model: VisionLM, batches: Iterable, n_units: int = 100, fe
             ``image_features`` tensors when ``features=True``. A tensor is split by ``batch_size``.
         n_units: Units kept per image.
         features: The batches are precomputed encoder features.
+        on_batch: Called with (first image index, images in the batch) after each batch (progress).
         **kwargs: Passed to :func:`attribute` (``target`` and ``captions`` are per batch, so pass
             them only if they apply to every image).
 
     Returns:
-        One :class:`TopUnits` over the whole dataset.
+        A :class:`DatasetAttribution` (top units and probes of all images).
     """
     key = "image_features" if features else "images"
     if isinstance(batches, Tensor):
         batches = batches.split(kwargs.get("batch_size", 8))
-    parts = [attribute(model, **{key: b}, **kwargs).top_units(n_units) for b in batches]
-    if not parts:
+    tops, probes, start = [], [], 0
+    for b in batches:
+        attr = attribute(model, **{key: b}, **kwargs)
+        tops.append(attr.top_units(n_units))
+        probes.append(attr.probe)
+        if on_batch is not None:
+            on_batch(start, len(attr))
+        start += len(attr)
+    if not tops:
         raise ValueError("the dataset is empty")
-    return TopUnits.concat(parts)
+    return DatasetAttribution(TopUnits.concat(tops), Probe.concat(probes))

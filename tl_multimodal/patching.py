@@ -50,7 +50,8 @@ def layer_neuron_patch_setter(corrupted_activation, index, clean_activation, pos
     """Patch setter with ``index = [layer, neuron]``: the neuron at every position in ``pos``.
 
     Bind ``pos`` with ``functools.partial`` (positions, or a ``[batch, pos]`` bool mask such as
-    ``probe.image_mask``); the default patches all positions, like TransformerLens's ``layer_head_vector_patch_setter`` for heads.
+    ``probe.image_mask``); the default patches all positions, like TransformerLens's
+    ``layer_head_vector_patch_setter`` for heads.
     """
     assert len(index) == 2
     layer, neuron = index
