@@ -102,7 +102,8 @@ def main(argv=None) -> dict:
 
     from pycocotools.coco import COCO
 
-    from tl_multimodal.attribution import attribute_dataset, first_noun
+    from tl_multimodal.attribution import attribute_dataset
+    from tl_multimodal.nouns import first_noun
     from tl_multimodal.data import load_coco_mini
     from tl_multimodal.decoding import clean_token, decode_units
     from tl_multimodal.coco import coco_category_mask, object_for_noun

@@ -9,7 +9,8 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_multimodal import HookedVisionPrefix
-from tl_multimodal.attribution import Attribution, TopUnits, attribute, attribute_dataset, first_noun, top_units_over
+from tl_multimodal.attribution import Attribution, TopUnits, attribute, attribute_dataset, top_units_over
+from tl_multimodal.nouns import first_noun
 from tl_multimodal.decoding import decode_units
 
 PROMPT = "A picture of"

@@ -81,7 +81,7 @@ def test_help(argv):
 def test_every_option_has_help_and_shows_its_default():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"caption", "report", "cache"}
+    assert set(subparsers.choices) == {"caption", "report", "attribute", "cache"}
     for name, sub in subparsers.choices.items():
         assert sub.description, name
         text = sub.format_help()

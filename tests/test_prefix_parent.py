@@ -7,7 +7,6 @@ logit attributions) must give what the parent gives."""
 import contextlib
 import inspect
 
-import numpy as np
 import pytest
 import torch
 import transformers

@@ -13,24 +13,32 @@ import importlib
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "ablation": ["AblationCurve", "AblationResult", "ablate_units", "ablation_curve"],
     "alignment": ["Alignment", "SoftPromptNorms", "alignment", "soft_prompt_norms"],
-    "attribution": ["Attribution", "TopUnits", "attribute", "attribute_dataset"],
+    "attribution": ["Attribution", "DatasetAttribution", "TopUnits", "attribute", "attribute_dataset"],
     "bridge": ["VisionBridge", "load_offline_bridge"],
+    "coco": ["coco_category_mask", "load_coco", "object_for_noun"],
     "data": ["load_coco_mini"],
-    "decoding": ["UnitDecoding", "decode_image_prompts", "decode_unit", "decode_units", "is_interpretable"],
+    "decoding": ["ImagePromptDecoding", "UnitDecoding", "decode_image_prompts", "decode_unit", "decode_units",
+                 "is_interpretable"],
     "encoders": ["HFVisionEncoder", "VisionEncoder"],
-    "heatmaps": ["coco_category_mask", "heatmap_ious", "unit_heatmap"],
+    "evaluation": ["SimilarityTest", "text_similarity_test"],
+    "geometry": ["CropGeometry"],
+    "heatmaps": ["HeatmapIoUs", "UnitHeatmap", "heatmap_ious", "unit_heatmap"],
     "limber": ["LIMBER_CONFIGS", "load_limber"],
     "llava": ["from_llava"],
     "lm_blocks": ["ViTWithLMBlocks"],
     "loading": ["clear_cache", "load_efficientnet_lite0", "load_offline", "load_smollm2"],
-    "patching": ["ablate_units", "ablation_curve", "patch_resid", "patch_units", "unit_patch_sweep"],
     "nouns": ["first_noun"],
+    "patching": ["PatchResult", "UnitPatchSweep", "patch_resid", "patch_units", "unit_patch_sweep"],
     "prefix": ["HookedVisionPrefix"],
+    "probe": ["Probe", "make_probe", "target_id"],
     "projection": ["ImageProjection", "ProjectionInfo"],
     "report": ["UnitReport", "build_report", "write_report"],
     "runner": ["RunSummary", "load_rows", "run_attribution"],
     "training": ["TrainingResult", "caption_nll", "encode_images", "train_projection"],
+    "viz": ["HTMLView", "HeatmapView", "TokenActivationsView"],
+    "vlm": ["VisionLM", "soft_prompts"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

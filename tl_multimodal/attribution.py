@@ -22,7 +22,6 @@ which ablation, patching, heatmaps and views take.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Sequence
@@ -32,48 +31,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from tl_multimodal.decoding import load_word_list
+from tl_multimodal.nouns import first_noun
 from tl_multimodal.probe import MultiToken, Probe, image_prompt_ids, make_probe, probe_from_caption_ids
 from tl_multimodal.units import mlp_act_name, mlp_hook
 from tl_multimodal.vlm import VisionLM, soft_prompts
 
 Objective = Literal["logit", "logprob", "caption_logprob"]
-
-# Closed-class words (and a few caption fillers) that the lexicon also lists as nouns.
-_NOT_NOUNS = frozenset("""
-a an the this that these those there here it its it's he him his she her hers they them their theirs
-we us our ours you your yours i me my mine one ones some any each every other another such both
-either neither all none no not much many more most few several lot lots of in on at to for from by
-with without into onto over under above below near between behind through and or but nor so yet if
-then than as is are was were be been being am has have had do does did can could will would shall
-should may might must up down out off about what which who whom whose when where why how very
-just also only something someone anything nothing everything image picture photo photograph view
-two three four five six seven eight nine ten
-""".split())
-_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
-
-
-def first_noun(text: str) -> tuple[str, int] | None:
-    """The first noun of ``text`` and its character offset, found offline with the shipped lexicon.
-
-    A heuristic, not a tagger (no offline tagger ships in a wheel): a word is a *candidate* if the
-    lexicon says it can be a noun and it is not a closed-class word (pronouns, determiners, numbers,
-    prepositions, ...; also "image"/"picture"/"photo", which captions use as fillers). The first
-    candidate that cannot also be an adjective wins ("a red car" -> "car", "a young woman" ->
-    "woman"); if every candidate can be an adjective, the first candidate. ``None`` if there is no
-    candidate.
-    """
-    lex = load_word_list()
-    candidates = []
-    for m in _WORD.finditer(text):
-        w = m.group().lower()
-        if w in _NOT_NOUNS or len(w) < 2 or "NOUN" not in lex.get(w, ()):
-            continue
-        if "ADJ" not in lex[w]:
-            return m.group(), m.start()
-        candidates.append((m.group(), m.start()))
-    return candidates[0] if candidates else None
-
 
 # ---------------------------------------------------------------------------- results
 @dataclass

@@ -252,7 +252,7 @@ def _report(args) -> None:
     from tl_multimodal.images import to_pil
     from tl_multimodal.report import write_report
 
-    out = write_report(model, to_pil(image, str(image)), args.out, k=args.k, prompt=args.prompt,
+    out = write_report(model, to_pil(image, str(image)), args.out, n_units=args.k, prompt=args.prompt,
                        max_new_tokens=args.max_new_tokens)
     print(out)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool
 from PIL import Image
+from torch import Tensor
 
 PERSON = frozenset("""man men woman women person people boy boys girl girls child children kid kids guy guys lady
 ladies player players baby skier surfer skateboarder snowboarder couple group family crowd rider batter

@@ -67,7 +67,7 @@ def plot_unit_heatmaps(model: VisionLM, image, units, hook: str = "post", ncols:
         ncols: Panels per row.
         q: Outline the pixels at or above this percentile (``None``: no outline).
         object_mask: An object mask in the image's frame, outlined in lime
-            (:func:`~tl_multimodal.heatmaps.coco_category_mask`).
+            (:func:`~tl_multimodal.coco.coco_category_mask`).
         titles: One title per unit (default ``L{layer}.{unit}``).
         panel_size: Inches per panel.
 

@@ -23,7 +23,6 @@ from jaxtyping import Bool, Float, Int
 from PIL import Image
 from torch import Tensor
 
-from tl_multimodal.coco import coco_category_mask  # noqa: F401  (re-exported for the package __init__)
 from tl_multimodal.geometry import CropGeometry, grid_to_image, input_geometry
 from tl_multimodal.probe import Probe
 from tl_multimodal.units import as_units, mlp_act_name, mlp_hook
@@ -209,7 +208,7 @@ def heatmap_ious(model: VisionLM, images: Sequence[Image.Image], units, object_m
         units: ``[n, 2]`` for all images, or ``[batch, n, 2]`` (e.g. each image's top units, or
             ``patching.sample_matched_units`` of them as the baseline).
         object_masks: One ``[height, width]`` mask per image, in original pixels
-            (:func:`coco_category_mask`).
+            (:func:`~tl_multimodal.coco.coco_category_mask`).
         q: Percentile of the activation mask (METHOD.md: 95).
         hook: MLP hook (see :func:`unit_grid_activations`).
         batch_size: Images per forward pass.

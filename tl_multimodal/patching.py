@@ -265,6 +265,3 @@ def unit_patch_sweep(model: VisionLM, source_images, base_images, units: UnitsLi
                                                   activation_name=short)
     return UnitPatchSweep(units=u, p_patched=p.cpu(), p_base=p_base, p_source=probe.metric(src_logits).item())
 
-
-# re-exported until the package __init__ imports them from tl_multimodal.ablation
-from tl_multimodal.ablation import ablate_units, ablation_curve  # noqa: E402,F401

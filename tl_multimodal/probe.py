@@ -252,7 +252,7 @@ def probe_from_caption_ids(model: VisionLM, prompt: str, caption_ids: Sequence[S
         captions: The caption texts to record (default: the decoded ids).
     """
     if noun_finder is None:
-        from tl_multimodal.attribution import first_noun as noun_finder
+        from tl_multimodal.nouns import first_noun as noun_finder
     prefix = image_prompt_ids(model, prompt)
     rows, tids, spans, texts = [], [], [], []
     for i, ids in enumerate(caption_ids):

@@ -22,7 +22,8 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from tl_multimodal.attribution import Attribution, attribute, first_noun
+from tl_multimodal.attribution import Attribution, attribute
+from tl_multimodal.nouns import first_noun
 from tl_multimodal.decoding import UnitDecoding, decode_units
 from tl_multimodal.heatmaps import one_image
 from tl_multimodal.probe import Probe
