@@ -24,18 +24,19 @@ import contextlib
 from typing import Any
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from tl_multimodal.encoders import VisionEncoder
-from tl_multimodal.images import Images, to_pixels
-from tl_multimodal.projection import ImageProjection, ProjectionInfo
+from tl_multimodal.frontend import ImageFrontEnd
+from tl_multimodal.images import Images
+from tl_multimodal.projection import ImageProjection
 
 _IMAGE_ARGS = ("images", "image_features", "image_embed")
 
 
-class VisionBridge(nn.Module):
+class VisionBridge(ImageFrontEnd, nn.Module):
     """A ``TransformerBridge`` LM with a frozen vision encoder and a LiMBeR projection in front.
 
     Args:
@@ -60,21 +61,15 @@ class VisionBridge(nn.Module):
             raise TypeError(f"bridge must be a transformer_lens TransformerBridge, got {type(bridge).__name__}")
         cfg = bridge.cfg
         self.bridge = bridge
-        self.vision = encoder
-        self.n_image_tokens = encoder.n_patches
         self.image_token_id = cfg.d_vocab
         embedding = bridge.embed.original_component
         if embedding.num_embeddings != cfg.d_vocab:
             raise ValueError(f"the LM's input embedding has {embedding.num_embeddings} rows but cfg.d_vocab is "
                              f"{cfg.d_vocab}; image slots (id d_vocab) need them equal")
-        info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
-                              lm=cfg.model_name, d_model=cfg.d_model)
-        if projection is None:
-            projection = ImageProjection(info)
-        projection.check_fits(info.encoder, info.d_img, info.grid, info.lm, info.d_model)
         if getattr(bridge, "_vision_bridge_wired", False):
             raise ValueError("this bridge already feeds a VisionBridge; boot a fresh TransformerBridge")
-        self.projection = projection.to(self._device)
+        self._attach_vision(encoder, projection, cfg.model_name, cfg.d_model)
+        self.projection.to(self._device)
         self.vision.to(self._device)
         # On the bridge, so its run_with_cache / run_with_hooks / hooks() know them by name.
         bridge.hook_image_features = HookPoint()  # [batch, patch, d_img]
@@ -142,54 +137,6 @@ class VisionBridge(nn.Module):
         return self
 
     # ---------------------------------------------------------------- images -> soft prompts
-    def load_projection(self, path) -> None:
-        """Replace the projection by a checkpoint, failing clearly if it was made for another model."""
-        proj = ImageProjection.load(path)
-        i = self.projection.info
-        proj.check_fits(i.encoder, i.d_img, i.grid, i.lm, i.d_model)
-        self.projection = proj.to(self._device).train(self.training)
-
-    def preprocess(self, images: Images) -> Float[Tensor, "batch channel height width"]:
-        """Any image input -> the encoder's normalised pixel tensor, on the model's device.
-
-        Takes PIL images of any mode, paths, numpy arrays, lists or tuples of them, or pixel tensors
-        (checked: shape, size, NaNs, normalised values); see :mod:`tl_multimodal.images`.
-        """
-        return to_pixels(self.vision, images).to(self._device)
-
-    def embed_images(self, images: Images | None = None,
-                     image_features: Float[Tensor, "batch patch d_img"] | None = None,
-                     ) -> Float[Tensor, "batch patch d_model"]:
-        """Encode images (or take precomputed encoder features) and project them to soft prompts.
-
-        Runs ``hook_image_features`` and ``hook_image_embed``.
-        """
-        if (images is None) == (image_features is None):
-            raise ValueError("pass exactly one of images= and image_features=")
-        if images is not None:
-            pixels = self.preprocess(images)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
-                image_features = self.vision(pixels)
-        else:
-            self._check_features(image_features)
-        weight = self.projection.linear.weight
-        features = self.bridge.hook_image_features(image_features.to(weight.device, weight.dtype))
-        return self.bridge.hook_image_embed(self.projection(features))
-
-    def _check_features(self, image_features: Tensor) -> None:
-        expected = (self.n_image_tokens, self.vision.d_img)
-        if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
-            raise ValueError(f"image_features must be [batch, {expected[0]}, {expected[1]}], "
-                             f"got {tuple(image_features.shape)}")
-        if not torch.isfinite(image_features).all():
-            raise ValueError("image_features contain NaN or infinite values")
-
-    def _check_embed(self, image_embed: Tensor) -> None:
-        expected = (self.n_image_tokens, self.cfg.d_model)
-        if image_embed.ndim != 3 or tuple(image_embed.shape[1:]) != expected:
-            raise ValueError(f"image_embed must be [batch, {expected[0]}, {expected[1]}] "
-                             f"(model.embed_images(...)), got {tuple(image_embed.shape)}")
-
     def _source(self, images, image_features, image_embed) -> tuple[str, Tensor]:
         """What a call's soft prompts come from, checked (images become pixels): ``(kind, tensor)``."""
         if sum(x is not None for x in (images, image_features, image_embed)) != 1:
@@ -197,9 +144,9 @@ class VisionBridge(nn.Module):
         if images is not None:
             return "images", self.preprocess(images)
         if image_features is not None:
-            self._check_features(image_features)
+            self._check_image_features(image_features)
             return "image_features", image_features
-        self._check_embed(image_embed)
+        self._check_image_embed(image_embed)
         return "image_embed", image_embed.to(self._device)
 
     # ---------------------------------------------------------------- image slots in the embedding
@@ -263,10 +210,6 @@ class VisionBridge(nn.Module):
     def image_positions(self) -> slice:
         """Positions of the image tokens in an unpadded (or right-padded) image-prefixed sequence."""
         return slice(0, self.n_image_tokens)
-
-    def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
-        """True where ``tokens`` holds an image slot."""
-        return tokens == self.image_token_id
 
     def to_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
                   move_to_device: bool = True, truncate: bool = True, image: bool = False,

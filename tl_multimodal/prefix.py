@@ -23,15 +23,16 @@ import warnings
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import lm_cross_entropy_loss
 
 from tl_multimodal.compat import USE_DEFAULT_VALUE, Embed, HookedTransformer  # TL 4: stand-ins naming VisionBridge
 from tl_multimodal.encoders import VisionEncoder
-from tl_multimodal.images import Images, to_pixels
-from tl_multimodal.projection import ImageProjection, ProjectionInfo
+from tl_multimodal.frontend import ImageFrontEnd
+from tl_multimodal.images import Images
+from tl_multimodal.projection import ImageProjection
 
 ImageInput = Images  # kept for the analysis modules that import it
 _PARENT_FORWARD = inspect.signature(HookedTransformer.forward)
@@ -87,7 +88,7 @@ def _lay_out_weights_as_linear(model: HookedTransformer) -> None:
         relayout(model.unembed.W_U, (1, 0))
 
 
-class HookedVisionPrefix(HookedTransformer):
+class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
     """A HookedTransformer with a frozen vision encoder and a LiMBeR projection in front.
 
     Args:
@@ -121,14 +122,7 @@ class HookedVisionPrefix(HookedTransformer):
         if missing or unexpected:
             raise ValueError(f"could not copy the LM's weights: missing {missing}, unexpected {unexpected}")
         _lay_out_weights_as_linear(self)
-        self.vision = encoder
-        info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
-                              lm=cfg.model_name, d_model=cfg.d_model)
-        if projection is None:
-            projection = ImageProjection(info)
-        projection.check_fits(info.encoder, info.d_img, info.grid, info.lm, info.d_model)
-        self.projection = projection
-        self.n_image_tokens = projection.n_tokens  # one per patch, or k for a pooled projection
+        self._attach_vision(encoder, projection, cfg.model_name, cfg.d_model)
         self.hook_image_features = HookPoint()  # [batch, patch, d_img]
         self.hook_image_embed = HookPoint()  # [batch, patch, d_model]
         self.setup()
@@ -193,53 +187,18 @@ class HookedVisionPrefix(HookedTransformer):
     # ---------------------------------------------------------------- images -> soft prompts
     def load_projection(self, path) -> None:
         """Replace the projection by a checkpoint, failing clearly if it was made for another model."""
-        proj = ImageProjection.load(path)
-        i = self.projection.info
-        proj.check_fits(i.encoder, i.d_img, i.grid, i.lm, i.d_model)
-        self.projection = proj.to(self.W_E.device)
-        self.n_image_tokens = proj.n_tokens
-        self.setup()
+        super().load_projection(path)
+        self.setup()  # TransformerLens: register the new module's hook points
 
-    def preprocess(self, images: Images) -> Float[Tensor, "batch channel height width"]:
-        """Any image input -> the encoder's normalised pixel tensor, on the model's device.
-
-        Takes PIL images of any mode, paths, numpy arrays, lists or tuples of them, or pixel tensors
-        (checked: shape, size, NaNs, normalised values); see :mod:`tl_multimodal.images`.
-        """
-        return to_pixels(self.vision, images).to(self.W_E.device)
-
-    def embed_images(self, images: ImageInput | None = None,
-                     image_features: Float[Tensor, "batch patch d_img"] | None = None,
-                     ) -> Float[Tensor, "batch patch d_model"]:
-        """Encode images (or take precomputed encoder features) and project them to soft prompts.
-
-        Runs ``hook_image_features`` and ``hook_image_embed``.
-        """
-        if (images is None) == (image_features is None):
-            raise ValueError("pass exactly one of images= and image_features=")
-        if images is not None:
-            pixels = self.preprocess(images)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
-                image_features = self.vision(pixels)
-        else:
-            expected = (self.vision.n_patches, self.vision.d_img)
-            if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
-                raise ValueError(f"image_features must be [batch, {expected[0]}, {expected[1]}], "
-                                 f"got {tuple(image_features.shape)}")
-            if not torch.isfinite(image_features).all():
-                raise ValueError("image_features contain NaN or infinite values")
-        features = self.hook_image_features(image_features.to(self.W_E.device, self.projection.dtype))
-        return self.hook_image_embed(self.projection(features))
+    @property
+    def _device(self) -> torch.device:
+        return self.W_E.device
 
     # ---------------------------------------------------------------- tokens with image slots
     @property
     def image_positions(self) -> slice:
         """Positions of the image tokens in an unpadded (or right-padded) image-prefixed sequence."""
         return slice(0, self.n_image_tokens)
-
-    def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
-        """True where ``tokens`` holds an image slot."""
-        return tokens == self.image_token_id
 
     def to_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE,
                   move_to_device: bool = True, truncate: bool = True, image: bool = False,

@@ -1,0 +1,92 @@
+"""The image side of a vision-language model, shared by both backends: images in, soft prompts out.
+
+``HookedVisionPrefix`` (a ``HookedTransformer``) and ``VisionBridge`` (a ``TransformerBridge``) differ in
+how the LM runs, not in how images become soft-prompt tokens. :class:`ImageFrontEnd` holds that common
+part once: the encoder and projection (checked to fit each other and the LM), the image door
+(``preprocess``), ``embed_images`` with its two hooks (``hook_image_features``, ``hook_image_embed``),
+the checks of precomputed features and soft prompts, and the image-slot mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tl_multimodal.images import Images, to_pixels
+from tl_multimodal.projection import ImageProjection, ProjectionInfo
+
+
+class ImageFrontEnd:
+    """Mixin for a model with ``vision``, ``projection``, ``hook_image_features``, ``hook_image_embed``,
+    ``image_token_id``, ``cfg`` and a ``_device`` property (where soft prompts must be)."""
+
+    def _attach_vision(self, encoder, projection: ImageProjection | None, lm_name: str, d_model: int) -> None:
+        """Set ``vision``, ``projection`` (a fresh untrained one if ``None``) and ``n_image_tokens``.
+
+        Raises:
+            ValueError: The projection was made for another encoder or LM (each field named).
+        """
+        self.vision = encoder
+        info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
+                              lm=lm_name, d_model=d_model)
+        if projection is None:
+            projection = ImageProjection(info)
+        projection.check_fits(info.encoder, info.d_img, info.grid, info.lm, info.d_model)
+        self.projection = projection
+        self.n_image_tokens = projection.n_tokens  # one per patch, or k for a pooled projection
+
+    def load_projection(self, path) -> None:
+        """Replace the projection by a checkpoint, failing clearly if it was made for another model.
+
+        The new projection takes the model's device and train/eval mode.
+        """
+        proj = ImageProjection.load(path)
+        i = self.projection.info
+        proj.check_fits(i.encoder, i.d_img, i.grid, i.lm, i.d_model)
+        self.projection = proj.to(self._device).train(self.training)
+        self.n_image_tokens = proj.n_tokens
+
+    def preprocess(self, images: Images) -> Float[Tensor, "batch channel height width"]:
+        """Any image input -> the encoder's normalised pixel tensor, on the model's device.
+
+        Takes PIL images of any mode, paths, numpy arrays, lists or tuples of them, or pixel tensors
+        (checked: shape, size, NaNs, normalised values); see :mod:`tl_multimodal.images`.
+        """
+        return to_pixels(self.vision, images).to(self._device)
+
+    def embed_images(self, images: Images | None = None,
+                     image_features: Float[Tensor, "batch patch d_img"] | None = None,
+                     ) -> Float[Tensor, "batch patch d_model"]:
+        """Encode images (or take precomputed encoder features) and project them to soft prompts.
+
+        Runs ``hook_image_features`` and ``hook_image_embed``.
+        """
+        if (images is None) == (image_features is None):
+            raise ValueError("pass exactly one of images= and image_features=")
+        if images is not None:
+            pixels = self.preprocess(images)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
+                image_features = self.vision(pixels)
+        else:
+            self._check_image_features(image_features)
+        features = self.hook_image_features(image_features.to(self._device, self.projection.dtype))
+        return self.hook_image_embed(self.projection(features))
+
+    def _check_image_features(self, image_features: Tensor) -> None:
+        expected = (self.vision.n_patches, self.vision.d_img)
+        if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
+            raise ValueError(f"image_features must be [batch, {expected[0]}, {expected[1]}], "
+                             f"got {tuple(image_features.shape)}")
+        if not torch.isfinite(image_features).all():
+            raise ValueError("image_features contain NaN or infinite values")
+
+    def _check_image_embed(self, image_embed: Tensor) -> None:
+        expected = (self.n_image_tokens, self.cfg.d_model)
+        if image_embed.ndim != 3 or tuple(image_embed.shape[1:]) != expected:
+            raise ValueError(f"image_embed must be [batch, {expected[0]}, {expected[1]}] "
+                             f"(model.embed_images(...)), got {tuple(image_embed.shape)}")
+
+    def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+        """True where ``tokens`` holds an image slot."""
+        return tokens == self.image_token_id
