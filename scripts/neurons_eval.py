@@ -52,11 +52,6 @@ import torch
 from scipy import stats
 
 REPO = Path(__file__).resolve().parents[1]
-PERSON = {"man", "men", "woman", "women", "person", "people", "boy", "boys", "girl", "girls", "child", "children",
-          "kid", "kids", "guy", "guys", "lady", "ladies", "player", "players", "baby", "skier", "surfer",
-          "skateboarder", "snowboarder", "couple", "group", "family", "crowd", "rider", "batter", "pitcher"}
-
-
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=REPO / ".." / "shared" / "data" / "coco_mini")
@@ -96,56 +91,6 @@ def _embed(st, texts: list[str]) -> dict[str, np.ndarray]:
     return dict(zip(uniq, emb))
 
 
-def _similarity_test(text_emb: list[np.ndarray], cap_emb: list[np.ndarray], reduce: str, rng, n_perm: int) -> dict:
-    """``text_emb[i]``: [n_i, d] texts attached to image i; ``cap_emb[j]``: [5, d] captions of image j.
-
-    S[i, j] = mean over image i's texts of (mean|max over captions of j of the cosine).
-    """
-    n = len(cap_emb)
-    red = (lambda m: m.mean(-1)) if reduce == "mean" else (lambda m: m.max(-1))
-    pair = [[red(t @ c.T) if len(t) else np.zeros(0) for c in cap_emb] for t in text_emb]  # [i][j] -> [n_i]
-    has = np.array([len(t) > 0 for t in text_emb])
-    S = np.array([[p.mean() if len(p) else np.nan for p in row] for row in pair])
-    matched_pairs = np.concatenate([pair[i][i] for i in range(n)])
-    random_pairs = np.concatenate([pair[i][j] for i in range(n) for j in range(n) if j != i])
-    # one random other image per text (equal sample sizes for the rank test)
-    drawn = []
-    for i in range(n if n > 1 else 0):
-        others = (i + rng.integers(1, n, len(pair[i][i]))) % n
-        drawn += [pair[i][j][t] for t, j in enumerate(others)]
-    drawn = np.asarray(drawn)
-    out = {"n_images": int(has.sum()), "n_pairs": len(matched_pairs),
-           "matched": float(matched_pairs.mean()) if len(matched_pairs) else float("nan"),
-           "random": float(random_pairs.mean()) if len(random_pairs) else float("nan")}
-    if n > 1 and len(matched_pairs) and len(drawn):
-        u = stats.mannwhitneyu(matched_pairs, drawn, alternative="greater")
-        out.update(mwu_U=float(u.statistic), mwu_p=float(u.pvalue), mwu_n_random=len(drawn))
-        idx = np.flatnonzero(has)
-        obs = S[idx, idx].mean()
-        perms = np.array([S[idx, rng.permutation(n)[idx]].mean() for _ in range(n_perm)])
-        out.update(perm_stat=float(obs), perm_null_mean=float(perms.mean()),
-                   perm_p=float((1 + (perms >= obs).sum()) / (1 + n_perm)), n_perm=n_perm)
-    return out
-
-
-# ------------------------------------------------------------------------------ (c) object masks
-def _object_category(coco, image_id: int, noun: str | None) -> tuple[int, str, str] | None:
-    """(category id, name, how chosen) for an image with annotations, else None."""
-    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None))
-    if not anns:
-        return None
-    present = {a["category_id"] for a in anns}
-    names = {c: coco.cats[c]["name"] for c in present}
-    if noun:
-        w = noun.lower()
-        cands = {w, w.removesuffix("s"), w.removesuffix("es")}
-        for c, name in names.items():
-            if name in cands or name.split()[-1] in cands or (name == "person" and w in PERSON):
-                return c, name, "noun"
-    largest = max(anns, key=lambda a: a["area"])
-    return largest["category_id"], names[largest["category_id"]], "largest"
-
-
 # ------------------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     args = _parse(argv)
@@ -160,14 +105,13 @@ def main(argv=None) -> dict:
     from tl_multimodal.attribution import TopUnits, attribute, first_noun
     from tl_multimodal.data import load_coco_mini
     from tl_multimodal.decoding import clean_token, decode_units
-    from tl_multimodal.heatmaps import (
-        CropGeometry,
-        coco_category_mask,
-        heatmap_ious,
-        mask_to_input,
-    )
+    from tl_multimodal.coco import coco_category_mask, object_for_noun
+    from tl_multimodal.geometry import CropGeometry, mask_to_input
+    from tl_multimodal.heatmaps import heatmap_ious
     from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
-    from tl_multimodal.patching import ablation_curve, sample_matched_units
+    from tl_multimodal.ablation import ablation_curve, sample_matched_units
+    from tl_multimodal.evaluation import text_similarity_test
+    from tl_multimodal.probe import Probe
 
     ds = load_coco_mini(args.data_dir, args.split)
     if args.n_images is not None:
@@ -186,33 +130,22 @@ def main(argv=None) -> dict:
     k_keep = max(args.k, max(ks))
 
     # -------------------------------------------------------------- attribution, in small batches
-    tops, captions, targets, target_ids, prompts, nouns, pos_ok = [], [], [], [], [], [], 0
-    n_prefix = model.to_tokens("A picture of", image=True).shape[1]
+    tops, probes = [], []
     for start in range(0, n, args.batch_size):
         batch = images[start:start + args.batch_size]
         attr = attribute(model, batch, prompt="A picture of", batch_size=args.batch_size,
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, until="caption")  # the whole greedy caption
         tops.append(attr.top_units(k_keep))
-        for i in range(len(batch)):
-            cap = attr.captions[i]
-            j = int(attr.positions[i]) + 1 - n_prefix  # caption tokens before the target
-            ids_i = model.tokenizer(cap, add_special_tokens=False)["input_ids"]
-            prompt_i = "A picture of" + model.tokenizer.decode(ids_i[:j])
-            pos_ok += model.to_tokens(prompt_i, image=True).shape[1] - 1 == int(attr.positions[i])
-            prompts.append(prompt_i)
-            found = first_noun(cap)
-            nouns.append(found[0] if found else None)
-        captions += attr.captions
-        targets += attr.targets
-        target_ids += attr.target_ids.tolist()
+        probes.append(attr.probe)
         print(f"{_tic(t0)} attributed images {start}..{start + len(batch) - 1}", flush=True)
         del attr
+    probe = Probe.concat(probes)
+    targets, captions = probe.targets, probe.captions
+    nouns = [found[0] if (found := first_noun(c)) else None for c in captions]
     stages["attribution"] = time.perf_counter() - t0 - sum(stages.values())
     top = TopUnits.concat(tops)
-    ranked = top.units().reshape(n, k_keep, 2)  # best first, per image
+    ranked = top.units_per_image()  # [n, k_keep, 2], best first
     top_k = ranked[:, :args.k]
-    if pos_ok != n:
-        print(f"WARNING: {n - pos_ok} prompts re-tokenize to another length than the attribution's sequence")
 
     # -------------------------------------------------------------- where top units sit
     L = model.cfg.n_layers
@@ -222,7 +155,7 @@ def main(argv=None) -> dict:
 
     # -------------------------------------------------------------- (a) decoded text similarity
     flat = top_k.reshape(-1, 2)
-    dec = decode_units(model, flat, k=10)
+    dec = decode_units(model, flat, n_tokens=10)
     interp = dec.interpretable.reshape(n, args.k)
     texts = [" ".join(clean_token(t) for t in toks) for toks in dec.tokens]
     st = _sentence_model()
@@ -231,16 +164,17 @@ def main(argv=None) -> dict:
     d = next(iter(emb.values())).shape[-1]
     cap_emb = [np.stack([emb[c] for c in cs]) for cs in coco_caps]
     as_mat = lambda ts: np.stack([emb[t] for t in ts]) if ts else np.zeros((0, d), np.float32)
-    sim_units = _similarity_test([as_mat(ts) for ts in unit_texts], cap_emb, args.reduce, rng, args.n_perm)
-    sim_caps = _similarity_test([as_mat([c]) for c in captions], cap_emb, args.reduce, rng, args.n_perm)
+    sim_units = text_similarity_test([as_mat(ts) for ts in unit_texts], cap_emb, args.reduce, rng,
+                                     args.n_perm).to_dict()
+    sim_caps = text_similarity_test([as_mat([c]) for c in captions], cap_emb, args.reduce, rng, args.n_perm).to_dict()
     n_interp = int(interp.sum())
     print(f"{_tic(t0)} (a) decoded {len(flat)} top units: {n_interp} interpretable", flush=True)
 
     stages["text_similarity"] = time.perf_counter() - t0 - sum(stages.values())
 
     # -------------------------------------------------------------- (b) ablation curve
-    curve = ablation_curve(model, images, ranked, torch.tensor(target_ids), prompt=prompts, ks=ks,
-                           n_random_seeds=args.ablation_seeds, seed=args.seed, batch_size=12)
+    curve = ablation_curve(model, images, ranked, ks=ks, probe=probe, n_random_seeds=args.ablation_seeds,
+                           seed=args.seed, batch_size=12)
     top_rel = curve.rel_change("top").mean(-1)  # [k]
     rand_rel = curve.rel_change("random").mean(-1)  # [k, seed]
     print(f"{_tic(t0)} (b) {curve!r}", flush=True)
@@ -251,7 +185,7 @@ def main(argv=None) -> dict:
     coco = COCO(str(args.data_dir / "instances.json")) if (args.data_dir / "instances.json").is_file() else None
     masked, cats = [], []
     for i in range(n):
-        cat = _object_category(coco, ids[i], nouns[i]) if coco is not None else None
+        cat = object_for_noun(coco, ids[i], nouns[i]) if coco is not None else None
         if cat is not None:
             masked.append(i)
             cats.append(cat)

@@ -77,3 +77,12 @@ def vlm(gpt2_small, vit_encoder):
 def pixels():
     torch.manual_seed(4)
     return torch.randn(3, 3, 32, 32)
+
+
+@pytest.fixture(scope="session")
+def small_vlm(gpt2_tokenizer, vit_encoder):
+    """2 layers, GPT-2's tokenizer and vocabulary (random weights), the tiny ViT (32x32 images, 4x4 grid)."""
+    torch.manual_seed(3)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257, n_ctx=64,
+                                  act_fn="gelu", normalization_type="LN", model_name="tiny")
+    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()

@@ -126,6 +126,7 @@ def test_first_noun_of_given_and_generated_captions(tiny_vlm, feats):
     with warnings.catch_warnings():  # a random model's caption may have no noun: first word, with a warning
         warnings.simplefilter("ignore", UserWarning)
         gen = attribute(tiny_vlm, image_features=feats, max_new_tokens=12)  # the model's own greedy caption
+        whole = attribute(tiny_vlm, image_features=feats, max_new_tokens=12, until="caption")
     out = tiny_vlm.generate(PROMPT, 12, image_features=feats, do_sample=False, return_type="tokens", verbose=False)
     for i in range(2):
         caption_ids = out[i, n_prompt:].tolist()
@@ -133,7 +134,18 @@ def test_first_noun_of_given_and_generated_captions(tiny_vlm, feats):
         assert caption_ids[j] == int(gen.target_ids[i])
         eos = tiny_vlm.tokenizer.eos_token_id
         caption_ids = caption_ids[:caption_ids.index(eos)] if eos in caption_ids else caption_ids
-        assert gen.captions[i] == tiny_vlm.tokenizer.decode(caption_ids)
+        full = tiny_vlm.tokenizer.decode(caption_ids)
+        assert whole.captions[i] == full  # until="caption": the whole greedy caption, its first noun
+        assert caption_ids[int(whole.positions[i]) - n_prompt + 1] == int(whole.target_ids[i])
+        # generation stopped once the noun was complete: the caption is the greedy one cut right after it
+        assert full.startswith(gen.captions[i])
+        found = first_noun(gen.captions[i])
+        if gen.captions[i] != full and found is not None:
+            assert found[1] + len(found[0]) < len(gen.captions[i])
+            n = next(n for n in range(len(caption_ids)) if tiny_vlm.tokenizer.decode(caption_ids[:n]) == gen.captions[i])
+            shorter = tiny_vlm.tokenizer.decode(caption_ids[:n - 1])
+            cut = first_noun(shorter)
+            assert cut is None or cut[1] + len(cut[0]) >= len(shorter)  # not settled one token earlier
 
 
 def test_integrated_gradients_completeness(gpt2_tokenizer, vit_encoder, feats):
@@ -202,28 +214,28 @@ def _planted(tok, vit_encoder, layer=1, unit=5, patch=6, target=" dog"):
 def test_planted_neuron_ranks_first_and_decodes_to_its_token(gpt2_tokenizer, vit_encoder):
     vlm, feats, tid = _planted(gpt2_tokenizer, vit_encoder, layer=1, unit=5, patch=6)
     attr = attribute(vlm, image_features=feats, target=" dog")
-    top = attr.top_units(k=10)
+    top = attr.top_units(10)
     assert isinstance(top, TopUnits) and len(top) == 20
     df = top.to_dataframe()
-    assert list(df.columns[:6]) == ["image", "rank", "layer", "unit", "patch", "score"]
+    assert list(df.columns[:6]) == ["image_index", "rank", "layer", "unit", "patch", "score"]
     for i in range(2):
-        best = df[(df.image == i) & (df["rank"] == 0)].iloc[0]
+        best = df[(df.image_index == i) & (df["rank"] == 0)].iloc[0]
         assert (best.layer, best.unit, best.patch) == (1, 5, 6)
-        assert best.score > 10 * df[(df.image == i) & (df["rank"] == 1)].score.iloc[0]
-    assert attr.top_units(3, image=1).image.tolist() == [1, 1, 1]
+        assert best.score > 10 * df[(df.image_index == i) & (df["rank"] == 1)].score.iloc[0]
+    assert attr.top_units(3, image_index=1).image_index.tolist() == [1, 1, 1]
     assert attr.heatmap(0, 1, 5).shape == vlm.vision.grid
     assert attr.heatmap(0, 1, 5).flatten().argmax() == 6
-    dec = decode_units(vlm, top.units()[:1], k=10)
+    dec = decode_units(vlm, top.units()[:1], n_tokens=10)
     assert dec.token_ids[0, 0] == tid and dec.tokens[0][0] == " dog"
 
     # dataset aggregation: the planted unit is every image's top unit
-    tops = attribute_dataset(vlm, [feats, feats[:1]], k=5, features=True, target=" dog")
-    assert tops.image.unique().tolist() == [0, 1, 2]
+    tops = attribute_dataset(vlm, [feats, feats[:1]], n_units=5, features=True, target=" dog")
+    assert tops.image_index.unique().tolist() == [0, 1, 2]
     counts = tops.unit_counts()
     assert (counts.iloc[0].layer, counts.iloc[0].unit, counts.iloc[0].n_images) == (1, 5, 3)
     assert tops.layer_counts().sum() == 15
-    joined = top_units_over([attr, attr], k=2)
-    assert joined.image.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    joined = top_units_over([attr, attr], n_units=2)
+    assert joined.image_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_bad_input_gets_clear_errors(tiny_vlm, feats):
@@ -250,6 +262,20 @@ def test_bad_input_gets_clear_errors(tiny_vlm, feats):
         nan_lm.blocks[0].mlp.W_out[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite"):
         attribute(nan_lm, image_features=feats, target="dog")
+    attr = attribute(tiny_vlm, image_features=feats, target="dog")
+    assert torch.equal(attr.heatmap(1, 2, 23), attr.scores[1, 2, :, 23].reshape(4, 4))
+    with pytest.raises(ValueError, match=r"unit \(0, 24\) is out of range: the scores have 3 layers of 24 units"):
+        attr.heatmap(0, 0, 24)
+    with pytest.raises(ValueError, match="out of range"):
+        attr.heatmap(0, 3, 0)
+    with pytest.raises(ValueError, match="image_index 2 out of range for 2 images"):
+        attr.heatmap(2, 0, 0)
+    with pytest.raises(ValueError, match="multi_token='first'"):
+        attribute(tiny_vlm, image_features=feats, target="hippopotamus")
+    first = attribute(tiny_vlm, image_features=feats, target="hippopotamus", multi_token="first")
+    assert first.target_ids.tolist() == [tiny_vlm.tokenizer(" hippopotamus")["input_ids"][0]] * 2
+    with pytest.raises(ValueError, match="at most one of probe=, target= and captions="):
+        attribute(tiny_vlm, image_features=feats, target="dog", probe=attr.probe)
 
 
 def test_gpt2_small_one_backward_pass(vlm, pixels):

@@ -42,7 +42,7 @@ def test_agrees_with_full_resid_decomposition(gpt2_tokenizer, style, apply_ln):
     stack, labels = cache.get_full_resid_decomposition(expand_neurons=True, apply_ln=apply_ln, return_labels=True)
     units = [(0, 3), (1, 0), (1, 17)]
     dirs = unit_directions(lm, units, apply_ln=apply_ln)
-    dec = decode_units(lm, units, k=10, apply_ln=apply_ln)
+    dec = decode_units(lm, units, n_tokens=10, apply_ln=apply_ln)
     for i, (layer, unit) in enumerate(units):
         comp = stack[labels.index(f"L{layer}N{unit}"), 0]  # [pos, d_model]
         pos = int(cache[f"blocks.{layer}.mlp.hook_post"][0, :, unit].abs().argmax())
@@ -68,14 +68,14 @@ def test_planted_unit_decodes_to_its_token(gpt2_tokenizer):
         lm.blocks[1].mlp.W_out[7] = direction
         lm.W_U[:, tid] = 20 * direction
     for apply_ln in (False, True):
-        dec = decode_unit(lm, 1, 7, k=10, apply_ln=apply_ln)
+        dec = decode_unit(lm, 1, 7, n_tokens=10, apply_ln=apply_ln)
         assert dec.token_ids[0, 0] == tid and dec.tokens[0][0] == " volcano"
         assert dec.probs[0, 0] > 0.5 and torch.all(dec.probs[0, :-1] >= dec.probs[0, 1:])
 
 
 def test_batch_api_and_dataframe(vlm):
     units = torch.tensor([[0, 1], [5, 100], [11, 3071], [5, 100]])
-    dec = decode_units(vlm, units, k=10, batch_size=3)
+    dec = decode_units(vlm, units, n_tokens=10, batch_size=3)
     assert isinstance(dec, UnitDecoding) and len(dec) == 4 and dec.token_ids.shape == (4, 10)
     one = decode_unit(vlm, 11, 3071)
     assert dec.token_ids[2].tolist() == one.token_ids[0].tolist()
@@ -93,8 +93,8 @@ def test_batch_api_and_dataframe(vlm):
         decode_units(vlm, [(0, 3072)])
     with pytest.raises(ValueError, match="non-empty"):
         decode_units(vlm, [])
-    with pytest.raises(ValueError, match="k must be"):
-        decode_units(vlm, [(0, 0)], k=0)
+    with pytest.raises(ValueError, match="n_tokens must be"):
+        decode_units(vlm, [(0, 0)], n_tokens=0)
 
 
 def test_word_list_and_interpretability_filter():
@@ -113,7 +113,7 @@ def test_word_list_and_interpretability_filter():
 
 @pytest.mark.parametrize("method", ["unembed", "embed"])
 def test_decode_image_prompts_matches_brute_force(vlm, pixels, method):
-    dec = decode_image_prompts(vlm, pixels, k=5, method=method)
+    dec = decode_image_prompts(vlm, pixels, n_tokens=5, method=method)
     assert dec.token_ids.shape == (3, 16, 5) and len(dec.tokens[2][15]) == 5
     _, cache = vlm.run_with_cache("A picture of", images=pixels)
     x = cache["hook_image_embed"][1, 7]

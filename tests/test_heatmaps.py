@@ -11,18 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from tl_multimodal.heatmaps import (
-    CropGeometry,
-    activation_mask,
-    coco_category_mask,
-    grid_to_image,
-    heatmap_ious,
-    mask_iou,
-    mask_to_input,
-    unit_grid_activations,
-    unit_heatmap,
-    upsample_grid,
-)
+from tl_multimodal.coco import coco_category_mask, object_for_noun
+from tl_multimodal.geometry import CropGeometry, grid_to_image, mask_to_input, upsample_grid
+from tl_multimodal.heatmaps import activation_mask, heatmap_ious, mask_iou, unit_grid_activations, unit_heatmap
 
 matplotlib.use("Agg")
 
@@ -196,6 +187,24 @@ def test_coco_category_mask_is_the_union_of_instances(tmp_path):
     crowd = torch.zeros(40, 60, dtype=torch.bool)
     crowd[:4, :4] = True  # column-major RLE: 4 ones, then 36 zeros, per column, for 4 columns
     assert torch.equal(dog2, dog | crowd)
+
+
+def test_object_for_noun(tmp_path):
+    from pycocotools.coco import COCO
+
+    ann = {"images": [{"id": 1, "width": 10, "height": 10}, {"id": 2, "width": 10, "height": 10}],
+           "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "hot dog"}, {"id": 4, "name": "bus"}],
+           "annotations": [{"id": i, "image_id": 1, "category_id": c, "area": a, "bbox": [0, 0, 1, 1], "iscrowd": 0,
+                            "segmentation": [[0, 0, 1, 0, 1, 1]]} for i, (c, a) in enumerate([(1, 5), (3, 2), (4, 9)])]}
+    path = tmp_path / "i.json"
+    path.write_text(json.dumps(ann))
+    coco = COCO(str(path))
+    assert object_for_noun(coco, 1, "Skier") == (1, "person", "noun")
+    assert object_for_noun(coco, 1, "dogs") == (3, "hot dog", "noun")  # last word, plural
+    assert object_for_noun(coco, 1, "buses") == (4, "bus", "noun")
+    assert object_for_noun(coco, 1, "tree") == (4, "bus", "largest")
+    assert object_for_noun(coco, 1, None) == (4, "bus", "largest")
+    assert object_for_noun(coco, 2, "bus") is None  # no annotations
 
 
 def test_unit_grids_match_the_cache(vlm, pixels):

@@ -36,7 +36,7 @@ def oracle(vlm, photo):
 
 @pytest.fixture(scope="module")
 def written(vlm, photo, tmp_path_factory):
-    path = write_report(vlm, photo, tmp_path_factory.mktemp("report") / "sub" / "report.html", k=K)
+    path = write_report(vlm, photo, tmp_path_factory.mktemp("report") / "sub" / "report.html", n_units=K)
     return path, path.read_text(encoding="utf-8")
 
 
@@ -49,7 +49,7 @@ def test_report_rows_are_the_attribution_top_units(vlm, photo, written):
     assert [int(r[0]) for r in rows] == list(range(K))
     assert [(int(l), int(u)) for _, l, u, _ in rows] == list(zip(oracle.layer.tolist(), oracle.unit.tolist()))
     # each row shows its decoded tokens, its filter verdict and one heatmap
-    dec = decode_units(vlm, oracle.units(), k=10)
+    dec = decode_units(vlm, oracle.units(), n_tokens=10)
     for (_, _, _, cells), toks, ok in zip(rows, dec.tokens, dec.interpretable.tolist()):
         assert all(html.escape(repr(t)) in cells for t in toks)
         assert (">yes<" if ok else ">no<") in cells
@@ -76,9 +76,9 @@ def test_report_is_self_contained(written):
 
 
 def test_report_bad_input(vlm, photo, tmp_path):
-    with pytest.raises(ValueError, match="k must be"):
-        write_report(vlm, photo, tmp_path / "r.html", k=0)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="n_units must be"):
+        write_report(vlm, photo, tmp_path / "r.html", n_units=0)
+    with pytest.raises(FileNotFoundError, match="missing.png is not a file"):  # the image door's error
         write_report(vlm, tmp_path / "missing.png", tmp_path / "r.html")
     with pytest.raises(SystemExit, match="does not exist"):
         main(["report", str(tmp_path / "missing.png")])

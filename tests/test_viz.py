@@ -15,27 +15,17 @@ import pytest
 import torch
 from circuitsvis.utils.render import render_local
 from PIL import Image
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.decoding import decode_units
-from tl_multimodal.heatmaps import CropGeometry, grid_to_image
+from tl_multimodal.geometry import CropGeometry, grid_to_image
 from tl_multimodal.viz import (
     HeatmapView, HTMLView, circuitsvis_bundle, decoded_tokens_view, overlay_heatmap, patch_heatmap_view,
-    plot_unit_heatmaps, render_circuitsvis, token_activations_view, unit_heatmap_view,
+    render_circuitsvis, token_activations_view, unit_heatmap_view,
 )
+from tl_multimodal.figures import plot_unit_heatmaps
 
 matplotlib.use("Agg")
 CDN = re.compile(r"""(src\s*=\s*["']?\s*(https?:)?//|from\s*["']https?://|unpkg\.com|jsdelivr|cdnjs)""", re.I)
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm(gpt2_tokenizer, vit_encoder):
-    """2 layers, GPT-2's tokenizer and vocabulary, the tiny ViT (32x32 images, 4x4 grid)."""
-    torch.manual_seed(3)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257, n_ctx=64,
-                                  act_fn="gelu", normalization_type="LN", model_name="tiny")
-    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()
 
 
 def _scripts(html: str) -> list[str]:
@@ -95,9 +85,9 @@ def test_render_rejects_nothing():
 
 
 # ---------------------------------------------------------------------------------- (a) decoded tokens
-def test_decoded_tokens_view_shows_each_units_tokens(tiny_vlm, tmp_path):
-    dec = decode_units(tiny_vlm, [(0, 3), (1, 60)], k=10)
-    view = decoded_tokens_view(dec, k=5)
+def test_decoded_tokens_view_shows_each_units_tokens(small_vlm, tmp_path):
+    dec = decode_units(small_vlm, [(0, 3), (1, 60)], n_tokens=10)
+    view = decoded_tokens_view(dec, n_tokens=5)
     calls = _render_calls(view.html)
     assert [name for name, _ in calls] == ["ColoredTokens", "ColoredTokens"]
     for (_, props), toks, probs in zip(calls, dec.tokens, dec.probs):
@@ -108,46 +98,48 @@ def test_decoded_tokens_view_shows_each_units_tokens(tiny_vlm, tmp_path):
     assert view._repr_html_() == view.html
     page = view.save(tmp_path / "dec.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and view.html in page
-    with pytest.raises(ValueError, match="k must be"):
-        decoded_tokens_view(dec, k=11)
+    with pytest.raises(ValueError, match="n_tokens must be"):
+        decoded_tokens_view(dec, n_tokens=11)
     with pytest.raises(ValueError, match="UnitDecoding"):
         decoded_tokens_view([(0, 3)])
 
 
 # ---------------------------------------------------------------------------------- (b) activations over tokens
-def test_token_activations_view_matches_the_cache(tiny_vlm, pixels):
+def test_token_activations_view_matches_the_cache(small_vlm, pixels):
     units = [(1, 5), (0, 63)]
-    view = token_activations_view(tiny_vlm, pixels[0], units, text="A picture of a dog")
-    tokens = tiny_vlm.to_tokens("A picture of a dog", image=True)
-    _, cache = tiny_vlm.run_with_cache(tokens, images=pixels[:1])
+    view = token_activations_view(small_vlm, pixels[0], units, text="A picture of a dog")
+    tokens = small_vlm.to_tokens("A picture of a dog", image=True)
+    _, cache = small_vlm.run_with_cache(tokens, images=pixels[:1])
     expected = torch.stack([cache["blocks.1.mlp.hook_post"][0, :, 5], cache["blocks.0.mlp.hook_post"][0, :, 63]], 1)
     ((name, props),) = _render_calls(view.html)
     assert name == "ColoredTokensMulti" and props["labels"] == ["L1.5", "L0.63"]
-    n_img = tiny_vlm.n_image_tokens
+    n_img = small_vlm.n_image_tokens
     assert props["tokens"][:n_img] == [f"<image_{i}>" for i in range(n_img)]
     assert "".join(props["tokens"][n_img:]) == "A picture of a dog"
     np.testing.assert_allclose(np.array(props["values"]), expected.numpy(), rtol=1e-5, atol=1e-6)
     assert not CDN.search(view.html)
     assert list(view.to_dataframe().columns) == ["position", "token", "L1.5", "L0.63"]
 
-    text_only = token_activations_view(tiny_vlm, pixels[0], units, text="A picture of a dog", include_image=False)
+    text_only = token_activations_view(small_vlm, pixels[0], units, text="A picture of a dog", include_image=False)
     assert "".join(text_only.tokens) == "A picture of a dog"
     torch.testing.assert_close(text_only.values, expected[n_img:].float())
 
 
-def test_token_activations_view_captions_by_default(tiny_vlm, pixels):
-    view = token_activations_view(tiny_vlm, pixels[1], [(0, 1)], max_new_tokens=3)
-    caption = tiny_vlm.caption(pixels[1:2], max_new_tokens=3)[0]
-    assert view.text == f"A picture of {caption}".rstrip()
+def test_token_activations_view_captions_by_default(small_vlm, pixels):
+    view = token_activations_view(small_vlm, pixels[1], [(0, 1)], max_new_tokens=3)
+    out = small_vlm.generate("A picture of", 3, images=pixels[1:2], do_sample=False, return_type="tokens",
+                             verbose=False)
+    assert view.text == small_vlm.tokenizer.decode(out[0, small_vlm.n_image_tokens:].tolist())
+    assert view.text.startswith("A picture of") and len(view.tokens) == out.shape[1]
 
 
-def test_token_activations_view_bad_input(tiny_vlm, pixels):
+def test_token_activations_view_bad_input(small_vlm, pixels):
     with pytest.raises(ValueError, match="out of range"):
-        token_activations_view(tiny_vlm, pixels[0], [(2, 0)], text="a")
+        token_activations_view(small_vlm, pixels[0], [(2, 0)], text="a")
     with pytest.raises(ValueError, match="one image"):
-        token_activations_view(tiny_vlm, pixels, [(0, 0)], text="a")
-    with pytest.raises(ValueError, match="no hook_nope"):
-        token_activations_view(tiny_vlm, pixels[0], [(0, 0)], text="a", hook="hook_nope")
+        token_activations_view(small_vlm, pixels, [(0, 0)], text="a")
+    with pytest.raises(ValueError, match="unknown hook .hook_nope."):
+        token_activations_view(small_vlm, pixels[0], [(0, 0)], text="a", hook="hook_nope")
 
 
 # ---------------------------------------------------------------------------------- (c) heatmaps
@@ -188,12 +180,12 @@ def test_patch_heatmap_over_a_cropped_image():
     assert (over[~finite] == 0).all()  # black image dimmed where the model saw nothing
 
 
-def test_unit_heatmap_view_matches_cache_grid(tiny_vlm, pixels, tmp_path):
+def test_unit_heatmap_view_matches_cache_grid(small_vlm, pixels, tmp_path):
     units = [(0, 7), (1, 2)]
-    view = unit_heatmap_view(tiny_vlm, pixels[2], units, alpha=1.0, max_size=None)
-    _, cache = tiny_vlm.run_with_cache("", images=pixels[2:3])
+    view = unit_heatmap_view(small_vlm, pixels[2], units, alpha=1.0, max_size=None)
+    _, cache = small_vlm.run_with_cache("", images=pixels[2:3])
     for i, (l, u) in enumerate(units):
-        grid = cache[f"blocks.{l}.mlp.hook_post"][0, tiny_vlm.image_positions, u].reshape(4, 4)
+        grid = cache[f"blocks.{l}.mlp.hook_post"][0, small_vlm.image_positions, u].reshape(4, 4)
         torch.testing.assert_close(view.grids[i], grid)
         torch.testing.assert_close(view.heatmaps[i], grid_to_image(grid, CropGeometry.identity((32, 32))))
         decoded = _invert_colormap(_pngs(view.html)[i + 1])  # panel 0 is the plain image
@@ -205,10 +197,10 @@ def test_unit_heatmap_view_matches_cache_grid(tiny_vlm, pixels, tmp_path):
     assert "<img" in view.save(tmp_path / "h.html").read_text()
 
 
-def test_unit_heatmap_view_on_pil_image_uses_timm_geometry(tiny_vlm):
+def test_unit_heatmap_view_on_pil_image_uses_timm_geometry(small_vlm):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
-    view = unit_heatmap_view(tiny_vlm, image, [(1, 9)], max_size=None)
-    geo = CropGeometry.from_data_config(tiny_vlm.vision.data_config, image.size)
+    view = unit_heatmap_view(small_vlm, image, [(1, 9)], max_size=None)
+    geo = CropGeometry.from_data_config(small_vlm.vision.data_config, image.size)
     torch.testing.assert_close(view.heatmaps[0], grid_to_image(view.grids[0], geo), equal_nan=True)
     assert view.heatmaps.shape == (1, 48, 64)
 
@@ -224,8 +216,8 @@ def test_overlay_and_view_bad_input():
         patch_heatmap_view(None, torch.zeros(2, 2))
 
 
-def test_plot_unit_heatmaps(tiny_vlm, pixels):
-    fig = plot_unit_heatmaps(tiny_vlm, pixels[0], [(0, 1), (0, 2), (1, 3)], ncols=2)
+def test_plot_unit_heatmaps(small_vlm, pixels):
+    fig = plot_unit_heatmaps(small_vlm, pixels[0], [(0, 1), (0, 2), (1, 3)], ncols=2)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["image", "L0.1", "L0.2", "L1.3"]
     import matplotlib.pyplot as plt

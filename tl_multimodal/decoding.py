@@ -28,6 +28,7 @@ from torch import Tensor
 
 from tl_multimodal.compat import HookedTransformer  # for type hints; a stand-in on TransformerLens 4
 from tl_multimodal.units import as_units
+from tl_multimodal.vlm import soft_prompts
 
 WORD_LIST = Path(__file__).parent / "assets" / "english_words.tsv"
 _STRIP = " \t\n\u0120\u2581\u010a"  # space, GPT-2's "Ġ" (space) and "Ċ" (newline), SentencePiece's "▁"
@@ -152,40 +153,41 @@ class UnitDecoding:
 
 
 @torch.no_grad()
-def decode_units(model: HookedTransformer, units, k: int = 10, apply_ln: bool = False,
+def decode_units(model: HookedTransformer, units, n_tokens: int = 10, apply_ln: bool = False,
                  batch_size: int = 1024) -> UnitDecoding:
-    """Decode many MLP units at once: top-``k`` tokens of ``softmax(W_U^T . W_out[layer][unit])``.
+    """Decode many MLP units at once: top-``n_tokens`` tokens of ``softmax(W_U^T . W_out[layer][unit])``.
 
     The unembedding bias ``b_U`` is left out: it is not part of any unit's contribution.
 
     Args:
         model: Any HookedTransformer (or HookedVisionPrefix).
         units: ``(layer, unit)`` pairs, a list or an ``[n, 2]`` tensor.
-        k: Tokens kept per unit.
+        n_tokens: Tokens kept per unit.
         apply_ln: Apply the final norm's data-independent part (see :func:`unit_directions`).
         batch_size: Units per matrix product with ``W_U``.
 
     Returns:
         A :class:`UnitDecoding`.
     """
-    if not 1 <= k <= model.cfg.d_vocab_out:
-        raise ValueError(f"k must be in [1, {model.cfg.d_vocab_out}], got {k}")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or not 1 <= n_tokens <= model.cfg.d_vocab_out:
+        raise ValueError(f"n_tokens must be an int in [1, {model.cfg.d_vocab_out}], got {n_tokens!r}")
     units = as_units(model, units, batched=False, allow_empty=False)
     ids, probs = [], []
     for chunk in units.split(batch_size):
         logits = unit_directions(model, chunk, apply_ln) @ model.W_U
-        p, i = logits.float().softmax(-1).topk(k, dim=-1)
+        p, i = logits.float().softmax(-1).topk(n_tokens, dim=-1)
         ids.append(i.cpu())
         probs.append(p.cpu())
     token_ids, probs = torch.cat(ids), torch.cat(probs)
     tokens = [[model.tokenizer.decode([t]) for t in row] for row in token_ids.tolist()]
-    interp = torch.tensor([k >= 10 and is_interpretable(t) for t in tokens], dtype=torch.bool)
+    interp = torch.tensor([n_tokens >= 10 and is_interpretable(t) for t in tokens], dtype=torch.bool)
     return UnitDecoding(units[:, 0].clone(), units[:, 1].clone(), token_ids, tokens, probs, interp, apply_ln)
 
 
-def decode_unit(model: HookedTransformer, layer: int, unit: int, k: int = 10, apply_ln: bool = False) -> UnitDecoding:
+def decode_unit(model: HookedTransformer, layer: int, unit: int, n_tokens: int = 10,
+                apply_ln: bool = False) -> UnitDecoding:
     """:func:`decode_units` for one unit."""
-    return decode_units(model, [(layer, unit)], k=k, apply_ln=apply_ln)
+    return decode_units(model, [(layer, unit)], n_tokens=n_tokens, apply_ln=apply_ln)
 
 
 # ---------------------------------------------------------------------------- image soft prompts
@@ -201,7 +203,7 @@ class ImagePromptDecoding:
         method: ``"unembed"`` (logit lens: ``softmax(W_U^T ln_final(x) + b_U)``) or ``"embed"``
             (cosine similarity to the token embeddings ``W_E``).
         interpretable: ``[batch, patch]`` the unit filter applied to each prompt's top 10 (all False
-            when ``k < 10``).
+            when ``n_tokens < 10``).
     """
 
     token_ids: Int[Tensor, "batch patch k"]
@@ -229,14 +231,14 @@ class ImagePromptDecoding:
 
 
 @torch.no_grad()
-def decode_image_prompts(model, images=None, image_features=None, k: int = 5,
+def decode_image_prompts(model, images=None, image_features=None, n_tokens: int = 5,
                          method: Literal["unembed", "embed"] = "unembed") -> ImagePromptDecoding:
     """Decode the image soft prompts themselves (the paper: they are *not* decodable).
 
     Args:
         model: A :class:`~tl_multimodal.HookedVisionPrefix`.
         images, image_features: As for the model's forward (exactly one).
-        k: Tokens kept per prompt (the paper: 5 nearest).
+        n_tokens: Tokens kept per prompt (the paper: 5 nearest).
         method: ``"unembed"``: logit lens, ``softmax(W_U^T ln_final(x) + b_U)`` with the real final
             norm (each prompt is a real residual vector, so its own scale is used);
             ``"embed"``: cosine similarity to the input embeddings ``W_E``.
@@ -246,16 +248,16 @@ def decode_image_prompts(model, images=None, image_features=None, k: int = 5,
     """
     if method not in ("unembed", "embed"):
         raise ValueError(f"method must be 'unembed' or 'embed', got {method!r}")
-    if not hasattr(model, "embed_images"):
-        raise ValueError("decode_image_prompts needs a HookedVisionPrefix (a model with embed_images)")
-    x = model.embed_images(images, image_features)  # [batch, patch, d_model]
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be an int >= 1, got {n_tokens!r}")
+    x = soft_prompts(model, images, image_features)  # [batch, patch, d_model]
     if method == "unembed":
         scores = model.unembed(model.ln_final(x) if hasattr(model, "ln_final") else x).float().softmax(-1)
     else:
         scores = torch.nn.functional.normalize(x.float(), dim=-1) @ \
             torch.nn.functional.normalize(model.W_E.float(), dim=-1).T
-    vals, ids = scores.topk(k, dim=-1)
+    vals, ids = scores.topk(n_tokens, dim=-1)
     ids, vals = ids.cpu(), vals.cpu()
     tokens = [[[model.tokenizer.decode([t]) for t in patch] for patch in img] for img in ids.tolist()]
-    interp = torch.tensor([[k >= 10 and is_interpretable(p) for p in img] for img in tokens], dtype=torch.bool)
+    interp = torch.tensor([[n_tokens >= 10 and is_interpretable(p) for p in img] for img in tokens], dtype=torch.bool)
     return ImagePromptDecoding(ids, tokens, vals, method, interp.reshape(ids.shape[:2]))

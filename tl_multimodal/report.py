@@ -7,7 +7,7 @@ unembedding (:func:`~tl_multimodal.decoding.decode_units`, the paper's interpret
 draws each unit's activation over the image (:func:`~tl_multimodal.viz.unit_heatmap_view`). The page
 needs no network: images are inline base64 PNGs and there is no JavaScript.
 
-    write_report(model, Image.open("dog.jpg"), "dog.html", k=10)
+    write_report(model, Image.open("dog.jpg"), "dog.html", n_units=10)
     # or: tl-multimodal report dog.jpg --out dog.html --k 10
 """
 
@@ -24,7 +24,10 @@ from torch import Tensor
 
 from tl_multimodal.attribution import Attribution, attribute, first_noun
 from tl_multimodal.decoding import UnitDecoding, decode_units
+from tl_multimodal.heatmaps import one_image
+from tl_multimodal.probe import Probe
 from tl_multimodal.viz import unit_heatmap_view
+from tl_multimodal.vlm import VisionLM, soft_prompts
 
 _CSS = """
 body { font-family: sans-serif; margin: 16px; color: #222; }
@@ -84,50 +87,36 @@ def _png_uri(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _as_image(image) -> Image.Image | Tensor:
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"image file {path} does not exist")
-        return Image.open(path).convert("RGB")
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, Tensor):
-        if image.ndim == 4 and image.shape[0] == 1:
-            image = image[0]
-        if image.ndim != 3:
-            raise ValueError(f"a pixel tensor must be [channel, height, width], got shape {tuple(image.shape)}")
-        return image
-    raise ValueError(f"image must be a PIL image, a file path or a [channel, h, w] pixel tensor, "
-                     f"got {type(image).__name__}")
-
-
-def build_report(model, image, k: int = 10, prompt: str = "A picture of", max_new_tokens: int = 20,
-                 hook: str = "pre", heatmap_hook: str = "hook_post", max_size: int = 224) -> UnitReport:
+def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A picture of", max_new_tokens: int = 20,
+                 hook: str = "pre", heatmap_hook: str = "post", max_size: int = 224, *,
+                 probe: Probe | None = None) -> UnitReport:
     """Compute everything a report shows (see :func:`write_report`) without writing a file.
 
     Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix`.
-        image: One image: PIL, a file path, or a pixel tensor ``[channel, h, w]``.
-        k: Top units shown.
+        model: The vision LM (:class:`~tl_multimodal.vlm.VisionLM`).
+        image: One image: PIL, a file path, an array, or a pixel tensor ``[channel, h, w]``.
+        n_units: Top units shown.
         prompt: Text after the image tokens.
-        max_new_tokens: Length of the greedy caption.
+        max_new_tokens: Most tokens of the greedy caption.
         hook: MLP hook the attribution scores (``"pre"``: as the paper).
         heatmap_hook: MLP hook whose activations the heatmaps show.
         max_size: Longest side of a heatmap panel in pixels.
+        probe: A one-image :class:`~tl_multimodal.probe.Probe` to attribute instead of the
+            caption's first noun (``prompt`` is then ignored).
 
     Returns:
         A :class:`UnitReport` (``.html`` is the page).
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    image = _as_image(image)
-    inputs = [image] if isinstance(image, Image.Image) else image[None]
-    attr = attribute(model, inputs, prompt=prompt, hook=hook, max_new_tokens=max_new_tokens)
-    top = attr.top_units(k, image=0)
+    if isinstance(n_units, bool) or not isinstance(n_units, int) or n_units < 1:
+        raise ValueError(f"n_units must be an int >= 1, got {n_units!r}")
+    pil, pixels = one_image(model, image)
+    emb = soft_prompts(model, pixels)
+    attr = attribute(model, image_embed=emb, probe=probe, prompt=prompt, hook=hook, max_new_tokens=max_new_tokens)
+    top = attr.top_units(n_units, image_index=0)
     units = top.units()
-    decoding = decode_units(model, units, k=10)
-    view = unit_heatmap_view(model, image, units, hook=heatmap_hook, max_size=max_size)
+    decoding = decode_units(model, units, n_tokens=10)
+    view = unit_heatmap_view(model, pil if pil is not None else pixels, units, hook=heatmap_hook, image_embed=emb,
+                             max_size=max_size)
     shown, panels = view.panels[0], view.panels[1:]
     caption = (attr.captions or [""])[0]
     found = first_noun(caption)
@@ -178,19 +167,20 @@ activation over the patch grid, upsampled bilinearly onto the image (jet: blue l
                       scores=top.score, decoding=decoding, heatmaps=panels, image=shown, html=page)
 
 
-def write_report(model, image, path: str | Path, k: int = 10, prompt: str = "A picture of", **kwargs) -> Path:
+def write_report(model: VisionLM, image, path: str | Path, n_units: int = 10, prompt: str = "A picture of",
+                 **kwargs) -> Path:
     """Write a self-contained HTML report of one image's top multimodal units.
 
     The page shows the image, the model's greedy caption, the target token (first noun), and a
-    table of the top ``k`` units by attribution (layer, unit, score, patch, top 10 decoded tokens,
+    table of the top ``n_units`` units by attribution (layer, unit, score, patch, top 10 decoded tokens,
     the paper's interpretability filter) with each unit's activation heatmap over the image.
     Everything is inline (base64 PNGs, no scripts, no network).
 
     Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix`.
+        model: The vision LM (:class:`~tl_multimodal.vlm.VisionLM`).
         image: One image: PIL, a file path, or a pixel tensor ``[channel, h, w]``.
         path: The HTML file to write (parent folders are created).
-        k: Top units shown.
+        n_units: Top units shown.
         prompt: Text after the image tokens.
         **kwargs: Passed to :func:`build_report` (``max_new_tokens``, ``hook``, ``heatmap_hook``,
             ``max_size``).
@@ -198,7 +188,7 @@ def write_report(model, image, path: str | Path, k: int = 10, prompt: str = "A p
     Returns:
         The path written.
     """
-    report = build_report(model, image, k=k, prompt=prompt, **kwargs)
+    report = build_report(model, image, n_units=n_units, prompt=prompt, **kwargs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(report.html, encoding="utf-8")

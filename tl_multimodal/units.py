@@ -1,4 +1,5 @@
-"""MLP units as ``(layer, unit)`` index pairs: the one validator that every analysis module shares."""
+"""MLP units as ``(layer, unit)`` index pairs and the MLP hooks that hold them: the one units
+validator (:func:`as_units`) and the one hook vocabulary (:func:`mlp_hook`) every analysis shares."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Sequence
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from transformer_lens.utils import get_act_name
 
 UnitsLike = Int[Tensor, "n 2"] | Int[Tensor, "batch n 2"] | Sequence[tuple[int, int]]
 
@@ -44,3 +46,33 @@ def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = 
     if ((unit < 0) | (unit >= model.cfg.d_mlp)).any():
         raise ValueError(f"unit indices out of range: must be in [0, {model.cfg.d_mlp}) (d_mlp)")
     return t
+
+
+_MLP_HOOKS = ("pre", "post", "pre_linear")
+
+
+def mlp_hook(model, hook: str) -> str:
+    """The one hook vocabulary: an MLP hook with a unit axis, as TransformerLens's short name.
+
+    Accepts the short names of ``transformer_lens.utils.get_act_name`` (``"pre"``, ``"post"``,
+    ``"pre_linear"``) and the spellings ``"hook_pre"``, ``"mlp.hook_pre"``; checks the model has it.
+
+    Returns:
+        The short name (``"pre"``, ``"post"`` or ``"pre_linear"``); :func:`mlp_act_name` makes the full name.
+    """
+    if not isinstance(hook, str):
+        raise TypeError(f"hook must be a string such as 'pre' or 'post', got {type(hook).__name__}")
+    short = hook.removeprefix("mlp.").removeprefix("hook_")
+    if short not in _MLP_HOOKS:
+        raise ValueError(f"unknown hook {hook!r}: an MLP hook is one of {list(_MLP_HOOKS)} "
+                         "(or 'hook_pre', 'mlp.hook_pre', ...)")
+    if model.cfg.attn_only:
+        raise ValueError("the model is attention-only: it has no MLP units")
+    if mlp_act_name(short, 0) not in model.hook_dict:
+        raise ValueError(f"this model's MLPs have no hook_{short} (hook_pre_linear exists only for gated MLPs)")
+    return short
+
+
+def mlp_act_name(hook: str, layer: int) -> str:
+    """``blocks.{layer}.mlp.hook_{hook}`` for a short name from :func:`mlp_hook` (``get_act_name``)."""
+    return get_act_name(hook, layer)

@@ -11,7 +11,6 @@ at all. Every view has ``_repr_html_`` (shows in Jupyter/Colab) and ``.save(path
   ``ColoredTokensMulti``; image slots read ``<image_i>``).
 * :func:`unit_heatmap_view` / :func:`patch_heatmap_view` - a unit's activation (or any patch-grid
   score) over the patch grid, upsampled onto the image, as inline base64 PNGs.
-* :func:`plot_unit_heatmaps` - a matplotlib figure of several units' heatmaps on one image.
 
     view = unit_heatmap_view(model, pil_image, [(5, 1021), (7, 33)])
     view                      # renders in the notebook
@@ -24,7 +23,6 @@ import base64
 import functools
 import html
 import io
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 from uuid import uuid4
@@ -36,7 +34,11 @@ from PIL import Image
 from torch import Tensor
 
 from tl_multimodal.decoding import UnitDecoding
-from tl_multimodal.heatmaps import CropGeometry, grid_to_image, plot_heatmap, unit_grid_activations
+from tl_multimodal.geometry import CropGeometry, grid_to_image
+from tl_multimodal.heatmaps import one_image, unit_grid_activations
+from tl_multimodal.probe import Probe
+from tl_multimodal.units import as_units, mlp_act_name, mlp_hook
+from tl_multimodal.vlm import VisionLM, soft_prompts
 
 _PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{title}</title></head>
@@ -170,7 +172,7 @@ def _unit_label(layer: int, unit: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- (a) decoded tokens
-def decoded_tokens_view(decoding: UnitDecoding, k: int | None = None, title: str | None = None) -> HTMLView:
+def decoded_tokens_view(decoding: UnitDecoding, n_tokens: int | None = None, title: str | None = None) -> HTMLView:
     """The top tokens of each unit's output direction, coloured by their probability (circuitsvis).
 
     One row per unit: its label (``L5.1021``, with a check mark when it passes the paper's
@@ -179,7 +181,7 @@ def decoded_tokens_view(decoding: UnitDecoding, k: int | None = None, title: str
 
     Args:
         decoding: From :func:`~tl_multimodal.decoding.decode_units`.
-        k: Tokens shown per unit (default: all of ``decoding``'s).
+        n_tokens: Tokens shown per unit (default: all of ``decoding``'s).
         title: Heading above the table.
 
     Returns:
@@ -190,9 +192,9 @@ def decoded_tokens_view(decoding: UnitDecoding, k: int | None = None, title: str
     if len(decoding) == 0:
         raise ValueError("the decoding holds no units")
     n_k = decoding.token_ids.shape[1]
-    k = n_k if k is None else k
-    if not 1 <= k <= n_k:
-        raise ValueError(f"k must be in [1, {n_k}], got {k}")
+    k = n_k if n_tokens is None else n_tokens
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_k:
+        raise ValueError(f"n_tokens must be an int in [1, {n_k}], got {k!r}")
     vmax = float(decoding.probs[:, :k].max())
     elements = [("ColoredTokens", {"tokens": toks[:k], "values": probs[:k], "minValue": 0.0, "maxValue": vmax})
                 for toks, probs in zip(decoding.tokens, decoding.probs.tolist())]
@@ -213,36 +215,8 @@ def decoded_tokens_view(decoding: UnitDecoding, k: int | None = None, title: str
 
 
 # ---------------------------------------------------------------------------------- (b) activations over tokens
-def _one_image(model, image) -> tuple[Tensor, Image.Image | None]:
-    """A single image as a ``[1, c, h, w]`` pixel tensor on the model's device, and the PIL original."""
-    if isinstance(image, Image.Image):
-        return model.preprocess([image]), image
-    if isinstance(image, Tensor):
-        pixels = image[None] if image.ndim == 3 else image
-        if pixels.ndim != 4 or pixels.shape[0] != 1:
-            raise ValueError(f"pass one image: a PIL image or a [channel, h, w] tensor, got shape {tuple(image.shape)}")
-        return pixels.to(model.W_E.device), None
-    raise ValueError(f"image must be a PIL image or a pixel tensor, got {type(image).__name__}")
-
-
-def _as_unit_list(units) -> list[tuple[int, int]]:
-    t = units.detach().cpu().tolist() if isinstance(units, Tensor) else units
-    if isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(v, int) for v in t):
-        t = [t]
-    try:
-        rows = [(int(l), int(u)) for l, u in t]
-    except (TypeError, ValueError):
-        raise ValueError("units must be (layer, unit) pairs, a list or an [n, 2] tensor") from None
-    if not rows:
-        raise ValueError("no units given")
-    return rows
-
-
-def _check_units(model, units: list[tuple[int, int]]) -> None:
-    for l, u in units:
-        if not (0 <= l < model.cfg.n_layers and 0 <= u < model.cfg.d_mlp):
-            raise ValueError(f"unit {(l, u)} is out of range: the model has {model.cfg.n_layers} layers "
-                             f"of {model.cfg.d_mlp} units")
+def _unit_list(model: VisionLM, units) -> list[tuple[int, int]]:
+    return [tuple(u) for u in as_units(model, units, batched=False, allow_empty=False).tolist()]
 
 
 class TokenActivationsView(HTMLView):
@@ -273,39 +247,53 @@ class TokenActivationsView(HTMLView):
 
 
 @torch.no_grad()
-def token_activations_view(model, image, units, text: str | None = None, prompt: str = "A picture of",
-                           hook: str = "hook_post", max_new_tokens: int = 12,
-                           include_image: bool = True) -> TokenActivationsView:
+def token_activations_view(model: VisionLM, image, units, text: str | None = None, prompt: str = "A picture of",
+                           hook: str = "post", max_new_tokens: int = 12, include_image: bool = True, *,
+                           probe: Probe | None = None, image_index: int = 0) -> TokenActivationsView:
     """Activations of MLP units at every position of ``[image slots][text]`` (circuitsvis).
 
     Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix`.
-        image: One image: PIL, or a pixel tensor ``[channel, h, w]`` / ``[1, channel, h, w]``.
+        model: The vision LM.
+        image: One image (PIL, a path, an array, or a pixel tensor ``[channel, h, w]``).
         units: ``(layer, unit)`` pairs (a list or an ``[n, 2]`` tensor); one button each in the view.
         text: The text after the image; default: ``prompt`` followed by the model's own greedy
-            caption of the image.
+            caption of the image (its generated tokens).
         prompt: Prompt for the caption when ``text`` is None.
-        hook: The MLP hook read (``"hook_post"``: the activation; ``"hook_pre"``: what attribution scores).
+        hook: The MLP hook read (``"post"``: the activation; ``"pre"``: what attribution scores).
         max_new_tokens: Caption length when ``text`` is None.
         include_image: Show the image positions too (``<image_0>`` ...), not only the text.
+        probe: Show row ``image_index`` of this probe (its tokens up to and including the target)
+            instead of ``text``; ``image`` is that row's image.
+        image_index: The probe row.
 
     Returns:
         A :class:`TokenActivationsView`.
     """
-    unit_list = _as_unit_list(units)
-    _check_units(model, unit_list)
-    if f"blocks.0.mlp.{hook}" not in model.hook_dict:
-        raise ValueError(f"this model's MLPs have no {hook}")
-    pixels, _ = _one_image(model, image)
-    if text is None:
-        text = f"{prompt} {model.caption(pixels, prompt=prompt, max_new_tokens=max_new_tokens)[0]}".rstrip()
-    if not text.strip():
-        raise ValueError("text is empty")
-    tokens = model.to_tokens(text, image=True)
+    unit_list = _unit_list(model, units)
+    short = mlp_hook(model, hook)
+    _, pixels = one_image(model, image)
+    emb = soft_prompts(model, pixels)
+    if probe is not None:
+        if text is not None:
+            raise ValueError("pass either text= or probe=, not both")
+        if not isinstance(image_index, int) or not -len(probe) <= image_index < len(probe):
+            raise ValueError(f"image_index {image_index!r} out of range for a probe of {len(probe)} images")
+        row = probe[image_index]
+        tokens = torch.cat([row.tokens[:, :int(row.pred_pos[0]) + 1], row.target_ids[:, None]], 1).to(model.cfg.device)
+        text = model.tokenizer.decode(tokens[0][~model.image_mask(tokens)[0]].tolist())
+    else:
+        if text is None:  # the model's own tokens, not a re-tokenization of their text
+            tokens = model.generate(prompt, max_new_tokens, image_embed=emb, do_sample=False, verbose=False,
+                                    return_type="tokens")
+            text = model.tokenizer.decode(tokens[0][~model.image_mask(tokens)[0]].tolist())
+        else:
+            if not text.strip():
+                raise ValueError("text is empty")
+            tokens = model.to_tokens(text, image=True)
     layers = sorted({l for l, _ in unit_list})
-    names = [f"blocks.{l}.mlp.{hook}" for l in layers]
-    _, cache = model.run_with_cache(tokens, images=pixels, names_filter=names, stop_at_layer=layers[-1] + 1)
-    values = torch.stack([cache[f"blocks.{l}.mlp.{hook}"][0, :, u].float().cpu() for l, u in unit_list], dim=1)
+    names = [mlp_act_name(short, l) for l in layers]
+    _, cache = model.run_with_cache(tokens, image_embed=emb, names_filter=names, stop_at_layer=layers[-1] + 1)
+    values = torch.stack([cache[mlp_act_name(short, l)][0, :, u].float().cpu() for l, u in unit_list], dim=1)
     str_tokens = model.to_str_tokens(tokens)
     if not include_image:
         keep = ~model.image_mask(tokens)[0].cpu()
@@ -448,86 +436,41 @@ def patch_heatmap_view(image: Image.Image | None, grids: Float[Tensor, "n rows c
     return HeatmapView(body, title, heatmaps, g, labels, panels, image)
 
 
-def _display_image(model, image) -> tuple[Image.Image, CropGeometry]:
-    """The image to draw on and its geometry: PIL originals as they are, pixel tensors de-normalised."""
-    if isinstance(image, Image.Image):
-        return image, CropGeometry.from_data_config(model.vision.data_config, image.size)
-    pixels, _ = _one_image(model, image)
+def display_image(model: VisionLM, image) -> tuple[Image.Image, CropGeometry, Tensor]:
+    """The image to draw on, its geometry and its pixels: PIL originals (or paths) as they are, pixel
+    tensors de-normalised."""
+    pil, pixels = one_image(model, image)
+    if pil is not None:
+        return pil, CropGeometry.from_data_config(model.vision.data_config, pil.size), pixels
+    _, pixels = one_image(model, image)
     cfg = model.vision.data_config
     mean = torch.tensor(cfg.get("mean", (0.0, 0.0, 0.0)))[:, None, None]
     std = torch.tensor(cfg.get("std", (1.0, 1.0, 1.0)))[:, None, None]
     rgb = (pixels[0].float().cpu() * std + mean).clamp(0, 1)
     pil = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    return pil, CropGeometry.identity(pil.size)
+    return pil, CropGeometry.identity(pil.size), pixels
 
 
-def unit_heatmap_view(model, image, units, hook: str = "hook_post", **kwargs) -> HeatmapView:
+def unit_heatmap_view(model: VisionLM, image, units, hook: str = "post", *, image_embed: Tensor | None = None,
+                      **kwargs) -> HeatmapView:
     """Where on the image each unit fires: its activations at the image positions, over the image.
 
     Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix`.
+        model: The vision LM (:class:`~tl_multimodal.vlm.VisionLM`).
         image: One image: PIL (drawn in its original frame, through timm's resize/crop), or a pixel
             tensor ``[channel, h, w]`` (de-normalised with the encoder's mean/std, the input frame).
         units: ``(layer, unit)`` pairs (a list or an ``[n, 2]`` tensor).
         hook: The MLP hook read (see :func:`~tl_multimodal.heatmaps.unit_grid_activations`).
+        image_embed: The image's soft prompts, if already made (the image is then not encoded again).
         **kwargs: Passed to :func:`patch_heatmap_view` (alpha, cmap, max_size, shared_scale, ...).
 
     Returns:
         A :class:`HeatmapView` (one panel per unit, after the plain image).
     """
-    unit_list = _as_unit_list(units)
-    _check_units(model, unit_list)
-    pil, geometry = _display_image(model, image)
-    pixels = [image] if isinstance(image, Image.Image) else _one_image(model, image)[0]
-    grids = unit_grid_activations(model, pixels, unit_list, hook)[0]
+    unit_list = _unit_list(model, units)
+    pil, geometry, pixels = display_image(model, image)
+    grids = unit_grid_activations(model, None if image_embed is not None else pixels, unit_list, hook,
+                                  image_embed=image_embed)[0]
     labels = [_unit_label(l, u) for l, u in unit_list]
     kwargs.setdefault("title", f"{hook} of {len(labels)} units over the patch grid {tuple(model.vision.grid)}")
     return patch_heatmap_view(pil, grids, labels, geometry, **kwargs)
-
-
-def plot_unit_heatmaps(model, image, units, hook: str = "hook_post", ncols: int = 4, q: float | None = 95.0,
-                       object_mask=None, titles: Sequence[str] | None = None, panel_size: float = 3.0):
-    """A matplotlib figure: the image, then each unit's heatmap over it (95th-percentile mask outlined).
-
-    Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix`.
-        image: One image (PIL or pixel tensor, as for :func:`unit_heatmap_view`).
-        units: ``(layer, unit)`` pairs, e.g. ``attr.top_units(8).units()``.
-        hook: The MLP hook read.
-        ncols: Panels per row.
-        q: Outline the pixels at or above this percentile (``None``: no outline).
-        object_mask: An object mask in the image's frame, outlined in lime
-            (:func:`~tl_multimodal.heatmaps.coco_category_mask`).
-        titles: One title per unit (default ``L{layer}.{unit}``).
-        panel_size: Inches per panel.
-
-    Returns:
-        The matplotlib Figure.
-    """
-    import matplotlib.pyplot as plt
-
-    from tl_multimodal.heatmaps import activation_mask
-
-    unit_list = _as_unit_list(units)
-    _check_units(model, unit_list)
-    titles = [_unit_label(l, u) for l, u in unit_list] if titles is None else list(titles)
-    if len(titles) != len(unit_list):
-        raise ValueError(f"{len(titles)} titles for {len(unit_list)} units")
-    pil, geometry = _display_image(model, image)
-    pixels = [image] if isinstance(image, Image.Image) else _one_image(model, image)[0]
-    heatmaps = grid_to_image(unit_grid_activations(model, pixels, unit_list, hook)[0], geometry)
-    n = len(unit_list) + 1
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols * 1.15, panel_size * nrows), squeeze=False)
-    axes = axes.flatten()
-    axes[0].imshow(pil)
-    axes[0].set_title("image")
-    axes[0].set_axis_off()
-    for ax, hm, t in zip(axes[1:], heatmaps, titles):
-        plot_heatmap(pil, hm, mask=activation_mask(hm, q) if q is not None else None, object_mask=object_mask,
-                     title=t, ax=ax)
-    for ax in axes[n:]:
-        ax.set_axis_off()
-    fig.tight_layout()
-    return fig

@@ -11,18 +11,14 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
 
 from tl_multimodal import HookedVisionPrefix
-from tl_multimodal.patching import (
-    ablate_units,
-    ablation_curve,
-    get_act_patch_mlp_neuron,
-    mean_unit_activations,
-    patch_resid,
-    patch_units,
-    sample_matched_units,
-    target_prob_metric,
-    target_probability,
-    unit_patch_sweep,
-)
+from tl_multimodal.ablation import ablate_units, ablation_curve, mean_unit_activations, sample_matched_units
+from tl_multimodal.patching import get_act_patch_mlp_neuron, patch_resid, patch_units, unit_patch_sweep
+from tl_multimodal.probe import target_probability
+
+
+def target_prob_metric(pred_pos, target):
+    """The batch-mean p(c), written out for TransformerLens's patching functions (the oracle side)."""
+    return lambda logits: target_probability(logits, pred_pos, target).mean()
 
 matplotlib.use("Agg")
 
@@ -204,15 +200,22 @@ def test_bad_inputs_raise(gelu_vlm, pixels):
         ablate_units(m, pixels, [(3, 0)], TARGET)
     with pytest.raises(ValueError, match="unit indices"):
         ablate_units(m, pixels, [(0, 48)], TARGET)
-    with pytest.raises(ValueError, match="token ids"):
-        ablate_units(m, pixels, [(0, 1)], " dog")
-    with pytest.raises(ValueError, match="one per image"):
+    dog = m.tokenizer(" dog")["input_ids"][0]
+    torch.testing.assert_close(ablate_units(m, pixels, [(0, 1)], "dog").p_after,
+                               ablate_units(m, pixels, [(0, 1)], dog).p_after)  # a string is its token
+    with pytest.raises(ValueError, match="multi_token"):
+        ablate_units(m, pixels, [(0, 1)], " hippopotamus")
+    with pytest.raises(ValueError, match="2 targets for 3 images"):
         ablate_units(m, pixels, [(0, 1)], [1, 2])
+    with pytest.raises(ValueError, match=r"positions \[999\] are out of range"):
+        ablate_units(m, pixels, [(0, 1)], TARGET, positions=[999])
+    with pytest.raises(ValueError, match=r"positions \[999\] are out of range"):
+        patch_units(m, pixels, pixels.flip(0), [(0, 1)], TARGET, positions=[999])
     with pytest.raises(ValueError, match="needs mean_acts"):
         ablate_units(m, pixels, [(0, 1)], TARGET, mode="mean")
     with pytest.raises(ValueError, match="mean_acts must be"):
         ablate_units(m, pixels, [(0, 1)], TARGET, mode="mean", mean_acts=torch.zeros(3, 5))
-    with pytest.raises(ValueError, match="hook must be"):
+    with pytest.raises(ValueError, match="unknown hook 'hook_mlp_out'"):
         ablate_units(m, pixels, [(0, 1)], TARGET, hook="hook_mlp_out")
     with pytest.raises(ValueError, match="pair them"):
         patch_units(m, pixels, pixels[:2], [(0, 1)], TARGET)

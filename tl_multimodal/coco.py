@@ -1,0 +1,116 @@
+"""COCO in one place: the object masks heatmaps are scored against, and which object a caption names.
+
+:func:`coco_category_mask` is the union of all instance masks of a category in an image (crowd
+annotations included), via ``pycocotools``' ``annToMask``; :func:`object_for_noun` picks the
+annotated category a caption's noun names (else the image's largest object); :func:`load_coco`
+opens an annotation file and fills in image sizes a trimmed file leaves out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Bool
+from PIL import Image
+
+PERSON = frozenset("""man men woman women person people boy boys girl girls child children kid kids guy guys lady
+ladies player players baby skier surfer skateboarder snowboarder couple group family crowd rider batter
+pitcher""".split())
+
+
+def load_coco(data_dir: str | Path):
+    """``pycocotools.coco.COCO`` of ``data_dir/instances.json``, with the image sizes it leaves out
+    read from ``data_dir/images``."""
+    from pycocotools.coco import COCO
+
+    data_dir = Path(data_dir)
+    path = data_dir / "instances.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: data_dir must hold instances.json")
+    coco = COCO(str(path))
+    for info in coco.imgs.values():
+        if "width" not in info:
+            with Image.open(data_dir / "images" / info["file_name"]) as im:
+                info["width"], info["height"] = im.size
+    return coco
+
+
+def object_for_noun(coco, image_id: int, noun: str | None) -> tuple[int, str, str] | None:
+    """The annotated object a noun names: ``(category id, name, "noun")``; else the image's largest
+    object ``(id, name, "largest")``; ``None`` if the image has no annotations.
+
+    A noun names a category if it is the category's name or last word, up to a plural ``s``/``es``;
+    people words ("woman", "skier", ...) name ``person``.
+    """
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None))
+    if not anns:
+        return None
+    names = {c: coco.cats[c]["name"] for c in {a["category_id"] for a in anns}}
+    if noun:
+        w = noun.lower()
+        cands = {w, w.removesuffix("s"), w.removesuffix("es")}
+        for c, name in names.items():
+            if name in cands or name.split()[-1] in cands or (name == "person" and w in PERSON):
+                return c, name, "noun"
+    largest = max(anns, key=lambda a: a["area"])
+    return largest["category_id"], names[largest["category_id"]], "largest"
+
+
+def coco_category_mask(coco, image_id: int, category: int | str,
+                       image_size: tuple[int, int] | None = None) -> Bool[Tensor, "height width"]:
+    """Union of the instance masks of one category in one COCO image.
+
+    Args:
+        coco: A ``pycocotools.coco.COCO`` (or the path of an instances json to load).
+        image_id: The COCO image id.
+        category: Category id or name (e.g. ``"dog"``).
+        image_size: The image's ``(width, height)`` (``PIL.Image.size``); needed only when the
+            annotation file's image entry has no ``width``/``height`` (trimmed files), and checked
+            against it otherwise.
+
+    Returns:
+        ``[height, width]`` in original image pixels; all False if the category is absent.
+        Crowd (RLE) annotations are included. Masks come from ``coco.annToMask``, or from the same
+        ``pycocotools.mask`` calls with ``image_size`` when the entry has no size.
+    """
+    if not hasattr(coco, "annToMask"):
+        from pycocotools.coco import COCO
+
+        coco = COCO(str(coco))
+    if isinstance(category, str):
+        ids = coco.getCatIds(catNms=[category])
+        if not ids:
+            raise ValueError(f"unknown COCO category {category!r}")
+        category = ids[0]
+    if image_id not in coco.imgs:
+        raise ValueError(f"image id {image_id} is not in this COCO annotation file")
+    info = coco.imgs[image_id]
+    has_size = "height" in info and "width" in info
+    if has_size:
+        w, h = info["width"], info["height"]
+        if image_size is not None and tuple(image_size) != (w, h):
+            raise ValueError(f"image_size {tuple(image_size)} differs from the annotation's {(w, h)} (width, height)")
+    elif image_size is None:
+        raise ValueError(f"the annotation file gives no size for image {image_id}; pass image_size=(width, height)")
+    else:
+        w, h = image_size
+    mask = np.zeros((h, w), dtype=bool)
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], catIds=[category], iscrowd=None)):
+        mask |= (coco.annToMask(ann) if has_size else _ann_to_mask(ann, h, w)).astype(bool)
+    return torch.from_numpy(mask)
+
+
+def _ann_to_mask(ann: dict, h: int, w: int) -> np.ndarray:
+    """``COCO.annToMask`` for an image of known size (polygons, RLE or compressed RLE)."""
+    from pycocotools import mask as mask_utils
+
+    segm = ann["segmentation"]
+    if isinstance(segm, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+    elif isinstance(segm["counts"], list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segm, h, w)
+    else:
+        rle = segm
+    return mask_utils.decode(rle)
