@@ -398,13 +398,13 @@ class HookedVisionPrefix(HookedTransformer):
         if images is None and image_features is None and image_embed is None:
             return super().forward(input, *args, **kwargs)
         image_embed = self._image_embed(images, image_features, image_embed)
-        # Name the parent's arguments, however given: no BOS in image sequences unless asked for
-        # (a leading pad is padding, never a BOS).
+        # Name the parent's arguments, however given: to_tokens(image=True) decides the BOS (none before
+        # leading image slots unless asked for; a placeholder prompt keeps the tokenizer's default).
         bound = _PARENT_FORWARD.bind(self, input, *args, **kwargs).arguments
         del bound["self"]
-        bound.setdefault("prepend_bos", False)
-        bound["input"] = self._image_tokens(input, image_embed.shape[0], bound["prepend_bos"],
+        bound["input"] = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                             bound.get("padding_side", USE_DEFAULT_VALUE))
+        bound["prepend_bos"] = False  # the tokens are made: the parent must not read a leading pad as a BOS
         with self._bound(image_embed):
             return super().forward(**bound)
 
@@ -437,9 +437,9 @@ class HookedVisionPrefix(HookedTransformer):
             return super().generate(**bound)
         with torch.no_grad():
             image_embed = self._image_embed(images, image_features, image_embed)
-        bound.setdefault("prepend_bos", False)
-        tokens = self._image_tokens(input, image_embed.shape[0], bound["prepend_bos"],
+        tokens = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                     bound.get("padding_side", USE_DEFAULT_VALUE))
+        bound["prepend_bos"] = False  # as in forward
         self._check_length(tokens.shape[1] + max_new_tokens)
         decode = bound.get("return_type", "input") in ("input", "str")
         if decode:
