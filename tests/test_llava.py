@@ -140,35 +140,89 @@ def test_classmethod_delegates(hf_llava):
     assert isinstance(HookedVisionPrefix.from_llava(hf_llava), HookedVisionPrefix)
 
 
-def test_attribution_on_converted_llava_matches_finite_differences(hf_llava, processor):
-    """The neuron toolkit runs on the converted model: grad x act at an image position equals the
-    central finite difference of the target logit (float64 copy of the tiny LLaVA)."""
+@pytest.fixture(scope="module")
+def llava64(hf_llava, processor):
+    """A float64 copy of the tiny LLaVA (finite differences and exact comparisons)."""
     import copy
 
+    return from_llava(copy.deepcopy(hf_llava).double(), image_processor=processor.image_processor,
+                      tokenizer=processor.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def chat_slots(processor):
+    """The image positions of CHAT, from HF's processor (the oracle): where <image> was expanded."""
+    image = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    ids = processor(text=CHAT, images=image, return_tensors="pt")["input_ids"][0]
+    return (ids == IMAGE_TOKEN).nonzero()[:, 0]
+
+
+@pytest.mark.parametrize("prompt", ["A picture of", CHAT])
+def test_attribution_on_converted_llava_matches_finite_differences(llava64, chat_slots, prompt):
+    """The neuron toolkit runs on the converted model: grad x act at an image position equals the
+    central finite difference of the target logit (float64), with the image as a prefix or at the
+    <image> placeholder inside a chat prompt (patch k is then the k-th position HF's processor expands)."""
     from tl_multimodal.attribution import attribute
 
-    model = from_llava(copy.deepcopy(hf_llava).double(), image_processor=processor.image_processor,
-                       tokenizer=processor.tokenizer)
+    model = llava64
     torch.manual_seed(3)
     feats = torch.randn(1, 16, 32, dtype=torch.float64)
-    prompt, tid = "A picture of", 3290  # " dog"
+    tid = 3290  # " dog"
     attr = attribute(model, image_features=feats, target=tid, hook="post", prompt=prompt)
-    layer, flat = 0, int(attr.scores[0, 0].abs().argmax())
-    patch, unit = divmod(flat, model.cfg.d_mlp)
-    name = f"blocks.{layer}.mlp.hook_post"
-    z = model.run_with_cache(prompt, image_features=feats, names_filter=name)[1][name][0, patch, unit]
+    slots = chat_slots if prompt == CHAT else torch.arange(16)
+    assert attr.probe.image_positions[0].tolist() == slots.tolist()
+    name_of = lambda layer: f"blocks.{layer}.mlp.hook_post"  # noqa: E731
+    _, cache = model.run_with_cache(prompt, image_features=feats)
+    # the last layer's MLP at an image position writes only there: it cannot reach the final logit
+    assert attr.scores[0, -1].abs().max() == 0
+    for layer in range(model.cfg.n_layers - 1):
+        flat = int(attr.scores[0, layer].abs().argmax())
+        patch, unit = divmod(flat, model.cfg.d_mlp)
+        pos = int(slots[patch])
+        z = cache[name_of(layer)][0, pos, unit]
 
-    def y(d):
-        def edit(act, hook):
-            act = act.clone()
-            act[:, patch, unit] += d
-            return act
-        return model.run_with_hooks(prompt, image_features=feats, fwd_hooks=[(name, edit)])[0, -1, tid].item()
+        def y(d):
+            def edit(act, hook):
+                act = act.clone()
+                act[:, pos, unit] += d
+                return act
+            return model.run_with_hooks(prompt, image_features=feats, fwd_hooks=[(name_of(layer), edit)])[0, -1, tid].item()
 
-    eps = 1e-5
-    fd = z.item() * (y(eps) - y(-eps)) / (2 * eps)
-    assert abs(attr.scores[0, layer, patch, unit].item() - fd) <= 1e-5 * max(1.0, abs(fd))
-    assert abs(fd) > 1e-4
+        eps = 1e-5
+        fd = z.item() * (y(eps) - y(-eps)) / (2 * eps)
+        assert abs(attr.scores[0, layer, patch, unit].item() - fd) <= 1e-5 * max(1.0, abs(fd))
+        assert abs(fd) > 1e-4
+
+
+@pytest.mark.parametrize("apply_ln", [False, True])
+def test_unit_decoding_agrees_with_full_resid_decomposition_on_a_chat_prompt(llava64, chat_slots, apply_ln):
+    """A unit's component of the residual stream at an image position of a chat prompt (TransformerLens's
+    get_full_resid_decomposition(expand_neurons=True)) projected on W_U is its activation (/ the final RMS
+    scale) times the decoded direction's logits, with the same top tokens."""
+    from tl_multimodal.decoding import decode_units, unit_directions
+
+    model = llava64
+    torch.manual_seed(4)
+    pixels = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    _, cache = model.run_with_cache(CHAT, images=pixels)
+    assert (model.to_tokens(CHAT, image=True)[0] == IMAGE_TOKEN).nonzero()[:, 0].tolist() == chat_slots.tolist()
+    stack, labels = cache.get_full_resid_decomposition(expand_neurons=True, apply_ln=apply_ln, return_labels=True)
+    units = [(0, 3), (1, 0), (1, 77)]
+    dirs = unit_directions(model, units, apply_ln=apply_ln)
+    dec = decode_units(model, units, n_tokens=10, apply_ln=apply_ln)
+    for i, (layer, unit) in enumerate(units):
+        acts = cache[f"blocks.{layer}.mlp.hook_post"][0, :, unit]
+        pos = int(chat_slots[acts[chat_slots].abs().argmax()])  # the unit's strongest image position
+        act = acts[pos]
+        assert act.abs() > 1e-3
+        comp = stack[labels.index(f"L{layer}N{unit}"), 0, pos]
+        if apply_ln:  # apply_ln_to_stack divides by the cached RMS scale; ln_final.w is not folded here
+            comp = comp * model.ln_final.w
+            factor = act / cache["ln_final.hook_scale"][0, pos, 0]
+        else:
+            factor = act
+        torch.testing.assert_close(comp @ model.W_U, factor * (dirs[i] @ model.W_U))
+        assert (act.sign() * comp @ model.W_U).topk(10).indices.tolist() == dec.token_ids[i].tolist()
 
 
 def test_chat_prompt_generation_and_bad_image_token_id(llava, hf_llava, processor):
