@@ -236,3 +236,77 @@ def test_chat_prompt_generation_and_bad_image_token_id(llava, hf_llava, processo
     lm = HookedTransformer(llava.cfg)
     with pytest.raises(ValueError, match="image_token_id must be an int"):
         HookedVisionPrefix(lm, llava.vision, llava.projection, image_token_id=VOCAB + 1)
+
+
+def test_patching_on_a_chat_prompt_agrees_with_transformer_lens_patching(llava64, chat_slots):
+    """patch_resid / patch_units through a chat-prompt probe equal TransformerLens's own
+    get_act_patch_resid_pre / get_act_patch_mlp_out (the probe's metric, images bound)."""
+    import pandas as pd
+    from transformer_lens import patching as tl_patching
+
+    from tl_multimodal.patching import patch_resid, patch_units
+    from tl_multimodal.probe import make_probe
+
+    model = llava64
+    torch.manual_seed(5)
+    src, base = torch.randn(2, 3, 32, 32, dtype=torch.float64).split(1)
+    probe = make_probe(model, 1, "dog", prompt=CHAT)
+    assert probe.image_positions[0].tolist() == chat_slots.tolist() and probe.targets == [" dog"]
+    tokens = probe.tokens
+    last = tokens.shape[1] - 1
+    cases = [(0, 0), (0, int(chat_slots[3])), (1, int(chat_slots[-1])), (1, last)]  # BOS, image, image, text
+    index = pd.DataFrame(cases, columns=["layer", "pos"])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, images=src)
+        with model.bind_images(base):
+            tl_resid = tl_patching.get_act_patch_resid_pre(model, tokens, cache, probe.metric,
+                                                           index_axis_names=None, index_df=index)
+            tl_mlp = tl_patching.get_act_patch_mlp_out(model, tokens, cache, probe.metric,
+                                                       index_axis_names=None, index_df=index)
+    all_units = lambda layer: [(layer, k) for k in range(model.cfg.d_mlp)]  # noqa: E731
+    for (layer, pos), p_resid, p_mlp in zip(cases, tl_resid, tl_mlp):
+        res = patch_resid(model, src, base, layer=layer, positions=[pos], probe=probe)
+        torch.testing.assert_close(res.p_patched[0], p_resid.float(), rtol=1e-6, atol=1e-12)
+        res = patch_units(model, src, base, all_units(layer), probe=probe, positions=[pos])
+        torch.testing.assert_close(res.p_patched[0], p_mlp.float(), rtol=1e-6, atol=1e-12)
+    assert tl_resid[1] != tl_resid[0] and tl_mlp[1] != tl_mlp[0]  # the image position matters, the BOS does not
+    torch.testing.assert_close(tl_resid[0], res.p_base[0], rtol=1e-6, atol=1e-12)  # BOS: same in both runs
+    # default positions are the probe's image slots: patching them all at layer 0 gives the source's p(c)
+    full = patch_resid(model, src, base, layer=0, probe=probe)
+    torch.testing.assert_close(full.p_patched, full.p_source, rtol=1e-6, atol=1e-12)
+    assert not torch.allclose(full.p_base, full.p_source, rtol=1e-3)
+
+
+def test_ablation_and_heatmaps_read_the_image_slots_where_the_placeholder_was(llava64, chat_slots):
+    """ablate_units and unit_grid_activations with a chat-prompt probe act on the positions HF's
+    processor gave the image (not on a prefix), as manual hooks at those positions do."""
+    from tl_multimodal.ablation import ablate_units
+    from tl_multimodal.heatmaps import unit_grid_activations
+    from tl_multimodal.probe import make_probe, target_probability
+
+    model = llava64
+    torch.manual_seed(6)
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    probe = make_probe(model, 2, ["dog", "cat"], prompt=CHAT)
+    assert probe.image_mask.sum(1).tolist() == [16, 16]
+    assert probe.image_positions.tolist() == [chat_slots.tolist()] * 2
+    units = [(0, 7), (0, 40)]
+
+    def zero(act, hook):
+        act = act.clone()
+        act[:, chat_slots[:, None], torch.tensor([7, 40])] = 0.0
+        return act
+
+    with torch.no_grad():
+        before = model(probe.tokens, images=pixels)
+        after = model.run_with_hooks(probe.tokens, images=pixels, fwd_hooks=[("blocks.0.mlp.hook_post", zero)])
+    res = ablate_units(model, pixels, units, probe=probe)
+    torch.testing.assert_close(res.p_before, target_probability(before, probe.pred_pos, probe.target_ids))
+    torch.testing.assert_close(res.p_after, target_probability(after, probe.pred_pos, probe.target_ids))
+    assert not torch.allclose(res.p_after, res.p_before, rtol=1e-4)
+
+    grids = unit_grid_activations(model, pixels, units, probe=probe)
+    _, cache = model.run_with_cache(probe.tokens, images=pixels)
+    want = cache["blocks.0.mlp.hook_post"][:, chat_slots][..., [7, 40]].permute(0, 2, 1).reshape(2, 2, 4, 4)
+    assert grids.shape == (2, 2, 4, 4)
+    torch.testing.assert_close(grids, want.float())
