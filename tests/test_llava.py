@@ -114,15 +114,21 @@ def test_placeholders_must_match_images(llava):
         llava(_prompt(32), images=pixels)
     with pytest.raises(ValueError, match=r"\[15\] image slots"):
         llava(_prompt(15), images=pixels)
-    with pytest.raises(ValueError, match=r"1 images of 16 patches .* \[32\] image slots"):
+    with pytest.raises(ValueError, match=r"1 images of 16 patches .* \[32\] image slots .*one image per prompt"):
+        llava(torch.cat([_prompt(), _prompt()], 1), images=pixels)  # two images' slots in one row
+    with pytest.raises(ValueError, match="holds 2 image placeholders .* use exactly one placeholder"):
         llava("USER: <image> and <image> ASSISTANT:", images=pixels)  # two placeholders, one image
+    with pytest.raises(ValueError, match=r"2 images of 16 patches for tokens of batch 1 with \[16\]"):
+        llava(_prompt(), images=torch.randn(2, 3, 32, 32))  # one placeholder, two images
 
 
 def test_placeholder_in_a_text_only_call_is_refused(llava):
     with pytest.raises(ValueError, match="image slots but no images"):
         llava(_prompt())
-    with pytest.raises(ValueError, match="image slots but no images"):
+    with pytest.raises(ValueError, match=f"image slots but no images were given \\(id {IMAGE_TOKEN}, e.g. an image placeholder"):
         llava(CHAT)
+    with pytest.raises(ValueError, match="image slots but no images"):
+        llava.generate(CHAT, 2, verbose=False)
 
 
 def test_unsupported_llava_variants_are_named(hf_llava):

@@ -50,12 +50,14 @@ class _ImageSlotEmbed(Embed):
         if not slots.any():
             return super().forward(tokens)
         if self.image_embed is None:
-            raise ValueError("tokens contain image slots but no images were given; pass images=...")
+            raise ValueError(f"tokens contain image slots but no images were given (id {self.image_token_id}, "
+                             "e.g. an image placeholder in the prompt); pass images=...")
         n_slots = slots.sum(-1)
         batch, n_patch = self.image_embed.shape[:2]
         if tokens.shape[0] != batch or (n_slots != n_patch).any():
             raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
-                             f"{tokens.shape[0]} with {n_slots.tolist()} image slots per row")
+                             f"{tokens.shape[0]} with {n_slots.tolist()} image slots per row; each row "
+                             f"needs one image's {n_patch} slots (one image per prompt)")
         embed = super().forward(tokens.masked_fill(slots, 0))
         return embed.masked_scatter(slots[..., None], self.image_embed.to(embed.dtype))
 
@@ -265,6 +267,10 @@ class HookedVisionPrefix(HookedTransformer):
             if self.image_token_id < self.cfg.d_vocab:  # a real token: it may stand in the text
                 row = tokenize(t, prepend_bos, move_to_device=False, truncate=False)[0]
                 placeholders = row == self.image_token_id
+                if placeholders.sum() > 1:
+                    raise ValueError(f"prompt {t!r} holds {int(placeholders.sum())} image placeholders "
+                                     f"(id {self.image_token_id}); the model takes one image per prompt: "
+                                     "use exactly one placeholder")
                 row = row.repeat_interleave(torch.where(placeholders, self.n_image_tokens, 1)) if placeholders.any() else None
             rows.append(row if row is not None else
                         torch.cat([slots, tokenize(t, bos, move_to_device=False, truncate=False)[0]]))
