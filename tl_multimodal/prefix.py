@@ -137,25 +137,32 @@ class HookedVisionPrefix(HookedTransformer):
         torch.nn.Module.to(self, lm.W_E.device)
 
     @classmethod
-    def from_pretrained(cls, model_name: str = "gpt2", *lm_args, encoder: str = "beit_base_patch16_224",
-                        projection: str | None = None, **lm_kwargs) -> "HookedVisionPrefix":
-        """Load an LM and a pretrained timm encoder from the hub (needs internet), plus a projection.
+    def from_pretrained(cls, model_name: str = "gpt2", *lm_args,
+                        encoder: str = "microsoft/beit-large-patch16-224-pt22k", projection=None,
+                        **lm_kwargs) -> "HookedVisionPrefix":
+        """Load an LM and a pretrained encoder from the hub (needs internet), plus a projection.
 
         Positional arguments are the parent's (``fold_ln``, ``center_writing_weights``, ...); the
-        vision arguments are keyword-only.
+        vision arguments are keyword-only. For the paper's exact model (GPT-J-6B + LiMBeR's trained
+        projection) use :meth:`from_limber`; for LLaVA, :meth:`from_llava`.
 
         Args:
             model_name: Any name ``HookedTransformer.from_pretrained`` accepts.
             *lm_args: Passed to ``HookedTransformer.from_pretrained`` after ``model_name``.
-            encoder: A timm model name; its pretrained weights are downloaded.
-            projection: Path of a projection checkpoint, or ``None`` for an untrained one.
+            encoder: A HF vision model (a name with ``/``; default LiMBeR's self-supervised BEiT-large,
+                last hidden state without CLS: 196 x 1024) or a timm model name
+                (:func:`~tl_multimodal.limber.hub_encoder`).
+            projection: A projection checkpoint path (or an ``ImageProjection``). ``None`` builds an
+                untrained one and warns (``UserWarning``); ``"untrained"`` builds one without warning.
             **lm_kwargs: Passed to ``HookedTransformer.from_pretrained``.
         """
+        from tl_multimodal.limber import hub_encoder, hub_projection
+
         if not isinstance(encoder, str):
-            raise TypeError(f"encoder must be a timm model name (str), got {type(encoder).__name__}")
+            raise TypeError(f"encoder must be a HF or timm model name (str), got {type(encoder).__name__}")
+        proj = hub_projection(projection, "HookedVisionPrefix.from_pretrained")  # before any download
         lm = HookedTransformer.from_pretrained(model_name, *lm_args, **lm_kwargs)
-        proj = ImageProjection.load(projection) if projection is not None else None
-        return cls(lm, VisionEncoder.from_timm(encoder, pretrained=True), proj)
+        return cls(lm, hub_encoder(encoder), proj)
 
     # ---------------------------------------------------------------- parameter counts
     @property
