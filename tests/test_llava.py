@@ -316,3 +316,27 @@ def test_ablation_and_heatmaps_read_the_image_slots_where_the_placeholder_was(ll
     want = cache["blocks.0.mlp.hook_post"][:, chat_slots][..., [7, 40]].permute(0, 2, 1).reshape(2, 2, 4, 4)
     assert grids.shape == (2, 2, 4, 4)
     torch.testing.assert_close(grids, want.float())
+
+
+def test_attribution_caption_target_follows_hf_greedy_tokens_after_a_chat_prompt(llava, hf_llava, processor):
+    """Without a target, attribute() captions after the chat prompt: the probe's tokens are HF's processor
+    ids followed by HF's own greedy tokens, and the target is HF's next greedy token."""
+    import warnings
+
+    from tl_multimodal.attribution import attribute
+
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)) for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random model's caption may hold no noun (first-word fallback)
+        attr = attribute(llava, images, prompt=CHAT, max_new_tokens=10)
+    probe = attr.probe
+    for i, image in enumerate(images):
+        inputs = processor(text=CHAT, images=image, return_tensors="pt")
+        with torch.no_grad():
+            want = hf_llava.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                     eos_token_id=None)[0]
+        n = int(probe.pred_pos[i]) + 1
+        assert n > inputs["input_ids"].shape[1] - 1
+        assert probe.tokens[i, :n].tolist() == want[:n].tolist()
+        assert int(probe.target_ids[i]) == int(want[n])
+    assert attr.scores.shape == (2, 2, 16, 96) and attr.scores.abs().sum() > 0
