@@ -286,7 +286,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hub", action="store_true", help="load --lm and --encoder from the hub (needs internet)")
     parser.add_argument("--lm", default="gpt2", help="with --hub: a HookedTransformer.from_pretrained name")
     parser.add_argument("--encoder", default="microsoft/beit-large-patch16-224-pt22k",
-                        help="with --hub: a HF vision model (name with '/'; default LiMBeR's BEiT) or a timm name")
+                        help="with --hub: a HF (name with '/') or timm vision model")
     parser.add_argument("--bridge", action="store_true",
                         help="run the LM through TransformerBridge (VisionBridge); the default on TransformerLens 4")
 
