@@ -10,7 +10,7 @@ from torch import nn
 
 from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.bridge import VisionBridge
-from tl_multimodal.encoders import HFVisionEncoder, VisionEncoder
+from tl_multimodal.encoders import HFVisionEncoder
 from tl_multimodal.limber import HUB_ENCODER, LIMBER_CONFIGS, assemble_limber, hub_encoder, hub_projection, load_limber
 
 

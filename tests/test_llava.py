@@ -125,7 +125,8 @@ def test_placeholders_must_match_images(llava):
 def test_placeholder_in_a_text_only_call_is_refused(llava):
     with pytest.raises(ValueError, match="image slots but no images"):
         llava(_prompt())
-    with pytest.raises(ValueError, match=f"image slots but no images were given \\(id {IMAGE_TOKEN}, e.g. an image placeholder"):
+    no_images = f"image slots but no images were given \\(id {IMAGE_TOKEN}, e.g. an image placeholder"
+    with pytest.raises(ValueError, match=no_images):
         llava(CHAT)
     with pytest.raises(ValueError, match="image slots but no images"):
         llava.generate(CHAT, 2, verbose=False)
@@ -192,7 +193,8 @@ def test_attribution_on_converted_llava_matches_finite_differences(llava64, chat
                 act = act.clone()
                 act[:, pos, unit] += d
                 return act
-            return model.run_with_hooks(prompt, image_features=feats, fwd_hooks=[(name_of(layer), edit)])[0, -1, tid].item()
+            hooks = [(name_of(layer), edit)]
+            return model.run_with_hooks(prompt, image_features=feats, fwd_hooks=hooks)[0, -1, tid].item()
 
         eps = 1e-5
         fd = z.item() * (y(eps) - y(-eps)) / (2 * eps)
