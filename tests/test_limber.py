@@ -1,12 +1,17 @@
 """LiMBeR assembly on tiny random parts: the HF model fed the same soft prompts is the oracle."""
 
+import inspect
+import warnings
+
 import pytest
 import torch
 import transformers
 from torch import nn
 
+from tl_multimodal import HookedVisionPrefix
+from tl_multimodal.bridge import VisionBridge
 from tl_multimodal.encoders import HFVisionEncoder
-from tl_multimodal.limber import LIMBER_CONFIGS, assemble_limber, load_limber
+from tl_multimodal.limber import HUB_ENCODER, LIMBER_CONFIGS, assemble_limber, hub_encoder, hub_projection, load_limber
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +75,62 @@ def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="proj.ckpt"):
         load_limber("beit_linear", tmp_path / "proj.ckpt")
     assert set(LIMBER_CONFIGS) == {"beit_linear", "beit_ft_linear", "clip_linear", "nfrn50_4096_linear"}
+
+
+# ------------------------------------------------------------------ hub defaults of from_pretrained
+def test_hub_default_encoder_is_limbers_beit_everywhere():
+    from tl_multimodal.cli import build_parser
+
+    assert HUB_ENCODER == LIMBER_CONFIGS["beit_linear"].encoder == "microsoft/beit-large-patch16-224-pt22k"
+    for f in (HookedVisionPrefix.from_pretrained, VisionBridge.from_pretrained):
+        assert inspect.signature(f).parameters["encoder"].default == HUB_ENCODER
+    assert build_parser().parse_args(["caption", "x.jpg"]).encoder == HUB_ENCODER
+
+
+def test_hub_encoder_reads_a_hf_beit_as_last_hidden_state_without_cls(tiny_beit, tmp_path):
+    """A HF model folder (as the hub name resolves) gives HF's last_hidden_state[:, 1:], with the
+    model's own image processor; a plain name is timm's."""
+    folder = tmp_path / "beit"
+    tiny_beit.save_pretrained(folder)
+    transformers.BeitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(folder)
+    enc = hub_encoder(str(folder))
+    assert isinstance(enc, HFVisionEncoder) and (enc.n_patches, enc.d_img, enc.grid) == (16, 32, (4, 4))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(pixels), tiny_beit(pixel_values=pixels).last_hidden_state[:, 1:])
+    with pytest.raises(TypeError, match="encoder must be a HF or timm model name"):
+        hub_encoder(None)
+
+
+def test_hub_projection_warns_unless_trained_or_untrained_on_purpose(vit_encoder, gpt2_small, tmp_path):
+    with pytest.warns(UserWarning, match=r"UNTRAINED \(random\) projection.*from_limber.*projection='untrained'"):
+        assert hub_projection(None) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hub_projection("untrained") is None
+        trained = HookedVisionPrefix(gpt2_small, vit_encoder).projection
+        assert hub_projection(trained) is trained
+        trained.save(tmp_path / "p.pt")
+        loaded = hub_projection(tmp_path / "p.pt")
+    torch.testing.assert_close(loaded.state_dict(), trained.state_dict())
+    with pytest.raises(TypeError, match="projection must be a checkpoint path"):
+        hub_projection(3)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        hub_projection(tmp_path / "missing.pt")
+    torch.save(nn.Linear(4, 8).state_dict(), tmp_path / "proj.ckpt")
+    with pytest.raises(ValueError, match="LiMBeR's proj.ckpt format"):
+        hub_projection(str(tmp_path / "proj.ckpt"))
+
+
+@pytest.mark.parametrize("cls", [HookedVisionPrefix, VisionBridge])
+def test_from_pretrained_warns_before_any_download(cls):
+    """The warning (and a bad projection's error) comes first: offline, the LM load fails after it."""
+    with pytest.warns(UserWarning, match=f"{cls.__name__}.from_pretrained: no projection given"):
+        with pytest.raises((ValueError, OSError)):
+            cls.from_pretrained("no-such-model-xyz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises((ValueError, OSError)):
+            cls.from_pretrained("no-such-model-xyz", projection="untrained")
+    with pytest.raises(TypeError, match="projection must be a checkpoint path"):
+        cls.from_pretrained("no-such-model-xyz", projection=1.5)

@@ -114,15 +114,22 @@ def test_placeholders_must_match_images(llava):
         llava(_prompt(32), images=pixels)
     with pytest.raises(ValueError, match=r"\[15\] image slots"):
         llava(_prompt(15), images=pixels)
-    with pytest.raises(ValueError, match=r"1 images of 16 patches .* \[32\] image slots"):
+    with pytest.raises(ValueError, match=r"1 images of 16 patches .* \[32\] image slots .*one image per prompt"):
+        llava(torch.cat([_prompt(), _prompt()], 1), images=pixels)  # two images' slots in one row
+    with pytest.raises(ValueError, match="holds 2 image placeholders .* use exactly one placeholder"):
         llava("USER: <image> and <image> ASSISTANT:", images=pixels)  # two placeholders, one image
+    with pytest.raises(ValueError, match=r"2 images of 16 patches for tokens of batch 1 with \[16\]"):
+        llava(_prompt(), images=torch.randn(2, 3, 32, 32))  # one placeholder, two images
 
 
 def test_placeholder_in_a_text_only_call_is_refused(llava):
     with pytest.raises(ValueError, match="image slots but no images"):
         llava(_prompt())
-    with pytest.raises(ValueError, match="image slots but no images"):
+    no_images = f"image slots but no images were given \\(id {IMAGE_TOKEN}, e.g. an image placeholder"
+    with pytest.raises(ValueError, match=no_images):
         llava(CHAT)
+    with pytest.raises(ValueError, match="image slots but no images"):
+        llava.generate(CHAT, 2, verbose=False)
 
 
 def test_unsupported_llava_variants_are_named(hf_llava):
@@ -140,35 +147,90 @@ def test_classmethod_delegates(hf_llava):
     assert isinstance(HookedVisionPrefix.from_llava(hf_llava), HookedVisionPrefix)
 
 
-def test_attribution_on_converted_llava_matches_finite_differences(hf_llava, processor):
-    """The neuron toolkit runs on the converted model: grad x act at an image position equals the
-    central finite difference of the target logit (float64 copy of the tiny LLaVA)."""
+@pytest.fixture(scope="module")
+def llava64(hf_llava, processor):
+    """A float64 copy of the tiny LLaVA (finite differences and exact comparisons)."""
     import copy
 
+    return from_llava(copy.deepcopy(hf_llava).double(), image_processor=processor.image_processor,
+                      tokenizer=processor.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def chat_slots(processor):
+    """The image positions of CHAT, from HF's processor (the oracle): where <image> was expanded."""
+    image = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
+    ids = processor(text=CHAT, images=image, return_tensors="pt")["input_ids"][0]
+    return (ids == IMAGE_TOKEN).nonzero()[:, 0]
+
+
+@pytest.mark.parametrize("prompt", ["A picture of", CHAT])
+def test_attribution_on_converted_llava_matches_finite_differences(llava64, chat_slots, prompt):
+    """The neuron toolkit runs on the converted model: grad x act at an image position equals the
+    central finite difference of the target logit (float64), with the image as a prefix or at the
+    <image> placeholder inside a chat prompt (patch k is then the k-th position HF's processor expands)."""
     from tl_multimodal.attribution import attribute
 
-    model = from_llava(copy.deepcopy(hf_llava).double(), image_processor=processor.image_processor,
-                       tokenizer=processor.tokenizer)
+    model = llava64
     torch.manual_seed(3)
     feats = torch.randn(1, 16, 32, dtype=torch.float64)
-    prompt, tid = "A picture of", 3290  # " dog"
+    tid = 3290  # " dog"
     attr = attribute(model, image_features=feats, target=tid, hook="post", prompt=prompt)
-    layer, flat = 0, int(attr.scores[0, 0].abs().argmax())
-    patch, unit = divmod(flat, model.cfg.d_mlp)
-    name = f"blocks.{layer}.mlp.hook_post"
-    z = model.run_with_cache(prompt, image_features=feats, names_filter=name)[1][name][0, patch, unit]
+    slots = chat_slots if prompt == CHAT else torch.arange(16)
+    assert attr.probe.image_positions[0].tolist() == slots.tolist()
+    name_of = lambda layer: f"blocks.{layer}.mlp.hook_post"  # noqa: E731
+    _, cache = model.run_with_cache(prompt, image_features=feats)
+    # the last layer's MLP at an image position writes only there: it cannot reach the final logit
+    assert attr.scores[0, -1].abs().max() == 0
+    for layer in range(model.cfg.n_layers - 1):
+        flat = int(attr.scores[0, layer].abs().argmax())
+        patch, unit = divmod(flat, model.cfg.d_mlp)
+        pos = int(slots[patch])
+        z = cache[name_of(layer)][0, pos, unit]
 
-    def y(d):
-        def edit(act, hook):
-            act = act.clone()
-            act[:, patch, unit] += d
-            return act
-        return model.run_with_hooks(prompt, image_features=feats, fwd_hooks=[(name, edit)])[0, -1, tid].item()
+        def y(d):
+            def edit(act, hook):
+                act = act.clone()
+                act[:, pos, unit] += d
+                return act
+            hooks = [(name_of(layer), edit)]
+            return model.run_with_hooks(prompt, image_features=feats, fwd_hooks=hooks)[0, -1, tid].item()
 
-    eps = 1e-5
-    fd = z.item() * (y(eps) - y(-eps)) / (2 * eps)
-    assert abs(attr.scores[0, layer, patch, unit].item() - fd) <= 1e-5 * max(1.0, abs(fd))
-    assert abs(fd) > 1e-4
+        eps = 1e-5
+        fd = z.item() * (y(eps) - y(-eps)) / (2 * eps)
+        assert abs(attr.scores[0, layer, patch, unit].item() - fd) <= 1e-5 * max(1.0, abs(fd))
+        assert abs(fd) > 1e-4
+
+
+@pytest.mark.parametrize("apply_ln", [False, True])
+def test_unit_decoding_agrees_with_full_resid_decomposition_on_a_chat_prompt(llava64, chat_slots, apply_ln):
+    """A unit's component of the residual stream at an image position of a chat prompt (TransformerLens's
+    get_full_resid_decomposition(expand_neurons=True)) projected on W_U is its activation (/ the final RMS
+    scale) times the decoded direction's logits, with the same top tokens."""
+    from tl_multimodal.decoding import decode_units, unit_directions
+
+    model = llava64
+    torch.manual_seed(4)
+    pixels = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    _, cache = model.run_with_cache(CHAT, images=pixels)
+    assert (model.to_tokens(CHAT, image=True)[0] == IMAGE_TOKEN).nonzero()[:, 0].tolist() == chat_slots.tolist()
+    stack, labels = cache.get_full_resid_decomposition(expand_neurons=True, apply_ln=apply_ln, return_labels=True)
+    units = [(0, 3), (1, 0), (1, 77)]
+    dirs = unit_directions(model, units, apply_ln=apply_ln)
+    dec = decode_units(model, units, n_tokens=10, apply_ln=apply_ln)
+    for i, (layer, unit) in enumerate(units):
+        acts = cache[f"blocks.{layer}.mlp.hook_post"][0, :, unit]
+        pos = int(chat_slots[acts[chat_slots].abs().argmax()])  # the unit's strongest image position
+        act = acts[pos]
+        assert act.abs() > 1e-3
+        comp = stack[labels.index(f"L{layer}N{unit}"), 0, pos]
+        if apply_ln:  # apply_ln_to_stack divides by the cached RMS scale; ln_final.w is not folded here
+            comp = comp * model.ln_final.w
+            factor = act / cache["ln_final.hook_scale"][0, pos, 0]
+        else:
+            factor = act
+        torch.testing.assert_close(comp @ model.W_U, factor * (dirs[i] @ model.W_U))
+        assert (act.sign() * comp @ model.W_U).topk(10).indices.tolist() == dec.token_ids[i].tolist()
 
 
 def test_chat_prompt_generation_and_bad_image_token_id(llava, hf_llava, processor):
@@ -182,3 +244,101 @@ def test_chat_prompt_generation_and_bad_image_token_id(llava, hf_llava, processo
     lm = HookedTransformer(llava.cfg)
     with pytest.raises(ValueError, match="image_token_id must be an int"):
         HookedVisionPrefix(lm, llava.vision, llava.projection, image_token_id=VOCAB + 1)
+
+
+def test_patching_on_a_chat_prompt_agrees_with_transformer_lens_patching(llava64, chat_slots):
+    """patch_resid / patch_units through a chat-prompt probe equal TransformerLens's own
+    get_act_patch_resid_pre / get_act_patch_mlp_out (the probe's metric, images bound)."""
+    import pandas as pd
+    from transformer_lens import patching as tl_patching
+
+    from tl_multimodal.patching import patch_resid, patch_units
+    from tl_multimodal.probe import make_probe
+
+    model = llava64
+    torch.manual_seed(5)
+    src, base = torch.randn(2, 3, 32, 32, dtype=torch.float64).split(1)
+    probe = make_probe(model, 1, "dog", prompt=CHAT)
+    assert probe.image_positions[0].tolist() == chat_slots.tolist() and probe.targets == [" dog"]
+    tokens = probe.tokens
+    last = tokens.shape[1] - 1
+    cases = [(0, 0), (0, int(chat_slots[3])), (1, int(chat_slots[-1])), (1, last)]  # BOS, image, image, text
+    index = pd.DataFrame(cases, columns=["layer", "pos"])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, images=src)
+        with model.bind_images(base):
+            tl_resid = tl_patching.get_act_patch_resid_pre(model, tokens, cache, probe.metric,
+                                                           index_axis_names=None, index_df=index)
+            tl_mlp = tl_patching.get_act_patch_mlp_out(model, tokens, cache, probe.metric,
+                                                       index_axis_names=None, index_df=index)
+    all_units = lambda layer: [(layer, k) for k in range(model.cfg.d_mlp)]  # noqa: E731
+    for (layer, pos), p_resid, p_mlp in zip(cases, tl_resid, tl_mlp):
+        res = patch_resid(model, src, base, layer=layer, positions=[pos], probe=probe)
+        torch.testing.assert_close(res.p_patched[0], p_resid.float(), rtol=1e-6, atol=1e-12)
+        res = patch_units(model, src, base, all_units(layer), probe=probe, positions=[pos])
+        torch.testing.assert_close(res.p_patched[0], p_mlp.float(), rtol=1e-6, atol=1e-12)
+    assert tl_resid[1] != tl_resid[0] and tl_mlp[1] != tl_mlp[0]  # the image position matters, the BOS does not
+    torch.testing.assert_close(tl_resid[0], res.p_base[0], rtol=1e-6, atol=1e-12)  # BOS: same in both runs
+    # default positions are the probe's image slots: patching them all at layer 0 gives the source's p(c)
+    full = patch_resid(model, src, base, layer=0, probe=probe)
+    torch.testing.assert_close(full.p_patched, full.p_source, rtol=1e-6, atol=1e-12)
+    assert not torch.allclose(full.p_base, full.p_source, rtol=1e-3)
+
+
+def test_ablation_and_heatmaps_read_the_image_slots_where_the_placeholder_was(llava64, chat_slots):
+    """ablate_units and unit_grid_activations with a chat-prompt probe act on the positions HF's
+    processor gave the image (not on a prefix), as manual hooks at those positions do."""
+    from tl_multimodal.ablation import ablate_units
+    from tl_multimodal.heatmaps import unit_grid_activations
+    from tl_multimodal.probe import make_probe, target_probability
+
+    model = llava64
+    torch.manual_seed(6)
+    pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    probe = make_probe(model, 2, ["dog", "cat"], prompt=CHAT)
+    assert probe.image_mask.sum(1).tolist() == [16, 16]
+    assert probe.image_positions.tolist() == [chat_slots.tolist()] * 2
+    units = [(0, 7), (0, 40)]
+
+    def zero(act, hook):
+        act = act.clone()
+        act[:, chat_slots[:, None], torch.tensor([7, 40])] = 0.0
+        return act
+
+    with torch.no_grad():
+        before = model(probe.tokens, images=pixels)
+        after = model.run_with_hooks(probe.tokens, images=pixels, fwd_hooks=[("blocks.0.mlp.hook_post", zero)])
+    res = ablate_units(model, pixels, units, probe=probe)
+    torch.testing.assert_close(res.p_before, target_probability(before, probe.pred_pos, probe.target_ids))
+    torch.testing.assert_close(res.p_after, target_probability(after, probe.pred_pos, probe.target_ids))
+    assert not torch.allclose(res.p_after, res.p_before, rtol=1e-4)
+
+    grids = unit_grid_activations(model, pixels, units, probe=probe)
+    _, cache = model.run_with_cache(probe.tokens, images=pixels)
+    want = cache["blocks.0.mlp.hook_post"][:, chat_slots][..., [7, 40]].permute(0, 2, 1).reshape(2, 2, 4, 4)
+    assert grids.shape == (2, 2, 4, 4)
+    torch.testing.assert_close(grids, want.float())
+
+
+def test_attribution_caption_target_follows_hf_greedy_tokens_after_a_chat_prompt(llava, hf_llava, processor):
+    """Without a target, attribute() captions after the chat prompt: the probe's tokens are HF's processor
+    ids followed by HF's own greedy tokens, and the target is HF's next greedy token."""
+    import warnings
+
+    from tl_multimodal.attribution import attribute
+
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)) for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random model's caption may hold no noun (first-word fallback)
+        attr = attribute(llava, images, prompt=CHAT, max_new_tokens=10)
+    probe = attr.probe
+    for i, image in enumerate(images):
+        inputs = processor(text=CHAT, images=image, return_tensors="pt")
+        with torch.no_grad():
+            want = hf_llava.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                     eos_token_id=None)[0]
+        n = int(probe.pred_pos[i]) + 1
+        assert n > inputs["input_ids"].shape[1] - 1
+        assert probe.tokens[i, :n].tolist() == want[:n].tolist()
+        assert int(probe.target_ids[i]) == int(want[n])
+    assert attr.scores.shape == (2, 2, 16, 96) and attr.scores.abs().sum() > 0

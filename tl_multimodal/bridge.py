@@ -100,21 +100,25 @@ class VisionBridge(ImageFrontEnd, nn.Module):
                    encoder, projection)
 
     @classmethod
-    def from_pretrained(cls, model_name: str = "gpt2", encoder: str = "beit_base_patch16_224",
-                        projection: str | None = None, **boot_kwargs) -> "VisionBridge":
-        """Boot an LM and a pretrained timm encoder from the hub (needs internet), plus a projection.
+    def from_pretrained(cls, model_name: str = "gpt2", encoder: str = "microsoft/beit-large-patch16-224-pt22k",
+                        projection=None, **boot_kwargs) -> "VisionBridge":
+        """Boot an LM and a pretrained encoder from the hub (needs internet), plus a projection.
 
         Args:
             model_name: Any name ``TransformerBridge.boot_transformers`` accepts.
-            encoder: A timm model name; its pretrained weights are downloaded.
-            projection: Path of a projection checkpoint, or ``None`` for an untrained one.
+            encoder: A HF vision model (default LiMBeR's BEiT-large pt22k, CLS dropped) or a timm
+                model name (:func:`~tl_multimodal.limber.hub_encoder`).
+            projection: A projection checkpoint path (or an ``ImageProjection``). ``None`` builds an
+                untrained one and warns (``UserWarning``); ``"untrained"`` builds one without warning.
             **boot_kwargs: Passed to ``TransformerBridge.boot_transformers``.
         """
         from transformer_lens.model_bridge import TransformerBridge
 
+        from tl_multimodal.limber import hub_encoder, hub_projection
+
+        proj = hub_projection(projection, "VisionBridge.from_pretrained")  # before any download
         bridge = TransformerBridge.boot_transformers(model_name, **boot_kwargs)
-        proj = ImageProjection.load(projection) if projection is not None else None
-        return cls(bridge, VisionEncoder.from_timm(encoder, pretrained=True), proj)
+        return cls(bridge, hub_encoder(encoder), proj)
 
     def __getattr__(self, name: str):
         try:

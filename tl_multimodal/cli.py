@@ -285,7 +285,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                         help="projection checkpoint (default: the shipped one offline, an untrained one with --hub)")
     parser.add_argument("--hub", action="store_true", help="load --lm and --encoder from the hub (needs internet)")
     parser.add_argument("--lm", default="gpt2", help="with --hub: a HookedTransformer.from_pretrained name")
-    parser.add_argument("--encoder", default="beit_base_patch16_224", help="with --hub: a timm model name")
+    parser.add_argument("--encoder", default="microsoft/beit-large-patch16-224-pt22k",
+                        help="with --hub: a HF (name with '/') or timm vision model")
     parser.add_argument("--bridge", action="store_true",
                         help="run the LM through TransformerBridge (VisionBridge); the default on TransformerLens 4")
 

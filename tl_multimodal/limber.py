@@ -15,10 +15,16 @@ encoder's output becomes tokens, and the preprocessing it was trained with:
 
     model = HookedVisionPrefix.from_limber("beit_linear", "limber_weights/beit_linear/proj.ckpt")
     model.caption(images, prompt="A picture of")
+
+The hub constructors (``HookedVisionPrefix.from_pretrained``, ``VisionBridge.from_pretrained``) default
+to LiMBeR's encoder (:data:`HUB_ENCODER`) and warn when no trained projection is given
+(:func:`hub_encoder`, :func:`hub_projection`).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +128,60 @@ def load_limber(config: str = "beit_linear", projection_path: str | Path | None 
     lm = HookedTransformer.from_pretrained(lm_name, **lm_kwargs)
     encoder = limber_encoder(config).to(lm.W_E.device)
     return assemble_limber(lm, encoder, projection_path, config)
+
+
+# ------------------------------------------------------------------ hub defaults of from_pretrained
+HUB_ENCODER = LIMBER_CONFIGS["beit_linear"].encoder  # the paper's: self-supervised BEiT-large, CLS dropped
+UNTRAINED = "untrained"  # projection= value that asks for a random projection on purpose (no warning)
+
+
+def hub_encoder(name: str = HUB_ENCODER):
+    """The pretrained encoder a hub constructor names: HF transformers or timm, told apart by the name.
+
+    A name with a ``/`` (``"microsoft/beit-large-patch16-224-pt22k"``, ``"openai/clip-vit-large-patch14"``)
+    or a local folder is a HF model (:class:`~tl_multimodal.encoders.HFVisionEncoder`: last hidden
+    state, CLS dropped); a plain name (``"beit_base_patch16_224"``) or ``"hf-hub:..."``/``"timm/..."``
+    is a timm model.
+    """
+    from tl_multimodal.encoders import HFVisionEncoder, VisionEncoder
+
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"encoder must be a HF or timm model name (str), got {name!r}")
+    if not name.startswith(("hf-hub:", "timm/")) and ("/" in name or os.path.isdir(name)):
+        return HFVisionEncoder.from_pretrained(name)
+    return VisionEncoder.from_timm(name, pretrained=True)
+
+
+def hub_projection(projection, where: str = "from_pretrained"):
+    """The projection a hub constructor was given: loaded, or ``None`` (untrained) with a loud warning.
+
+    Args:
+        projection: A checkpoint path (``ImageProjection.save`` / ``train_projection``), an
+            :class:`~tl_multimodal.projection.ImageProjection`, ``None`` (untrained, with a
+            ``UserWarning``), or ``"untrained"`` (untrained on purpose, e.g. to train it: no warning).
+        where: The caller's name, for the messages.
+
+    Returns:
+        The projection, or ``None`` for the constructor to build an untrained one.
+    """
+    from tl_multimodal.projection import ImageProjection
+
+    if isinstance(projection, ImageProjection):
+        return projection
+    if projection is None:
+        warnings.warn(
+            f"{where}: no projection given, so images go through an UNTRAINED (random) projection and the "
+            "model's captions and neuron findings are meaningless. Pass projection='path/to/projection.pt' "
+            "(saved by ImageProjection.save or train_projection); for the paper's model use "
+            "HookedVisionPrefix.from_limber('beit_linear', 'limber_weights/beit_linear/proj.ckpt'); or pass "
+            f"projection={UNTRAINED!r} to build an untrained one on purpose (e.g. to train it).",
+            UserWarning, stacklevel=3)
+        return None
+    if projection == UNTRAINED:
+        return None
+    if not isinstance(projection, (str, os.PathLike)):
+        raise TypeError(f"projection must be a checkpoint path, an ImageProjection, None or {UNTRAINED!r}, "
+                        f"got {type(projection).__name__}")
+    if not Path(projection).is_file():
+        raise FileNotFoundError(f"projection checkpoint {projection} does not exist")
+    return ImageProjection.load(projection)

@@ -51,12 +51,14 @@ class _ImageSlotEmbed(Embed):
         if not slots.any():
             return super().forward(tokens)
         if self.image_embed is None:
-            raise ValueError("tokens contain image slots but no images were given; pass images=...")
+            raise ValueError(f"tokens contain image slots but no images were given (id {self.image_token_id}, "
+                             "e.g. an image placeholder in the prompt); pass images=...")
         n_slots = slots.sum(-1)
         batch, n_patch = self.image_embed.shape[:2]
         if tokens.shape[0] != batch or (n_slots != n_patch).any():
             raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
-                             f"{tokens.shape[0]} with {n_slots.tolist()} image slots per row")
+                             f"{tokens.shape[0]} with {n_slots.tolist()} image slots per row; each row "
+                             f"needs one image's {n_patch} slots (one image per prompt)")
         embed = super().forward(tokens.masked_fill(slots, 0))
         return embed.masked_scatter(slots[..., None], self.image_embed.to(embed.dtype))
 
@@ -129,25 +131,32 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         torch.nn.Module.to(self, lm.W_E.device)
 
     @classmethod
-    def from_pretrained(cls, model_name: str = "gpt2", *lm_args, encoder: str = "beit_base_patch16_224",
-                        projection: str | None = None, **lm_kwargs) -> "HookedVisionPrefix":
-        """Load an LM and a pretrained timm encoder from the hub (needs internet), plus a projection.
+    def from_pretrained(cls, model_name: str = "gpt2", *lm_args,
+                        encoder: str = "microsoft/beit-large-patch16-224-pt22k", projection=None,
+                        **lm_kwargs) -> "HookedVisionPrefix":
+        """Load an LM and a pretrained encoder from the hub (needs internet), plus a projection.
 
         Positional arguments are the parent's (``fold_ln``, ``center_writing_weights``, ...); the
-        vision arguments are keyword-only.
+        vision arguments are keyword-only. For the paper's exact model (GPT-J-6B + LiMBeR's trained
+        projection) use :meth:`from_limber`; for LLaVA, :meth:`from_llava`.
 
         Args:
             model_name: Any name ``HookedTransformer.from_pretrained`` accepts.
             *lm_args: Passed to ``HookedTransformer.from_pretrained`` after ``model_name``.
-            encoder: A timm model name; its pretrained weights are downloaded.
-            projection: Path of a projection checkpoint, or ``None`` for an untrained one.
+            encoder: A HF vision model (a name with ``/``; default LiMBeR's self-supervised BEiT-large,
+                last hidden state without CLS: 196 x 1024) or a timm model name
+                (:func:`~tl_multimodal.limber.hub_encoder`).
+            projection: A projection checkpoint path (or an ``ImageProjection``). ``None`` builds an
+                untrained one and warns (``UserWarning``); ``"untrained"`` builds one without warning.
             **lm_kwargs: Passed to ``HookedTransformer.from_pretrained``.
         """
+        from tl_multimodal.limber import hub_encoder, hub_projection
+
         if not isinstance(encoder, str):
-            raise TypeError(f"encoder must be a timm model name (str), got {type(encoder).__name__}")
+            raise TypeError(f"encoder must be a HF or timm model name (str), got {type(encoder).__name__}")
+        proj = hub_projection(projection, "HookedVisionPrefix.from_pretrained")  # before any download
         lm = HookedTransformer.from_pretrained(model_name, *lm_args, **lm_kwargs)
-        proj = ImageProjection.load(projection) if projection is not None else None
-        return cls(lm, VisionEncoder.from_timm(encoder, pretrained=True), proj)
+        return cls(lm, hub_encoder(encoder), proj)
 
     # ---------------------------------------------------------------- parameter counts
     @property
@@ -224,6 +233,10 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
             if self.image_token_id < self.cfg.d_vocab:  # a real token: it may stand in the text
                 row = tokenize(t, prepend_bos, move_to_device=False, truncate=False)[0]
                 placeholders = row == self.image_token_id
+                if placeholders.sum() > 1:
+                    raise ValueError(f"prompt {t!r} holds {int(placeholders.sum())} image placeholders "
+                                     f"(id {self.image_token_id}); the model takes one image per prompt: "
+                                     "use exactly one placeholder")
                 row = row.repeat_interleave(torch.where(placeholders, self.n_image_tokens, 1)) if placeholders.any() else None
             rows.append(row if row is not None else
                         torch.cat([slots, tokenize(t, bos, move_to_device=False, truncate=False)[0]]))
@@ -357,13 +370,13 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         if images is None and image_features is None and image_embed is None:
             return super().forward(input, *args, **kwargs)
         image_embed = self._image_embed(images, image_features, image_embed)
-        # Name the parent's arguments, however given: no BOS in image sequences unless asked for
-        # (a leading pad is padding, never a BOS).
+        # Name the parent's arguments, however given: to_tokens(image=True) decides the BOS (none before
+        # leading image slots unless asked for; a placeholder prompt keeps the tokenizer's default).
         bound = _PARENT_FORWARD.bind(self, input, *args, **kwargs).arguments
         del bound["self"]
-        bound.setdefault("prepend_bos", False)
-        bound["input"] = self._image_tokens(input, image_embed.shape[0], bound["prepend_bos"],
+        bound["input"] = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                             bound.get("padding_side", USE_DEFAULT_VALUE))
+        bound["prepend_bos"] = False  # the tokens are made: the parent must not read a leading pad as a BOS
         with self._bound(image_embed):
             return super().forward(**bound)
 
@@ -396,9 +409,9 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
             return super().generate(**bound)
         with torch.no_grad():
             image_embed = self._image_embed(images, image_features, image_embed)
-        bound.setdefault("prepend_bos", False)
-        tokens = self._image_tokens(input, image_embed.shape[0], bound["prepend_bos"],
+        tokens = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                     bound.get("padding_side", USE_DEFAULT_VALUE))
+        bound["prepend_bos"] = False  # as in forward
         self._check_length(tokens.shape[1] + max_new_tokens)
         decode = bound.get("return_type", "input") in ("input", "str")
         if decode:
