@@ -66,9 +66,9 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         if embedding.num_embeddings != cfg.d_vocab:
             raise ValueError(f"the LM's input embedding has {embedding.num_embeddings} rows but cfg.d_vocab is "
                              f"{cfg.d_vocab}; image slots (id d_vocab) need them equal")
+        self._attach_vision(encoder, projection, cfg.model_name, cfg.d_model)
         if getattr(bridge, "_vision_bridge_wired", False):
             raise ValueError("this bridge already feeds a VisionBridge; boot a fresh TransformerBridge")
-        self._attach_vision(encoder, projection, cfg.model_name, cfg.d_model)
         self.projection.to(self._device)
         self.vision.to(self._device)
         # On the bridge, so its run_with_cache / run_with_hooks / hooks() know them by name.
