@@ -210,11 +210,6 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             yield self
 
     # ---------------------------------------------------------------- tokens with image slots
-    @property
-    def image_positions(self) -> slice:
-        """Positions of the image tokens in an unpadded (or right-padded) image-prefixed sequence."""
-        return slice(0, self.n_image_tokens)
-
     def to_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
                   move_to_device: bool = True, truncate: bool = True, image: bool = False,
                   ) -> Int[Tensor, "batch pos"]:

@@ -87,6 +87,12 @@ class ImageFrontEnd:
             raise ValueError(f"image_embed must be [batch, {expected[0]}, {expected[1]}] "
                              f"(model.embed_images(...)), got {tuple(image_embed.shape)}")
 
+    @property
+    def image_positions(self) -> slice:
+        """The image slots of ``to_tokens(text, image=True)`` when they open the sequence (no BOS, no
+        placeholder, right padding); anywhere else use :meth:`image_mask` (or a probe's positions)."""
+        return slice(0, self.n_image_tokens)
+
     def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
         """True where ``tokens`` holds an image slot."""
         return tokens == self.image_token_id

@@ -204,11 +204,6 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         return self.W_E.device
 
     # ---------------------------------------------------------------- tokens with image slots
-    @property
-    def image_positions(self) -> slice:
-        """Positions of the image tokens in an unpadded (or right-padded) image-prefixed sequence."""
-        return slice(0, self.n_image_tokens)
-
     def to_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE,
                   move_to_device: bool = True, truncate: bool = True, image: bool = False,
                   ) -> Int[Tensor, "batch pos"]:
