@@ -361,32 +361,6 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             return out
         return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
 
-    @torch.no_grad()
-    def caption(self, images: Images, prompt: str = "A picture of", max_new_tokens: int = 20,
-                do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, batch_size: int = 16) -> list[str]:
-        """Caption images: the text generated after ``prompt`` (greedy unless ``do_sample``).
-
-        Args:
-            images: Pixels ``[batch, channel, height, width]`` or PIL images.
-            prompt: Text after the image tokens (LiMBeR: "A picture of").
-            max_new_tokens: Most tokens generated per caption; stops early at end-of-text.
-            do_sample, temperature, top_k, top_p: Sampling settings, as in ``generate``.
-            batch_size: Images per generation batch.
-
-        Returns:
-            One caption per image, without the prompt.
-        """
-        pixels = self.preprocess(images)
-        n_prompt = self.to_tokens(prompt, image=True).shape[1]
-        captions = []
-        for chunk in pixels.split(batch_size):
-            out = self.generate(prompt, max_new_tokens, images=chunk, do_sample=do_sample,
-                                temperature=temperature, top_k=top_k, top_p=top_p,
-                                return_type="tokens", verbose=False)
-            captions += [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in out]
-        return captions
-
 
 def load_offline_bridge(projection=None, device: str | torch.device = "cpu") -> VisionBridge:
     """SmolLM2-135M behind EfficientNet-Lite0, as a :class:`VisionBridge` (no HookedTransformer needed).

@@ -9,6 +9,8 @@ the checks of precomputed features and soft prompts, and the image-slot mask.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -96,3 +98,68 @@ class ImageFrontEnd:
     def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
         """True where ``tokens`` holds an image slot."""
         return tokens == self.image_token_id
+
+    @torch.no_grad()
+    def caption(self, images: Images, prompt: str = "A picture of", max_new_tokens: int = 20,
+                do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, batch_size: int = 16) -> list[str]:
+        """Caption images: the text generated after ``prompt`` (greedy unless ``do_sample``).
+
+        Args:
+            images: Anything :meth:`preprocess` takes: PIL images, paths, numpy arrays (one or a
+                list/tuple), or normalised pixels ``[batch, channel, height, width]``.
+            prompt: Text after the image tokens (LiMBeR: "A picture of"), shared by all images.
+            max_new_tokens: Most tokens generated per caption (>= 1); stops early at end-of-text.
+            do_sample, temperature, top_k, top_p: Sampling settings, as in ``generate``.
+            batch_size: Images per generation batch (>= 1).
+
+        Returns:
+            One caption per image, without the prompt.
+
+        Raises:
+            TypeError, ValueError: A bad argument, named.
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string (shared by all images), got {type(prompt).__name__}; "
+                            "for one prompt per image call model.generate(prompts, images=...)")
+        check_int(batch_size, "batch_size")
+        check_generation_args(dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p))
+        images = self.preprocess(images)
+        n_prompt = self.to_tokens(prompt, image=True).shape[1]
+        captions = []
+        for chunk in images.split(batch_size):
+            out = self.generate(prompt, max_new_tokens, images=chunk, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                return_type="tokens", verbose=False)
+            captions += [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in out]
+        return captions
+
+
+def check_int(value, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_generation_args(args: dict) -> None:
+    """Name the first bad sampling argument among those given to ``generate``/``caption``."""
+    if "max_new_tokens" in args:
+        check_int(args["max_new_tokens"], "max_new_tokens")
+    for name in ("do_sample", "stop_at_eos", "use_past_kv_cache", "verbose"):
+        if name in args and not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {args[name]!r}")
+    if args.get("top_k") is not None:
+        check_int(args["top_k"], "top_k")
+    top_p = args.get("top_p")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    for name in ("temperature", "freq_penalty"):  # temperature 0 is greedy, as in TransformerLens
+        if name not in args:
+            continue
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
