@@ -71,7 +71,7 @@ def oracle(model, images):
     """The whole dataset in one ``attribute`` call, top units per image: what the shards must hold."""
     attr = attribute(model, images, batch_size=len(images))
     tops = attr.top_units(K)
-    img = tops.image.numpy()
+    img = tops.image_index.numpy()
     return {"image_index": img, "image_id": 1000 + img, "caption": np.array(attr.captions)[img],
             "target": np.array(attr.targets)[img], "target_id": attr.target_ids.numpy()[img],
             "position": attr.positions.numpy()[img], "y": attr.y.numpy()[img], "rank": tops.rank.numpy(),

@@ -1,5 +1,10 @@
 """Projection training: only the projection learns, and what it learns ties captions to images."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
@@ -10,6 +15,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from tl_multimodal import HookedVisionPrefix, ImageProjection
 from tl_multimodal.training import _batch, _caption_ids, caption_nll, caption_token_nll, encode_images, train_projection
 
+ASSETS = Path(__file__).parent / "assets"
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20)}
 
 
@@ -21,12 +27,16 @@ def tiny_vlm(gpt2_tokenizer, vit_encoder):
     return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()
 
 
-@pytest.fixture(scope="module")
-def colour_data():
+def make_colour_data() -> datasets.Dataset:
     """Plain-colour images, each captioned with its colour: a pairing only the image can tell."""
     rows = [{"image": Image.fromarray(np.full((40, 40, 3), rgb, dtype=np.uint8)),
              "captions": [f"a {name} square", f"{name}"]} for name, rgb in COLOURS.items()]
     return datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+
+
+@pytest.fixture(scope="module")
+def colour_data():
+    return make_colour_data()
 
 
 def test_training_moves_only_the_projection_and_ties_captions_to_images(tiny_vlm, colour_data, tmp_path):
@@ -308,16 +318,42 @@ def test_feature_cache_is_written_once_and_reused(tiny_vlm, colour_data, tmp_pat
         encode_images(tiny_vlm, colour_data, progress=False, cache=tmp_path / "f.bin")
 
 
-def _dp_train(model, data, kwargs, out):
-    train_projection(model, data, **kwargs)
-    if torch.distributed.get_rank() == 0:
-        torch.save(model.projection.state_dict(), out)
+# Two processes run in a subprocess started by torchrun (spawned, not forked: forking a process whose
+# OpenMP threads are running can hang), each rebuilding the same tiny model from its saved weights.
+_DP_SCRIPT = """
+import sys
+import torch
+import transformers
+import timm
+sys.path.insert(0, {tests!r})
+from test_training import make_colour_data
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tl_multimodal import HookedVisionPrefix, VisionEncoder
+from tl_multimodal.training import train_projection
+
+tok = transformers.GPT2TokenizerFast.from_pretrained({tokenizer!r})
+cfg = HookedTransformerConfig(**{cfg!r})
+vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2,
+                        num_heads=2, num_classes=0)
+model = HookedVisionPrefix(HookedTransformer(cfg, tokenizer=tok), VisionEncoder(vit, name="vit_tiny_32")).eval()
+model.load_state_dict(torch.load({weights!r}, weights_only=True))
+model.projection.dropout.p = 0.0
+train_projection(model, make_colour_data(), **{kwargs!r})
+if torch.distributed.get_rank() == 0:
+    torch.save(model.projection.state_dict(), {out!r})
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data, tmp_path):
     """Oracle: one process, one pass per global batch. Dropout off: masks are drawn per pass."""
-    from accelerate import debug_launcher
-
     init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
     kw = dict(steps=3, batch_size=4, lr=1e-2, warmup=1, seed=2, progress=False)
     runs = {}
@@ -329,7 +365,20 @@ def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data
             train_projection(tiny_vlm, colour_data, **kw, **extra)
             runs[name] = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
         tiny_vlm.projection.load_state_dict(init)
-        debug_launcher(_dp_train, args=(tiny_vlm, colour_data, kw, tmp_path / "dp.pt"), num_processes=2)
+        torch.save(tiny_vlm.state_dict(), tmp_path / "model.pt")
+        c = tiny_vlm.cfg
+        cfg = dict(n_layers=c.n_layers, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_heads,
+                   d_mlp=c.d_mlp, d_vocab=c.d_vocab, act_fn=c.act_fn, normalization_type=c.normalization_type,
+                   model_name=c.model_name)
+        script = tmp_path / "dp.py"
+        script.write_text(_DP_SCRIPT.format(tests=str(Path(__file__).parent), tokenizer=str(ASSETS / "gpt2_tokenizer"),
+                                            cfg=cfg, weights=str(tmp_path / "model.pt"), kwargs=kw,
+                                            out=str(tmp_path / "dp.pt")))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(_free_port()), str(script)],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
         runs["two processes"] = torch.load(tmp_path / "dp.pt", weights_only=True)
     finally:
         tiny_vlm.projection.dropout.p = dropout

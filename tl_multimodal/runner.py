@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tl_multimodal.attribution import attribute
+from tl_multimodal.distributed import partial_state
 
 #: Columns of every shard, in order. ``image_index``: position in the dataset; ``position``: the
 #: sequence position whose prediction is the target; ``y``: the target's logit there; ``rank``: the
@@ -205,7 +206,7 @@ def load_rows(out: str | Path):
 # ---------------------------------------------------------------------------- the runner
 def _batch_table(attr, k: int, indices: Sequence[int], ids: Sequence[Any]) -> pa.Table:
     tops = attr.top_units(k)
-    img = tops.image
+    img = tops.image_index
     per_image = lambda values: [values[i] for i in img.tolist()]  # noqa: E731
     return pa.table({
         "image_index": pa.array(per_image(list(indices)), pa.int64()),
@@ -239,19 +240,6 @@ def _projection_digest(model) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def partial_state():
-    """``accelerate.PartialState()`` for this process, on gloo where there is no GPU.
-
-    ``PartialState()`` alone sets up no process group for CPU processes started by ``torchrun``
-    (``accelerate launch --multi_gpu`` on a machine without GPUs); ``cpu=True`` makes it use gloo.
-    """
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
 
 def _process_state(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from tl_multimodal.checkpoints import atomic_save, check_finite, load_checkpoint
+from tl_multimodal.distributed import rank_and_world_size
 from tl_multimodal.prefix import HookedVisionPrefix
 
 STATE_FILE = "training_state.pt"
@@ -330,21 +331,6 @@ def _mean_nll(model: HookedVisionPrefix, ids: list[list[int]], image_features: T
 
 
 # ---------------------------------------------------------------------------- training
-def _rank_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (1 unless launched with ``accelerate launch``).
-
-    A process started by ``accelerate launch`` (or ``torchrun``) whose process group is not set up
-    yet joins it through accelerate's ``PartialState``.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
-        from accelerate import PartialState
-
-        PartialState()
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _rng_states(rng: random.Random, world: int) -> dict:
     """The sampling RNG (shared by all processes) and every process's torch RNGs (dropout)."""
     mine = {"torch": torch.get_rng_state(),
@@ -434,7 +420,7 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
             training state written (a good one, to resume from with a lower ``lr``).
     """
     _check_positive(steps=steps, batch_size=batch_size, eval_every=eval_every, grad_accum=grad_accum)
-    rank, world = _rank_world()
+    rank, world = rank_and_world_size()
     if batch_size < world * grad_accum:
         raise ValueError(f"batch_size={batch_size} cannot be split over {world} processes x grad_accum={grad_accum}")
     if checkpoint_every is not None:
