@@ -48,6 +48,8 @@ def test_bad_input():
         text_similarity_test(caps[:1], caps)
     with pytest.raises(ValueError, match="reduce must be"):
         text_similarity_test(caps, caps, reduce="median")
+    one = text_similarity_test(caps[:1], caps[:1])  # one image: no random pairing, no test
+    assert one.matched == pytest.approx((caps[0] @ caps[0].T).mean()) and np.isnan(one.random) and np.isnan(one.mwu_p)
 
 
 # ------------------------------------------------------------------ measurements on a tiny model
@@ -162,3 +164,63 @@ def test_coco_object_masks_pick_the_noun_and_crop_like_timm(small_vlm, tmp_path)
     assert masks[0].shape == seen.shape and (masks[0] != seen).float().mean() < 0.05
     with pytest.raises(ValueError, match="2 image_ids, 1 nouns"):
         coco_object_masks(small_vlm, coco, [1, 2], ["x"], images)
+
+
+def _bag_of_letters(texts):
+    """A deterministic stand-in sentence encoder: normalised letter counts."""
+    v = np.array([[t.lower().count(ch) for ch in "abcdefghijklmnopqrstuvwxyz "] for t in texts], float) + 1e-3
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
+    import json
+
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    from tl_multimodal.attribution import attribute_dataset
+    from tl_multimodal.evaluation import NeuronsEval, evaluate_neurons, text_similarity_test
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(3)]
+    refs = [["a dog on grass", "a brown dog"], ["a red bus", "a bus in town"], ["two cats", "a cat asleep"]]
+    poly = [[8, 8, 40, 8, 40, 36, 8, 36]]
+    ann = {"images": [{"id": i, "width": 48, "height": 40} for i in (11, 12, 13)],
+           "categories": [{"id": 4, "name": "bus"}],
+           "annotations": [{"id": j, "image_id": i, "category_id": 4, "area": 9, "bbox": [0, 0, 1, 1], "iscrowd": 0,
+                            "segmentation": poly} for j, i in enumerate((11, 12))]}
+    (tmp_path / "i.json").write_text(json.dumps(ann))
+    coco = COCO(str(tmp_path / "i.json"))
+    kw = dict(n_units=4, ks=(5, 2), max_new_tokens=3, n_perm=50, ablation_seeds=2, iou_seeds=2, seed=1, batch_size=2)
+    ev = evaluate_neurons(small_vlm, images, refs, _bag_of_letters, coco=coco, image_ids=[11, 12, 13], **kw)
+    assert isinstance(ev, NeuronsEval) and ev.top_units.shape == (3, 4, 2) and ev.ablation.ks == [2, 5]
+    # the parts, called by hand
+    res = attribute_dataset(small_vlm, [images[:2], images[2:]], n_units=5, prompt="A picture of", batch_size=2,
+                            max_new_tokens=3, until="caption")
+    ranked = res.top_units.units_per_image()
+    assert torch.equal(ev.top_units, ranked[:, :4]) and ev.captions == res.captions and ev.targets == res.targets
+    texts, interp = unit_texts(small_vlm, ranked[:, :4])
+    assert torch.equal(ev.interpretable, interp)
+    r = np.random.default_rng(1)
+    as_mat = lambda ts: _bag_of_letters(ts) if ts else np.zeros((0, 27))  # noqa: E731
+    ref = text_similarity_test([as_mat(t) for t in texts], [as_mat(c) for c in refs], rng=r, n_perm=50)
+    assert ev.text_similarity.to_dict() == pytest.approx(ref.to_dict(), nan_ok=True)
+    own = text_similarity_test([as_mat([c]) for c in res.captions], [as_mat(c) for c in refs], rng=r, n_perm=50)
+    assert ev.own_captions.to_dict() == pytest.approx(own.to_dict(), nan_ok=True)
+    curve = ablation_curve(small_vlm, images, ranked, ks=[2, 5], probe=res.probe, n_random_seeds=2, seed=1)
+    assert ev.ablation.top == pytest.approx(summarize_ablation(curve).top, rel=1e-5)
+    assert ev.iou_images == [0, 1] and [c[1] for c in ev.iou_objects] == ["bus", "bus"]
+    kept, _, masks = coco_object_masks(small_vlm, coco, [11, 12], [None, None], images[:2])
+    iou = heatmap_iou_test(small_vlm, small_vlm.preprocess(images[:2]), ranked[:2, :4], masks, n_random_seeds=2, seed=1)
+    np.testing.assert_allclose(ev.heatmap_iou.top, iou.top, rtol=1e-5)
+    d = ev.to_dict([11, 12, 13])
+    assert d["heatmap_iou"]["n_images"] == 2 and d["images"][2]["image_id"] == 13 and d["ablation"]["ks"] == [2, 5]
+    json.dumps(d)
+    df = ev.to_dataframe()
+    assert len(df) == 3 and np.isnan(df["iou_top"][2]) and "NeuronsEval(3 images" in repr(ev)
+    no_coco = evaluate_neurons(small_vlm, images[:1], refs[:1], _bag_of_letters, **kw)
+    assert no_coco.heatmap_iou is None and no_coco.to_dict()["heatmap_iou"] == {"n_images": 0}
+    with pytest.raises(ValueError, match="2 reference caption sets for 3 images"):
+        evaluate_neurons(small_vlm, images, refs[:2], _bag_of_letters)
+    with pytest.raises(ValueError, match="coco and image_ids"):
+        evaluate_neurons(small_vlm, images, refs, _bag_of_letters, coco=coco)
