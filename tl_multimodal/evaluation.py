@@ -101,8 +101,9 @@ def text_similarity_test(text_emb: Sequence[Float[np.ndarray, "n_texts d"]],
     pair = [[red(t @ c.T) if len(t) else np.zeros(0) for c in caption_emb] for t in text_emb]  # [i][j] -> [n_i]
     has = np.array([len(t) > 0 for t in text_emb])
     S = np.array([[p.mean() if len(p) else np.nan for p in row] for row in pair])
-    matched_pairs = np.concatenate([pair[i][i] for i in range(n)] + [np.zeros(0)])
-    random_pairs = np.concatenate([pair[i][j] for i in range(n) for j in range(n) if j != i] + [np.zeros(0)])
+    matched_pairs = np.concatenate([pair[i][i] for i in range(n)]) if n else np.zeros(0)
+    others = [pair[i][j] for i in range(n) for j in range(n) if j != i]
+    random_pairs = np.concatenate(others) if others else np.zeros(0)
     drawn = []  # one random other image per text (equal sample sizes for the rank test)
     for i in range(n if n > 1 else 0):
         others = (i + rng.integers(1, n, len(pair[i][i]))) % n
