@@ -98,7 +98,8 @@ def main(argv=None) -> dict:
                           ks=[int(k) for k in args.ks.split(",")], max_new_tokens=args.max_new_tokens,
                           reduce=args.reduce, n_perm=args.n_perm, ablation_seeds=args.ablation_seeds,
                           iou_seeds=args.iou_seeds, coco=coco, image_ids=ids if coco is not None else None,
-                          seed=args.seed, batch_size=args.batch_size, log=lambda m: print(f"{_tic(t0)} {m}", flush=True))
+                          seed=args.seed, batch_size=args.batch_size,
+                          log=lambda m: print(f"{_tic(t0)} {m}", flush=True))
     runtime, stages = time.perf_counter() - t0, {"load": load_s, **ev.stages_s}
     result = ev.to_dict(ids)
     sim_units, sim_caps, abl, iou = (result["text_similarity"]["top_units"], result["text_similarity"]["own_captions"],
@@ -121,7 +122,8 @@ def main(argv=None) -> dict:
     print(f"    interpretable top units: {n_interp} / {n_units} ({n_interp / n_units:.1%}); "
           f"images with >= 1: {sim_units['n_images']} / {n}")
     print(f"    {'':32} {'matched':>8} {'random':>8} {'MWU U':>10} {'MWU p':>9} {'perm p':>9}")
-    print(f"    {'random unit/image pairing':32} {sim_units['random']:8.4f} {'':8}   (same units, other images' captions)")
+    print(f"    {'random unit/image pairing':32} {sim_units['random']:8.4f} {'':8}   "
+          "(same units, other images' captions)")
     for name, s in (("multimodal units (top)", sim_units), ("the LM's own captions", sim_caps)):
         print(f"    {name:32} {s['matched']:8.4f} {s['random']:8.4f} {s['mwu_U']:10.0f} "
               f"{s['mwu_p']:9.2e} {s['perm_p']:9.2e}")

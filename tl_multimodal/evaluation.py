@@ -231,8 +231,9 @@ class IoUTest:
                 f"{self.mean_random:.4f}; Wilcoxon W={self.wilcoxon_W:g}, p={self.wilcoxon_p:.3g})")
 
 
-def heatmap_iou_test(model: VisionLM, images, units: Int[Tensor, "n_images n_units 2"], object_masks, n_random_seeds: int = 3,
-                     seed: int = 0, q: float = 95.0, hook: str = "post", batch_size: int = 16) -> IoUTest:
+def heatmap_iou_test(model: VisionLM, images, units: Int[Tensor, "n_images n_units 2"], object_masks,
+                     n_random_seeds: int = 3, seed: int = 0, q: float = 95.0, hook: str = "post",
+                     batch_size: int = 16) -> IoUTest:
     """Heatmap IoU of each image's top units vs random units from the same layers.
 
     Args:
@@ -349,8 +350,10 @@ class NeuronsEval:
                        for i, (c, t, w, k) in enumerate(zip(self.captions, self.targets, self.nouns,
                                                             self.interpretable))],
             "layers": {"counts": self.layer_counts.tolist(), "mean_layer": self.mean_layer},
-            "text_similarity": {"n_units": self.interpretable.numel(), "n_interpretable": int(self.interpretable.sum()),
-                                "top_units": self.text_similarity.to_dict(), "own_captions": self.own_captions.to_dict()},
+            "text_similarity": {"n_units": self.interpretable.numel(),
+                                "n_interpretable": int(self.interpretable.sum()),
+                                "top_units": self.text_similarity.to_dict(),
+                                "own_captions": self.own_captions.to_dict()},
             "ablation": {"ks": self.ablation.ks, "p_before_mean": self.ablation.p_before,
                          "top_rel_change": self.ablation.top, "random_rel_change": self.ablation.random,
                          "random_rel_change_sd": self.ablation.random_sd},
