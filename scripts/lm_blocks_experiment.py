@@ -18,7 +18,8 @@ Models (both trained from scratch, since no pretrained ViT is available offline)
 "Information filtering" analysis: for held-out crops, per-patch feature-norm maps of the tokens
 entering and leaving the frozen block (and of the block's own residual update), before and after
 training, are correlated (Pearson, per image, over the patch grid) with the fraction of each patch
-covered by the object's COCO mask. Example maps are saved as a PNG heatmap in ``--out``.
+covered by the object's COCO mask (``lm_blocks.token_norm_maps``, ``patch_coverage``, ``mask_correlation``,
+``norm_peakiness``). Example maps are saved as a PNG heatmap in ``--out``.
 
 Usage (from the repository root)::
 
@@ -48,7 +49,8 @@ import torch.nn.functional as F
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tl_multimodal.lm_blocks import ViTWithLMBlocks, token_norm_map  # noqa: E402
+from tl_multimodal.lm_blocks import (ViTWithLMBlocks, mask_correlation, norm_peakiness,  # noqa: E402
+                                     patch_coverage, token_norm_maps)
 
 
 # ----------------------------------------------------------------------------- data
@@ -109,7 +111,7 @@ def build_dataset(data_dir: pathlib.Path, num_classes: int, min_box: int, img_si
         mask = Image.fromarray(coco.annToMask(a) * 255).crop(box).resize(
             (img_size, img_size), Image.BILINEAR)
         m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)
-        cover = F.avg_pool2d(m[None, None], patch_size)[0, 0]
+        cover = patch_coverage(m, patch_size)
         xs.append(torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1))
         ys.append(label_of[a["category_id"]])
         covers.append(cover)
@@ -198,54 +200,7 @@ def train(model: ViTWithLMBlocks, x: torch.Tensor, y: torch.Tensor, args, seed: 
             sched.step()
 
 
-# ----------------------------------------------------------------------------- analysis
-NORM_SITES = {
-    "vit_out": "hook_vit_out",
-    "lm_in": "lm_blocks.0.hook_resid_pre",
-    "lm_out": "lm_blocks.0.hook_resid_post",
-    "lm_update": None,  # resid_post - resid_pre: what the frozen block itself writes
-    "features": "hook_features",
-}
-
-
-@torch.no_grad()
-def norm_maps(model: ViTWithLMBlocks, x: torch.Tensor, bs: int = 256) -> dict[str, torch.Tensor]:
-    """Per-patch token-norm maps [n, g, g] at each analysis site that the model has."""
-    model.eval()
-    names = [n for n in NORM_SITES.values() if n is not None]
-    if not model.baseline:
-        names += ["lm_blocks.0.hook_resid_pre", "lm_blocks.0.hook_resid_post"]
-    out: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, len(x), bs):
-        _, cache = model.run_with_cache(x[i:i + bs], names_filter=lambda n: n in names)
-        for key, hook in NORM_SITES.items():
-            if key == "lm_update":
-                if model.baseline:
-                    continue
-                t = cache["lm_blocks.0.hook_resid_post"] - cache["lm_blocks.0.hook_resid_pre"]
-            elif hook in cache:
-                t = cache[hook]
-            else:
-                continue
-            out.setdefault(key, []).append(token_norm_map(t, model.num_prefix_tokens, model.grid_size))
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def mask_correlation(maps: torch.Tensor, cover: torch.Tensor) -> float:
-    """Mean over images of the Pearson correlation (over patches) of norm map and mask cover."""
-    a = maps.flatten(1) - maps.flatten(1).mean(1, keepdim=True)
-    b = cover.flatten(1) - cover.flatten(1).mean(1, keepdim=True)
-    denom = a.norm(dim=1) * b.norm(dim=1)
-    ok = denom > 1e-8
-    return float(((a * b).sum(1)[ok] / denom[ok]).mean())
-
-
-def peakiness(maps: torch.Tensor) -> float:
-    """Mean over images of max/mean patch norm: how concentrated the norm map is."""
-    flat = maps.flatten(1)
-    return float((flat.max(1).values / flat.mean(1).clamp_min(1e-8)).mean())
-
-
+# ----------------------------------------------------------------------------- figure
 def save_heatmap(path: pathlib.Path, images: torch.Tensor, cover: torch.Tensor,
                  panels: list[tuple[str, torch.Tensor]], labels: list[str]) -> None:
     import matplotlib
@@ -329,16 +284,16 @@ def main() -> None:
             vit = make_vit(args, seed)
             model = ViTWithLMBlocks(vit, None if variant == "baseline" else lm,
                                     baseline=variant == "baseline")
-            before = norm_maps(model, x_te)
+            before = token_norm_maps(model, x_te)
             train(model, x_tr, y_tr, args, seed)
-            after = norm_maps(model, x_te)
+            after = token_norm_maps(model, x_te)
             a = evaluate(model, x_te, y_te)
             acc[variant].append(a)
             for stage, maps in (("init", before), ("trained", after)):
                 for site, m in maps.items():
                     key = f"{variant}/{site}/{stage}"
                     corr.setdefault(key, []).append(mask_correlation(m, cover_te))
-                    peak.setdefault(key, []).append(peakiness(m))
+                    peak.setdefault(key, []).append(norm_peakiness(m))
             if seed == args.seeds[0]:
                 if examples is None:
                     examples = {}

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_multimodal.lm_blocks import ViTWithLMBlocks, frozen_position_free_block, token_norm_map
+from tl_multimodal.lm_blocks import (ViTWithLMBlocks, frozen_position_free_block, mask_correlation, norm_peakiness,
+                                    patch_coverage, token_norm_map, token_norm_maps)
 
 D_LM = 64
 N_CLASSES = 5
@@ -298,3 +299,42 @@ def test_bad_models_raise(gpt2_lm):
         ViTWithLMBlocks(nn.Linear(3, 3), gpt2_lm)
     with pytest.raises(TypeError, match="TransformerBlock"):
         frozen_position_free_block(nn.Linear(3, 3), 0)
+
+
+
+# ---------------------------------------------------------------- information-filtering measures
+def test_token_norm_maps_read_the_cache(gpt2_lm, images):
+    model = ViTWithLMBlocks(_vit(), gpt2_lm)  # train mode: the measure switches to eval
+    maps = token_norm_maps(model, images, batch_size=2)
+    assert not model.training and set(maps) == {"vit_out", "lm_in", "lm_out", "lm_update", "features"}
+    _, cache = model.run_with_cache(images)
+    post, pre = cache["lm_blocks.0.hook_resid_post"], cache["lm_blocks.0.hook_resid_pre"]
+    for key, act in [("lm_out", post), ("lm_update", post - pre), ("vit_out", cache["hook_vit_out"])]:
+        ref = torch.sqrt((act[:, 1:] ** 2).sum(-1)).reshape(3, IMG // PATCH, IMG // PATCH)  # drop CLS
+        torch.testing.assert_close(maps[key], ref, rtol=1e-4, atol=1e-5)
+    base = token_norm_maps(ViTWithLMBlocks(_vit(), baseline=True), images)
+    assert set(base) == {"vit_out", "features"}
+    with pytest.raises(TypeError, match="ViTWithLMBlocks"):
+        token_norm_maps(_vit(), images)
+
+
+def test_patch_coverage_by_hand():
+    mask = torch.zeros(4, 6)
+    mask[0:3, 1:4] = 1.0
+    cov = patch_coverage(mask, 2)
+    torch.testing.assert_close(cov, torch.tensor([[0.5, 1.0, 0.0], [0.25, 0.5, 0.0]]))
+    assert patch_coverage(torch.stack([mask, 1 - mask]), 2).shape == (2, 2, 3)
+    with pytest.raises(ValueError, match="4x6 pixels does not tile into patches of 4"):
+        patch_coverage(mask, 4)
+
+
+def test_mask_correlation_and_peakiness_by_hand():
+    import numpy as np
+
+    maps = torch.tensor([[[1.0, 2.0], [3.0, 6.0]], [[4.0, 1.0], [1.0, 2.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    cover = torch.tensor([[[0.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [0.5, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    r = [np.corrcoef(m.flatten(), c.flatten())[0, 1] for m, c in zip(maps[:2].numpy(), cover[:2].numpy())]
+    assert mask_correlation(maps, cover) == pytest.approx(np.mean(r))  # the constant map is skipped
+    assert norm_peakiness(maps) == pytest.approx((6 / 3 + 4 / 2 + 1) / 3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        mask_correlation(maps, cover[:2])

@@ -49,6 +49,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
@@ -60,7 +61,8 @@ try:  # TransformerLens >= 3.0 keeps it in its own module
 except ImportError:  # pragma: no cover - older TransformerLens
     from transformer_lens.hook_points import HookedRootModule  # type: ignore[attr-defined,no-redef]
 
-__all__ = ["ViTWithLMBlocks", "frozen_position_free_block", "token_norm_map"]
+__all__ = ["NORM_SITES", "ViTWithLMBlocks", "frozen_position_free_block", "mask_correlation", "norm_peakiness",
+           "patch_coverage", "token_norm_map", "token_norm_maps"]
 
 _POSITIONAL_TYPES_INSIDE_ATTENTION = ("rotary", "alibi", "shortformer")
 _REQUIRED_VIT_ATTRIBUTES = ("patch_embed", "blocks", "norm", "forward_head", "num_prefix_tokens")
@@ -398,3 +400,83 @@ class ViTWithLMBlocks(HookedRootModule):
         if self.baseline:
             return f"baseline=True, d_vit={self.d_vit}"
         return f"d_vit={self.d_vit}, d_lm={self.d_lm}, lm_block_indices={self.lm_block_indices}"
+
+
+# ------------------------------------------------------------------ information-filtering measures
+#: Where :func:`token_norm_maps` reads token norms: site name -> hook (``lm_update`` is
+#: ``resid_post - resid_pre`` of the first inserted block, what the frozen block itself writes).
+NORM_SITES = {
+    "vit_out": "hook_vit_out",
+    "lm_in": "lm_blocks.0.hook_resid_pre",
+    "lm_out": "lm_blocks.0.hook_resid_post",
+    "lm_update": None,
+    "features": "hook_features",
+}
+
+
+@torch.no_grad()
+def token_norm_maps(model: ViTWithLMBlocks, images: Float[Tensor, "batch channel height width"],
+                    batch_size: int = 256) -> dict[str, Float[Tensor, "batch grid_h grid_w"]]:
+    """Per-patch token-norm maps at each :data:`NORM_SITES` site the model has (the model is put in eval mode).
+
+    The baseline has ``vit_out`` and ``features``; with LM blocks also ``lm_in``, ``lm_out`` and ``lm_update``.
+
+    Args:
+        model: The ViT with (or without) frozen LM blocks.
+        images: Normalised images.
+        batch_size: Images per forward pass.
+    """
+    if not isinstance(model, ViTWithLMBlocks):
+        raise TypeError(f"model must be a ViTWithLMBlocks, got {type(model).__name__}")
+    model.eval()
+    names = {n for n in NORM_SITES.values() if n is not None}
+    out: dict[str, list[Tensor]] = {}
+    for i in range(0, len(images), batch_size):
+        _, cache = model.run_with_cache(images[i:i + batch_size], names_filter=lambda n: n in names)
+        for key, hook in NORM_SITES.items():
+            if key == "lm_update":
+                if model.baseline:
+                    continue
+                t = cache["lm_blocks.0.hook_resid_post"] - cache["lm_blocks.0.hook_resid_pre"]
+            elif hook in cache:
+                t = cache[hook]
+            else:
+                continue
+            out.setdefault(key, []).append(token_norm_map(t, model.num_prefix_tokens, model.grid_size))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def patch_coverage(mask: Float[Tensor, "... height width"], patch_size: int) -> Float[Tensor, "... grid_h grid_w"]:
+    """Fraction of each ``patch_size`` x ``patch_size`` patch that the (soft) mask covers.
+
+    Raises:
+        ValueError: If the mask's sides are not multiples of ``patch_size``.
+    """
+    h, w = mask.shape[-2:]
+    if patch_size < 1 or h % patch_size or w % patch_size:
+        raise ValueError(f"mask of {h}x{w} pixels does not tile into patches of {patch_size}")
+    flat = mask.float().reshape(-1, 1, h, w)
+    return F.avg_pool2d(flat, patch_size).reshape(*mask.shape[:-2], h // patch_size, w // patch_size)
+
+
+def mask_correlation(maps: Float[Tensor, "batch grid_h grid_w"], cover: Float[Tensor, "batch grid_h grid_w"]) -> float:
+    """Mean over images of the Pearson correlation (over patches) of a norm map with the mask coverage.
+
+    Images where either map is constant are skipped (NaN if all are).
+
+    Raises:
+        ValueError: If the shapes differ.
+    """
+    if maps.shape != cover.shape:
+        raise ValueError(f"maps {tuple(maps.shape)} and cover {tuple(cover.shape)} differ in shape")
+    a = maps.flatten(1) - maps.flatten(1).mean(1, keepdim=True)
+    b = cover.flatten(1) - cover.flatten(1).mean(1, keepdim=True)
+    denom = a.norm(dim=1) * b.norm(dim=1)
+    ok = denom > 1e-8
+    return float(((a * b).sum(1)[ok] / denom[ok]).mean())
+
+
+def norm_peakiness(maps: Float[Tensor, "batch grid_h grid_w"]) -> float:
+    """Mean over images of max / mean patch norm: how concentrated each norm map is."""
+    flat = maps.flatten(1)
+    return float((flat.max(1).values / flat.mean(1).clamp_min(1e-8)).mean())
