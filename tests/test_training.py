@@ -385,7 +385,10 @@ def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data
     assert not torch.equal(runs["one"]["linear.weight"], init["linear.weight"])
     for name, run in runs.items():
         for k, v in run.items():
-            torch.testing.assert_close(v, runs["one"][k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+            # float32 sums in another order (micro-batches, processes, 2 threads): ~2e-6 apart after 3 steps
+            # of lr 1e-2; summing instead of averaging the gradients would be ~1e-2 apart
+            torch.testing.assert_close(v, runs["one"][k], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, name=name, k=k: f"{name}: {k}: {m}")
 
 
 def test_failed_state_write_keeps_the_previous_state(tiny_vlm, colour_data, tmp_path, monkeypatch):
