@@ -10,22 +10,26 @@ from __future__ import annotations
 
 from torch import nn
 
+
+
+def _removed(name: str) -> ImportError:
+    what = "HookedTransformer" if name == "HookedTransformer" else f"{name} (built on HookedTransformer)"
+    return ImportError(
+        f"{what} needs TransformerLens 3: TransformerLens 4 removed HookedTransformer. Use "
+        "tl_multimodal.VisionBridge instead: the same model (hooks, image slots, projection "
+        "checkpoints) on TransformerBridge, e.g. tl_multimodal.load_offline_bridge() or "
+        "VisionBridge.from_hf(hf_model, tokenizer, encoder, projection). Or install "
+        "transformer-lens<4 to keep HookedVisionPrefix.")
+
+
 try:
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.components import Embed, TransformerBlock
 
     HAS_HOOKED_TRANSFORMER = True
 except ImportError:  # TransformerLens >= 4
     HAS_HOOKED_TRANSFORMER = False
-
-    def _removed(name: str) -> ImportError:
-        what = "HookedTransformer" if name == "HookedTransformer" else f"{name} (built on HookedTransformer)"
-        return ImportError(
-            f"{what} needs TransformerLens 3: TransformerLens 4 removed HookedTransformer. Use "
-            "tl_multimodal.VisionBridge instead: the same model (hooks, image slots, projection "
-            "checkpoints) on TransformerBridge, e.g. tl_multimodal.load_offline_bridge() or "
-            "VisionBridge.from_hf(hf_model, tokenizer, encoder, projection). Or install "
-            "transformer-lens<4 to keep HookedVisionPrefix.")
+    HookedTransformerConfig = None
 
     class HookedTransformer(nn.Module):  # type: ignore[no-redef]
         """Stand-in: instantiating it (or a subclass) raises an ImportError naming VisionBridge."""
@@ -44,6 +48,12 @@ except ImportError:  # TransformerLens >= 4
         """Stand-in, so ``isinstance(block, TransformerBlock)`` is False for every block."""
 
 try:
-    from transformer_lens.utils import USE_DEFAULT_VALUE
+    from transformer_lens.utils import USE_DEFAULT_VALUE, get_act_name
 except ImportError:  # TransformerLens >= 4: the same names live in transformer_lens.utilities
-    from transformer_lens.utilities import USE_DEFAULT_VALUE
+    from transformer_lens.utilities import USE_DEFAULT_VALUE, get_act_name  # noqa: F401
+
+
+def require_hooked_transformer(name: str) -> None:
+    """Raise the ImportError that names :class:`~tl_multimodal.VisionBridge` on TransformerLens 4."""
+    if not HAS_HOOKED_TRANSFORMER:
+        raise _removed(name)

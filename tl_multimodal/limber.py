@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer
 
+from tl_multimodal.compat import HookedTransformer
 from tl_multimodal.projection import ImageProjection, ProjectionInfo
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

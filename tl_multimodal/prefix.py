@@ -27,14 +27,16 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import lm_cross_entropy_loss
 
-from tl_multimodal.compat import USE_DEFAULT_VALUE, Embed, HookedTransformer  # TL 4: stand-ins naming VisionBridge
+from tl_multimodal.compat import (HAS_HOOKED_TRANSFORMER, USE_DEFAULT_VALUE, Embed, HookedTransformer,
+                                  require_hooked_transformer)  # TL 4: stand-ins naming VisionBridge
 from tl_multimodal.encoders import VisionEncoder
 from tl_multimodal.frontend import ImageFrontEnd, check_generation_args
 from tl_multimodal.images import Images
 from tl_multimodal.projection import ImageProjection
 
 ImageInput = Images  # kept for the analysis modules that import it
-_PARENT_FORWARD = inspect.signature(HookedTransformer.forward)
+# the parent's arguments, by name (TransformerLens 4 has no HookedTransformer: see compat)
+_PARENT_FORWARD = inspect.signature(HookedTransformer.forward) if HAS_HOOKED_TRANSFORMER else None
 
 
 class _ImageSlotEmbed(Embed):
@@ -149,6 +151,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
                 untrained one and warns (``UserWarning``); ``"untrained"`` builds one without warning.
             **lm_kwargs: Passed to ``HookedTransformer.from_pretrained``.
         """
+        require_hooked_transformer(cls.__name__)
         from tl_multimodal.limber import hub_encoder, hub_projection
 
         if not isinstance(encoder, str):
@@ -418,4 +421,4 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
 
 
-_PARENT_GENERATE = inspect.signature(HookedTransformer.generate)
+_PARENT_GENERATE = inspect.signature(HookedTransformer.generate) if HAS_HOOKED_TRANSFORMER else None

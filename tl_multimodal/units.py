@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens.utils import get_act_name
+
+from tl_multimodal.compat import get_act_name
 
 UnitsLike = Int[Tensor, "n 2"] | Int[Tensor, "batch n 2"] | Sequence[tuple[int, int]]
 
