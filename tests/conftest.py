@@ -86,3 +86,31 @@ def small_vlm(gpt2_tokenizer, vit_encoder):
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257, n_ctx=64,
                                   act_fn="gelu", normalization_type="LN", model_name="tiny")
     return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()
+
+
+def assert_decoding_matches_decomposition(model, cache, units, apply_ln: bool, positions=None) -> None:
+    """Oracle for unit decoding: a unit's component of the residual stream (TransformerLens's
+    ``get_full_resid_decomposition(expand_neurons=True)``) at the position (among ``positions``, default
+    all) where it is strongest, projected on ``W_U``, is its activation (/ the final norm's cached scale
+    with ``apply_ln``) times the decoded direction's logits, with the same top 10 tokens."""
+    from tl_multimodal.decoding import decode_units, unit_directions
+
+    stack, labels = cache.get_full_resid_decomposition(expand_neurons=True, apply_ln=apply_ln, return_labels=True)
+    dirs = unit_directions(model, units, apply_ln=apply_ln)
+    dec = decode_units(model, units, n_tokens=10, apply_ln=apply_ln)
+    for i, (layer, unit) in enumerate(units):
+        acts = cache[f"blocks.{layer}.mlp.hook_post"][0, :, unit]
+        where = torch.arange(len(acts)) if positions is None else torch.as_tensor(positions)
+        pos = int(where[acts[where].abs().argmax()])
+        act = acts[pos]
+        assert act.abs() > 1e-3
+        comp = stack[labels.index(f"L{layer}N{unit}"), 0, pos]
+        if apply_ln:  # apply_ln_to_stack centres (LN) and divides by the cached scale; w is not folded there
+            comp = comp * model.ln_final.w
+            factor = act / cache["ln_final.hook_scale"][0, pos, 0]
+        else:
+            factor = act
+        torch.testing.assert_close(comp @ model.W_U, factor * (dirs[i] @ model.W_U))
+        assert (act.sign() * comp @ model.W_U).topk(10).indices.tolist() == dec.token_ids[i].tolist()
+    assert dec.apply_ln == apply_ln
+

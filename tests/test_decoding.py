@@ -13,8 +13,9 @@ from tl_multimodal.decoding import (
     is_english_word,
     is_interpretable,
     load_word_list,
-    unit_directions,
 )
+
+from conftest import assert_decoding_matches_decomposition
 
 
 def _tiny_lm(tok, style="gpt2"):
@@ -39,24 +40,7 @@ def test_agrees_with_full_resid_decomposition(gpt2_tokenizer, style, apply_ln):
     with the norm) times the decoded direction's logits, and has the same top tokens."""
     lm = _tiny_lm(gpt2_tokenizer, style)
     _, cache = lm.run_with_cache("The cat sat on the mat")
-    stack, labels = cache.get_full_resid_decomposition(expand_neurons=True, apply_ln=apply_ln, return_labels=True)
-    units = [(0, 3), (1, 0), (1, 17)]
-    dirs = unit_directions(lm, units, apply_ln=apply_ln)
-    dec = decode_units(lm, units, n_tokens=10, apply_ln=apply_ln)
-    for i, (layer, unit) in enumerate(units):
-        comp = stack[labels.index(f"L{layer}N{unit}"), 0]  # [pos, d_model]
-        pos = int(cache[f"blocks.{layer}.mlp.hook_post"][0, :, unit].abs().argmax())
-        act = cache[f"blocks.{layer}.mlp.hook_post"][0, pos, unit]
-        assert act.abs() > 1e-3
-        comp = comp[pos]
-        if apply_ln:  # apply_ln_to_stack centres (LN) and divides by the cached scale; w is not folded here
-            comp = comp * lm.ln_final.w
-            factor = act / cache["ln_final.hook_scale"][0, pos, 0]
-        else:
-            factor = act
-        torch.testing.assert_close(comp @ lm.W_U, factor * (dirs[i] @ lm.W_U))
-        assert (act.sign() * comp @ lm.W_U).topk(10).indices.tolist() == dec.token_ids[i].tolist()
-    assert dec.apply_ln == apply_ln
+    assert_decoding_matches_decomposition(lm, cache, [(0, 3), (1, 0), (1, 17)], apply_ln)
 
 
 def test_planted_unit_decodes_to_its_token(gpt2_tokenizer):

@@ -11,7 +11,7 @@ from transformer_lens import HookedTransformer
 from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.llava import from_llava
 
-from conftest import ASSETS
+from conftest import ASSETS, assert_decoding_matches_decomposition
 
 IMAGE_TOKEN, VOCAB = 50257, 50258  # GPT-2's vocabulary + "<image>"
 CHAT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
@@ -207,30 +207,12 @@ def test_unit_decoding_agrees_with_full_resid_decomposition_on_a_chat_prompt(lla
     """A unit's component of the residual stream at an image position of a chat prompt (TransformerLens's
     get_full_resid_decomposition(expand_neurons=True)) projected on W_U is its activation (/ the final RMS
     scale) times the decoded direction's logits, with the same top tokens."""
-    from tl_multimodal.decoding import decode_units, unit_directions
-
     model = llava64
     torch.manual_seed(4)
     pixels = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     _, cache = model.run_with_cache(CHAT, images=pixels)
     assert (model.to_tokens(CHAT, image=True)[0] == IMAGE_TOKEN).nonzero()[:, 0].tolist() == chat_slots.tolist()
-    stack, labels = cache.get_full_resid_decomposition(expand_neurons=True, apply_ln=apply_ln, return_labels=True)
-    units = [(0, 3), (1, 0), (1, 77)]
-    dirs = unit_directions(model, units, apply_ln=apply_ln)
-    dec = decode_units(model, units, n_tokens=10, apply_ln=apply_ln)
-    for i, (layer, unit) in enumerate(units):
-        acts = cache[f"blocks.{layer}.mlp.hook_post"][0, :, unit]
-        pos = int(chat_slots[acts[chat_slots].abs().argmax()])  # the unit's strongest image position
-        act = acts[pos]
-        assert act.abs() > 1e-3
-        comp = stack[labels.index(f"L{layer}N{unit}"), 0, pos]
-        if apply_ln:  # apply_ln_to_stack divides by the cached RMS scale; ln_final.w is not folded here
-            comp = comp * model.ln_final.w
-            factor = act / cache["ln_final.hook_scale"][0, pos, 0]
-        else:
-            factor = act
-        torch.testing.assert_close(comp @ model.W_U, factor * (dirs[i] @ model.W_U))
-        assert (act.sign() * comp @ model.W_U).topk(10).indices.tolist() == dec.token_ids[i].tolist()
+    assert_decoding_matches_decomposition(model, cache, [(0, 3), (1, 0), (1, 77)], apply_ln, positions=chat_slots)
 
 
 def test_chat_prompt_generation_and_bad_image_token_id(llava, hf_llava, processor):
