@@ -226,13 +226,7 @@ class VisionBridge(ImageFrontEnd, nn.Module):
                 for t in texts]
         slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
         rows = [torch.cat([slots, r.long()]) for r in rows]
-        self._check_length(max(len(r) for r in rows))
-        side = padding_side or self.tokenizer.padding_side
-        pad = self.tokenizer.pad_token_id
-        width = max(len(r) for r in rows)
-        fill = [torch.full((width - len(r),), pad, dtype=torch.long) for r in rows]
-        tokens = torch.stack([torch.cat([f, r] if side == "left" else [r, f]) for r, f in zip(rows, fill)])
-        return tokens.to(self.cfg.device) if move_to_device else tokens
+        return self._stack_rows(rows, padding_side, move_to_device)
 
     def to_str_tokens(self, input, *args, **kwargs):
         """The bridge's ``to_str_tokens``; image slots in a token tensor read ``<image_i>``."""
@@ -241,11 +235,6 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             names = iter(f"<image_{i}>" for i in range(len(ids)))
             return [next(names) if t == self.image_token_id else self.tokenizer.decode([t]) for t in ids]
         return self.bridge.to_str_tokens(input, *args, **kwargs)
-
-    def _check_length(self, n_pos: int) -> None:
-        if n_pos > self.cfg.n_ctx:
-            raise ValueError(f"sequence of {n_pos} positions ({self.n_image_tokens} image + "
-                             f"{n_pos - self.n_image_tokens} text) is longer than n_ctx={self.cfg.n_ctx}")
 
     def _image_tokens(self, input, batch: int) -> Int[Tensor, "batch pos"]:
         """Tokens with image slots for ``input`` (text, or tokens already holding the slots)."""

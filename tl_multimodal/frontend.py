@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_multimodal.compat import USE_DEFAULT_VALUE
 from tl_multimodal.images import Images, to_pixels
 from tl_multimodal.projection import ImageProjection, ProjectionInfo
 
@@ -88,6 +89,23 @@ class ImageFrontEnd:
         if image_embed.ndim != 3 or tuple(image_embed.shape[1:]) != expected:
             raise ValueError(f"image_embed must be [batch, {expected[0]}, {expected[1]}] "
                              f"(model.embed_images(...)), got {tuple(image_embed.shape)}")
+
+    def _check_length(self, n_pos: int) -> None:
+        if n_pos > self.cfg.n_ctx:
+            raise ValueError(f"sequence of {n_pos} positions ({self.n_image_tokens} image + "
+                             f"{n_pos - self.n_image_tokens} text) is longer than n_ctx={self.cfg.n_ctx}")
+
+    def _stack_rows(self, rows: list[Tensor], padding_side, move_to_device: bool) -> Int[Tensor, "batch pos"]:
+        """Token rows holding image slots as one tensor: checked against ``n_ctx`` (never truncated),
+        padded with the pad token on ``padding_side`` (default: the tokenizer's) of the whole row."""
+        self._check_length(max(len(r) for r in rows))
+        side = self.tokenizer.padding_side if padding_side in (USE_DEFAULT_VALUE, None) else padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        width = max(len(r) for r in rows)
+        fill = [torch.full((width - len(r),), self.tokenizer.pad_token_id, dtype=torch.long) for r in rows]
+        tokens = torch.stack([torch.cat([f, r.long()] if side == "left" else [r.long(), f]) for r, f in zip(rows, fill)])
+        return tokens.to(self.cfg.device) if move_to_device else tokens
 
     @property
     def image_positions(self) -> slice:

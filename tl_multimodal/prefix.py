@@ -237,13 +237,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
                 row = row.repeat_interleave(torch.where(placeholders, self.n_image_tokens, 1)) if placeholders.any() else None
             rows.append(row if row is not None else
                         torch.cat([slots, tokenize(t, bos, move_to_device=False, truncate=False)[0]]))
-        self._check_length(max(len(r) for r in rows))
-        side = self.tokenizer.padding_side if padding_side in (USE_DEFAULT_VALUE, None) else padding_side
-        pad = self.tokenizer.pad_token_id
-        width = max(len(r) for r in rows)
-        fill = [torch.full((width - len(r),), pad, dtype=torch.long) for r in rows]
-        tokens = torch.stack([torch.cat([f, r] if side == "left" else [r, f]) for r, f in zip(rows, fill)])
-        return tokens.to(self.cfg.device) if move_to_device else tokens
+        return self._stack_rows(rows, padding_side, move_to_device)
 
     def to_str_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE):
         """TransformerLens's ``to_str_tokens``; image slots in token ids read ``<image_i>``.
@@ -284,11 +278,6 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
                              "unembedding direction; pass text token ids (the answers whose logits you "
                              "attribute), e.g. the target ids or the text tokens without image slots")
         return super().tokens_to_residual_directions(tokens)
-
-    def _check_length(self, n_pos: int) -> None:
-        if n_pos > self.cfg.n_ctx:
-            raise ValueError(f"sequence of {n_pos} positions ({self.n_image_tokens} image + "
-                             f"{n_pos - self.n_image_tokens} text) is longer than n_ctx={self.cfg.n_ctx}")
 
     def _image_tokens(self, input, batch: int, prepend_bos=USE_DEFAULT_VALUE,
                       padding_side=USE_DEFAULT_VALUE, what: str = "input") -> Int[Tensor, "batch pos"]:
