@@ -34,7 +34,6 @@ from tl_multimodal.frontend import ImageFrontEnd, check_generation_args
 from tl_multimodal.images import Images
 from tl_multimodal.projection import ImageProjection
 
-ImageInput = Images  # kept for the analysis modules that import it
 # the parent's arguments, by name (TransformerLens 4 has no HookedTransformer: see compat)
 _PARENT_FORWARD = inspect.signature(HookedTransformer.forward) if HAS_HOOKED_TRANSFORMER else None
 
@@ -322,7 +321,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         return image_embed.to(self.W_E.device)
 
     @contextlib.contextmanager
-    def bind_images(self, images: ImageInput | None = None, image_features: Tensor | None = None,
+    def bind_images(self, images: Images | None = None, image_features: Tensor | None = None,
                     image_embed: Tensor | None = None):
         """Within the block, calls given image-slot tokens but no images use these images.
 
@@ -340,7 +339,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
             yield self
 
     # ---------------------------------------------------------------- running the model
-    def forward(self, input, *args, images: ImageInput | None = None,
+    def forward(self, input, *args, images: Images | None = None,
                 image_features: Tensor | None = None, image_embed: Tensor | None = None, **kwargs):
         """``HookedTransformer.forward`` with images.
 
@@ -381,7 +380,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         nll = nll.masked_fill(~targets, 0.0)
         return nll if per_token else nll.sum() / targets.sum()
 
-    def generate(self, input="", max_new_tokens: int = 10, *args, images: ImageInput | None = None,
+    def generate(self, input="", max_new_tokens: int = 10, *args, images: Images | None = None,
                  image_features: Tensor | None = None, image_embed: Tensor | None = None, **kwargs):
         """``HookedTransformer.generate`` with images (KV cache on by default, as there).
 
