@@ -3,18 +3,23 @@
 circuitsvis loads its JavaScript from a CDN (unpkg) unless it believes it is offline. The views here
 never do: they embed circuitsvis's own bundle (``circuitsvis/dist/cdn/iife.js``, the file its
 ``render_local`` inlines) once per view, so a saved page or a notebook output renders with no network
-at all. Every view has ``_repr_html_`` (shows in Jupyter/Colab) and ``.save(path)`` (a standalone page).
+at all. Every view has ``_repr_html_`` (shows in Jupyter/Colab) and ``.save(path)`` (a standalone page);
+:func:`save_views` puts several views on one page with the 1.3 MB bundle written once.
+
+circuitsvis writes each token into the page as HTML, so tokens are HTML-escaped before they go in and
+image slots are labelled ``[img 0]``, ``[img 1]``, ... (plain text that shows as written).
 
 * :func:`decoded_tokens_view` - the top tokens of units (a :class:`~tl_multimodal.decoding.UnitDecoding`),
   coloured by probability (circuitsvis ``ColoredTokens``, one row per unit).
 * :func:`token_activations_view` - units' activations over an image-prefixed caption (circuitsvis
-  ``ColoredTokensMulti``; image slots read ``<image_i>``).
+  ``ColoredTokensMulti``; image slots read ``[img i]``).
 * :func:`unit_heatmap_view` / :func:`patch_heatmap_view` - a unit's activation (or any patch-grid
   score) over the patch grid, upsampled onto the image, as inline base64 PNGs.
 
     view = unit_heatmap_view(model, pil_image, [(5, 1021), (7, 33)])
     view                      # renders in the notebook
     view.save("heatmaps.html")
+    save_views("page.html", [view, decoded_tokens_view(decode_units(model, units))])
 """
 
 from __future__ import annotations
@@ -53,13 +58,24 @@ class HTMLView:
     """Self-contained HTML (no network needed) that renders in a notebook and saves as a page.
 
     Attributes:
-        html: The HTML fragment (what the notebook shows).
+        html: The HTML fragment (what the notebook shows), circuitsvis's bundle included if it needs it.
         title: A short title (the saved page's ``<title>``).
+        body: ``html`` without circuitsvis's script (what :func:`save_views` puts on a shared page).
+        js: The ``CircuitsVis.render`` calls that ``body`` needs, run after the bundle ("" if none).
     """
 
-    def __init__(self, html: str, title: str = "tl_multimodal"):
+    def __init__(self, html: str, title: str = "tl_multimodal", *, body: str | None = None, js: str = ""):
         self.html = html
         self.title = title
+        self.body = html if body is None else body
+        self.js = js
+
+    @classmethod
+    def from_circuitsvis(cls, elements: Sequence[tuple[str, dict]], layout: Callable[[list[str]], str] | None,
+                         title: str, **attributes) -> "HTMLView":
+        """A view of circuitsvis elements (see :func:`render_circuitsvis`); ``attributes`` go to ``cls``."""
+        body, js = circuitsvis_parts(elements, layout)
+        return cls(_with_bundle(body, js), title, body=body, js=js, **attributes)
 
     def _repr_html_(self) -> str:
         return self.html
@@ -91,21 +107,55 @@ class HeatmapView(HTMLView):
         panels: The panels as displayed (PIL): the plain image first when shown, then one overlay
             per heatmap.
         image: The image under the heatmaps (PIL, original frame), or None.
+        captions: One caption per panel (label and colour range).
+        colorbar: The colour bar (PIL), its end labels in ``colorbar_labels``.
+        note: What the colours and the darkened border mean (lines of text).
     """
 
     def __init__(self, html: str, title: str, heatmaps: Tensor, grids: Tensor, labels: list[str],
-                 panels: list[Image.Image], image: Image.Image | None):
+                 panels: list[Image.Image], image: Image.Image | None, captions: list[str] | None = None,
+                 colorbar: Image.Image | None = None, colorbar_labels: tuple[str, str] = ("low", "high"),
+                 note: str = ""):
         super().__init__(html, title)
         self.heatmaps, self.grids, self.labels, self.panels, self.image = heatmaps, grids, labels, panels, image
+        self.captions = [""] * len(panels) if captions is None else captions
+        self.colorbar, self.colorbar_labels, self.note = colorbar, colorbar_labels, note
 
-    def to_pil(self) -> Image.Image:
-        """The panels side by side, on white (what :meth:`save` writes for ``.png``)."""
+    def to_pil(self, labels: bool = True) -> Image.Image:
+        """The panels side by side, on white (what :meth:`save` writes for ``.png``).
+
+        Args:
+            labels: Write each panel's caption under it, then the colour bar and the note on the
+                crop (``False``: the panels alone).
+        """
         w = sum(p.width for p in self.panels) + 4 * (len(self.panels) - 1)
-        out = Image.new("RGB", (w, max(p.height for p in self.panels)), "white")
-        x = 0
-        for p in self.panels:
+        h = max(p.height for p in self.panels)
+        if not labels:
+            out = Image.new("RGB", (w, h), "white")
+            for x, p in zip(_offsets(self.panels), self.panels):
+                out.paste(p, (x, 0))
+            return out
+        from PIL import ImageDraw, ImageFont
+
+        font = ImageFont.load_default(size=12)
+        line = 16
+        bar = self.colorbar
+        notes = [n for n in self.note.split("\n") if n]
+        out = Image.new("RGB", (w, h + line + 6 + (bar.height + line + 8 if bar else 0) + line * len(notes)), "white")
+        draw = ImageDraw.Draw(out)
+        for x, p, c in zip(_offsets(self.panels), self.panels, self.captions):
             out.paste(p, (x, 0))
-            x += p.width + 4
+            draw.text((x + p.width / 2, h + 3), c, fill="black", font=font, anchor="ma")
+        y = h + line + 6
+        if bar is not None:
+            out.paste(bar, (4, y))
+            lo, hi = self.colorbar_labels
+            draw.text((4, y + bar.height + 2), lo, fill="black", font=font, anchor="la")
+            draw.text((4 + bar.width, y + bar.height + 2), hi, fill="black", font=font, anchor="ra")
+            y += bar.height + line + 8
+        for n in notes:
+            draw.text((4, y), n, fill="#444", font=font)
+            y += line
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -144,9 +194,9 @@ def _props_json(props: dict) -> str:
     return convert_props(props).replace("</", "<\\/")
 
 
-def render_circuitsvis(elements: Sequence[tuple[str, dict]],
-                       layout: Callable[[list[str]], str] | None = None) -> str:
-    """HTML rendering circuitsvis React elements with the JS bundle inlined once (no CDN).
+def circuitsvis_parts(elements: Sequence[tuple[str, dict]],
+                      layout: Callable[[list[str]], str] | None = None) -> tuple[str, str]:
+    """The HTML and the JavaScript of circuitsvis React elements, apart (the bundle in neither).
 
     Args:
         elements: ``(element name, props)`` pairs, e.g. ``("ColoredTokens", {"tokens": [...],
@@ -154,17 +204,102 @@ def render_circuitsvis(elements: Sequence[tuple[str, dict]],
         layout: Builds the body from the elements' ``<div>`` placeholders (default: one after another).
 
     Returns:
-        An HTML fragment: the placeholders, then one ``<script type="module">`` holding the bundle
-        and a ``CircuitsVis.render`` call per element.
+        ``(body, js)``: the placeholders laid out, and one ``CircuitsVis.render`` call per element
+        (to run after :func:`circuitsvis_bundle`).
     """
     if not elements:
         raise ValueError("nothing to render")
     ids = [f"tl-multimodal-{uuid4().hex[:12]}" for _ in elements]
     divs = [f'<div id="{i}" style="margin: 4px 0;"></div>' for i in ids]
     body = layout(divs) if layout is not None else "\n".join(divs)
-    calls = "\n".join(f'CircuitsVis.render("{i}", CircuitsVis.{name}, {_props_json(props)});'
-                      for i, (name, props) in zip(ids, elements))
-    return f'{body}\n<script crossorigin type="module">\n{circuitsvis_bundle()}\n{calls}\n</script>'
+    js = "\n".join(f'CircuitsVis.render("{i}", CircuitsVis.{name}, {_props_json(props)});'
+                    for i, (name, props) in zip(ids, elements))
+    return body, js
+
+
+def _with_bundle(body: str, js: str) -> str:
+    """``body``, then one module script: circuitsvis's bundle and ``js`` (``body`` alone if no ``js``)."""
+    if not js:
+        return body
+    return f'{body}\n<script crossorigin type="module">\n{circuitsvis_bundle()}\n{js}\n</script>'
+
+
+def render_circuitsvis(elements: Sequence[tuple[str, dict]],
+                       layout: Callable[[list[str]], str] | None = None) -> str:
+    """HTML rendering circuitsvis React elements with the JS bundle inlined once (no CDN).
+
+    Args:
+        elements, layout: As for :func:`circuitsvis_parts`.
+
+    Returns:
+        An HTML fragment: the placeholders, then one ``<script type="module">`` holding the bundle
+        and a ``CircuitsVis.render`` call per element.
+    """
+    return _with_bundle(*circuitsvis_parts(elements, layout))
+
+
+def join_views(views: Sequence[HTMLView], title: str = "tl_multimodal views") -> HTMLView:
+    """Several views as one, one after another, with circuitsvis's bundle inlined once for all.
+
+    Args:
+        views: :class:`HTMLView` objects (circuitsvis views, heatmap views, ...).
+        title: The page title.
+
+    Returns:
+        An :class:`HTMLView` (shows in a notebook; ``.save(path)`` writes the page).
+    """
+    views = list(views) if not isinstance(views, HTMLView) else [views]
+    if not views:
+        raise ValueError("views is empty: pass at least one view")
+    for i, v in enumerate(views):
+        if not isinstance(v, HTMLView):
+            raise TypeError(f"views[{i}] is a {type(v).__name__}, not a view (HTMLView)")
+    body = "\n<hr style='border: none; border-top: 1px solid #ddd;'/>\n".join(v.body for v in views)
+    js = "\n".join(v.js for v in views if v.js)
+    return HTMLView(_with_bundle(body, js), title, body=body, js=js)
+
+
+def save_views(path: str | Path, views: Sequence[HTMLView], title: str = "tl_multimodal views") -> Path:
+    """Write several views on one standalone page, circuitsvis's 1.3 MB bundle written once.
+
+    Args:
+        path: The HTML file to write.
+        views: :class:`HTMLView` objects.
+        title: The page title.
+
+    Returns:
+        The path written.
+    """
+    return join_views(views, title).save(path)
+
+
+def label_image_slots(tokens: Sequence[str], image_slots: Sequence[bool] | Tensor) -> list[str]:
+    """``tokens`` with the image slots renamed ``[img 0]``, ``[img 1]``, ... in order (text tokens kept).
+
+    Args:
+        tokens: String tokens (``model.to_str_tokens(tokens)``).
+        image_slots: ``[pos]`` True where a token is an image slot (``model.image_mask(tokens)[0]``).
+    """
+    slots = [bool(x) for x in (image_slots.tolist() if isinstance(image_slots, Tensor) else image_slots)]
+    if len(slots) != len(tokens):
+        raise ValueError(f"image_slots has {len(slots)} entries for {len(tokens)} tokens")
+    n = iter(range(len(slots)))
+    return [f"[img {next(n)}]" if s else t for t, s in zip(tokens, slots)]
+
+
+def cv_tokens(tokens: Sequence[str], image_slots: Sequence[bool] | Tensor | None = None) -> list[str]:
+    """Tokens as circuitsvis must get them to show them: it writes each one into the page as HTML.
+
+    Text tokens are HTML-escaped (``"</b>"`` shows as written instead of vanishing as a tag); image
+    slots read ``[img 0]``, ``[img 1]``, ... (:func:`label_image_slots`).
+
+    Args:
+        tokens: String tokens.
+        image_slots: ``[pos]`` True where a token is an image slot (default: none is).
+    """
+    slots = [False] * len(tokens) if image_slots is None else image_slots
+    flags = [bool(x) for x in (slots.tolist() if isinstance(slots, Tensor) else slots)]
+    return [t if s else html.escape(t, quote=False) for t, s in zip(label_image_slots(tokens, flags), flags)]
 
 
 def _unit_label(layer: int, unit: int) -> str:
@@ -196,7 +331,7 @@ def decoded_tokens_view(decoding: UnitDecoding, n_tokens: int | None = None, tit
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_k:
         raise ValueError(f"n_tokens must be an int in [1, {n_k}], got {k!r}")
     vmax = float(decoding.probs[:, :k].max())
-    elements = [("ColoredTokens", {"tokens": toks[:k], "values": probs[:k], "minValue": 0.0, "maxValue": vmax})
+    elements = [("ColoredTokens", {"tokens": cv_tokens(toks[:k]), "values": probs[:k], "minValue": 0.0, "maxValue": vmax})
                 for toks, probs in zip(decoding.tokens, decoding.probs.tolist())]
     labels = [_unit_label(l, u) + (" \u2713" if ok else "") for l, u, ok in
               zip(decoding.layer.tolist(), decoding.unit.tolist(), decoding.interpretable.tolist())]
@@ -211,7 +346,7 @@ def decoded_tokens_view(decoding: UnitDecoding, n_tokens: int | None = None, tit
                 f"<div style='font-size: 80%; color: #555;'>{html.escape(note)}</div>"
                 f"<table style='border-collapse: collapse;'>{rows}</table></div>")
 
-    return HTMLView(render_circuitsvis(elements, layout), title)
+    return HTMLView.from_circuitsvis(elements, layout, title)
 
 
 # ---------------------------------------------------------------------------------- (b) activations over tokens
@@ -223,14 +358,15 @@ class TokenActivationsView(HTMLView):
     """Units' activations over an image-prefixed text (circuitsvis ``ColoredTokensMulti``).
 
     Attributes:
-        tokens: The string tokens, image slots as ``<image_i>``.
+        tokens: The string tokens, image slots as ``[img i]``.
         values: ``[pos, n_units]`` the activations.
         labels: ``L{layer}.{unit}`` per unit.
         text: The text after the image slots.
     """
 
-    def __init__(self, html: str, title: str, tokens: list[str], values: Tensor, labels: list[str], text: str):
-        super().__init__(html, title)
+    def __init__(self, html: str, title: str, tokens: list[str], values: Tensor, labels: list[str], text: str,
+                 **parts):
+        super().__init__(html, title, **parts)
         self.tokens, self.values, self.labels, self.text = tokens, values, labels, text
 
     def to_dataframe(self):
@@ -261,7 +397,7 @@ def token_activations_view(model: VisionLM, image, units, text: str | None = Non
         prompt: Prompt for the caption when ``text`` is None.
         hook: The MLP hook read (``"post"``: the activation; ``"pre"``: what attribution scores).
         max_new_tokens: Caption length when ``text`` is None.
-        include_image: Show the image positions too (``<image_0>`` ...), not only the text.
+        include_image: Show the image positions too (labelled ``[img 0]`` ...), not only the text.
         probe: Show row ``image_index`` of this probe (its tokens up to and including the target)
             instead of ``text``; ``image`` is that row's image.
         image_index: The probe row.
@@ -294,22 +430,23 @@ def token_activations_view(model: VisionLM, image, units, text: str | None = Non
     names = [mlp_act_name(short, l) for l in layers]
     _, cache = model.run_with_cache(tokens, image_embed=emb, names_filter=names, stop_at_layer=layers[-1] + 1)
     values = torch.stack([cache[mlp_act_name(short, l)][0, :, u].float().cpu() for l, u in unit_list], dim=1)
+    slots = model.image_mask(tokens)[0].cpu()
     str_tokens = model.to_str_tokens(tokens)
     if not include_image:
-        keep = ~model.image_mask(tokens)[0].cpu()
-        str_tokens = [t for t, k in zip(str_tokens, keep.tolist()) if k]
-        values = values[keep]
+        str_tokens = [t for t, s in zip(str_tokens, slots.tolist()) if not s]
+        values, slots = values[~slots], slots[~slots]
     labels = [_unit_label(l, u) for l, u in unit_list]
     title = f"{hook} of {', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''} over: {text}"
 
     def layout(divs: list[str]) -> str:
         return (f"<div><h4 style='margin: 4px 0;'>{html.escape(title)}</h4>"
                 "<div style='font-size: 80%; color: #555;'>hover a token for its values; pick a unit "
-                f"with its button</div>{divs[0]}</div>")
+                "with its button; [img i] = image position i (patch i of the encoder's grid, row by row)"
+                f"</div>{divs[0]}</div>")
 
-    out = render_circuitsvis([("ColoredTokensMulti", {"tokens": str_tokens, "values": values, "labels": labels})],
-                             layout)
-    return TokenActivationsView(out, title, str_tokens, values, labels, text)
+    element = ("ColoredTokensMulti", {"tokens": cv_tokens(str_tokens, slots), "values": values, "labels": labels})
+    return TokenActivationsView.from_circuitsvis([element], layout, title, values=values, labels=labels, text=text,
+                                                 tokens=label_image_slots(str_tokens, slots))
 
 
 # ---------------------------------------------------------------------------------- (c) patch heatmaps
@@ -367,16 +504,37 @@ def _display_size(size: tuple[int, int], max_size: int | None) -> tuple[int, int
     return max(1, round(w * s)), max(1, round(h * s))
 
 
+def _offsets(panels: Sequence[Image.Image], gap: int = 4) -> list[int]:
+    """Left edge of each panel laid out side by side."""
+    return [sum(p.width + gap for p in panels[:i]) for i in range(len(panels))]
+
+
+def colorbar_image(cmap: str = "jet", width: int = 256, height: int = 12) -> Image.Image:
+    """A horizontal colour bar of a matplotlib colormap, low on the left (PIL RGB)."""
+    row = _colorize(np.linspace(0.0, 1.0, width), cmap, 0.0, 1.0)
+    return Image.fromarray(np.round(np.repeat(row[None], height, 0) * 255).astype(np.uint8))
+
+
+def _check_range(vmin, vmax) -> None:
+    for name, v in (("vmin", vmin), ("vmax", vmax)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
+            raise ValueError(f"{name} must be a finite number or None, got {v!r}")
+    if vmin is not None and vmax is not None and not vmin < vmax:
+        raise ValueError(f"vmin must be below vmax, got vmin={vmin} vmax={vmax}")
+
+
 def patch_heatmap_view(image: Image.Image | None, grids: Float[Tensor, "n rows cols"] | Sequence[Tensor],
                        labels: Sequence[str] | None = None, geometry: CropGeometry | None = None,
                        alpha: float = 0.5, cmap: str = "jet", max_size: int | None = 256,
                        shared_scale: bool = False, show_image: bool = True, title: str | None = None,
-                       ) -> HeatmapView:
+                       vmin: float | None = None, vmax: float | None = None) -> HeatmapView:
     """Patch-grid scores (unit activations, attributions, ...) upsampled onto an image, as HTML.
 
     Each grid goes through :func:`~tl_multimodal.heatmaps.grid_to_image` (bilinear, in the model's
     input frame, read off at the original pixels through the resize/crop of ``geometry``) and is
-    blended over the image (:func:`overlay_heatmap`); panels are inline base64 PNGs.
+    blended over the image (:func:`overlay_heatmap`); panels are inline base64 PNGs, each captioned
+    with its label and value range, followed by a colour bar and a note on what the colours and a
+    darkened border (the part of the image the encoder's centre crop cut away) mean.
 
     Args:
         image: The original image (``None``: heatmaps alone, in the input frame of ``geometry``).
@@ -386,9 +544,12 @@ def patch_heatmap_view(image: Image.Image | None, grids: Float[Tensor, "n rows c
             model.vision.data_config, image.size)``); default: the image *is* the model input.
         alpha, cmap: Heatmap opacity and matplotlib colormap.
         max_size: Longest side of a displayed panel in pixels (``None``: full size).
-        shared_scale: One colour range for all grids (default: each its own min..max).
+        shared_scale: One colour range for all grids, their joint min..max (default: each its own
+            min..max, so colours compare only within a panel).
         show_image: Put the plain image first.
         title: Heading above the panels.
+        vmin, vmax: A fixed colour range for all grids (either one alone fixes that end of the shared
+            range; values outside take the end colours).
 
     Returns:
         A :class:`HeatmapView`; ``.heatmaps`` holds the upsampled grids at full size.
@@ -403,6 +564,7 @@ def patch_heatmap_view(image: Image.Image | None, grids: Float[Tensor, "n rows c
         raise ValueError(f"{len(labels)} labels for {len(g)} grids")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    _check_range(vmin, vmax)
     if geometry is None:
         if image is None:
             raise ValueError("pass the image or a geometry (the heatmap needs a frame)")
@@ -411,29 +573,47 @@ def patch_heatmap_view(image: Image.Image | None, grids: Float[Tensor, "n rows c
         raise ValueError(f"the geometry is for a {geometry.image_size} image but the image is {image.size}")
     heatmaps = grid_to_image(g, geometry)  # [n, h, w]
     finite = heatmaps[torch.isfinite(heatmaps)]
-    lo, hi = (float(finite.min()), float(finite.max())) if shared_scale and len(finite) else (None, None)
+    shared = shared_scale or vmin is not None or vmax is not None
+    lo, hi = None, None
+    if shared and len(finite):
+        lo = float(finite.min()) if vmin is None else float(vmin)
+        hi = float(finite.max()) if vmax is None else float(vmax)
+        if not lo < hi:
+            raise ValueError(f"the shared colour range is empty ({lo:.3g} .. {hi:.3g}): pass both vmin and vmax")
     size = _display_size(geometry.image_size, max_size)
-    panels, figs = [], []
+    panels, captions = [], []
     if show_image and image is not None:
         plain = image.convert("RGB").resize(size, Image.BILINEAR) if size != image.size else image.convert("RGB")
         panels.append(plain)
-        figs.append(("image", plain))
+        captions.append("image")
     for hm, label in zip(heatmaps, labels):
         full = overlay_heatmap(image, hm, alpha=alpha, cmap=cmap, vmin=lo, vmax=hi)
-        panel = full.resize(size, Image.BILINEAR) if size != full.size else full
+        panels.append(full.resize(size, Image.BILINEAR) if size != full.size else full)
         rng = hm[torch.isfinite(hm)]
-        caption = f"{label} ({float(rng.min()):.3g} .. {float(rng.max()):.3g})"
-        panels.append(panel)
-        figs.append((caption, panel))
-    title = title or f"{len(g)} patch heatmaps ({cmap}: blue low, red high)"
+        captions.append(f"{label} ({float(rng.min()):.3g} .. {float(rng.max()):.3g})")
+    title = title or f"{len(g)} patch heatmaps"
+    bar = colorbar_image(cmap, width=min(256, max(64, size[0])))
+    ends = (f"{lo:.3g}", f"{hi:.3g}") if lo is not None else ("each panel's min", "its max")
+    notes = [f"{cmap}: {ends[0]} (left) .. {ends[1]} (right)"
+             + ("; one colour scale for all panels" if lo is not None else
+                "; each panel has its own scale (shared_scale=True for one scale)")]
+    if image is not None and not torch.isfinite(heatmaps[0]).all():
+        notes.append("darkened border: cut away by the encoder's centre crop (the model saw only the "
+                     f"{geometry.crop[2]}x{geometry.crop[3]} centre of the resized image)")
+    note = "\n".join(notes)
     items = "\n".join(
         f'<figure style="margin: 4px;"><img src="{_png_data_uri(p)}" width="{p.width}" height="{p.height}" '
         f'alt="{html.escape(c)}" style="image-rendering: auto;"/>'
         f'<figcaption style="font-family: monospace; font-size: 80%; text-align: center;">{html.escape(c)}'
-        "</figcaption></figure>" for c, p in figs)
+        "</figcaption></figure>" for c, p in zip(captions, panels))
+    legend = (f"<div class='colorbar' style='font-size: 80%; display: flex; align-items: center; gap: 6px;'>"
+              f'<span>{html.escape(ends[0])}</span><img src="{_png_data_uri(bar)}" width="{bar.width}" '
+              f'height="{bar.height}" alt="colour bar ({html.escape(cmap)})"/><span>{html.escape(ends[1])}</span></div>'
+              + "".join(f"<div class='note' style='font-size: 80%; color: #555;'>{html.escape(n)}</div>" for n in notes))
     body = (f"<div><h4 style='margin: 4px 0;'>{html.escape(title)}</h4>"
-            f"<div style='display: flex; flex-wrap: wrap; align-items: flex-start;'>{items}</div></div>")
-    return HeatmapView(body, title, heatmaps, g, labels, panels, image)
+            f"<div style='display: flex; flex-wrap: wrap; align-items: flex-start;'>{items}</div>{legend}</div>")
+    return HeatmapView(body, title, heatmaps, g, labels, panels, image, captions=captions, colorbar=bar,
+                       colorbar_labels=ends, note=note)
 
 
 def display_image(model: VisionLM, image) -> tuple[Image.Image, CropGeometry, Tensor]:
