@@ -81,3 +81,14 @@ def test_report_bad_input(vlm, photo, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png is not a file"):  # the image door's error
         write_report(vlm, tmp_path / "missing.png", tmp_path / "r.html")
     assert main(["report", str(tmp_path / "missing.png")]) == 3  # the CLI: a one-line error, exit code 3 (input file)
+
+
+def test_report_explains_the_darkened_border_when_the_crop_cuts(vlm, photo, written):
+    import torch
+
+    from tl_multimodal.geometry import CropGeometry, grid_to_image
+
+    geo = CropGeometry.from_data_config(vlm.vision.data_config, photo.size)
+    cut = not torch.isfinite(grid_to_image(torch.zeros(vlm.vision.grid), geo)).all()
+    assert cut  # the fixture's non-square photo loses its sides to the centre crop
+    assert '<p class="muted crop">The darkened border' in written[1]

@@ -137,6 +137,9 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
             f'<td><img src="{_png_uri(panel)}" width="{panel.width}" height="{panel.height}" '
             f'alt="L{layer}.{unit} heatmap"/></td></tr>')
     n_ok = int(decoding.interpretable.sum())
+    crop_note = ('<p class="muted crop">The darkened border is the part of the image the encoder\'s centre crop cut '
+                 "away: the model never saw it, and the heatmaps leave it out.</p>"
+                 if view.cropped else "")
     grid = tuple(model.vision.grid)
     body = f"""
 <h2>Multimodal units of one image</h2>
@@ -153,7 +156,9 @@ for every unit at each of the {model.n_image_tokens} image positions ({grid[0]}x
 score is its maximum over patches (patch = where). Tokens: top 10 of
 <code>softmax(W_U^T W_out[layer][unit])</code>; interpretable = at least 7 of them are English words of
 at least 3 letters ({n_ok} of {len(units)} here). Heatmaps: the unit's <code>{html.escape(heatmap_hook)}</code>
-activation over the patch grid, upsampled bilinearly onto the image (jet: blue low, red high).</p>
+activation over the patch grid, upsampled bilinearly onto the image (jet: blue low, red high, each
+heatmap on its own scale).</p>
+{crop_note}
 </div></div>
 <h3>Top {len(units)} units</h3>
 <table class="units">

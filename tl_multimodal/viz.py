@@ -121,6 +121,11 @@ class HeatmapView(HTMLView):
         self.captions = [""] * len(panels) if captions is None else captions
         self.colorbar, self.colorbar_labels, self.note = colorbar, colorbar_labels, note
 
+    @property
+    def cropped(self) -> bool:
+        """Whether the encoder's crop cut part of the image away (those pixels are NaN and drawn dark)."""
+        return self.image is not None and not bool(torch.isfinite(self.heatmaps).all())
+
     def to_pil(self, labels: bool = True) -> Image.Image:
         """The panels side by side, on white (what :meth:`save` writes for ``.png``).
 
