@@ -189,6 +189,31 @@ def test_coco_category_mask_is_the_union_of_instances(tmp_path):
     assert torch.equal(dog2, dog | crowd)
 
 
+def test_empty_coco_mask_warns_naming_image_and_category(tmp_path):
+    ann = {"images": [{"id": 7, "width": 20, "height": 10}, {"id": 8, "width": 20, "height": 10}],
+           "categories": [{"id": 18, "name": "dog"}, {"id": 17, "name": "cat"}],
+           "annotations": [{"id": 1, "image_id": 7, "category_id": 18, "area": 25, "bbox": [0, 0, 5, 5], "iscrowd": 0,
+                            "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5]]}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(ann))
+    with pytest.warns(UserWarning, match=r"category 'cat' \(17\) in image 7 is empty: the image has no 'cat' annotation"):
+        cat = coco_category_mask(path, 7, "cat")
+    assert cat.shape == (10, 20) and not cat.any()
+    with pytest.warns(UserWarning, match=r"'dog' \(18\) in image 8 is empty: the image has no annotations at all"):
+        assert not coco_category_mask(path, 8, 18).any()
+    ann["annotations"][0]["segmentation"] = {"size": [10, 20], "counts": [200]}  # an RLE of zeros only
+    path.write_text(json.dumps(ann))
+    with pytest.warns(UserWarning, match="in image 7 is empty: its annotations cover no pixel"):
+        assert not coco_category_mask(path, 7, "dog").any()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a mask with pixels: no warning
+        ann["annotations"][0]["segmentation"] = [[0, 0, 5, 0, 5, 5, 0, 5]]
+        path.write_text(json.dumps(ann))
+        assert coco_category_mask(path, 7, "dog").any()
+
+
 def test_object_for_noun(tmp_path):
     from pycocotools.coco import COCO
 

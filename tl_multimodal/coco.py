@@ -8,6 +8,7 @@ opens an annotation file and fills in image sizes a trimmed file leaves out.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,9 @@ def coco_category_mask(coco, image_id: int, category: int | str,
             against it otherwise.
 
     Returns:
-        ``[height, width]`` in original image pixels; all False if the category is absent.
-        Crowd (RLE) annotations are included. Masks come from ``coco.annToMask``, or from the same
+        ``[height, width]`` in original image pixels. Crowd (RLE) annotations are included. All
+        False, with a warning naming the image and the category, if the image has no annotation
+        of the category (or none at all) or its annotations cover no pixel. Masks come from ``coco.annToMask``, or from the same
         ``pycocotools.mask`` calls with ``image_size`` when the entry has no size.
     """
     if not hasattr(coco, "annToMask"):
@@ -98,8 +100,16 @@ def coco_category_mask(coco, image_id: int, category: int | str,
     else:
         w, h = image_size
     mask = np.zeros((h, w), dtype=bool)
-    for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], catIds=[category], iscrowd=None)):
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], catIds=[category], iscrowd=None))
+    for ann in anns:
         mask |= (coco.annToMask(ann) if has_size else _ann_to_mask(ann, h, w)).astype(bool)
+    if not mask.any():
+        name = coco.cats[category]["name"] if category in coco.cats else category
+        why = ("its annotations cover no pixel" if anns else
+               f"the image has no {name!r} annotation" if coco.getAnnIds(imgIds=[image_id], iscrowd=None) else
+               "the image has no annotations at all")
+        warnings.warn(f"the COCO mask of category {name!r} ({category}) in image {image_id} is empty: {why}",
+                      stacklevel=2)
     return torch.from_numpy(mask)
 
 
