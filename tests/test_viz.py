@@ -280,6 +280,10 @@ def test_shared_scale_and_fixed_range_colour_all_panels_alike():
         patch_heatmap_view(None, grids, geometry=geo, vmin=3, vmax=3)
     with pytest.raises(ValueError, match="vmax must be a finite number"):
         patch_heatmap_view(None, grids, geometry=geo, vmax=float("nan"))
+    with pytest.raises(ValueError, match=r"colour range is empty \(100 .. 30\)"):
+        patch_heatmap_view(None, grids, geometry=geo, vmin=100)  # above every value: nothing left to colour
+    flat = patch_heatmap_view(None, torch.zeros(2, 4, 4), geometry=geo, shared_scale=True)  # constant grids draw
+    assert flat.colorbar_labels == ("0", "0")
 
 
 def test_colour_bar_runs_low_to_high_and_is_in_the_view():

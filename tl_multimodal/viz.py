@@ -28,6 +28,7 @@ import base64
 import functools
 import html
 import io
+import numbers
 from pathlib import Path
 from typing import Callable, Sequence
 from uuid import uuid4
@@ -522,7 +523,7 @@ def colorbar_image(cmap: str = "jet", width: int = 256, height: int = 12) -> Ima
 
 def _check_range(vmin, vmax) -> None:
     for name, v in (("vmin", vmin), ("vmax", vmax)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v)):
             raise ValueError(f"{name} must be a finite number or None, got {v!r}")
     if vmin is not None and vmax is not None and not vmin < vmax:
         raise ValueError(f"vmin must be below vmax, got vmin={vmin} vmax={vmax}")
@@ -583,8 +584,8 @@ def patch_heatmap_view(image: Image.Image | None, grids: Float[Tensor, "n rows c
     if shared and len(finite):
         lo = float(finite.min()) if vmin is None else float(vmin)
         hi = float(finite.max()) if vmax is None else float(vmax)
-        if not lo < hi:
-            raise ValueError(f"the shared colour range is empty ({lo:.3g} .. {hi:.3g}): pass both vmin and vmax")
+        if not lo < hi and (vmin is not None or vmax is not None):
+            raise ValueError(f"the colour range is empty ({lo:.3g} .. {hi:.3g}): pass both vmin and vmax")
     size = _display_size(geometry.image_size, max_size)
     panels, captions = [], []
     if show_image and image is not None:
