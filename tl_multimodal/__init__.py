@@ -38,7 +38,7 @@ _EXPORTS = {
     "report": ["UnitReport", "build_report", "write_report"],
     "runner": ["RunSummary", "load_rows", "run_attribution"],
     "training": ["TrainingResult", "caption_nll", "encode_images", "train_projection"],
-    "viz": ["HTMLView", "HeatmapView", "TokenActivationsView"],
+    "viz": ["HTMLView", "HeatmapView", "TokenActivationsView", "save_views"],
     "vlm": ["VisionLM", "soft_prompts"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
