@@ -250,7 +250,15 @@ def test_plot_unit_heatmaps(small_vlm, pixels):
     assert titles == ["image", "L0.1", "L0.2", "L1.3"]
     import matplotlib.pyplot as plt
 
+    units = [(0, 1), (0, 2), (1, 3)]
+    grids = unit_heatmap_view(small_vlm, pixels[0], units).heatmaps  # the oracle: the same upsampled grids
+    own = [im.get_clim() for ax in fig.axes for im in ax.get_images()[-1:] if ax.get_title().startswith("L")]
+    assert own == [pytest.approx((float(g.nan_to_num(np.inf).min()), float(g.nan_to_num(-np.inf).max()))) for g in grids]
+    shared = plot_unit_heatmaps(small_vlm, pixels[0], units, shared_scale=True)
+    clims = [im.get_clim() for ax in shared.axes for im in ax.get_images()[-1:] if ax.get_title().startswith("L")]
+    assert clims == [pytest.approx((float(grids.nan_to_num(np.inf).min()), float(grids.nan_to_num(-np.inf).max())))] * 3
     plt.close(fig)
+    plt.close(shared)
 
 
 def test_html_view_repr():

@@ -19,7 +19,8 @@ from tl_multimodal.vlm import VisionLM
 
 
 def plot_heatmap(image: Image.Image | None, heatmap: Float[Tensor, "height width"], mask=None, object_mask=None,
-                 alpha: float = 0.5, cmap: str = "jet", title: str | None = None, ax=None):
+                 alpha: float = 0.5, cmap: str = "jet", title: str | None = None, ax=None,
+                 vmin: float | None = None, vmax: float | None = None):
     """Overlay a heatmap (original image coordinates) on its image; outline masks.
 
     Args:
@@ -30,6 +31,7 @@ def plot_heatmap(image: Image.Image | None, heatmap: Float[Tensor, "height width
         alpha, cmap: Heatmap opacity and colormap.
         title: Axes title.
         ax: Axes to draw on (default: a new figure).
+        vmin, vmax: The colour range (default: the heatmap's finite min and max); the colour bar shows it.
 
     Returns:
         The matplotlib Figure.
@@ -43,7 +45,7 @@ def plot_heatmap(image: Image.Image | None, heatmap: Float[Tensor, "height width
         if image.size != (hm.shape[1], hm.shape[0]):
             raise ValueError(f"heatmap is {hm.shape[1]}x{hm.shape[0]} but the image is {image.size[0]}x{image.size[1]}")
         ax.imshow(image)
-    im = ax.imshow(np.ma.masked_invalid(hm), cmap=cmap, alpha=alpha if image is not None else 1.0)
+    im = ax.imshow(np.ma.masked_invalid(hm), cmap=cmap, alpha=alpha if image is not None else 1.0, vmin=vmin, vmax=vmax)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     for m, color in ((mask, "white"), (object_mask, "lime")):
         if m is not None:
@@ -56,7 +58,8 @@ def plot_heatmap(image: Image.Image | None, heatmap: Float[Tensor, "height width
 
 
 def plot_unit_heatmaps(model: VisionLM, image, units, hook: str = "post", ncols: int = 4, q: float | None = 95.0,
-                       object_mask=None, titles: Sequence[str] | None = None, panel_size: float = 3.0):
+                       object_mask=None, titles: Sequence[str] | None = None, panel_size: float = 3.0,
+                       shared_scale: bool = False):
     """A matplotlib figure: the image, then each unit's heatmap over it (95th-percentile mask outlined).
 
     Args:
@@ -70,6 +73,8 @@ def plot_unit_heatmaps(model: VisionLM, image, units, hook: str = "post", ncols:
             (:func:`~tl_multimodal.coco.coco_category_mask`).
         titles: One title per unit (default ``L{layer}.{unit}``).
         panel_size: Inches per panel.
+        shared_scale: One colour range for all units (their joint min..max), so colours compare across
+            panels (default: each panel its own range, as its colour bar shows).
 
     Returns:
         The matplotlib Figure.
@@ -82,6 +87,8 @@ def plot_unit_heatmaps(model: VisionLM, image, units, hook: str = "post", ncols:
         raise ValueError(f"{len(titles)} titles for {len(unit_list)} units")
     pil, geometry, pixels = display_image(model, image)
     heatmaps = grid_to_image(unit_grid_activations(model, pixels, unit_list, hook)[0], geometry)
+    finite = heatmaps[heatmaps.isfinite()]
+    lo, hi = (float(finite.min()), float(finite.max())) if shared_scale and len(finite) else (None, None)
     n = len(unit_list) + 1
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
@@ -92,7 +99,7 @@ def plot_unit_heatmaps(model: VisionLM, image, units, hook: str = "post", ncols:
     axes[0].set_axis_off()
     for ax, hm, t in zip(axes[1:], heatmaps, titles):
         plot_heatmap(pil, hm, mask=activation_mask(hm, q) if q is not None else None, object_mask=object_mask,
-                     title=t, ax=ax)
+                     title=t, ax=ax, vmin=lo, vmax=hi)
     for ax in axes[n:]:
         ax.set_axis_off()
     fig.tight_layout()
