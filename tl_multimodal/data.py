@@ -9,6 +9,8 @@ the same layout from COCO val2017 on a machine with internet (e.g. Colab).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,7 +102,8 @@ def sample_images(n: int, data_dir: str | Path | None = None, split: str = "dev"
                             [None] * n, [None] * n, None, "scikit-image (" + ", ".join(names) + ")")
     from tl_multimodal.coco import load_coco
 
-    coco = load_coco(data_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco = load_coco(data_dir)
     annotated = {a["image_id"] for a in coco.dataset["annotations"]}
     ds = load_coco_mini(data_dir, split)
     rows = [k for k, image_id in enumerate(ds["image_id"]) if image_id in annotated]
@@ -182,7 +185,8 @@ def download_coco_sample(dest: str | Path = "coco_sample", n: int = 32, n_dev: i
     ids = sorted({a["image_id"] for a in instances["annotations"]})[:n]
 
     def read_image(info):
-        with urllib.request.urlopen(info["coco_url"], timeout=60) as response:
+        url = info.get("coco_url") or f"http://images.cocodataset.org/val2017/{info['file_name']}"
+        with urllib.request.urlopen(url, timeout=60) as response:
             return response.read()
 
     return write_coco_sample(instances, captions, ids, dest, read_image, n_dev)
