@@ -77,6 +77,7 @@ def test_sample_images_takes_annotated_images_of_the_split(sample_dir):
     assert s.image_ids == [3] and s.captions == ["caption 3 of 3"] and s.coco is not None
     assert s.images[0].mode == "RGB" and s.images[0].size == (40, 30)
     assert "1 images" in repr(s) and "with COCO masks" in repr(s)
+    assert s.to_dataframe().to_dict("records") == [{"image_id": 3, "size": (40, 30), "caption": "caption 3 of 3"}]
     with pytest.raises(ValueError, match="n=2 but .* has 1 annotated 'dev' images"):
         sample_images(2, sample_dir, "dev")
 

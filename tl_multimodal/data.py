@@ -68,6 +68,13 @@ class SampleImages:
     def __len__(self) -> int:
         return len(self.images)
 
+    def to_dataframe(self):
+        """One row per image: its COCO id, size ``(width, height)`` and first caption."""
+        import pandas as pd
+
+        return pd.DataFrame({"image_id": self.image_ids, "size": [im.size for im in self.images],
+                             "caption": self.captions})
+
     def __repr__(self) -> str:
         masks = "with COCO masks" if self.coco is not None else "no masks"
         return f"SampleImages({len(self)} images from {self.source}, {masks})"
