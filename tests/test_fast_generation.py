@@ -60,6 +60,11 @@ def test_greedy_tokens_equal_transformer_lens_generate(model, pixels, prompt, st
         kwargs["eos_token_id"] = int(first[0, 2])
     lean = _generate(model, prompt, pixels, lean=True, **kwargs)
     assert torch.equal(lean, _generate(model, prompt, pixels, lean=False, **kwargs))
+    tokens = model.to_tokens(prompt, image=True, padding_side="left").expand(len(pixels), -1)
+    with model.bind_images(pixels):  # generate took the lean loop
+        direct = generate_tokens(model, tokens, get_attention_mask(model.tokenizer, tokens, False, "left"), N_NEW,
+                                 **{k: v for k, v in kwargs.items() if k != "padding_side"})
+    assert direct is not None and torch.equal(direct, lean)
     if stop_at_eos:  # row 0 finished at step 2 and is padded with the end-of-text token after it
         n_prompt = model.to_tokens(prompt, image=True, padding_side="left").shape[1]
         assert (lean[0, n_prompt + 2:] == kwargs["eos_token_id"]).all()

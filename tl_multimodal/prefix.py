@@ -397,6 +397,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         """
         bound = _PARENT_GENERATE.bind(self, input, max_new_tokens, *args, **kwargs).arguments
         del bound["self"]
+        bound.update(bound.pop("generation_kwargs", {}))  # e.g. output_logits=True, passed on by name
         check_generation_args(bound)
         if images is None and image_features is None and image_embed is None:
             return super().generate(**bound)
@@ -427,7 +428,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
 
         args = _PARENT_GENERATE.bind(self, **bound)
         args.apply_defaults()
-        a = args.arguments
+        a = args.arguments  # with TransformerLens's defaults; options it has no argument for in generation_kwargs
         if a["return_type"] == "embeds" or not self.use_lean_generation or fast_generation.why_not_fast(
                 self, a["use_past_kv_cache"], a["freq_penalty"], a["generation_kwargs"]) is not None:
             return None
