@@ -71,8 +71,8 @@ def why_not_fast(model, use_past_kv_cache: bool = True, freq_penalty: float = 0.
         return f"generation options {sorted(generation_kwargs)}"
     if cfg.n_devices != 1:
         return "several devices"
-    if cfg.dtype not in (torch.float32, torch.float64):
-        return f"dtype {cfg.dtype}"
+    if model.W_E.dtype not in (torch.float32, torch.float64):
+        return f"dtype {model.W_E.dtype}"
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         return f"positional_embedding_type {cfg.positional_embedding_type!r}"
     if cfg.attention_dir != "causal":
@@ -163,11 +163,14 @@ class _Layer:
         return F.linear(post, self.W_out, self.b_out)
 
 
+class _Unsupported(Exception):
+    """This call cannot take the lean loop (found only once the sequence length is known)."""
+
+
 class _Decoder:
     """The model's weights and a preallocated K/V cache for one batch of ``capacity`` positions."""
 
     def __init__(self, model, batch: int, capacity: int):
-        self.model = model
         self.layers = [_Layer(b) for b in model.blocks]
         self.ln_final = _norm(model.ln_final)
         self.W_U, self.b_U = model.W_U.T, model.b_U
@@ -212,10 +215,6 @@ class _Decoder:
             x = x + layer.mlp(_apply_norm(x, layer.ln2))
         self.length = end
         return F.linear(_apply_norm(x[:, -1], self.ln_final), self.W_U, self.b_U)
-
-
-class _Unsupported(Exception):
-    pass
 
 
 @torch.no_grad()
