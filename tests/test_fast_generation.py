@@ -146,3 +146,33 @@ def test_what_it_does_not_take_goes_to_transformer_lens(model, pixels):
         assert generate_tokens(model, tokens, mask, N_NEW) is None
     right = _generate(model, PROMPTS, pixels, lean=True, do_sample=False, padding_side="right")
     assert torch.equal(right, _generate(model, PROMPTS, pixels, lean=False, do_sample=False, padding_side="right"))
+
+
+def _tiny_lm(tokenizer, **cfg):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    torch.manual_seed(11)
+    base = dict(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=48, n_ctx=64, d_vocab=50257, act_fn="gelu_new",
+                normalization_type="LN", model_name="tiny")
+    return HookedTransformer(HookedTransformerConfig(**{**base, **cfg}), tokenizer=tokenizer).eval()
+
+
+@torch.no_grad()
+def test_partial_rotary_with_adjacent_pairs_equals_transformer_lens(gpt2_tokenizer, vit_encoder, pixels):
+    """GPT-J's rotary: only the first ``rotary_dim`` of each head's dimensions, adjacent pairs rotated."""
+    lm = _tiny_lm(gpt2_tokenizer, positional_embedding_type="rotary", rotary_dim=4, rotary_adjacent_pairs=True)
+    vlm = HookedVisionPrefix(lm, vit_encoder).eval()
+    assert why_not_fast(vlm) is None
+    kwargs = dict(do_sample=False, stop_at_eos=False, padding_side="left")
+    assert torch.equal(_generate(vlm, PROMPTS, pixels, lean=True, **kwargs),
+                       _generate(vlm, PROMPTS, pixels, lean=False, **kwargs))
+
+
+@pytest.mark.parametrize("cfg, reason", [
+    (dict(attn_only=True), "cfg.attn_only"),
+    (dict(parallel_attn_mlp=True), "cfg.parallel_attn_mlp"),
+    (dict(positional_embedding_type="shortformer"), "positional_embedding_type 'shortformer'"),
+    (dict(act_fn="solu_ln"), "act_fn 'solu_ln'"),
+])
+def test_architectures_it_does_not_implement_are_named(gpt2_tokenizer, cfg, reason):
+    assert why_not_fast(_tiny_lm(gpt2_tokenizer, **cfg)) == reason
