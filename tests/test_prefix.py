@@ -6,8 +6,6 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
 from tl_multimodal import HookedVisionPrefix
 
@@ -88,24 +86,6 @@ def test_left_padded_prompts_give_the_same_last_logits_as_unpadded(vlm, pixels):
     for i, p in enumerate(prompts):
         alone = vlm(p, images=pixels[i:i + 1])[:, -1]
         assert torch.allclose(batched[i], alone[0], atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(gpt2_tokenizer):
-    """A Llama-style model (RMSNorm, rotary, grouped-query attention, gated MLP): HF and hooked."""
-    torch.manual_seed(5)
-    hf_cfg = transformers.LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    cfg = HookedTransformerConfig(
-        d_model=64, d_head=16, n_heads=4, n_key_value_heads=2, d_mlp=128, n_layers=2, n_ctx=256, d_vocab=50257,
-        act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16,
-        rotary_base=10000.0, gated_mlp=True, final_rms=True, eps=1e-5, model_name="tiny-llama",
-        original_architecture="LlamaForCausalLM", init_weights=False)
-    lm = HookedTransformer(cfg, tokenizer=gpt2_tokenizer)
-    lm.load_state_dict(convert_llama_weights(hf, cfg), strict=False)
-    return hf, lm
 
 
 @torch.no_grad()

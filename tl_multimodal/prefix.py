@@ -107,7 +107,12 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         image_token_id: The id that marks an image slot in a token tensor (``cfg.d_vocab``).
         hook_image_features: HookPoint on encoder features, ``[batch, patch, d_img]``.
         hook_image_embed: HookPoint on projected image tokens, ``[batch, patch, d_model]``.
+        use_lean_generation: Let ``generate``/``caption`` with images decode in the lean KV-cached
+            loop of :mod:`tl_multimodal.fast_generation` when no hook is attached (default ``True``;
+            ``False``: always TransformerLens's ``generate``).
     """
+
+    use_lean_generation: bool = True
 
     def __init__(self, lm: HookedTransformer, encoder: VisionEncoder, projection: ImageProjection | None = None,
                  *, image_token_id: int | None = None):
@@ -385,10 +390,14 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         """``HookedTransformer.generate`` with images (KV cache on by default, as there).
 
         The sampling arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
-        ``top_p``, ...), however given, are checked first, with or without images.
+        ``top_p``, ...), however given, are checked first, with or without images. With images and
+        no hook attached to the LM, the tokens come from :mod:`tl_multimodal.fast_generation` (the
+        same computation without TransformerLens's per-token overhead); with hooks, or options and
+        architectures it does not take, from TransformerLens's ``generate``, so hooks fire.
         """
         bound = _PARENT_GENERATE.bind(self, input, max_new_tokens, *args, **kwargs).arguments
         del bound["self"]
+        bound.update(bound.pop("generation_kwargs", {}))  # e.g. output_logits=True, passed on by name
         check_generation_args(bound)
         if images is None and image_features is None and image_embed is None:
             return super().generate(**bound)
@@ -403,10 +412,32 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
             bound["return_type"] = "tokens"
         bound["input"] = tokens
         with self._bound(image_embed):
-            out = super().generate(**bound)
+            out = self._generate_lean(tokens, bound)
+            if out is None:
+                out = super().generate(**bound)
         if not decode:
             return out
         return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+
+    def _generate_lean(self, tokens: Tensor, bound: dict) -> Tensor | None:
+        """``generate``'s tokens from the lean KV-cached loop (:mod:`tl_multimodal.fast_generation`),
+        or ``None`` where it does not apply (hooks attached, an unsupported option or architecture)."""
+        from transformer_lens.utilities import get_attention_mask
+
+        from tl_multimodal import fast_generation
+
+        args = _PARENT_GENERATE.bind(self, **bound)
+        args.apply_defaults()
+        a = args.arguments  # with TransformerLens's defaults; options it has no argument for in generation_kwargs
+        if a["return_type"] == "embeds" or not self.use_lean_generation or fast_generation.why_not_fast(
+                self, a["use_past_kv_cache"], a["freq_penalty"], a["generation_kwargs"]) is not None:
+            return None
+        side = None if a["padding_side"] in (USE_DEFAULT_VALUE, None) else a["padding_side"]
+        mask = (torch.ones_like(tokens) if self.tokenizer is None else  # as TransformerLens computes it
+                get_attention_mask(self.tokenizer, tokens, False, padding_side=side))
+        return fast_generation.generate_tokens(
+            self, tokens, mask, a["max_new_tokens"], stop_at_eos=a["stop_at_eos"], eos_token_id=a["eos_token_id"],
+            do_sample=a["do_sample"], top_k=a["top_k"], top_p=a["top_p"], temperature=a["temperature"])
 
 
 _PARENT_GENERATE = inspect.signature(HookedTransformer.generate) if HAS_HOOKED_TRANSFORMER else None

@@ -1,0 +1,307 @@
+"""A lean KV-cached decoding loop for generation when nothing is hooked.
+
+``HookedTransformer.generate`` runs every decoding step through the hooked modules: einops
+rearrangements, masks and rotary rotations over the whole cache, logits at every prompt position.
+That Python and the recomputation are most of what separates captioning from Hugging Face
+``generate``. :func:`generate_tokens` does the same computation on the model's own weights (read
+where they are, never copied for the common layout) with fused ops: ``F.rms_norm``/``F.layer_norm``,
+one ``F.linear`` per projection, rotary tables indexed by position (the attention's own
+``rotary_cos``/``rotary_sin``), ``F.scaled_dot_product_attention`` over a preallocated K/V cache,
+logits for the last position only.
+
+It only runs what it can compute exactly as TransformerLens does: :func:`why_not_fast` names the
+first reason it cannot (a hook attached anywhere on the LM, an architecture feature it does not
+implement, a generation option it does not take), and callers then use the TransformerLens path,
+so hooks always fire. Supported: pre-norm decoder blocks with LayerNorm or RMSNorm (with or without
+weights), learned absolute or rotary positions, multi-head or grouped-query attention, plain or
+gated MLP, float32/float64, one device; left padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.components import (MLP, Attention, GatedMLP, GroupedQueryAttention, LayerNorm,
+                                         LayerNormPre, RMSNorm, RMSNormPre, TransformerBlock)
+from transformer_lens.utilities import get_offset_position_ids, sample_logits
+
+_NORMS = (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre)
+# config switches that change the computation in ways this loop does not reproduce (truthy = refuse)
+_UNSUPPORTED_CFG = ("attn_only", "parallel_attn_mlp", "use_normalization_before_and_after", "use_qk_norm",
+                    "clip_qkv", "use_attention_sinks", "use_logn_attn", "use_dynamic_ntk_rope", "load_in_4bit",
+                    "post_embedding_ln")
+
+
+def hooks_attached(model) -> bool:
+    """Whether any forward or backward hook is attached to the language model (or globally).
+
+    Hooks on the image side (the encoder, the projection, ``hook_image_features``,
+    ``hook_image_embed``) do not count: those run as usual before any decoding.
+    """
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    image_side = {"vision", "projection", "hook_image_features", "hook_image_embed"}
+    for name, child in model.named_children():
+        if name in image_side:
+            continue
+        for m in child.modules():
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return True
+    return bool(model._forward_hooks or model._forward_pre_hooks)
+
+
+def why_not_fast(model, use_past_kv_cache: bool = True, freq_penalty: float = 0.0,
+                 generation_kwargs: dict | None = None) -> str | None:
+    """The first reason the lean loop cannot stand in for TransformerLens's ``generate``, or ``None``.
+
+    Args:
+        model: The hooked model.
+        use_past_kv_cache, freq_penalty, generation_kwargs: The ``generate`` options that matter here.
+    """
+    cfg = model.cfg
+    if not use_past_kv_cache:
+        return "use_past_kv_cache=False"
+    if freq_penalty:
+        return "freq_penalty"
+    if generation_kwargs:
+        return f"generation options {sorted(generation_kwargs)}"
+    if cfg.n_devices != 1:
+        return "several devices"
+    if model.W_E.dtype not in (torch.float32, torch.float64):
+        return f"dtype {model.W_E.dtype}"
+    if cfg.positional_embedding_type not in ("standard", "rotary"):
+        return f"positional_embedding_type {cfg.positional_embedding_type!r}"
+    if cfg.attention_dir != "causal":
+        return "bidirectional attention"
+    for name in _UNSUPPORTED_CFG:
+        if getattr(cfg, name, None):
+            return f"cfg.{name}"
+    for name in ("attn_scores_soft_cap", "output_logits_soft_cap"):  # off when <= 0
+        if (getattr(cfg, name, None) or 0) > 0:
+            return f"cfg.{name}"
+    if cfg.is_layer_norm_activation():
+        return f"act_fn {cfg.act_fn!r}"
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return f"post-norm architecture {cfg.original_architecture}"
+    if type(model.ln_final) not in _NORMS:
+        return f"final norm {type(model.ln_final).__name__}"
+    for block in model.blocks:
+        if type(block) is not TransformerBlock or type(block.ln1) not in _NORMS or type(block.ln2) not in _NORMS:
+            return f"block {type(block).__name__} with norms {type(block.ln1).__name__}"
+        if type(block.attn) not in (Attention, GroupedQueryAttention) or block.attn.attn_type != "global":
+            return f"attention {type(block.attn).__name__} ({block.attn.attn_type})"
+        if getattr(block.attn, "_attention_dir_override", None) not in (None, "causal"):
+            return "attention direction overridden"
+        if type(block.mlp) not in (MLP, GatedMLP):
+            return f"MLP {type(block.mlp).__name__}"
+    if hooks_attached(model):
+        return "hooks are attached"
+    return None
+
+
+def _norm(module) -> tuple:
+    """``(kind, weight, bias, eps)`` of a TransformerLens norm module."""
+    rms = isinstance(module, (RMSNorm, RMSNormPre))
+    return ("rms" if rms else "ln", getattr(module, "w", None), getattr(module, "b", None), module.eps)
+
+
+def _apply_norm(x: Tensor, norm: tuple) -> Tensor:
+    kind, w, b, eps = norm
+    if kind == "rms":
+        return F.rms_norm(x, x.shape[-1:], w, eps)
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+class _Layer:
+    """One block's weights as ``[out, in]`` matrices for ``F.linear`` (views in the usual layout)."""
+
+    def __init__(self, block: TransformerBlock):
+        attn, mlp, cfg = block.attn, block.mlp, block.cfg
+        grouped = isinstance(attn, GroupedQueryAttention)
+        W_K, b_K = (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
+        W_V, b_V = (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
+        self.n_heads, self.n_kv, self.d_head = attn.W_Q.shape[0], W_K.shape[0], cfg.d_head
+        as_out_in = lambda W: W.permute(0, 2, 1).reshape(-1, W.shape[1])  # [head, in, d_head] -> [head*d_head, in]
+        self.W_Q, self.b_Q = as_out_in(attn.W_Q), attn.b_Q.reshape(-1)
+        self.W_K, self.b_K = as_out_in(W_K), b_K.reshape(-1)
+        self.W_V, self.b_V = as_out_in(W_V), b_V.reshape(-1)
+        self.W_O, self.b_O = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T, attn.b_O
+        self.scale = 1.0 / attn.attn_scale
+        self.rotary = None
+        if cfg.positional_embedding_type == "rotary":
+            self.rotary = (attn.rotary_cos, attn.rotary_sin, cfg.rotary_dim, cfg.rotary_adjacent_pairs)
+        self.ln1, self.ln2 = _norm(block.ln1), _norm(block.ln2)
+        self.gated = isinstance(mlp, GatedMLP)
+        self.W_in, self.b_in, self.W_out, self.b_out = mlp.W_in.T, mlp.b_in, mlp.W_out.T, mlp.b_out
+        self.W_gate = mlp.W_gate.T if self.gated else None
+        self.act_fn = mlp.act_fn
+
+    def rotate(self, x: Float[Tensor, "batch pos head d_head"], pos: Int[Tensor, "batch pos"]) -> Tensor:
+        """TransformerLens's rotary embedding, with its own tables, at the given positions."""
+        cos_table, sin_table, dim, adjacent = self.rotary
+        cos, sin = cos_table[pos][:, :, None], sin_table[pos][:, :, None]
+        x_rot, x_pass = x[..., :dim], x[..., dim:]
+        if adjacent:
+            flip = torch.stack([-x_rot[..., 1::2], x_rot[..., ::2]], dim=-1).flatten(-2)
+        else:
+            half = dim // 2
+            flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+        rotated = x_rot * cos + flip * sin
+        return rotated if x_pass.shape[-1] == 0 else torch.cat([rotated, x_pass], dim=-1)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        if self.gated:
+            post = self.act_fn(F.linear(x, self.W_gate)) * F.linear(x, self.W_in) + self.b_in
+        else:
+            post = self.act_fn(F.linear(x, self.W_in, self.b_in))
+        return F.linear(post, self.W_out, self.b_out)
+
+
+class _Unsupported(Exception):
+    """This call cannot take the lean loop (found only once the sequence length is known)."""
+
+
+class _Decoder:
+    """The model's weights and a preallocated K/V cache for one batch of ``capacity`` positions."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        self.layers = [_Layer(b) for b in model.blocks]
+        self.ln_final = _norm(model.ln_final)
+        self.W_U, self.b_U = model.W_U.T, model.b_U
+        first = self.layers[0]
+        for layer in self.layers:
+            if layer.rotary is not None and layer.rotary[0].shape[0] < capacity:
+                raise _Unsupported("rotary table shorter than the sequence")
+        dtype, device = model.W_E.dtype, model.W_E.device
+        shape = (batch, first.n_kv, capacity, first.d_head)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.length = 0
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], pos: Int[Tensor, "batch pos"],
+                key_mask: Tensor | None) -> Float[Tensor, "batch d_vocab"]:
+        """Run new positions through all blocks (appending their K/V); the last position's logits.
+
+        ``key_mask``: ``None`` (every cached position visible, causal among the new ones), else a
+        boolean mask broadcastable to ``[batch, 1, n_new, n_cached + n_new]``.
+        """
+        batch, n_new, _ = x.shape
+        start, end = self.length, self.length + n_new
+        one_query = n_new == 1
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            h = _apply_norm(x, layer.ln1)
+            q = F.linear(h, layer.W_Q, layer.b_Q).view(batch, n_new, layer.n_heads, layer.d_head)
+            k = F.linear(h, layer.W_K, layer.b_K).view(batch, n_new, layer.n_kv, layer.d_head)
+            v = F.linear(h, layer.W_V, layer.b_V).view(batch, n_new, layer.n_kv, layer.d_head)
+            if layer.rotary is not None:
+                q, k = layer.rotate(q, pos), layer.rotate(k, pos)
+            keys[:, :, start:end] = k.transpose(1, 2)
+            values[:, :, start:end] = v.transpose(1, 2)
+            K, V = keys[:, :, :end], values[:, :, :end]
+            if one_query:  # the group's query heads as query rows of their shared K/V head: no copy of K/V
+                q = q.view(batch, layer.n_kv, layer.n_heads // layer.n_kv, layer.d_head)
+                z = F.scaled_dot_product_attention(q, K, V, attn_mask=key_mask, scale=layer.scale)
+            else:
+                z = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=key_mask,
+                                                   is_causal=key_mask is None, scale=layer.scale,
+                                                   enable_gqa=layer.n_kv != layer.n_heads).transpose(1, 2)
+            x = x + F.linear(z.reshape(batch, n_new, -1), layer.W_O, layer.b_O)
+            x = x + layer.mlp(_apply_norm(x, layer.ln2))
+        self.length = end
+        return F.linear(_apply_norm(x[:, -1], self.ln_final), self.W_U, self.b_U)
+
+
+@torch.no_grad()
+def generate_tokens(model, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
+                    max_new_tokens: int, stop_at_eos: bool = True, eos_token_id=None, do_sample: bool = True,
+                    top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
+                    return_logits: bool = False):
+    """TransformerLens's ``generate`` on tokens, KV-cached, without its per-token overhead.
+
+    The embedding of ``tokens`` is the model's own ``embed`` (for a ``HookedVisionPrefix``, with
+    images bound). Positions, padding, sampling (``transformer_lens.utils.sample_logits``, the same
+    random draws) and end-of-text handling are TransformerLens's; check :func:`why_not_fast` first.
+
+    Args:
+        model: A ``HookedTransformer`` for which :func:`why_not_fast` returns ``None``.
+        tokens: The prompt tokens, left-padded where rows differ in length.
+        attention_mask: 1 for real tokens, 0 for padding (``utils.get_attention_mask``).
+        max_new_tokens, stop_at_eos, eos_token_id, do_sample, top_k, top_p, temperature: As for
+            ``HookedTransformer.generate``.
+        return_logits: Also return each step's logits (what ``generate(..., output_logits=True)``
+            returns), ``[batch, n_new, d_vocab]``.
+
+    Returns:
+        ``tokens`` followed by the generated tokens ``[batch, pos_plus_new]``, as TransformerLens
+        returns them (with ``return_logits``, a tuple ``(tokens, logits)``); ``None`` when this
+        prompt cannot take the lean loop (right padding, a rotary table too short): use
+        TransformerLens's ``generate``.
+    """
+    mask = attention_mask.to(tokens.device).bool()
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()) or not bool(mask[:, -1].all()):
+        return None  # only leading (left) padding has the same meaning here as in TransformerLens
+    batch, n_prompt = tokens.shape
+    try:
+        decoder = _Decoder(model, batch, n_prompt + max_new_tokens)
+    except _Unsupported:
+        return None
+    padded = not bool(mask.all())
+    pos = get_offset_position_ids(0, mask.long())
+    x = model.embed(tokens)
+    if model.cfg.positional_embedding_type == "standard":
+        x = x + model.pos_embed(tokens, 0, mask.long() if padded else None)
+    prefill_mask = None
+    if padded:  # causal and not padding; a padding query sees itself only (its output is never read)
+        causal = torch.ones(n_prompt, n_prompt, dtype=torch.bool, device=tokens.device).tril()
+        prefill_mask = (causal & mask[:, None, :]) | torch.eye(n_prompt, dtype=torch.bool, device=tokens.device)
+        prefill_mask = prefill_mask[:, None]
+    logits = decoder.forward(x, pos, prefill_mask)
+
+    stop_tokens, pad_token = _stop_tokens(model, stop_at_eos, eos_token_id)
+    finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    next_pos = pos[:, -1:] + 1
+    key_mask = torch.cat([mask, torch.ones(batch, max_new_tokens, dtype=torch.bool, device=tokens.device)], 1)
+    new, step_logits = [], []
+    for step in range(max_new_tokens):
+        if return_logits:
+            step_logits.append(logits)
+        if do_sample:
+            token = sample_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature)
+        else:
+            token = logits.argmax(-1)
+        if stop_at_eos:
+            token[finished] = pad_token
+            finished |= torch.isin(token, stop_tokens)
+        new.append(token[:, None])
+        if step == max_new_tokens - 1 or (stop_at_eos and bool(finished.all())):
+            break
+        x = model.embed(token[:, None])
+        if model.cfg.positional_embedding_type == "standard":
+            x = x + model.W_pos[next_pos]
+        visible = key_mask[:, None, None, :decoder.length + 1] if padded else None
+        logits = decoder.forward(x, next_pos, visible)
+        next_pos = next_pos + 1
+    out = torch.cat([tokens, *new], dim=1)
+    return (out, torch.stack(step_logits, dim=1)) if return_logits else out
+
+
+def _stop_tokens(model, stop_at_eos: bool, eos_token_id) -> tuple[Tensor, int]:
+    """TransformerLens's end-of-text tokens and the token finished rows are padded with."""
+    device = model.W_E.device
+    if not stop_at_eos:
+        return torch.empty(0, dtype=torch.long, device=device), 0
+    tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        if tokenizer_eos is None:
+            raise ValueError("stop_at_eos=True needs eos_token_id= or a tokenizer with an end-of-text token")
+        eos_token_id = tokenizer_eos
+    if isinstance(eos_token_id, int):
+        return torch.tensor([eos_token_id], device=device), eos_token_id
+    stops = list(eos_token_id)
+    return torch.tensor(stops, device=device), tokenizer_eos if tokenizer_eos is not None else stops[0]
