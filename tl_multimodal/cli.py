@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'offline' (SmolLM2 + EfficientNet-Lite0) or module:function / file.py:function")
     att.add_argument("--projection", type=Path, default=None, metavar="FILE", help="projection checkpoint")
     att.add_argument("--no-progress", action="store_true", help="no progress bar")
-    att.set_defaults(run=_attribute)
+    att.set_defaults(run=_attribute, distributed=True)
 
     cache = sub.add_parser("cache", help="show or clear the converted-model cache", formatter_class=_Formatter,
                            description="The offline model is converted once and cached (in $TL_MULTIMODAL_CACHE,\n"
@@ -355,8 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``tl-multimodal``; returns the exit code (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     prog = f"tl-multimodal {args.command}"
+    if getattr(args, "distributed", False):  # `accelerate launch --cpu --num_processes N`: start the N processes
+        from tl_multimodal.distributed import relaunch_cpu_processes
+
+        try:
+            code = relaunch_cpu_processes("tl_multimodal", argv)
+        except RuntimeError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if code is not None:
+            return code
     try:
         args.run(args)
     except CLIError as e:
