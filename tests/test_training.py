@@ -425,9 +425,14 @@ vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, p
 model = HookedVisionPrefix(HookedTransformer(cfg, tokenizer=tok), VisionEncoder(vit, name="vit_tiny_32")).eval()
 model.load_state_dict(torch.load({weights!r}, weights_only=True))
 model.projection.dropout.p = 0.0
+init = {{k: v.clone() for k, v in model.projection.state_dict().items()}}
 train_projection(model, make_colour_data(), **{kwargs!r})
 if torch.distributed.get_rank() == 0:
     torch.save(model.projection.state_dict(), {out!r})
+model.projection.load_state_dict(init)  # then a stream: every process reads all rows, encodes its own
+train_projection(model, [dict(row) for row in make_colour_data()], **{kwargs!r})
+if torch.distributed.get_rank() == 0:
+    torch.save(model.projection.state_dict(), {out_stream!r})
 """
 
 
@@ -440,14 +445,16 @@ def _free_port() -> int:
 
 
 def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data, tmp_path):
-    """Oracle: one process, one pass per global batch. Dropout off: masks are drawn per pass."""
+    """Oracle: one process, one pass per global batch (and for a stream on 2 processes, the one-process
+    run taking the same rows in order). Dropout off: masks are drawn per pass."""
     init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
     kw = dict(steps=3, batch_size=4, lr=1e-2, warmup=1, seed=2, progress=False)
     runs = {}
     dropout, tiny_vlm.projection.dropout.p = tiny_vlm.projection.dropout.p, 0.0
     try:
         for name, extra in {"one": {}, "accum": {"grad_accum": 2},
-                            "cached": {"feature_cache": tmp_path / "f.npy", "grad_accum": 4}}.items():
+                            "cached": {"feature_cache": tmp_path / "f.npy", "grad_accum": 4},
+                            "one, in order": {"shuffle": False}}.items():
             tiny_vlm.projection.load_state_dict(init)
             train_projection(tiny_vlm, colour_data, **kw, **extra)
             runs[name] = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
@@ -460,16 +467,21 @@ def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data
         script = tmp_path / "dp.py"
         script.write_text(_DP_SCRIPT.format(tests=str(Path(__file__).parent), tokenizer=str(ASSETS / "gpt2_tokenizer"),
                                             cfg=cfg, weights=str(tmp_path / "model.pt"), kwargs=kw,
-                                            out=str(tmp_path / "dp.pt")))
+                                            out=str(tmp_path / "dp.pt"), out_stream=str(tmp_path / "dp_stream.pt")))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                               "--master_port", str(_free_port()), str(script)],
                              env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         runs["two processes"] = torch.load(tmp_path / "dp.pt", weights_only=True)
+        stream = torch.load(tmp_path / "dp_stream.pt", weights_only=True)
     finally:
         tiny_vlm.projection.dropout.p = dropout
     assert not torch.equal(runs["one"]["linear.weight"], init["linear.weight"])
+    in_order = runs.pop("one, in order")
+    assert not torch.equal(in_order["linear.weight"], runs["one"]["linear.weight"])
+    for k, v in stream.items():  # two processes on a stream: the one-process run on the same rows in order
+        torch.testing.assert_close(v, in_order[k], rtol=1e-4, atol=1e-5)
     for name, run in runs.items():
         for k, v in run.items():
             # float32 sums in another order (micro-batches, processes, 2 threads): ~2e-6 apart after 3 steps
