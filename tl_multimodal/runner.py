@@ -17,7 +17,8 @@ Across processes (``accelerate.PartialState`` gives the rank and world size)::
 
 ``--multi_gpu`` starts the processes with ``torchrun``; without GPUs they run on CPU over gloo. (In
 accelerate 1.x, ``accelerate launch --cpu --num_processes N`` starts a single process unless MPI is
-set up with ``--mpirun_hostfile``.)
+set up with ``--mpirun_hostfile``; the command line then starts the N processes itself, see
+:func:`~tl_multimodal.distributed.relaunch_cpu_processes`.)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tl_multimodal.attribution import attribute
-from tl_multimodal.data import IMAGE_KEYS, find_column, open_dataset  # noqa: F401 (open_dataset: the CLI's door)
+from tl_multimodal.data import IMAGE_KEYS, find_column, open_dataset
 from tl_multimodal.distributed import partial_state
 
 #: Columns of every shard, in order. ``image_index``: position in the dataset; ``position``: the

@@ -476,9 +476,9 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset | Iter
     Launched on several processes (``accelerate launch --multi_gpu --num_processes N script.py`` on
     GPUs; ``torchrun --nproc_per_node N script.py`` on CPUs, gloo), every process
     draws the same global batches and runs its share of each (``batch_size / N``, then split by
-    ``grad_accum``; every process reads a stream whole and encodes only its share); gradients are summed across processes before the shared optimizer step, so the
-    projection follows the one-process run (up to float summation order, and dropout masks, which
-    are drawn per process). Process 0 writes checkpoints; all resume from them.
+    ``grad_accum``; every process reads a stream whole and encodes only its share); gradients are
+    summed across processes before the shared optimizer step, so the projection follows the
+    one-process run (up to float summation order, and dropout masks, which are drawn per process). Process 0 writes checkpoints; all resume from them.
 
     Returns:
         The losses; the trained projection is in ``model.projection`` (with its training record).
