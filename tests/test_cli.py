@@ -70,7 +70,8 @@ def test_package_exports_resolve_lazily():
         tl_multimodal.no_such_name  # noqa: B018
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["caption", "--help"], ["report", "--help"], ["cache", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["caption", "--help"], ["report", "--help"], ["train", "--help"],
+                                  ["cache", "--help"]])
 def test_help(argv):
     result = run(*argv)
     assert result.returncode == 0, result.stderr
@@ -81,7 +82,7 @@ def test_help(argv):
 def test_every_option_has_help_and_shows_its_default():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"caption", "report", "attribute", "cache"}
+    assert set(subparsers.choices) == {"caption", "report", "attribute", "train", "cache"}
     for name, sub in subparsers.choices.items():
         assert sub.description, name
         text = sub.format_help()
@@ -190,3 +191,99 @@ def test_caption_end_to_end_with_the_offline_model(files, offline_cache, monkeyp
     paths = [files / "good" / "a.jpg", files / "good" / "b.png", files / "good" / "sub" / "c.png"]
     captions = model.caption(paths, max_new_tokens=5)
     assert cold.stdout.splitlines() == [f"{p}: A picture of {c}" for p, c in zip(paths, captions)]
+
+
+# ---------------------------------------------------------------------------- train
+def _train_inputs(root: Path):
+    """A coco_mini-style folder (6 random images, split train, varied captions), the same rows as
+    webdataset shards (png + txt), and a model factory (the tiny LM of test_runner, saved weights)."""
+    import json
+
+    import torch
+    import webdataset as wds
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_runner import build_tiny_vlm
+
+    rng = np.random.default_rng(1)
+    (root / "coco" / "images").mkdir(parents=True)
+    (root / "shards").mkdir()
+    words = ["a dog on grass", "two cats", "a red car parked", "people at a table", "a bird", "snow on a hill"]
+    lines = []
+    with wds.TarWriter(str(root / "shards" / "00000.tar")) as sink:
+        for i, caption in enumerate(words):
+            im = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+            im.save(root / "coco" / "images" / f"{i}.png")
+            lines.append(json.dumps({"file_name": f"images/{i}.png", "image_id": i, "split": "train",
+                                     "captions": [caption, caption.upper()]}))
+            sink.write({"__key__": f"{i:04d}", "png": im, "txt": caption})
+    (root / "coco" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    torch.save(build_tiny_vlm().state_dict(), root / "tiny.pt")
+    (root / "factory.py").write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+                                     "from test_runner import build_tiny_vlm\n"
+                                     f"def build():\n    return build_tiny_vlm({str(root / 'tiny.pt')!r})\n")
+    return build_tiny_vlm
+
+
+def test_train_command_is_the_library_call(tmp_path):
+    """``tl-multimodal train`` on a folder and on webdataset shards ends with the projection that
+    ``train_projection`` gives on the same rows; ``--resume`` continues the run."""
+    import torch
+
+    from tl_multimodal import ImageProjection, load_coco_mini
+    from tl_multimodal.data import open_dataset
+    from tl_multimodal.training import train_projection
+
+    build = _train_inputs(tmp_path)
+    common = ["--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--warmup", "1", "--model",
+              f"{tmp_path / 'factory.py'}:build", "--no-progress", "--threads", "1"]
+    kw = dict(steps=3, batch_size=2, lr=1e-2, warmup=1, progress=False)
+    for name, argv, data, columns in [
+            ("folder", [str(tmp_path / "coco"), "--split", "train", "--feature-cache", str(tmp_path / "feats")],
+             lambda: load_coco_mini(tmp_path / "coco", "train"), {}),
+            ("shards", [str(tmp_path / "shards" / "00000.tar")], lambda: open_dataset(tmp_path / "shards" / "00000.tar"),
+             {"image_column": "png", "caption_column": "txt"})]:
+        out = tmp_path / f"out_{name}"
+        assert cli.main(["train", *argv, "--out", str(out), *common]) == 0
+        model = build(str(tmp_path / "tiny.pt"))
+        train_projection(model, data(), **columns, **kw)
+        saved = ImageProjection.load(out / "projection.pt")
+        assert torch.equal(saved.linear.weight, model.projection.linear.weight), name
+        assert sorted(p.name for p in out.iterdir()) == ["projection.pt", "training_state.pt"]
+    assert [p.suffix for p in sorted((tmp_path / "feats").iterdir())] == [".json", ".npy"]
+    # --resume: 3 more steps from the folder run's state = 6 steps in one library call
+    assert cli.main(["train", str(tmp_path / "coco"), "--split", "train", "--out", str(tmp_path / "out_folder"),
+                     "--resume", *common[:1], "6", *common[2:]]) == 0
+    model = build(str(tmp_path / "tiny.pt"))
+    train_projection(model, load_coco_mini(tmp_path / "coco", "train"), **{**kw, "steps": 6})
+    assert torch.equal(ImageProjection.load(tmp_path / "out_folder" / "projection.pt").linear.weight,
+                       model.projection.linear.weight)
+
+
+def test_train_command_checks_its_inputs_before_the_model_loads(tmp_path, capsys):
+    """Each case would otherwise fail loading the model (--model names a module that does not exist)."""
+    _train_inputs(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "training_state.pt").write_bytes(b"x")
+    coco, tar = str(tmp_path / "coco"), str(tmp_path / "shards" / "00000.tar")
+    cases = [
+        ([str(tmp_path / "nowhere")], "a hub dataset needs --split", cli.EXIT_INPUT),
+        ([coco, "--split", "val"], "split 'val' not in", cli.EXIT_INPUT),
+        ([str(tmp_path / "shards" / "9.tar")], "shards/9.tar does not exist", cli.EXIT_INPUT),
+        ([tar, "--caption-column", "caps"], "--caption-column 'caps' is not in the dataset", cli.EXIT_INPUT),
+        ([tar, "--feature-cache", str(tmp_path / "f")], "--feature-cache needs a folder DATA", cli.EXIT_USAGE),
+        ([coco, "--split", "train", "--resume"], "--resume: ", cli.EXIT_INPUT),
+        ([coco, "--split", "train", "--out", str(tmp_path / "state")], "holds a training state; add --resume",
+         cli.EXIT_OUTPUT),
+        ([coco, "--split", "train", "--out", str(tmp_path / "tiny.pt")], "is a file, not a folder", cli.EXIT_OUTPUT),
+        ([coco, "--split", "train", "--projection", str(tmp_path / "p.pt")], "--projection", cli.EXIT_INPUT),
+    ]
+    for argv, message, code in cases:
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(tmp_path / "out")]
+        assert cli.main(["train", *argv, "--model", "no_such_module:build"]) == code, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("tl-multimodal train: error: ") and message in err, err
+    assert cli.main(["train", coco, "--split", "train", "--out", str(tmp_path / "out"), "--model",
+                     "no_such_module:build"]) == cli.EXIT_MODEL
+    assert "cannot load the model 'no_such_module:build'" in capsys.readouterr().err

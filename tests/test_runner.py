@@ -228,27 +228,57 @@ def test_command_line_one_process(model, images, oracle, tmp_path):
 
 def test_two_accelerate_processes_write_the_same_rows_as_one(model, images, tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2 -m tl_multimodal attribute`` (torchrun, 2 CPU
-    processes over gloo; ``--cpu`` would start only one without MPI) vs ``python -m tl_multimodal``."""
+    processes over gloo) and the acceptance command ``accelerate launch --cpu --num_processes 2 ...
+    --limit 4`` (accelerate starts one process; it relaunches itself as two) vs ``python -m tl_multimodal``."""
     data = _coco_folder(tmp_path / "coco", images)
     weights = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), weights)
     factory = tmp_path / "factory.py"
     factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom test_runner import build_tiny_vlm\n"
                        f"def build():\n    return build_tiny_vlm({str(weights)!r})\n")
-    args = ["attribute", str(data), "--split", "dev", "--limit", "6", "--k", str(K), "--shard-size", "2",
+    args = ["attribute", str(data), "--split", "dev", "--k", str(K), "--shard-size", "2",
             "--model", f"{factory}:build", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
-    accelerate = Path(sys.executable).parent / "accelerate"
-    two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch"]
+    two = subprocess.run([*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tl_multimodal", *args,
-                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+                          "--limit", "6", "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "rank 0/2: 2 shards written" in two.stdout and "rank 1/2: 1 shards written" in two.stdout, two.stdout
-    one = subprocess.run([sys.executable, "-m", "tl_multimodal", *args, "--out", str(tmp_path / "one")],
+    cpu = subprocess.run([*accelerate, "--cpu", "--num_processes", "2", "-m", "tl_multimodal", *args, "--limit", "4",
+                          "--out", str(tmp_path / "cpu")], env=env, capture_output=True, text=True, timeout=600)
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    assert "relaunching as 2 CPU processes" in cpu.stderr, cpu.stderr[-3000:]
+    assert "rank 0/2: 1 shards written" in cpu.stdout and "rank 1/2: 1 shards written" in cpu.stdout, cpu.stdout
+    one = subprocess.run([sys.executable, "-m", "tl_multimodal", *args, "--limit", "6", "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "rank 0/1: 3 shards written" in one.stdout, one.stdout
-    a, b = load_rows(tmp_path / "one"), load_rows(tmp_path / "two")
+    a, b, c = load_rows(tmp_path / "one"), load_rows(tmp_path / "two"), load_rows(tmp_path / "cpu")
     assert len(a) == 6 * K and a.image_id.tolist() == sorted(a.image_id.tolist())
     assert a.equals(b)
+    assert sorted(p.name for p in (tmp_path / "cpu").glob("part-*")) == [shard_name(0, 2), shard_name(2, 4)]
+    assert a[a.image_index < 4].equals(c)
+
+
+def test_accelerate_cpu_without_a_process_count_fails_loudly(monkeypatch, tmp_path, capsys):
+    """The one process of ``accelerate launch --cpu`` whose N cannot be read (here the parent is not
+    accelerate) must not run as 1 process: the command stops before any work, naming what works."""
+    from tl_multimodal.cli import main
+    from tl_multimodal.distributed import partial_state, requested_processes
+
+    assert requested_processes(["python", "accelerate", "launch", "--cpu", "--num_processes", "3", "-m", "x"]) == 3
+    assert requested_processes(["accelerate", "launch", "--num-processes=4", "x.py"]) == 4
+    assert requested_processes(["accelerate", "launch", "--cpu", "x.py"]) is None
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["attribute", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "accelerate launch --multi_gpu --num_processes N -m tl_multimodal" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RuntimeError, match="started only ONE process"):
+        partial_state()

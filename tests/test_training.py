@@ -156,11 +156,18 @@ def no_step(tiny_vlm):
     (lambda: _data(["a cat", "fine", "  "]), ValueError, "row 2 has an empty caption"),
     (lambda: _data(["a cat", "short", " ".join(["word"] * 60)]), ValueError,
      r"n_ctx=64 allows after 16 image slots \(at most 48 tokens.*\): row 2 caption 0 has 61 tokens$"),
-    (lambda: [{"image": None, "captions": "a"}], TypeError, "dataset must be a datasets.Dataset, got list"),
+    (lambda: 5, TypeError, "dataset must be a datasets.Dataset or an iterable of dict rows .a stream., got int"),
+    # a stream's rows are checked as they are read: the first batch, before its step
+    (lambda: [{"image": None, "captions": "a"}, {"image": None}], ValueError,
+     r"row 1 of the training stream \(epoch 0\) has no column 'captions' \(columns: image\)"),
+    (lambda: [{"image": None, "captions": "a"}, {"image": None, "captions": " "}], ValueError,
+     r"training stream \(epoch 0\) column 'captions': row 1 has an empty caption"),
+    (lambda: iter([]), ValueError, "the training stream gave no rows in epoch 0"),
+    (lambda: ["a cat"], TypeError, "must give dict rows, got str at row 0 of epoch 0"),
 ])
 def test_bad_dataset_is_refused_before_step_one(tiny_vlm, no_step, data, error, match):
     with pytest.raises(error, match=match):
-        train_projection(tiny_vlm, data(), steps=1, batch_size=1, progress=False)
+        train_projection(tiny_vlm, data(), steps=1, batch_size=2, progress=False)
 
 
 def test_bad_dev_dataset_is_refused_before_step_one(tiny_vlm, colour_data, no_step):
@@ -175,6 +182,7 @@ def test_bad_dev_dataset_is_refused_before_step_one(tiny_vlm, colour_data, no_st
     ({"warmup": -1}, ValueError, "warmup must be an int >= 0"),
     ({"checkpoint_every": 5}, ValueError, "checkpoint_every needs checkpoint_dir"),
     ({"resume_from": "/nonexistent/training_state.pt"}, FileNotFoundError, "does not exist"),
+    ({"shuffle": 1}, TypeError, "shuffle must be a bool, got int"),
 ])
 def test_bad_arguments_are_refused(tiny_vlm, colour_data, no_step, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -298,6 +306,85 @@ def test_caption_token_nll_bad_arguments(tiny_vlm):
         caption_token_nll(tiny_vlm, tokens, mask, torch.zeros(1, 16, 64))
 
 
+# ---------------------------------------------------------------------------- streaming input
+def _write_shards(folder: Path, data: datasets.Dataset, per_shard: int) -> str:
+    """``data`` (image + one-string captions) as webdataset ``.tar`` shards of png + txt; their brace pattern."""
+    import webdataset as wds
+
+    folder.mkdir()
+    n_shards = (len(data) + per_shard - 1) // per_shard
+    for s in range(n_shards):
+        with wds.TarWriter(str(folder / f"{s:05d}.tar")) as sink:
+            for i in range(s * per_shard, min(len(data), (s + 1) * per_shard)):
+                sink.write({"__key__": f"{i:06d}", "png": data[i]["image"], "txt": data[i]["captions"]})
+    return str(folder / f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
+def _one_caption_data() -> datasets.Dataset:
+    """The colour images with one caption each (a webdataset ``txt`` holds one string)."""
+    data = make_colour_data()
+    return data.map(lambda row: {"captions": row["captions"][0]})
+
+
+@pytest.mark.parametrize("source", ["list", "hf streaming", "webdataset"])
+def test_a_stream_trains_as_the_same_rows_in_memory(tiny_vlm, tmp_path, source):
+    """Oracle: the in-memory run taking the same rows in the same order (``shuffle=False``); 7 steps of
+    3 rows over 4 images cross epochs; dropout on (the same masks: encoding draws no random numbers)."""
+    import webdataset as wds
+
+    data = _one_caption_data()
+    init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    kw = dict(steps=7, batch_size=3, lr=1e-2, warmup=2, seed=3, progress=False)
+    oracle = train_projection(tiny_vlm, data, shuffle=False, **kw)
+    expected = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    columns = {}
+    if source == "list":
+        stream = [{"image": row["image"], "captions": row["captions"]} for row in data]
+    elif source == "hf streaming":
+        stream = data.to_iterable_dataset()  # one shard: set_epoch reorders the shards of a sharded one
+    else:
+        stream = wds.WebDataset(_write_shards(tmp_path / "shards", data, 3), shardshuffle=False,
+                                nodesplitter=None, empty_check=False).decode("pil")
+        columns = {"image_column": "png", "caption_column": "txt"}
+    tiny_vlm.projection.load_state_dict(init)
+    result = train_projection(tiny_vlm, stream, grad_accum=3, **columns, **kw)
+    for k, v in expected.items():
+        torch.testing.assert_close(tiny_vlm.projection.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(result.train_losses, oracle.train_losses, rtol=1e-5)
+    assert not torch.equal(expected["linear.weight"], init["linear.weight"])
+    tiny_vlm.projection.load_state_dict(init)
+
+
+def test_an_interrupted_stream_resumes_where_it_stopped(tiny_vlm, tmp_path):
+    """Webdataset shards: a run cut at step 5 resumes from step 4's state (12 rows read: epoch 2, row 4),
+    skipping the rows consumed, and ends bit for bit where the uninterrupted run ends."""
+    import webdataset as wds
+
+    pattern = _write_shards(tmp_path / "shards", _one_caption_data(), 2)
+    stream = lambda: wds.WebDataset(pattern, shardshuffle=False, nodesplitter=None,  # noqa: E731
+                                    empty_check=False).decode("pil")
+    init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    kw = dict(steps=7, batch_size=3, lr=1e-2, warmup=2, seed=4, checkpoint_every=2, progress=False,
+              image_column="png", caption_column="txt")
+    whole = train_projection(tiny_vlm, stream(), checkpoint_dir=tmp_path / "whole", **kw)
+    expected = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    tiny_vlm.projection.load_state_dict(init)
+    with _fail_at(tiny_vlm, 5), pytest.raises(Boom):
+        train_projection(tiny_vlm, stream(), checkpoint_dir=tmp_path / "cut", **kw)
+    state = torch.load(tmp_path / "cut" / "training_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["stream"] == {"epoch": 2, "position": 4}
+    resumed = train_projection(tiny_vlm, stream(), checkpoint_dir=tmp_path / "cut", resume_from=tmp_path / "cut", **kw)
+    for k, v in expected.items():
+        assert torch.equal(tiny_vlm.projection.state_dict()[k], v), k
+    assert resumed.train_losses == whole.train_losses
+    in_memory = _one_caption_data().rename_columns({"image": "png", "captions": "txt"})
+    with pytest.raises(ValueError, match="n_images: checkpoint has None, this call 4"):  # a stream's state
+        train_projection(tiny_vlm, in_memory, checkpoint_dir=tmp_path / "cut", resume_from=tmp_path / "cut", **kw)
+    with pytest.raises(ValueError, match="feature_cache needs a datasets.Dataset"):
+        train_projection(tiny_vlm, stream(), checkpoint_dir=tmp_path / "c", feature_cache=tmp_path / "f.npy", **kw)
+    tiny_vlm.projection.load_state_dict(init)
+
+
 # ---------------------------------------------------------------------------- scale: cache, accumulation, processes
 def test_feature_cache_is_written_once_and_reused(tiny_vlm, colour_data, tmp_path):
     calls = []
@@ -338,9 +425,14 @@ vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, p
 model = HookedVisionPrefix(HookedTransformer(cfg, tokenizer=tok), VisionEncoder(vit, name="vit_tiny_32")).eval()
 model.load_state_dict(torch.load({weights!r}, weights_only=True))
 model.projection.dropout.p = 0.0
+init = {{k: v.clone() for k, v in model.projection.state_dict().items()}}
 train_projection(model, make_colour_data(), **{kwargs!r})
 if torch.distributed.get_rank() == 0:
     torch.save(model.projection.state_dict(), {out!r})
+model.projection.load_state_dict(init)  # then a stream: every process reads all rows, encodes its own
+train_projection(model, [dict(row) for row in make_colour_data()], **{kwargs!r})
+if torch.distributed.get_rank() == 0:
+    torch.save(model.projection.state_dict(), {out_stream!r})
 """
 
 
@@ -353,14 +445,16 @@ def _free_port() -> int:
 
 
 def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data, tmp_path):
-    """Oracle: one process, one pass per global batch. Dropout off: masks are drawn per pass."""
+    """Oracle: one process, one pass per global batch (and for a stream on 2 processes, the one-process
+    run taking the same rows in order). Dropout off: masks are drawn per pass."""
     init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
     kw = dict(steps=3, batch_size=4, lr=1e-2, warmup=1, seed=2, progress=False)
     runs = {}
     dropout, tiny_vlm.projection.dropout.p = tiny_vlm.projection.dropout.p, 0.0
     try:
         for name, extra in {"one": {}, "accum": {"grad_accum": 2},
-                            "cached": {"feature_cache": tmp_path / "f.npy", "grad_accum": 4}}.items():
+                            "cached": {"feature_cache": tmp_path / "f.npy", "grad_accum": 4},
+                            "one, in order": {"shuffle": False}}.items():
             tiny_vlm.projection.load_state_dict(init)
             train_projection(tiny_vlm, colour_data, **kw, **extra)
             runs[name] = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
@@ -373,16 +467,21 @@ def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data
         script = tmp_path / "dp.py"
         script.write_text(_DP_SCRIPT.format(tests=str(Path(__file__).parent), tokenizer=str(ASSETS / "gpt2_tokenizer"),
                                             cfg=cfg, weights=str(tmp_path / "model.pt"), kwargs=kw,
-                                            out=str(tmp_path / "dp.pt")))
+                                            out=str(tmp_path / "dp.pt"), out_stream=str(tmp_path / "dp_stream.pt")))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                               "--master_port", str(_free_port()), str(script)],
                              env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         runs["two processes"] = torch.load(tmp_path / "dp.pt", weights_only=True)
+        stream = torch.load(tmp_path / "dp_stream.pt", weights_only=True)
     finally:
         tiny_vlm.projection.dropout.p = dropout
     assert not torch.equal(runs["one"]["linear.weight"], init["linear.weight"])
+    in_order = runs.pop("one, in order")
+    assert not torch.equal(in_order["linear.weight"], runs["one"]["linear.weight"])
+    for k, v in stream.items():  # two processes on a stream: the one-process run on the same rows in order
+        torch.testing.assert_close(v, in_order[k], rtol=1e-4, atol=1e-5)
     for name, run in runs.items():
         for k, v in run.items():
             # float32 sums in another order (micro-batches, processes, 2 threads): ~2e-6 apart after 3 steps

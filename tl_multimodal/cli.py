@@ -1,10 +1,13 @@
-"""Command line: caption images with a frozen text-only LM, or report an image's multimodal units.
+"""Command line: caption images with a frozen text-only LM, report an image's multimodal units,
+attribute a dataset, or train the projection.
 
 examples:
   tl-multimodal caption                         # bundled sample photos, offline SmolLM2 + EfficientNet-Lite0
   tl-multimodal caption photo.jpg photos/ "shots/*.png"   # files, folders and (quoted) globs
   tl-multimodal caption photo.jpg --hub         # GPT-2 small + BEiT from the hub (needs internet)
   tl-multimodal report photo.jpg -o report.html --k 10    # HTML report of the top multimodal units
+  tl-multimodal attribute ../shared/data/coco_mini --split dev --out runs/attr   # dataset -> Parquet shards
+  tl-multimodal train ../shared/data/coco_mini --split train --out runs/p --steps 200 --batch-size 8
   tl-multimodal cache --clear                   # delete the converted-model cache
 
 exit codes: 0 ok, 1 the command failed, 2 bad option, 3 bad input file, 4 bad output path,
@@ -263,6 +266,84 @@ def _attribute(args) -> None:
     run_attribute(args)
 
 
+def _writable_folder(path: Path, option: str) -> None:
+    """Raise ``CLIError`` unless ``path`` is, or can be created as, a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{option} {path} is a file, not a folder", EXIT_OUTPUT)
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise CLIError(f"{option} {path}: {parent} is not a writable folder", EXIT_OUTPUT)
+
+
+def _train(args) -> None:
+    """``tl-multimodal train``: every input checked, then the model loaded, then ``train_projection``."""
+    from tl_multimodal.data import CAPTION_KEYS, IMAGE_KEYS, find_column, open_dataset
+
+    try:
+        data = open_dataset(args.data, args.split)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e), EXIT_INPUT) from None
+    import datasets
+
+    stream = not isinstance(data, datasets.Dataset)
+    try:
+        first = next(iter(data), None)
+        if first is None:
+            raise CLIError(f"{args.data} has no rows" + (f" in split {args.split!r}" if args.split else ""), EXIT_INPUT)
+        image_column = find_column(first, IMAGE_KEYS, args.image_column, "--image-column")
+        caption_column = find_column(first, CAPTION_KEYS, args.caption_column, "--caption-column")
+    except ValueError as e:
+        raise CLIError(f"{args.data}: {e}", EXIT_INPUT) from None
+    _writable_folder(args.out, "--out")
+    state = args.out / "training_state.pt"
+    if args.resume and not state.is_file():
+        raise CLIError(f"--resume: {state} does not exist (nothing to resume)", EXIT_INPUT)
+    if not args.resume and state.exists():
+        raise CLIError(f"--out {args.out} holds a training state; add --resume to continue it, or pick another --out",
+                       EXIT_OUTPUT)
+    if args.feature_cache is not None:
+        if stream:
+            raise CLIError("--feature-cache needs a folder DATA (rows by index); a stream is encoded as it is read",
+                           EXIT_USAGE)
+        _writable_folder(args.feature_cache, "--feature-cache")
+    _check_file(args.projection, "--projection")
+    import torch
+
+    from tl_multimodal.distributed import rank_and_world_size
+    from tl_multimodal.runner import load_model
+    from tl_multimodal.training import train_projection
+
+    if args.device is not None:
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as e:
+            raise CLIError(f"--device {args.device} is not available here ({str(e).splitlines()[0]})",
+                           EXIT_USAGE) from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rank, _ = rank_and_world_size()
+    if rank == 0:
+        _progress(f"Loading the model ({args.model}) ...")
+    try:
+        model = load_model(args.model, args.projection, shipped=False)
+    except (ImportError, OSError, AttributeError) as e:
+        raise CLIError(f"cannot load the model {args.model!r}: {e}", EXIT_MODEL) from None
+    cache = None
+    if args.feature_cache is not None:
+        name = f"{Path(args.data).resolve().name}-{args.split or 'all'}-{model.vision.model_name.replace('/', '_')}"
+        cache = args.feature_cache / f"{name}.npy"
+    result = train_projection(model, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              warmup=args.warmup, grad_accum=args.grad_accum, checkpoint_dir=args.out,
+                              checkpoint_every=args.checkpoint_every, resume_from=args.out if args.resume else None,
+                              feature_cache=cache, image_column=image_column, caption_column=caption_column,
+                              device=args.device, seed=args.seed, progress=not args.no_progress,
+                              dataset_name=f"{args.data}" + (f" ({args.split})" if args.split else ""))
+    if rank == 0:
+        print(f"{result}; projection saved to {args.out / 'projection.pt'}", flush=True)
+
+
 def _cache(args) -> None:
     from tl_multimodal import loading  # torch only, no model
 
@@ -342,7 +423,38 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'offline' (SmolLM2 + EfficientNet-Lite0) or module:function / file.py:function")
     att.add_argument("--projection", type=Path, default=None, metavar="FILE", help="projection checkpoint")
     att.add_argument("--no-progress", action="store_true", help="no progress bar")
-    att.set_defaults(run=_attribute)
+    att.set_defaults(run=_attribute, distributed=True)
+
+    tr = sub.add_parser("train", help="train the projection on image-caption pairs", formatter_class=_Formatter,
+                        description="Train the projection (the LM and the encoder stay frozen) on a folder in the\n"
+                                    "coco_mini layout (features encoded once), webdataset shards or a hub dataset\n"
+                                    "(both streamed: read in order, never held whole). --out gets projection.pt,\n"
+                                    "projection_stepN.pt and training_state.pt; --resume continues from it.\n"
+                                    "Under `accelerate launch` the processes share each batch.")
+    tr.add_argument("data", metavar="DATA", help="a coco_mini-style folder, webdataset .tar shards, or a hub dataset name")
+    tr.add_argument("--split", default=None, help="split of the dataset (e.g. train)")
+    tr.add_argument("-o", "--out", type=Path, required=True, metavar="DIR", help="folder for checkpoints and state")
+    tr.add_argument("--steps", type=_positive_int, default=15_000, help="optimizer steps")
+    tr.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="rows per step (all processes)")
+    tr.add_argument("--lr", type=_positive_float, default=8e-4, help="AdamW learning rate")
+    tr.add_argument("--warmup", type=int, default=100, metavar="N", help="linear warmup steps")
+    tr.add_argument("--grad-accum", type=_positive_int, default=1, metavar="N", help="micro-batches per step")
+    tr.add_argument("--checkpoint-every", type=_positive_int, default=1000, metavar="N", help="steps between checkpoints")
+    tr.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
+                    help="folder for memory-mapped encoder features, written once and reused (folder DATA only)")
+    tr.add_argument("--resume", action="store_true", help="continue from --out's training_state.pt")
+    tr.add_argument("--device", type=_device, default=None,
+                    help="where to train (default: cuda when present, one GPU per process, else cpu)")
+    tr.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
+    tr.add_argument("--seed", type=int, default=0, help="seeds caption sampling, batch order and dropout")
+    tr.add_argument("--image-column", default=None, help="the image column (default: found by name)")
+    tr.add_argument("--caption-column", default=None, help="the caption column (default: captions, caption, txt, text)")
+    tr.add_argument("--model", default="offline",
+                    help="'offline' (SmolLM2 + EfficientNet-Lite0) or module:function / file.py:function")
+    tr.add_argument("--projection", type=Path, default=None, metavar="FILE",
+                    help="projection checkpoint to start from (default: an untrained one)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(run=_train, distributed=True)
 
     cache = sub.add_parser("cache", help="show or clear the converted-model cache", formatter_class=_Formatter,
                            description="The offline model is converted once and cached (in $TL_MULTIMODAL_CACHE,\n"
@@ -355,8 +467,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``tl-multimodal``; returns the exit code (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     prog = f"tl-multimodal {args.command}"
+    if getattr(args, "distributed", False):  # `accelerate launch --cpu --num_processes N`: start the N processes
+        from tl_multimodal.distributed import relaunch_cpu_processes
+
+        try:
+            code = relaunch_cpu_processes("tl_multimodal", argv)
+        except RuntimeError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        if code is not None:
+            return code
     try:
         args.run(args)
     except CLIError as e:

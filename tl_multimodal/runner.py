@@ -17,7 +17,8 @@ Across processes (``accelerate.PartialState`` gives the rank and world size)::
 
 ``--multi_gpu`` starts the processes with ``torchrun``; without GPUs they run on CPU over gloo. (In
 accelerate 1.x, ``accelerate launch --cpu --num_processes N`` starts a single process unless MPI is
-set up with ``--mpirun_hostfile``.)
+set up with ``--mpirun_hostfile``; the command line then starts the N processes itself, see
+:func:`~tl_multimodal.distributed.relaunch_cpu_processes`.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tl_multimodal.attribution import attribute
+from tl_multimodal.data import IMAGE_KEYS, find_column, open_dataset
 from tl_multimodal.distributed import partial_state
 
 #: Columns of every shard, in order. ``image_index``: position in the dataset; ``position``: the
@@ -46,7 +48,6 @@ from tl_multimodal.distributed import partial_state
 SCHEMA_COLUMNS = ("image_index", "image_id", "caption", "target", "target_id", "position", "y",
                   "rank", "layer", "unit", "patch", "score")
 MANIFEST = "_run.json"  # leading underscore: ignored by pyarrow/pandas when reading the folder
-_IMAGE_KEYS = ("image", "jpg", "jpeg", "png", "webp")  # a datasets.Image column, or webdataset keys
 _ID_KEYS = ("image_id", "__key__", "id")
 
 
@@ -83,44 +84,6 @@ class RunSummary:
 
 
 # ---------------------------------------------------------------------------- data
-def open_dataset(data: str | Path, split: str | None = None):
-    """A dataset for :func:`run_attribution` from the command line's ``DATA`` argument.
-
-    Args:
-        data: A folder in the ``coco_mini`` layout (``metadata.jsonl`` + images; read with
-            :func:`~tl_multimodal.data.load_coco_mini`), webdataset shards (a ``.tar`` file or a
-            brace pattern such as ``shards/{00000..00099}.tar``; images decoded to PIL), or a hub
-            dataset name (``datasets.load_dataset(data, split=split, streaming=True)``; needs internet).
-        split: The split (folder and hub datasets).
-
-    Returns:
-        A ``datasets.Dataset``, ``datasets.IterableDataset`` or ``webdataset.WebDataset``.
-    """
-    text = str(data)
-    path = Path(text)
-    if path.is_dir():
-        from tl_multimodal.data import load_coco_mini
-
-        return load_coco_mini(path, split)
-    if text.endswith(".tar") or (".tar" in text and "{" in text):
-        try:
-            import webdataset as wds
-        except ImportError:
-            raise ImportError("reading webdataset shards needs `pip install webdataset`") from None
-        if "{" not in text and not path.is_file():
-            raise FileNotFoundError(f"webdataset shard {path} does not exist")
-        # every rank reads the whole stream in order (the runner splits it by chunk), so no node splitting
-        return wds.WebDataset(text, shardshuffle=False, nodesplitter=None, empty_check=False).decode("pil")
-    if path.exists():
-        raise ValueError(f"{data} is a file; DATA must be a coco_mini-style folder, webdataset .tar shards "
-                         "or a hub dataset name")
-    import datasets
-
-    if split is None:
-        raise ValueError("a hub dataset needs --split")
-    return datasets.load_dataset(text, split=split, streaming=True)
-
-
 def _chunks(data, shard_size: int, limit: int | None) -> Iterator[tuple[int, int, Callable[[], Iterable[dict]]]]:
     """``(start, stop, rows)`` for each chunk; ``rows()`` gives the chunk's rows (decoded lazily)."""
     if hasattr(data, "select") and hasattr(data, "__len__"):  # map-style datasets.Dataset: random access
@@ -134,17 +97,6 @@ def _chunks(data, shard_size: int, limit: int | None) -> Iterator[tuple[int, int
     while chunk := list(itertools.islice(rows, shard_size)):
         yield start, start + len(chunk), lambda c=chunk: c
         start += len(chunk)
-
-
-def _image_key(row: dict, image_column: str | None) -> str:
-    if image_column is not None:
-        if image_column not in row:
-            raise ValueError(f"image_column {image_column!r} is not in the dataset (columns: {sorted(row)})")
-        return image_column
-    for key in _IMAGE_KEYS:
-        if key in row:
-            return key
-    raise ValueError(f"no image column among {sorted(row)}; pass image_column= (--image-column)")
 
 
 def _image_id(row: dict, index: int, id_column: str | None):
@@ -322,7 +274,7 @@ def run_attribution(model, data, out: str | Path, *, k: int = 100, shard_size: i
             for b_start in range(start, stop, batch_size):
                 batch = list(itertools.islice(batches, batch_size))
                 indices = list(range(b_start, b_start + len(batch)))
-                key = _image_key(batch[0], image_column)
+                key = find_column(batch[0], IMAGE_KEYS, image_column, "image_column")
                 ids = [_image_id(r, j, id_column) for r, j in zip(batch, indices)]
                 try:
                     attr = attribute(model, [r[key] for r in batch], prompt=prompt, max_new_tokens=max_new_tokens,
@@ -347,15 +299,18 @@ def run_attribution(model, data, out: str | Path, *, k: int = 100, shard_size: i
 
 
 # ---------------------------------------------------------------------------- command line
-def load_model(spec: str = "offline", projection: str | Path | None = None):
+def load_model(spec: str = "offline", projection: str | Path | None = None, *, shipped: bool = True):
     """The model the command line runs: ``"offline"`` (SmolLM2 + EfficientNet-Lite0,
     :func:`~tl_multimodal.load_offline`), or ``"module:function"`` / ``"path/to/file.py:function"``,
-    a function with no arguments that returns a :class:`~tl_multimodal.HookedVisionPrefix`."""
+    a function with no arguments that returns a :class:`~tl_multimodal.HookedVisionPrefix`.
+
+    ``projection`` (a checkpoint) replaces the model's projection; without it the offline model has
+    the shipped projection, or an untrained one with ``shipped=False`` (what training starts from)."""
     if spec == "offline":
         from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return load_offline(projection or SHIPPED_PROJECTION)
+        return load_offline(projection or (SHIPPED_PROJECTION if shipped else None))
     module, sep, fn = spec.rpartition(":")
     if not sep or not module or not fn:
         raise ValueError(f"--model must be 'offline' or 'module:function' (or 'file.py:function'), got {spec!r}")

@@ -1,8 +1,10 @@
 """Training the LiMBeR projection, and the caption log-likelihood that measures it.
 
-Only the projection learns: the LM and the encoder are frozen. Encoder features are computed once
-per image and kept (in RAM, or in a memory-mapped file), so a training step runs only the projection
-and the LM. The loss is next-token
+Only the projection learns: the LM and the encoder are frozen. From a ``datasets.Dataset``, encoder
+features are computed once per image and kept (in RAM, or in a memory-mapped file), so a training
+step runs only the projection and the LM; from a stream of rows (a ``datasets.IterableDataset``,
+webdataset shards, any iterable of dicts) each step encodes the images it reads, and the dataset is
+never held whole. The loss is next-token
 cross-entropy on caption tokens (image positions are never targets), as in LiMBeR; the LM is
 unembedded only at the positions that predict a caption token.
 
@@ -14,12 +16,14 @@ atomically (:mod:`tl_multimodal.checkpoints`) and resumes from it bit for bit.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import datasets
 import numpy as np
@@ -38,7 +42,7 @@ STATE_FILE = "training_state.pt"
 _STATE_FORMAT = "tl_multimodal training state v1"
 # settings a resumed run must share with the run it continues (``steps`` may grow)
 _RESUME_KEYS = ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "n_images", "grad_accum",
-                "processes")
+                "processes", "shuffle")
 
 
 @dataclass
@@ -114,12 +118,16 @@ def encode_images(model: HookedVisionPrefix, dataset: datasets.Dataset, image_co
 
 
 @torch.no_grad()
+def _encode_batch(model, images) -> Float[Tensor, "batch patch d_img"]:
+    """Encoder features of a few images (float32, on the model's device); the caller sets eval mode."""
+    return model.vision(model.preprocess(images)).float()
+
+
 def _encode(model, dataset, image_column, batch_size, progress):
     with _restoring(model):
         model.eval()
         for start in tqdm(range(0, len(dataset), batch_size), desc="encoding images", disable=not progress):
-            images = dataset[start:start + batch_size][image_column]
-            yield model.vision(model.preprocess(images)).float().cpu()
+            yield _encode_batch(model, dataset[start:start + batch_size][image_column]).cpu()
 
 
 def _cached_features(model, dataset, image_column, batch_size, progress, path: Path) -> Tensor:
@@ -188,26 +196,28 @@ def _tokenize(model: HookedVisionPrefix, texts: list[str]) -> list[list[int]]:
     return out
 
 
-def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int) -> list[list[list[int]]]:
+def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int,
+                 first: int = 0) -> list[list[list[int]]]:
     """Every caption of every row, checked and tokenized (+ end-of-text): ``ids[row][option]``.
 
     Args:
         rows: Per row a string or a list of strings (options, one sampled per step).
         what: How errors name the rows' container, e.g. ``"dataset column 'captions'"``.
         n_start: Positions before the caption (image slots, or one start token).
+        first: The number errors give the first row (rows of a stream are numbered as read).
 
     Raises:
         TypeError: A caption is not a string (rows named).
         ValueError: A row has no caption, an empty caption, or a caption that does not fit in
             ``n_ctx`` after the ``n_start`` positions (rows named).
     """
-    bad_type = [f"row {i} holds {type(c).__name__} {c!r:.40}" for i, c in enumerate(rows)
+    bad_type = [f"row {i} holds {type(c).__name__} {c!r:.40}" for i, c in enumerate(rows, first)
                 if not (isinstance(c, str) or isinstance(c, (list, tuple)) and all(isinstance(x, str) for x in c))]
     if bad_type:
         raise TypeError(_problems(f"{what} must hold a string or a list of strings per row", bad_type))
     options = [[c] if isinstance(c, str) else list(c) for c in rows]
     empty = [f"row {i} has no caption" if not opts else f"row {i} has an empty caption"
-             for i, opts in enumerate(options) if not opts or any(not c.strip() for c in opts)]
+             for i, opts in enumerate(options, first) if not opts or any(not c.strip() for c in opts)]
     if empty:
         raise ValueError(_problems(what, empty))
     eos = model.tokenizer.eos_token or ""
@@ -216,7 +226,7 @@ def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int)
     ids, long, k = [], [], 0
     for i, opts in enumerate(options):
         ids.append(flat[k:k + len(opts)])
-        long += [f"row {i} caption {j} has {len(t)} tokens" for j, t in enumerate(ids[-1]) if len(t) > room]
+        long += [f"row {first + i} caption {j} has {len(t)} tokens" for j, t in enumerate(ids[-1]) if len(t) > room]
         k += len(opts)
     if long:
         before = f"{n_start} image slots" if n_start == model.n_image_tokens else "the start token"
@@ -359,8 +369,9 @@ def _load_state(path: str | Path, config: dict, steps: int) -> dict:
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"resume_from={str(path)!r} is not a training state written by train_projection "
                          f"(those are named {STATE_FILE})")
-    differ = [f"{k}: checkpoint has {state['config'].get(k)!r}, this call {config[k]!r}"
-              for k in _RESUME_KEYS if state["config"].get(k) != config[k]]
+    old = {"shuffle": True, **state["config"]}  # states written before streams always shuffled
+    differ = [f"{k}: checkpoint has {old.get(k)!r}, this call {config[k]!r}" for k in _RESUME_KEYS
+              if old.get(k) != config[k]]
     if differ:
         raise ValueError(f"resume_from={str(path)!r} was written by a run with other settings; " + "; ".join(differ))
     if state["step"] > steps:
@@ -369,7 +380,53 @@ def _load_state(path: str | Path, config: dict, steps: int) -> dict:
     return state
 
 
-def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, steps: int = 15_000,
+class _Stream:
+    """The rows of an iterable dataset in order, epoch after epoch, from a saved ``(epoch, position)``.
+
+    Nothing but the rows taken is held. On resume the first ``position`` rows of the epoch are read
+    and dropped (a stream cannot seek). A ``datasets.IterableDataset`` gets ``set_epoch`` (from epoch 1
+    on it reorders its shards and reseeds its shuffle buffer, reproducibly).
+    """
+
+    def __init__(self, data: Iterable[Mapping], epoch: int = 0, position: int = 0):
+        self.data, self.epoch, self.position = data, epoch, position
+        self._rows = self._open()
+
+    def _open(self):
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(self.epoch)
+        return itertools.islice(iter(self.data), self.position, None)
+
+    def take(self, n: int) -> list[tuple[int, int, Mapping]]:
+        """The next ``n`` rows as ``(epoch, position in the epoch, row)``, going on to the next epoch as needed."""
+        rows = []
+        while len(rows) < n:
+            row = next(self._rows, None)
+            if row is None:
+                if self.position == 0:
+                    raise ValueError(f"the training stream gave no rows in epoch {self.epoch} (a generator can be "
+                                     "read only once: pass a list, a datasets.IterableDataset or webdataset shards)")
+                self.epoch, self.position = self.epoch + 1, 0
+                self._rows = self._open()
+                continue
+            if not isinstance(row, Mapping):
+                raise TypeError(f"the training stream must give dict rows, got {type(row).__name__} "
+                                f"at row {self.position} of epoch {self.epoch}")
+            rows.append((self.epoch, self.position, row))
+            self.position += 1
+        return rows
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+
+def _is_stream(dataset) -> bool:
+    return (not isinstance(dataset, (datasets.Dataset, str, bytes, Mapping, Tensor))
+            and isinstance(dataset, Iterable))
+
+
+def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset | Iterable[Mapping], *,
+                     steps: int = 15_000,
                      batch_size: int = 256, lr: float = 8e-4, warmup: int = 100, weight_decay: float = 0.0,
                      clip: float = 1.0, dev_dataset: datasets.Dataset | None = None, eval_every: int = 500,
                      checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
@@ -377,16 +434,25 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
                      feature_cache: str | Path | None = None, image_column: str = "image",
                      caption_column: str = "captions",
                      device: str | torch.device | None = None, mixed_precision: bool | None = None,
-                     seed: int = 0, progress: bool = True, dataset_name: str = "") -> TrainingResult:
+                     seed: int = 0, shuffle: bool = True, progress: bool = True,
+                     dataset_name: str = "") -> TrainingResult:
     """Train ``model.projection`` on image-caption pairs (LiMBeR's optimiser settings as defaults).
 
-    Every row of ``dataset`` and ``dev_dataset`` is checked before anything runs. Whatever happens
-    (end, exception, Ctrl-C), the model's train/eval modes and ``requires_grad`` flags are restored.
+    Every row of a ``datasets.Dataset`` (and of ``dev_dataset``) is checked before anything runs;
+    rows of a stream are checked as they are read (errors name the row's position in its epoch).
+    Whatever happens (end, exception, Ctrl-C), the model's train/eval modes and ``requires_grad``
+    flags are restored.
 
     Args:
         model: The model; only its projection is trained, everything else is frozen.
         dataset: Rows with an image column (PIL or path) and a caption column (a string or a list of
-            strings, one sampled per step).
+            strings, one sampled per step): a ``datasets.Dataset`` (features encoded once, batches
+            drawn at random), or a stream, i.e. any other iterable of dict rows such as
+            ``datasets.load_dataset(..., streaming=True)`` or ``webdataset.WebDataset(...).decode("pil")``
+            (``image_column="jpg", caption_column="txt"``): read in order, ``batch_size`` rows per
+            step, epoch after epoch, each step encoding its own images; nothing is materialised. A
+            resumed stream skips the rows already consumed (their count is in the training state);
+            shuffle a stream at its source (``IterableDataset.shuffle(buffer_size=...)``).
         steps, batch_size, lr, warmup, weight_decay, clip: AdamW with linear warmup then a constant
             rate, gradient-norm clipping (LiMBeR: 15k steps, batch 256, lr 8e-4, warmup 100, wd 0, clip 1).
         dev_dataset: Rows to evaluate the caption NLL on every ``eval_every`` steps (first caption).
@@ -398,18 +464,21 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         grad_accum: Micro-batches per step: each step's ``batch_size`` rows are split in this many
             passes whose gradients add up to the full batch's (less memory, same step).
         feature_cache: A ``.npy`` file for the encoder features (see :func:`encode_images`):
-            memory-mapped instead of held in RAM, written once and reused by later runs.
+            memory-mapped instead of held in RAM, written once and reused by later runs (a
+            ``datasets.Dataset`` only).
         device: Where to train; default CUDA when present, else the model's device.
         mixed_precision: bf16 autocast; default on when training on CUDA.
         seed: Seeds caption sampling, batch order and dropout.
+        shuffle: Draw a ``datasets.Dataset``'s rows in a random order each epoch; ``False`` takes
+            them in order, as a stream is read.
         dataset_name: Recorded in the checkpoint metadata.
 
     Launched on several processes (``accelerate launch --multi_gpu --num_processes N script.py`` on
     GPUs; ``torchrun --nproc_per_node N script.py`` on CPUs, gloo), every process
     draws the same global batches and runs its share of each (``batch_size / N``, then split by
-    ``grad_accum``); gradients are summed across processes before the shared optimizer step, so the
-    projection follows the one-process run (up to float summation order, and dropout masks, which
-    are drawn per process). Process 0 writes checkpoints; all resume from them.
+    ``grad_accum``; every process reads a stream whole and encodes only its share); gradients are
+    summed across processes before the shared optimizer step, so the projection follows the
+    one-process run (up to float summation order, and dropout masks, which are drawn per process). Process 0 writes checkpoints; all resume from them.
 
     Returns:
         The losses; the trained projection is in ``model.projection`` (with its training record).
@@ -434,16 +503,29 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    _check_columns(dataset, "dataset", image_column, caption_column)
+    if not isinstance(shuffle, bool):
+        raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
     n_start = model.n_image_tokens
-    captions = _caption_ids(model, dataset[caption_column], f"dataset column {caption_column!r}", n_start)
+    stream = _is_stream(dataset)
+    if not stream and not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"dataset must be a datasets.Dataset or an iterable of dict rows (a stream), "
+                        f"got {type(dataset).__name__}")
+    if stream:
+        if feature_cache is not None:
+            raise ValueError("feature_cache needs a datasets.Dataset (rows by index); a stream is encoded as it "
+                             "is read")
+        captions = None
+    else:
+        _check_columns(dataset, "dataset", image_column, caption_column)
+        captions = _caption_ids(model, dataset[caption_column], f"dataset column {caption_column!r}", n_start)
     dev_captions = None
     if dev_dataset is not None:
         _check_columns(dev_dataset, "dev_dataset", image_column, caption_column)
         dev_captions = [c[0] for c in _caption_ids(model, dev_dataset[caption_column],
                                                    f"dev_dataset column {caption_column!r}", n_start)]
     config = {"batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
-              "clip": clip, "seed": seed, "n_images": len(captions), "grad_accum": grad_accum, "processes": world}
+              "clip": clip, "seed": seed, "n_images": None if stream else len(captions), "grad_accum": grad_accum,
+              "processes": world, "shuffle": shuffle}
     state = _load_state(resume_from, config, steps) if resume_from is not None else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
@@ -458,18 +540,23 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
     with _restoring(model):
         return _train(model, dataset, captions, dev_dataset, dev_captions, state, config, steps=steps,
                       eval_every=eval_every, ckpt_dir=ckpt_dir, checkpoint_every=checkpoint_every,
-                      image_column=image_column, device=device, mixed_precision=mixed_precision,
+                      image_column=image_column, caption_column=caption_column, device=device,
+                      mixed_precision=mixed_precision,
                       progress=progress and rank == 0, dataset_name=dataset_name, rank=rank, world=world,
                       feature_cache=feature_cache)
 
 
 def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *, steps, eval_every,
-           ckpt_dir, checkpoint_every, image_column, device, mixed_precision, progress, dataset_name, rank,
-           world, feature_cache):
-    """The loop of :func:`train_projection`, its inputs checked; the caller restores the model."""
+           ckpt_dir, checkpoint_every, image_column, caption_column, device, mixed_precision, progress,
+           dataset_name, rank, world, feature_cache):
+    """The loop of :func:`train_projection`, its inputs checked; the caller restores the model.
+
+    ``captions`` is None for a stream (``dataset`` then is any iterable of rows)."""
     model.requires_grad_(False)
     model.projection.requires_grad_(True)
-    features = encode_images(model, dataset, image_column, progress=progress, cache=feature_cache)
+    stream = captions is None
+    features = None if stream else encode_images(model, dataset, image_column, progress=progress,
+                                                  cache=feature_cache)
     dev_features = None if dev_dataset is None else encode_images(model, dev_dataset, image_column, progress=progress)
 
     rng = random.Random(config["seed"])
@@ -489,10 +576,11 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
         result.train_losses = list(state["train_losses"])
         result.dev_losses = [tuple(d) for d in state["dev_losses"]]
         result.steps = state["step"]
+    rows = _Stream(dataset, **(state["stream"] if state is not None else {})) if stream else None
 
     def record() -> dict:  # the training record saved with the projection
         last = result.train_losses[-100:]
-        return {"dataset": dataset_name, "n_images": len(captions), "steps": result.steps,
+        return {"dataset": dataset_name, "n_images": config["n_images"], "steps": result.steps,
                 **{k: config[k] for k in ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed")},
                 "train_loss_last100": sum(last) / len(last) if last else None,
                 "dev_nll": result.dev_losses[-1][1] if result.dev_losses else None}
@@ -510,6 +598,7 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
                 "format": _STATE_FORMAT, "step": result.steps, "config": config,
                 "projection": model.projection.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": rngs, "order": order,
+                "stream": rows.state() if stream else None,
                 "train_losses": result.train_losses, "dev_losses": [list(d) for d in result.dev_losses],
             }, result.state)
         if world > 1:
@@ -526,20 +615,38 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
     bar = tqdm(range(result.steps + 1, steps + 1), desc="training projection", disable=not progress,
                initial=result.steps, total=steps)
     model.train()
+    model.vision.eval()  # frozen: a stream's images are encoded in eval mode, as encode_images does
     for step in bar:
-        if len(order) < batch_size:
-            order += rng.sample(range(len(captions)), len(captions))
-        idx, order = order[:batch_size], order[batch_size:]
-        chosen = [rng.choice(captions[i]) for i in idx]  # the same draws in every process
+        if stream:  # every process reads every row (captions of the whole batch), encodes only its own
+            batch = rows.take(batch_size)
+            options = []
+            for epoch, position, row in batch:
+                missing = [c for c in (image_column, caption_column) if c not in row]
+                if missing:
+                    raise ValueError(f"row {position} of the training stream (epoch {epoch}) has no column "
+                                     f"{', '.join(map(repr, missing))} (columns: {', '.join(map(str, row))}); "
+                                     "pass image_column= and caption_column=")
+                options += _caption_ids(model, [row[caption_column]], f"training stream (epoch {epoch}) column "
+                                        f"{caption_column!r}", model.n_image_tokens, first=position)
+        else:
+            while len(order) < batch_size:
+                order += rng.sample(range(len(captions)), len(captions)) if config["shuffle"] else \
+                    list(range(len(captions)))
+            idx, order = order[:batch_size], order[batch_size:]
+            options = [captions[i] for i in idx]
+        chosen = [rng.choice(opts) for opts in options]  # the same draws in every process
         n_targets = sum(map(len, chosen))  # every caption token (end-of-text included) is a target
-        parts = np.array_split(np.arange(len(idx)), world * grad_accum)[rank * grad_accum:(rank + 1) * grad_accum]
+        parts = np.array_split(np.arange(batch_size), world * grad_accum)[rank * grad_accum:(rank + 1) * grad_accum]
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for part in parts:
             tokens, mask = _batch(model, [chosen[j] for j in part])
-            rows = [idx[j] for j in part]
+            if stream:
+                feats = _encode_batch(model, [batch[j][2][image_column] for j in part]).to(device)
+            else:
+                feats = features[[idx[j] for j in part]].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-                nll = caption_token_nll(model, tokens.to(device), mask.to(device), features[rows].to(device)).sum()
+                nll = caption_token_nll(model, tokens.to(device), mask.to(device), feats).sum()
             if torch.isfinite(nll):  # else the step fails below, in every process alike
                 (nll / n_targets).backward()  # micro-batch gradients add up to the full batch's
             total += nll.detach().double()
