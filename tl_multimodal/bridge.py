@@ -312,6 +312,12 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             return self.bridge.run_with_hooks(input, *args, **kwargs)
         return self._run(self.bridge.run_with_hooks, input, args, kwargs, images, image_features, image_embed)
 
+    def kv_cache(self, batch: int) -> None:
+        """None: the analyses' cached steps need a KV cache that ``forward`` fills and gradients flow
+        through; the bridge's (HF's) is not that (and with transformers 5.24 is never written, see
+        :meth:`generate`), so the analyses run each step over the whole sequence."""
+        return None
+
     def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
         """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only)."""
         tokens = tokens.to(logits.device)

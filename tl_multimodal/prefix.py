@@ -365,6 +365,12 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         with self._bound(image_embed):
             return super().forward(**bound)
 
+    def kv_cache(self, batch: int):
+        """A fresh TransformerLens KV cache for ``batch`` rows, for ``past_kv_cache=`` (the analyses' cached steps)."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        return TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch)
+
     def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
         """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only).
 
