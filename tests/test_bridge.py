@@ -118,6 +118,21 @@ def test_image_positions_and_slots(models, pixels):
 
 
 @torch.no_grad()
+def test_prompts_as_tuples_and_lists_and_bad_prompts(models, pixels):
+    _, vb = models
+    prompts = ("A picture of", "A very small photo of")
+    assert torch.equal(vb(prompts, images=pixels[:2]), vb(list(prompts), images=pixels[:2]))
+    kwargs = dict(images=pixels[:2], do_sample=False, return_type="tokens", verbose=False)
+    assert torch.equal(vb.generate(prompts, 3, **kwargs), vb.generate(list(prompts), 3, **kwargs))
+    with pytest.raises(TypeError, match="input must be a string, a list of strings or a token tensor"):
+        vb(None, images=pixels[:1])
+    with pytest.raises(TypeError, match="holding \\['int', 'str'\\]"):
+        vb(["a", 3], images=pixels[:2])
+    with pytest.raises(TypeError, match="token tensor with image slots"):
+        vb(torch.zeros(1, 20), images=pixels[:1])
+
+
+@torch.no_grad()
 def test_left_padded_prompts_give_the_same_last_logits_as_unpadded(models, pixels):
     _, vb = models
     prompts = ["A picture of", "A very small picture of a"]
@@ -190,6 +205,11 @@ def test_same_logits_and_captions_as_hooked_vision_prefix_on_the_same_weights(gp
     vb = VisionBridge.from_hf(hf, gpt2_tokenizer, vit_encoder, copy.deepcopy(hooked.projection),
                               model_name=cfg.model_name).eval()
     assert torch.allclose(vb(PROMPT, images=pixels), hooked(PROMPT, images=pixels), atol=1e-4, rtol=1e-4)
+    prompts = ("A picture of", "A very small photo of a")  # the same prompts make the same tokens
+    for side in ("left", "right"):
+        assert torch.equal(vb.to_tokens(prompts, image=True, padding_side=side),
+                           hooked.to_tokens(prompts, image=True, padding_side=side))
+    assert torch.allclose(vb(prompts, images=pixels[:2]), hooked(prompts, images=pixels[:2]), atol=1e-4, rtol=1e-4)
     _, cache = vb.run_with_cache(PROMPT, images=pixels)
     _, hooked_cache = hooked.run_with_cache(PROMPT, images=pixels)
     for name in ("hook_image_embed", "blocks.1.mlp.hook_post", "blocks.0.mlp.hook_pre_linear"):
