@@ -184,10 +184,12 @@ def test_bind_images_serves_token_calls_and_embeds_once(models, pixels):
 
 @torch.no_grad()
 def test_generation_equals_greedy_full_forward_decoding(models, pixels):
+    """With the KV cache (the default) and without it: each step attends to the whole sequence."""
     _, vb = models
     expected = _greedy(vb, pixels, 5)
     kwargs = dict(images=pixels, do_sample=False, stop_at_eos=False, return_type="tokens", verbose=False)
     assert torch.equal(vb.generate(PROMPT, 5, **kwargs), expected)
+    assert torch.equal(vb.generate(PROMPT, 5, use_past_kv_cache=False, **kwargs), expected)
     n_prompt = vb.to_tokens(PROMPT, image=True).shape[1]
     captions = vb.caption(pixels, max_new_tokens=5)
     assert captions == [vb.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in expected]

@@ -86,6 +86,9 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         self._slots: Tensor | None = None
         embedding.register_forward_pre_hook(self._mask_slots)
         embedding.register_forward_hook(self._fill_slots)
+        for block in getattr(bridge, "blocks", []):
+            if hasattr(block, "attn"):
+                block.attn.register_forward_pre_hook(_kv_cache_by_its_old_name, with_kwargs=True)
         bridge._vision_bridge_wired = True
 
     @classmethod
@@ -344,9 +347,9 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         return self._run(self.bridge.run_with_hooks, input, args, kwargs, images, image_features, image_embed)
 
     def kv_cache(self, batch: int) -> None:
-        """None: the analyses' cached steps need a KV cache that ``forward`` fills and gradients flow
-        through; the bridge's (HF's) is not that (and with transformers 5.24 is never written, see
-        :meth:`generate`), so the analyses run each step over the whole sequence."""
+        """None: the analyses' cached steps pass TransformerLens's own KV cache (``past_kv_cache=``,
+        gradients flow through it); the bridge runs HF's cache instead (``generate`` uses it), so
+        the analyses run each step over the whole sequence."""
         return None
 
     def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
@@ -361,13 +364,11 @@ class VisionBridge(ImageFrontEnd, nn.Module):
 
     def generate(self, input="", max_new_tokens: int = 10, *args, images: Images | None = None,
                  image_features: Tensor | None = None, image_embed: Tensor | None = None,
-                 use_past_kv_cache: bool = False, **kwargs):
+                 use_past_kv_cache: bool = True, **kwargs):
         """The bridge's ``generate`` with images (embedded once, before the first step).
 
-        ``use_past_kv_cache`` is off by default: with transformers 5.24 the bridge's attention
-        (TransformerLens 3.9 and 4.3) never writes the KV cache (transformers passes it as
-        ``cache=``, the bridge reads ``past_key_values=``), so cached steps silently attend to the
-        new token alone. Without the cache every step is a full forward pass: exact, slower.
+        With the KV cache (default, as in TransformerLens) the image is read once, by the first
+        step; ``use_past_kv_cache=False`` runs a full forward pass per step (same tokens, slower).
         """
         kwargs["use_past_kv_cache"] = use_past_kv_cache
         if images is None and image_features is None and image_embed is None:
@@ -387,6 +388,18 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         if not decode:
             return out
         return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+
+
+def _kv_cache_by_its_old_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """Hand the bridge's attention the KV cache under the name it reads.
+
+    transformers 5.24 passes the cache to attention as ``cache=``; TransformerLens's bridge
+    attention (3.9 and 4.3) reads ``past_key_values=`` (or ``layer_past=``), so without this it
+    never writes the cache and cached generation attends to the newest token alone.
+    """
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None:
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+    return None
 
 
 def load_offline_bridge(projection=None, device: str | torch.device = "cpu") -> VisionBridge:
