@@ -2,11 +2,12 @@
 #   make caption   - install into .venv, then caption sample images offline
 #   make test      - install into .venv, then run the tests (offline)
 # And one for TransformerLens 4 (the bridge backend), in its own venv:
-#   make test-tl4  - install into .venv-tl4 with transformer-lens==4.3.0, then run the TL-4 tests
+#   make test-tl4  - install into .venv-tl4 with transformer-lens==4.3.0, then run the TL-4 tests (the bridge and
+#                   the analyses parametrised over both backends; the HookedVisionPrefix cases skip there)
 PY := .venv/bin/python
 PY4 := .venv-tl4/bin/python
 TL4_VERSION := 4.3.0
-TL4_TESTS := tests/test_bridge.py
+TL4_TESTS := tests/test_bridge.py tests/test_attribution.py tests/test_decoding.py tests/test_ablation_patching.py tests/test_llava.py
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 

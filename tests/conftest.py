@@ -1,5 +1,7 @@
 """Shared, session-scoped fixtures: GPT-2 small (real config and tokenizer, random weights), small
-timm encoders, and the HookedVisionPrefix built from them. Everything runs offline."""
+timm encoders, and the HookedVisionPrefix built from them; the ``backend`` fixture and
+:func:`build_vlm`, which make the same tiny vision LM as a HookedVisionPrefix or a VisionBridge from
+one HF model. Everything runs offline."""
 
 import os
 
@@ -18,7 +20,7 @@ try:  # TransformerLens 3; TransformerLens 4 has no HookedTransformer (only the 
 except ImportError:
     HookedTransformer = None
 
-from tl_multimodal import HookedVisionPrefix, VisionEncoder  # noqa: E402
+from tl_multimodal import HookedVisionPrefix, VisionBridge, VisionEncoder  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -134,3 +136,97 @@ def assert_decoding_matches_decomposition(model, cache, units, apply_ln: bool, p
         assert (act.sign() * comp @ model.W_U).topk(10).indices.tolist() == dec.token_ids[i].tolist()
     assert dec.apply_ln == apply_ln
 
+
+
+# ------------------------------------------------------------------ both backends from one HF model
+@pytest.fixture(scope="session", params=["hooked", "bridge"])
+def backend(request):
+    """The model class a parametrised test builds (:func:`build_vlm`): ``"hooked"``
+    (HookedVisionPrefix, TransformerLens 3 only) or ``"bridge"`` (VisionBridge)."""
+    if request.param == "hooked" and HookedTransformer is None:
+        pytest.skip("HookedVisionPrefix needs HookedTransformer, which TransformerLens 4 removed")
+    return request.param
+
+
+def tiny_hf(kind: str, n_layers: int = 3, d_model: int = 32, n_heads: int = 4, d_mlp: int = 24, n_ctx: int = 64,
+            dtype: torch.dtype = torch.float64, seed: int = 0, init: float = 0.15, widen: float = 4.0):
+    """A tiny random HF causal LM with GPT-2's vocabulary: ``"gpt2"`` (LayerNorm, GELU) or ``"llama"``
+    (RMSNorm, gated SiLU MLP, rotary), untied unembedding; the MLP and attention V/O weights are
+    scaled by ``widen`` so the model is far from linear."""
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=50257, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+                                      n_inner=d_mlp, n_positions=n_ctx, activation_function="gelu_new",
+                                      initializer_range=init, tie_word_embeddings=False)
+        hf = transformers.GPT2LMHeadModel(cfg)
+        wide = ("mlp.c_fc.weight", "mlp.c_proj.weight", "attn.c_proj.weight")
+    elif kind == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=50257, hidden_size=d_model, intermediate_size=d_mlp,
+                                       num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                                       num_key_value_heads=n_heads, max_position_embeddings=n_ctx,
+                                       rms_norm_eps=1e-5, initializer_range=init, tie_word_embeddings=False)
+        hf = transformers.LlamaForCausalLM(cfg)
+        wide = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "self_attn.v_proj.weight",
+                "self_attn.o_proj.weight")
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(wide):
+                p.mul_(widen)
+            elif name.endswith("attn.c_attn.weight"):  # GPT-2's fused QKV: scale V only
+                p[:, 2 * d_model:].mul_(widen)
+    return hf.to(dtype).eval()
+
+
+def hf_mlp(hf, layer: int) -> dict:
+    """A tiny HF model's MLP weights of one layer in TransformerLens's layout (views, editable in place):
+    ``W_in``/``W_gate`` ``[d_model, d_mlp]``, ``W_out`` ``[d_mlp, d_model]``, and ``b_out`` (or None)."""
+    if hf.config.model_type == "gpt2":
+        mlp = hf.transformer.h[layer].mlp
+        return {"W_in": mlp.c_fc.weight, "W_out": mlp.c_proj.weight, "b_out": mlp.c_proj.bias}
+    mlp = hf.model.layers[layer].mlp
+    return {"W_in": mlp.up_proj.weight.T, "W_gate": mlp.gate_proj.weight.T, "W_out": mlp.down_proj.weight.T,
+            "b_out": mlp.down_proj.bias}
+
+
+def _hooked_lm(hf, tokenizer):
+    """``hf`` as a HookedTransformer through TransformerLens's own weight conversion (no processing)."""
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    from tl_multimodal.loading import _hooked_config
+
+    c = hf.config
+    if c.model_type == "gpt2":
+        cfg = HookedTransformerConfig(
+            n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
+            d_mlp=c.n_inner, d_vocab=c.vocab_size, act_fn=c.activation_function, normalization_type="LN",
+            eps=c.layer_norm_epsilon, model_name="tiny", original_architecture="GPT2LMHeadModel",
+            init_weights=False, dtype=hf.dtype)
+        state = convert_gpt2_weights(hf, cfg)
+    else:
+        cfg = _hooked_config(c, "cpu", hf.dtype)
+        cfg.model_name = "tiny"
+        state = convert_llama_weights(hf, cfg)
+    lm = HookedTransformer(cfg, tokenizer=tokenizer)
+    lm.load_state_dict(state, strict=False)
+    return lm.eval()
+
+
+def build_vlm(backend: str, hf, tokenizer, encoder, projection_seed: int = 3):
+    """The vision LM of ``backend`` on ``hf``'s weights (``hf`` itself is left as it is): a
+    HookedVisionPrefix through TransformerLens's weight conversion, or a VisionBridge over a copy of
+    ``hf``; the same seeded random projection either way (in ``hf``'s dtype)."""
+    import copy
+
+    from tl_multimodal.projection import ImageProjection, ProjectionInfo
+
+    d_model = hf.config.hidden_size
+    torch.manual_seed(projection_seed)
+    proj = ImageProjection(ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
+                                          lm="tiny", d_model=d_model)).to(hf.dtype)
+    if backend == "hooked":
+        return HookedVisionPrefix(_hooked_lm(hf, tokenizer), encoder, proj).eval()
+    if backend == "bridge":
+        return VisionBridge.from_hf(copy.deepcopy(hf), tokenizer, encoder, proj, model_name="tiny").eval()
+    raise ValueError(backend)

@@ -1,5 +1,6 @@
 """Ablation and activation patching of MLP units at image positions, against manual hooked
-computations and TransformerLens's own patching functions."""
+computations and TransformerLens's own patching functions, on a HookedVisionPrefix and a
+VisionBridge built from the same HF weights."""
 
 from functools import partial
 
@@ -7,13 +8,13 @@ import matplotlib
 import pandas as pd
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import patching as tl_patching
 
-from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.ablation import ablate_units, ablation_curve, mean_unit_activations, sample_matched_units
 from tl_multimodal.patching import get_act_patch_mlp_neuron, patch_resid, patch_units, unit_patch_sweep
 from tl_multimodal.probe import target_probability
+
+from conftest import build_vlm, hf_mlp, tiny_hf
 
 
 def target_prob_metric(pred_pos, target):
@@ -26,32 +27,31 @@ PROMPT = "A picture of a"
 TARGET = [3290, 5044, 2415]  # arbitrary valid token ids, one per image
 
 
-def _tiny_vlm(tokenizer, encoder, gated: bool, seed: int) -> HookedVisionPrefix:
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_ctx=64, d_head=8, n_heads=4, d_mlp=48, d_vocab=50257,
-        act_fn="silu" if gated else "gelu_new", gated_mlp=gated,
-        normalization_type="RMS" if gated else "LN", positional_embedding_type="rotary" if gated else "standard",
-        initializer_range=0.2,
-    )
-    lm = HookedTransformer(cfg, tokenizer=tokenizer)
-    model = HookedVisionPrefix(lm, encoder).eval()
+def _tiny_vlm(backend, tokenizer, encoder, gated: bool, seed: int):
+    """3 layers of 48 units (GPT-2-style, or gated Llama-style), float32, as ``backend``."""
+    hf = tiny_hf("llama" if gated else "gpt2", n_layers=3, d_mlp=48, dtype=torch.float32, seed=seed, init=0.2,
+                 widen=1.0)
     with torch.no_grad():  # plant unit (0, 5): strongly active on the image, with a big output
-        model.blocks[0].mlp.W_in[:, 5] *= 8
-        model.blocks[0].mlp.W_out[5] *= 30
-        for b in model.blocks:  # larger MLP biases, so that zero-ablating everything differs from b_out=0
-            b.mlp.b_out.normal_(0, 0.3)
-    return model
+        mlp = hf_mlp(hf, 0)
+        mlp["W_in"][:, 5] *= 8
+        if gated:
+            mlp["W_gate"][:, 5] *= 8
+        mlp["W_out"][5] *= 30
+        for layer in range(3):  # larger MLP biases (where there are), so that zero-ablating everything differs from b_out=0
+            if hf_mlp(hf, layer)["b_out"] is not None:
+                hf_mlp(hf, layer)["b_out"].normal_(0, 0.3)
+    return build_vlm(backend, hf, tokenizer, encoder)
 
 
 @pytest.fixture(scope="module", params=["gelu", "gated"])
-def tiny_vlm(request, gpt2_tokenizer, vit_encoder):
-    return _tiny_vlm(gpt2_tokenizer, vit_encoder, gated=request.param == "gated", seed=10)
+def tiny_vlm(request, backend, gpt2_tokenizer, vit_encoder):
+    gated = request.param == "gated"  # seed 12: the planted gated unit is active on all three images
+    return _tiny_vlm(backend, gpt2_tokenizer, vit_encoder, gated=gated, seed=12 if gated else 10)
 
 
 @pytest.fixture(scope="module")
-def gelu_vlm(gpt2_tokenizer, vit_encoder):
-    return _tiny_vlm(gpt2_tokenizer, vit_encoder, gated=False, seed=11)
+def gelu_vlm(backend, gpt2_tokenizer, vit_encoder):
+    return _tiny_vlm(backend, gpt2_tokenizer, vit_encoder, gated=False, seed=11)
 
 
 def _manual_p(model, pixels, units, prompt=PROMPT, target=TARGET):
@@ -101,7 +101,8 @@ def test_zero_ablating_all_units_leaves_b_out(tiny_vlm, pixels):
     res = ablate_units(m, pixels, units, TARGET, prompt=PROMPT)
 
     def set_bias(out, hook, layer):
-        out[:, m.image_positions] = m.blocks[layer].mlp.b_out
+        b_out = m.blocks[layer].mlp.b_out  # None: an MLP without bias (HF Llama on the bridge)
+        out[:, m.image_positions] = 0.0 if b_out is None else b_out
         return out
 
     tokens = m.to_tokens(PROMPT, image=True).expand(3, -1)
@@ -231,17 +232,17 @@ def test_bind_images_lets_tl_run_on_image_tokens_and_nests(gelu_vlm, pixels):
             torch.testing.assert_close(m(tokens), ref_a)
             torch.testing.assert_close(m(tokens, images=pixels.flip(0)), ref_b)  # explicit images win
             torch.testing.assert_close(m(tokens), ref_a)  # ... and the binding survives them
-    assert m.embed.image_embed is None
     with pytest.raises(ValueError, match="no images were given"):
         m(tokens)
 
 
-def test_resid_patch_agrees_with_get_act_patch_resid_pre(vlm, pixels):
+def test_resid_patch_agrees_with_get_act_patch_resid_pre(gelu_vlm, pixels):
+    vlm = gelu_vlm
     src, base = pixels[:1], pixels[1:2]
     tokens = vlm.to_tokens(PROMPT, image=True)
     target = torch.tensor([TARGET[0]])
     metric = target_prob_metric(torch.tensor([tokens.shape[1] - 1]), target)
-    cases = [(0, 0), (5, 15), (11, tokens.shape[1] - 1)]
+    cases = [(0, 0), (1, 15), (2, tokens.shape[1] - 1)]
     with torch.no_grad():
         _, src_cache = vlm.run_with_cache(tokens, images=src)
         with vlm.bind_images(base):  # TL's function, unchanged, on the listed (layer, pos) only

@@ -1,19 +1,28 @@
 """Oracles for tl_multimodal.attribution: finite differences (GPT-2-style and gated Llama-style tiny
-models), a hand-planted multimodal neuron, the completeness of integrated gradients, targets read
-off the model's own logits, and GPT-2 small with a single backward pass."""
+models, each as a HookedVisionPrefix and as a VisionBridge), a hand-planted multimodal neuron, the
+completeness of integrated gradients, targets read off the model's own logits, and GPT-2 small with
+a single backward pass."""
 
 import warnings
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.attribution import Attribution, TopUnits, attribute, attribute_dataset, top_units_over
 from tl_multimodal.nouns import first_noun
 from tl_multimodal.decoding import decode_units
 
+from conftest import build_vlm, hf_mlp, tiny_hf
+
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:  # TransformerLens 4: the HookedTransformer-only tests skip
+    HookedTransformer = None
+
 PROMPT = "A picture of"
+needs_hooked_transformer = pytest.mark.skipif(HookedTransformer is None,
+                                              reason="builds a HookedTransformer by hand (TransformerLens 3 only)")
 
 
 def _tiny_lm(tok, gated=False, dtype=torch.float64, seed=0, **kw):
@@ -32,10 +41,10 @@ def _tiny_lm(tok, gated=False, dtype=torch.float64, seed=0, **kw):
     return lm.eval()
 
 
-@pytest.fixture(scope="module", params=["gpt2_style", "llama_style"])
-def tiny_vlm(request, gpt2_tokenizer, vit_encoder):
-    lm = _tiny_lm(gpt2_tokenizer, gated=request.param == "llama_style")
-    return HookedVisionPrefix(lm, vit_encoder).eval()
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny_vlm(request, backend, gpt2_tokenizer, vit_encoder):
+    """3 layers of 24 units, float64, as a HookedVisionPrefix or a VisionBridge (``backend``)."""
+    return build_vlm(backend, tiny_hf(request.param), gpt2_tokenizer, vit_encoder)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +61,12 @@ def _y(model, feats, target_id, hook_name=None, edit=None):
 
 
 @pytest.mark.parametrize("hook", ["pre", "post", "pre_linear"])
-def test_matches_finite_differences(tiny_vlm, feats, hook):
-    """g = Z * dy/dZ: a shift of Z by eps changes y by eps * g / Z; scaling Z by (1 + eps) by eps * g."""
+def test_matches_finite_differences(tiny_vlm, backend, feats, hook):
+    """g = Z * dy/dZ: a shift of Z by eps changes y by eps * g / Z; scaling Z by (1 + eps) by eps * g.
+
+    HF's Llama computes its RMSNorm and attention softmax in float32 even in a float64 model, so on
+    the bridge y carries float32 rounding (~1e-6): there the step is larger and the tolerance wider
+    (still far below the strongest units' scores, which are checked too)."""
     if hook == "pre_linear" and not tiny_vlm.cfg.gated_mlp:
         with pytest.raises(ValueError, match="hook_pre_linear"):
             attribute(tiny_vlm, image_features=feats, target=" dog", hook=hook)
@@ -64,7 +77,8 @@ def test_matches_finite_differences(tiny_vlm, feats, hook):
     assert attr.scores.shape == (2, 3, 16, 24) and attr.scores.dtype == torch.float32
     torch.testing.assert_close(attr.y.double(), _y(tiny_vlm, feats, tid).detach(), rtol=1e-6, atol=1e-6)
     _, cache = tiny_vlm.run_with_cache(PROMPT, image_features=feats)
-    eps = 1e-4
+    float32_inside = backend == "bridge" and tiny_vlm.cfg.gated_mlp
+    eps, rtol, atol = (4e-2, 1e-3, 3e-5) if float32_inside else (1e-4, 1e-4, 1e-7)
     strongest = [(l, *divmod(int(attr.scores[0, l].abs().argmax()), 24)) for l in range(2)]
     for (layer, patch, unit) in [(0, 3, 5), (1, 15, 0), *strongest]:
         name = f"blocks.{layer}.mlp.hook_{hook}"
@@ -86,10 +100,10 @@ def test_matches_finite_differences(tiny_vlm, feats, hook):
 
         grad = (shift(eps) - shift(-eps)) / (2 * eps)
         g = attr.scores[:, layer, patch, unit].double()
-        torch.testing.assert_close(g, z * grad, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(g, (scale(1 + eps) - scale(1 - eps)) / (2 * eps), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(g, z * grad, rtol=rtol, atol=atol)
+        torch.testing.assert_close(g, (scale(1 + eps) - scale(1 - eps)) / (2 * eps), rtol=rtol, atol=atol)
     # the last layer's MLP at image positions cannot reach the text position that predicts c
-    assert (attr.scores[:, 2] == 0).all() and attr.scores[:, :2].abs().max() > 1e-2
+    assert (attr.scores[:, 2] == 0).all() and attr.scores[:, :2].abs().max() > 1e-2 > 100 * atol
 
 
 def test_logprob_and_caption_objectives(tiny_vlm, feats):
@@ -150,9 +164,9 @@ def test_first_noun_of_given_and_generated_captions(tiny_vlm, feats):
             assert cut is None or cut[1] + len(cut[0]) >= len(shorter)  # not settled one token earlier
 
 
-def test_integrated_gradients_completeness(gpt2_tokenizer, vit_encoder, feats):
+def test_integrated_gradients_completeness(backend, gpt2_tokenizer, vit_encoder, feats):
     """Per layer, IG scores sum to y(Z) - y(Z at the image positions set to the baseline)."""
-    vlm = HookedVisionPrefix(_tiny_lm(gpt2_tokenizer, n_layers=2), vit_encoder).eval()
+    vlm = build_vlm(backend, tiny_hf("gpt2", n_layers=2), gpt2_tokenizer, vit_encoder)
     tid = vlm.tokenizer(" dog")["input_ids"][0]
     ig = attribute(vlm, image_features=feats, target=tid, method="integrated_gradients", n_steps=64)
     y = _y(vlm, feats, tid).detach()
@@ -213,6 +227,7 @@ def _planted(tok, vit_encoder, layer=1, unit=5, patch=6, target=" dog"):
     return vlm, feats, tid
 
 
+@needs_hooked_transformer
 def test_planted_neuron_ranks_first_and_decodes_to_its_token(gpt2_tokenizer, vit_encoder):
     vlm, feats, tid = _planted(gpt2_tokenizer, vit_encoder, layer=1, unit=5, patch=6)
     attr = attribute(vlm, image_features=feats, target=" dog")
@@ -246,7 +261,7 @@ def test_planted_neuron_ranks_first_and_decodes_to_its_token(gpt2_tokenizer, vit
     assert joined.image_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-def test_bad_input_gets_clear_errors(tiny_vlm, feats):
+def test_bad_input_gets_clear_errors(tiny_vlm, backend, feats):
     with pytest.raises(ValueError, match="unknown hook"):
         attribute(tiny_vlm, image_features=feats, target="dog", hook="resid")
     with pytest.raises(ValueError, match="exactly one"):
@@ -265,9 +280,10 @@ def test_bad_input_gets_clear_errors(tiny_vlm, feats):
         attribute(tiny_vlm, image_features=feats, target="dog", objective="caption_logprob")
     with pytest.raises(ValueError, match="objective"):
         attribute(tiny_vlm, image_features=feats, target="dog", objective="prob")
-    nan_lm = HookedVisionPrefix(_tiny_lm(tiny_vlm.tokenizer, n_layers=1), tiny_vlm.vision).eval()
+    hf = tiny_hf("gpt2", n_layers=1)
     with torch.no_grad():
-        nan_lm.blocks[0].mlp.W_out[0, 0] = float("nan")
+        hf_mlp(hf, 0)["W_out"][0, 0] = float("nan")
+    nan_lm = build_vlm(backend, hf, tiny_vlm.tokenizer, tiny_vlm.vision)
     with pytest.raises(ValueError, match="NaN or infinite"):
         attribute(nan_lm, image_features=feats, target="dog")
     attr = attribute(tiny_vlm, image_features=feats, target="dog")
@@ -286,6 +302,7 @@ def test_bad_input_gets_clear_errors(tiny_vlm, feats):
         attribute(tiny_vlm, image_features=feats, target="dog", probe=attr.probe)
 
 
+@needs_hooked_transformer
 def test_gpt2_small_one_backward_pass(vlm, pixels):
     """GPT-2 small: every layer x patch x unit from one backward; no parameter gradients."""
     backward_calls, forward_calls = [], []

@@ -118,6 +118,21 @@ def test_image_positions_and_slots(models, pixels):
 
 
 @torch.no_grad()
+def test_prompts_as_tuples_and_lists_and_bad_prompts(models, pixels):
+    _, vb = models
+    prompts = ("A picture of", "A very small photo of")
+    assert torch.equal(vb(prompts, images=pixels[:2]), vb(list(prompts), images=pixels[:2]))
+    kwargs = dict(images=pixels[:2], do_sample=False, return_type="tokens", verbose=False)
+    assert torch.equal(vb.generate(prompts, 3, **kwargs), vb.generate(list(prompts), 3, **kwargs))
+    with pytest.raises(TypeError, match="input must be a string, a list of strings or a token tensor"):
+        vb(None, images=pixels[:1])
+    with pytest.raises(TypeError, match="holding \\['int', 'str'\\]"):
+        vb(["a", 3], images=pixels[:2])
+    with pytest.raises(TypeError, match="token tensor with image slots"):
+        vb(torch.zeros(1, 20), images=pixels[:1])
+
+
+@torch.no_grad()
 def test_left_padded_prompts_give_the_same_last_logits_as_unpadded(models, pixels):
     _, vb = models
     prompts = ["A picture of", "A very small picture of a"]
@@ -169,10 +184,12 @@ def test_bind_images_serves_token_calls_and_embeds_once(models, pixels):
 
 @torch.no_grad()
 def test_generation_equals_greedy_full_forward_decoding(models, pixels):
+    """With the KV cache (the default) and without it: each step attends to the whole sequence."""
     _, vb = models
     expected = _greedy(vb, pixels, 5)
     kwargs = dict(images=pixels, do_sample=False, stop_at_eos=False, return_type="tokens", verbose=False)
     assert torch.equal(vb.generate(PROMPT, 5, **kwargs), expected)
+    assert torch.equal(vb.generate(PROMPT, 5, use_past_kv_cache=False, **kwargs), expected)
     n_prompt = vb.to_tokens(PROMPT, image=True).shape[1]
     captions = vb.caption(pixels, max_new_tokens=5)
     assert captions == [vb.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in expected]
@@ -190,6 +207,11 @@ def test_same_logits_and_captions_as_hooked_vision_prefix_on_the_same_weights(gp
     vb = VisionBridge.from_hf(hf, gpt2_tokenizer, vit_encoder, copy.deepcopy(hooked.projection),
                               model_name=cfg.model_name).eval()
     assert torch.allclose(vb(PROMPT, images=pixels), hooked(PROMPT, images=pixels), atol=1e-4, rtol=1e-4)
+    prompts = ("A picture of", "A very small photo of a")  # the same prompts make the same tokens
+    for side in ("left", "right"):
+        assert torch.equal(vb.to_tokens(prompts, image=True, padding_side=side),
+                           hooked.to_tokens(prompts, image=True, padding_side=side))
+    assert torch.allclose(vb(prompts, images=pixels[:2]), hooked(prompts, images=pixels[:2]), atol=1e-4, rtol=1e-4)
     _, cache = vb.run_with_cache(PROMPT, images=pixels)
     _, hooked_cache = hooked.run_with_cache(PROMPT, images=pixels)
     for name in ("hook_image_embed", "blocks.1.mlp.hook_post", "blocks.0.mlp.hook_pre_linear"):

@@ -1,4 +1,5 @@
-"""A tiny random LLaVA (CLIP vision + Llama text) converted with from_llava: HF's own model (and HF's
+"""A tiny random LLaVA (CLIP vision + Llama text) converted with from_llava (HookedVisionPrefix) and on
+TransformerLens's own LLaVA bridge adapter (VisionBridge.from_llava): HF's own model (and HF's
 LlavaProcessor for prompts with the <image> placeholder) is the oracle."""
 
 import numpy as np
@@ -6,12 +7,17 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from transformer_lens import HookedTransformer
 
-from tl_multimodal import HookedVisionPrefix
+from tl_multimodal import HookedVisionPrefix, VisionBridge
 from tl_multimodal.llava import from_llava
 
 from conftest import ASSETS, assert_decoding_matches_decomposition
+
+try:
+    from transformer_lens import HookedTransformer
+except ImportError:  # TransformerLens 4: only the bridge cases run
+    HookedTransformer = None
+needs_hooked_transformer = pytest.mark.skipif(HookedTransformer is None, reason="TransformerLens 4 has no HookedTransformer")
 
 IMAGE_TOKEN, VOCAB = 50257, 50258  # GPT-2's vocabulary + "<image>"
 CHAT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
@@ -39,6 +45,7 @@ def hf_llava():
                                              max_position_embeddings=128, initializer_range=0.1),
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, projector_hidden_act="gelu")
     model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation("eager")  # as the bridge runs it (sdpa differs by ~1e-4 in float32)
     with torch.no_grad():  # widen the random init so the tiny model is not almost linear
         for name, p in model.named_parameters():
             if "language_model" in name and name.endswith(("mlp.down_proj.weight", "v_proj.weight")):
@@ -46,9 +53,19 @@ def hf_llava():
     return model
 
 
+def _convert(backend, hf, processor):
+    """``hf`` as ``backend``: converted (HookedVisionPrefix), or a copy on TransformerLens's LLaVA bridge."""
+    import copy
+
+    if backend == "hooked":
+        return from_llava(hf, image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+    return VisionBridge.from_llava(copy.deepcopy(hf), image_processor=processor.image_processor,
+                                   tokenizer=processor.tokenizer)
+
+
 @pytest.fixture(scope="module")
-def llava(hf_llava, processor):
-    return from_llava(hf_llava, image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+def llava(backend, hf_llava, processor):
+    return _convert(backend, hf_llava, processor)
 
 
 def _prompt(n_images_tokens=16):
@@ -138,22 +155,30 @@ def test_unsupported_llava_variants_are_named(hf_llava):
     config.vision_feature_select_strategy, config.projector_hidden_act = "full", "relu"
     other = transformers.LlavaForConditionalGeneration(config)
     with pytest.raises(ValueError, match="'full'.*'relu'"):
+        VisionBridge.from_llava(other)
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
+        VisionBridge.from_llava(hf_llava.model)
+    if HookedTransformer is None:
+        with pytest.raises(ImportError, match="VisionBridge"):
+            from_llava(other)
+        return
+    with pytest.raises(ValueError, match="'full'.*'relu'"):
         from_llava(other)
     with pytest.raises(TypeError, match="LlavaForConditionalGeneration"):
         from_llava(hf_llava.model)
 
 
+@needs_hooked_transformer
 def test_classmethod_delegates(hf_llava):
     assert isinstance(HookedVisionPrefix.from_llava(hf_llava), HookedVisionPrefix)
 
 
 @pytest.fixture(scope="module")
-def llava64(hf_llava, processor):
+def llava64(backend, hf_llava, processor):
     """A float64 copy of the tiny LLaVA (finite differences and exact comparisons)."""
     import copy
 
-    return from_llava(copy.deepcopy(hf_llava).double(), image_processor=processor.image_processor,
-                      tokenizer=processor.tokenizer)
+    return _convert(backend, copy.deepcopy(hf_llava).double(), processor)
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +190,12 @@ def chat_slots(processor):
 
 
 @pytest.mark.parametrize("prompt", ["A picture of", CHAT])
-def test_attribution_on_converted_llava_matches_finite_differences(llava64, chat_slots, prompt):
-    """The neuron toolkit runs on the converted model: grad x act at an image position equals the
-    central finite difference of the target logit (float64), with the image as a prefix or at the
-    <image> placeholder inside a chat prompt (patch k is then the k-th position HF's processor expands)."""
+def test_attribution_on_converted_llava_matches_finite_differences(llava64, backend, chat_slots, prompt):
+    """The neuron toolkit runs on the converted model and on TransformerLens's LLaVA bridge: grad x act
+    at an image position equals the central finite difference of the target logit (float64), with the
+    image as a prefix or at the <image> placeholder inside a chat prompt (patch k is then the k-th
+    position HF's processor expands). HF's Llama (which the bridge runs) computes RMSNorm and softmax
+    in float32 even in float64, so there the step is larger and the tolerance wider."""
     from tl_multimodal.attribution import attribute
 
     model = llava64
@@ -196,9 +223,9 @@ def test_attribution_on_converted_llava_matches_finite_differences(llava64, chat
             hooks = [(name_of(layer), edit)]
             return model.run_with_hooks(prompt, image_features=feats, fwd_hooks=hooks)[0, -1, tid].item()
 
-        eps = 1e-5
+        eps, tol = (4e-2, 3e-5) if backend == "bridge" else (1e-5, 1e-5)
         fd = z.item() * (y(eps) - y(-eps)) / (2 * eps)
-        assert abs(attr.scores[0, layer, patch, unit].item() - fd) <= 1e-5 * max(1.0, abs(fd))
+        assert abs(attr.scores[0, layer, patch, unit].item() - fd) <= tol * max(1.0, abs(fd))
         assert abs(fd) > 1e-4
 
 
@@ -223,9 +250,11 @@ def test_chat_prompt_generation_and_bad_image_token_id(llava, hf_llava, processo
         got = llava.generate(CHAT, 5, images=image, do_sample=False, stop_at_eos=False, verbose=False,
                              return_type="tokens")
     assert got.tolist() == want.tolist()
-    lm = HookedTransformer(llava.cfg)
     with pytest.raises(ValueError, match="image_token_id must be an int"):
-        HookedVisionPrefix(lm, llava.vision, llava.projection, image_token_id=VOCAB + 1)
+        if isinstance(llava, VisionBridge):
+            VisionBridge(llava.bridge, llava.vision, llava.projection, image_token_id=VOCAB + 1)
+        else:
+            HookedVisionPrefix(HookedTransformer(llava.cfg), llava.vision, llava.projection, image_token_id=VOCAB + 1)
 
 
 def test_patching_on_a_chat_prompt_agrees_with_transformer_lens_patching(llava64, chat_slots):

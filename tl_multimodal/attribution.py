@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from tl_multimodal.nouns import first_noun
 from tl_multimodal.probe import MultiToken, Probe, image_prompt_ids, make_probe, probe_from_caption_ids
@@ -236,21 +236,23 @@ def _final_norm(model: VisionLM, x: Tensor) -> Tensor:
 
 
 def _keep_hooks(names: list[str], final_name: str, acts: dict, edit=None) -> list:
-    """Forward hooks keeping the MLP activations ``names`` (with grad) and the final residual stream."""
-    wanted = set(names)
+    """Forward hooks keeping the MLP activations ``names`` (with grad) and the final residual stream.
 
-    def keep(act, hook):
+    Each activation is kept under the name asked for: a backend may run the hook under another name
+    (a ``TransformerBridge`` runs ``blocks.0.mlp.hook_pre`` as its alias ``blocks.0.mlp.gate.hook_out``).
+    """
+    def keep(act, hook, name):
         if edit is not None:
-            act = edit(act, hook)
+            act = edit(act, name)
         elif not act.requires_grad:  # frozen weights: make the activation itself a leaf
             act = act.detach().requires_grad_(True)
-        acts[hook.name] = act
+        acts[name] = act
         return act
 
     def keep_final(resid, hook):
         acts[final_name] = resid
 
-    return [(lambda n: n in wanted, keep), (final_name, keep_final)]
+    return [(n, partial(keep, name=n)) for n in names] + [(final_name, keep_final)]
 
 
 def _objective(model: VisionLM, resid: Tensor, probe: Probe, objective: str) -> Float[Tensor, "batch"]:
@@ -300,9 +302,9 @@ def _attribute_probe(model: VisionLM, emb: Tensor, probe: Probe, names: list[str
         for layer_name in names:
             total, diff = 0.0, None
             for a in alphas.tolist():
-                def scale(act, hook, a=a):
+                def scale(act, name, a=a):
                     nonlocal diff
-                    if hook.name != layer_name:
+                    if name != layer_name:
                         return act
                     z = act.detach().clone()
                     m = mask.to(z.device)
@@ -323,6 +325,8 @@ def _caption_and_attribute(model: VisionLM, emb: Tensor, prompt: str, names: lis
                            ) -> tuple[Probe, Tensor | None, Tensor | None]:
     """Greedy captioning with a KV cache, stopping once every row's target is settled; with
     ``with_grad`` the same passes give the attribution (gradients flow back through the cache).
+    A model without a KV cache (``model.kv_cache`` is None) runs each step over the whole sequence
+    and gives no scores (the caller attributes the probe in one more pass).
 
     A row's target settles when its first noun is complete (the text goes on past the noun) or at
     end of text; with ``until="caption"`` or for ``caption_logprob``, at end of text (or after
@@ -335,15 +339,19 @@ def _caption_and_attribute(model: VisionLM, emb: Tensor, prompt: str, names: lis
     tokens = torch.tensor(prefix, device=device).repeat(b, 1)
     final_name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     eos = model.tokenizer.eos_token_id
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, b)
+    cache = model.kv_cache(b)  # None: a backend without one runs each step over the whole sequence
+    with_grad = with_grad and cache is not None
     acts: dict = {}
     ids: list[list[int]] = [[] for _ in range(b)]
     texts = [""] * b
     done = [False] * b
     with torch.set_grad_enabled(with_grad):
-        model.run_with_hooks(tokens, image_embed=emb, past_kv_cache=cache, attention_mask=torch.ones_like(tokens),
-                             return_type=None, fwd_hooks=_keep_hooks(names, final_name, acts))
-        step_logits = [model.unembed(_final_norm(model, acts[final_name][:, -1:]))[:, 0].float()]
+        if cache is None:
+            step_logits = [model(tokens, image_embed=emb)[:, -1].float()]
+        else:
+            model.run_with_hooks(tokens, image_embed=emb, past_kv_cache=cache, attention_mask=torch.ones_like(tokens),
+                                 return_type=None, fwd_hooks=_keep_hooks(names, final_name, acts))
+            step_logits = [model.unembed(_final_norm(model, acts[final_name][:, -1:]))[:, 0].float()]
         for step in range(max_new_tokens):
             nxt = step_logits[-1].detach().argmax(-1)
             for i, t in enumerate(nxt.tolist()):
@@ -359,7 +367,11 @@ def _caption_and_attribute(model: VisionLM, emb: Tensor, prompt: str, names: lis
                     done[i] = found is not None and found[1] + len(found[0]) < len(texts[i])
             if all(done) or step == max_new_tokens - 1:
                 break
-            logits = model(nxt[:, None], past_kv_cache=cache, attention_mask=torch.ones_like(nxt[:, None]))
+            if cache is None:
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                logits = model(tokens, image_embed=emb)
+            else:
+                logits = model(nxt[:, None], past_kv_cache=cache, attention_mask=torch.ones_like(nxt[:, None]))
             step_logits.append(logits[:, -1].float())
         probe = probe_from_caption_ids(model, prompt, ids, noun_finder, whole_caption=whole)
         if not with_grad:
@@ -396,7 +408,8 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
     ``grad_x_act``: ``g = Z * dy_c/dZ`` from one forward and one ``torch.autograd.grad`` per batch
     of ``batch_size`` images (gradients of the hooked activations only). Without ``target``,
     ``captions`` or ``probe``, that forward is the greedy captioning itself (KV-cached, stopped as
-    soon as every row's first noun is complete).
+    soon as every row's first noun is complete); a model without a KV cache (``model.kv_cache(n)``
+    is None) captions first and attributes the caption in one more forward.
     ``integrated_gradients``: for each layer separately, the unit activations at the image slots
     go from ``baseline`` to ``Z`` (``Z_a = b + a (Z - b)``), and ``g = (Z - b) * mean_a dy_c/dZ_a``
     over ``n_steps`` midpoints ``a = (i + 1/2) / n`` (``n_layers * n_steps`` backward passes); the
@@ -466,16 +479,15 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
     parts = []
     for start in range(0, n, batch_size):
         chunk = emb[start:start + batch_size]
-        if probe is None and method == "grad_x_act":
-            part, scores, y = _caption_and_attribute(model, chunk, prompt, names, objective, noun_finder,
-                                                     max_new_tokens, with_grad=True, until=until)
+        scores = None
+        if probe is None:
+            fused = method == "grad_x_act"
+            with torch.set_grad_enabled(fused):
+                part, scores, y = _caption_and_attribute(model, chunk, prompt, names if fused else [], objective,
+                                                         noun_finder, max_new_tokens, with_grad=fused, until=until)
         else:
-            if probe is None:
-                with torch.no_grad():
-                    part, _, _ = _caption_and_attribute(model, chunk, prompt, [], objective, noun_finder,
-                                                        max_new_tokens, with_grad=False, until=until)
-            else:
-                part = probe[start:start + batch_size]
+            part = probe[start:start + batch_size]
+        if scores is None:
             scores, y = _attribute_probe(model, chunk, part, names, objective, method, n_steps, baseline)
         if not torch.isfinite(scores).all():
             raise ValueError("attribution scores contain NaN or infinite values (check the model's "

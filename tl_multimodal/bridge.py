@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from tl_multimodal.encoders import VisionEncoder
-from tl_multimodal.frontend import ImageFrontEnd
+from tl_multimodal.compat import USE_DEFAULT_VALUE
+from tl_multimodal.frontend import ImageFrontEnd, check_slots
 from tl_multimodal.images import Images
 from tl_multimodal.projection import ImageProjection
 
@@ -46,6 +47,8 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             image slots run exactly as before.
         encoder: The frozen vision encoder.
         projection: A trained :class:`ImageProjection`; ``None`` makes a fresh (untrained) one.
+        image_token_id: The id of image slots; default ``cfg.d_vocab`` (never a real token). A
+            bridged VLM uses its own image-placeholder id (:meth:`from_llava`).
 
     Attributes:
         bridge: The wrapped ``TransformerBridge``.
@@ -55,15 +58,20 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         image_token_id: The id that marks an image slot in a token tensor (``cfg.d_vocab``).
     """
 
-    def __init__(self, bridge, encoder: VisionEncoder, projection: ImageProjection | None = None):
+    def __init__(self, bridge, encoder: VisionEncoder, projection: ImageProjection | None = None, *,
+                 image_token_id: int | None = None):
         super().__init__()
         if not hasattr(bridge, "adapter") or not hasattr(bridge, "original_model"):
             raise TypeError(f"bridge must be a transformer_lens TransformerBridge, got {type(bridge).__name__}")
         cfg = bridge.cfg
+        if image_token_id is not None and (isinstance(image_token_id, bool) or not isinstance(image_token_id, int)
+                                           or not 0 <= image_token_id < cfg.d_vocab):
+            raise ValueError(f"image_token_id must be an int in [0, {cfg.d_vocab}) (the VLM's image placeholder), "
+                             f"got {image_token_id!r}")
         self.bridge = bridge
-        self.image_token_id = cfg.d_vocab
+        self.image_token_id = cfg.d_vocab if image_token_id is None else image_token_id
         embedding = bridge.embed.original_component
-        if embedding.num_embeddings != cfg.d_vocab:
+        if image_token_id is None and embedding.num_embeddings != cfg.d_vocab:
             raise ValueError(f"the LM's input embedding has {embedding.num_embeddings} rows but cfg.d_vocab is "
                              f"{cfg.d_vocab}; image slots (id d_vocab) need them equal")
         self._attach_vision(encoder, projection, cfg.model_name, cfg.d_model)
@@ -78,6 +86,9 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         self._slots: Tensor | None = None
         embedding.register_forward_pre_hook(self._mask_slots)
         embedding.register_forward_hook(self._fill_slots)
+        for block in getattr(bridge, "blocks", []):
+            if hasattr(block, "attn"):
+                block.attn.register_forward_pre_hook(_kv_cache_by_its_old_name, with_kwargs=True)
         bridge._vision_bridge_wired = True
 
     @classmethod
@@ -98,6 +109,39 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         name = model_name or hf_model.config.name_or_path or type(hf_model).__name__
         return cls(TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer),
                    encoder, projection)
+
+    @classmethod
+    def from_llava(cls, model_or_name, image_processor=None, tokenizer=None, **hf_kwargs) -> "VisionBridge":
+        """A HF ``LlavaForConditionalGeneration`` on TransformerLens's own LLaVA bridge adapter.
+
+        The bridge runs the whole HF model (``TransformerBridge.boot_transformers``; its blocks are the
+        language model's). The image side is the model's own vision tower and projector as this
+        package's encoder and ``"mlp"`` projection (:func:`~tl_multimodal.llava.llava_vision`), so images
+        become soft prompts at the image placeholder's positions (``image_token_id`` in the tokens,
+        as HF's processor expands them; a prompt holding ``<image>`` is expanded the same way) through
+        ``hook_image_features`` / ``hook_image_embed``, and every analysis knows where they are. The
+        encoder keeps its own copy of the vision tower (the bridge rewires the HF modules in place).
+
+        Args:
+            model_or_name: A loaded ``LlavaForConditionalGeneration`` (used in place: the bridge wraps
+                it), or a hub name (needs internet).
+            image_processor, tokenizer: As for :func:`~tl_multimodal.llava.from_llava`.
+            **hf_kwargs: Passed to ``from_pretrained`` when a name is given.
+
+        Returns:
+            The model in eval mode: ``model(input_ids, images=pixel_values)`` gives HF's logits.
+        """
+        from transformer_lens.model_bridge import TransformerBridge
+
+        from tl_multimodal.llava import llava_vision, load_llava
+
+        hf, name, image_processor, tokenizer = load_llava(model_or_name, image_processor, tokenizer, **hf_kwargs)
+        lm_name = name.split("/")[-1]
+        encoder, projection, image_token = llava_vision(hf, name, image_processor, lm_name, copy_tower=True)
+        if not hf.config.architectures:  # an in-memory model has none; the bridge picks its adapter by it
+            hf.config.architectures = [type(hf).__name__]
+        bridge = TransformerBridge.boot_transformers(lm_name, hf_model=hf, tokenizer=tokenizer)
+        return cls(bridge, encoder, projection, image_token_id=image_token).eval()
 
     @classmethod
     def from_pretrained(cls, model_name: str = "gpt2", encoder: str = "microsoft/beit-large-patch16-224-pt22k",
@@ -169,7 +213,7 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             self._slots = None
             return None
         if self._bound is None:
-            raise ValueError("tokens contain image slots but no images were given; pass images=...")
+            check_slots(slots, None, self.image_token_id)
         self._slots = slots
         return (tokens.masked_fill(slots, 0), *args[1:])
 
@@ -178,11 +222,7 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         if slots is None:
             return None
         image_embed = self._bound_embed()
-        n_slots = slots.sum(-1)
-        batch, n_patch = image_embed.shape[:2]
-        if slots.shape[0] != batch or (n_slots != n_patch).any():
-            raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
-                             f"{slots.shape[0]} with {n_slots.tolist()} image slots per row")
+        check_slots(slots, image_embed, self.image_token_id)
         return output.masked_scatter(slots[..., None], image_embed.to(output.dtype))
 
     @contextlib.contextmanager
@@ -217,16 +257,17 @@ class VisionBridge(ImageFrontEnd, nn.Module):
 
         With ``image=True`` no BOS is added unless ``prepend_bos=True`` (the image tokens open the
         sequence), nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
-        on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
+        on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``. A text
+        holding the image placeholder (a VLM's ``<image>``, id ``image_token_id``) keeps its own
+        layout instead: the placeholder becomes ``n_image_tokens`` slots where it stands.
         """
         if not image:
             return self.bridge.to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
-        texts = [input] if isinstance(input, str) else list(input)
-        rows = [self.bridge.to_tokens(t, bool(prepend_bos), move_to_device=False, truncate=False)[0]
-                for t in texts]
-        slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
-        rows = [torch.cat([slots, r.long()]) for r in rows]
-        return self._stack_rows(rows, padding_side, move_to_device)
+        return self._tokens_with_images(input, prepend_bos, padding_side, move_to_device)
+
+    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
+        bos = None if prepend_bos is USE_DEFAULT_VALUE else prepend_bos
+        return self.bridge.to_tokens(text, bos, move_to_device=False, truncate=False)[0]
 
     def to_str_tokens(self, input, *args, **kwargs):
         """The bridge's ``to_str_tokens``; image slots in a token tensor read ``<image_i>``."""
@@ -236,33 +277,26 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             return [next(names) if t == self.image_token_id else self.tokenizer.decode([t]) for t in ids]
         return self.bridge.to_str_tokens(input, *args, **kwargs)
 
-    def _image_tokens(self, input, batch: int) -> Int[Tensor, "batch pos"]:
-        """Tokens with image slots for ``input`` (text, or tokens already holding the slots)."""
-        if isinstance(input, str):
-            return self.to_tokens(input, image=True).expand(batch, -1)
-        if isinstance(input, list):
-            if len(input) != batch:
-                raise ValueError(f"{len(input)} prompts for {batch} images")
-            return self.to_tokens(input, image=True)
-        if not isinstance(input, Tensor) or input.is_floating_point():
-            raise TypeError("input must be text, a list of texts, or integer tokens from "
-                            f"model.to_tokens(text, image=True); got {type(input).__name__}")
-        tokens = input if input.ndim == 2 else input[None]
-        if not self.image_mask(tokens).any():
-            raise ValueError("token tensor has no image slots; build it with model.to_tokens(text, image=True)")
-        self._check_length(tokens.shape[1])
-        return tokens.to(self.cfg.device)
-
     def _padding_mask(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
-        """The attention mask of left-padded image rows: positions before a row's first slot are padding."""
-        started = self.image_mask(tokens).long().cummax(-1).values
+        """The attention mask of left-padded rows: the positions before a row's first image slot are
+        padding; for a VLM's placeholder prompts (the image after text), the leading pad ids are
+        (but the last of them, where the pad id is also the BOS id: that one is the row's BOS)."""
+        if self.image_token_id == self.cfg.d_vocab:  # LiMBeR rows: [pad][image][text]
+            started = self.image_mask(tokens).long().cummax(-1).values
+        else:
+            tok = self.tokenizer
+            n_lead = (tokens == tok.pad_token_id).long().cumprod(-1).sum(-1)
+            if tok.pad_token_id == tok.bos_token_id:
+                n_lead = (n_lead - 1).clamp(min=0)
+            started = (torch.arange(tokens.shape[1], device=tokens.device) >= n_lead[:, None]).long()
         return None if bool(started.all()) else started
 
     # ---------------------------------------------------------------- running the model
     def _prepare(self, input, kwargs: dict, images, image_features, image_embed):
         """A call's checked soft-prompt source and its tokens (with the padding mask put in ``kwargs``)."""
         source = self._source(images, image_features, image_embed)
-        tokens = self._image_tokens(input, source[1].shape[0])
+        tokens = self._image_tokens(input, source[1].shape[0], kwargs.pop("prepend_bos", None),
+                                    kwargs.pop("padding_side", None))
         mask = self._padding_mask(tokens)
         if mask is not None and kwargs.get("attention_mask") is None:
             kwargs["attention_mask"] = mask
@@ -312,6 +346,12 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             return self.bridge.run_with_hooks(input, *args, **kwargs)
         return self._run(self.bridge.run_with_hooks, input, args, kwargs, images, image_features, image_embed)
 
+    def kv_cache(self, batch: int) -> None:
+        """None: the analyses' cached steps pass TransformerLens's own KV cache (``past_kv_cache=``,
+        gradients flow through it); the bridge runs HF's cache instead (``generate`` uses it), so
+        the analyses run each step over the whole sequence."""
+        return None
+
     def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
         """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only)."""
         tokens = tokens.to(logits.device)
@@ -324,19 +364,18 @@ class VisionBridge(ImageFrontEnd, nn.Module):
 
     def generate(self, input="", max_new_tokens: int = 10, *args, images: Images | None = None,
                  image_features: Tensor | None = None, image_embed: Tensor | None = None,
-                 use_past_kv_cache: bool = False, **kwargs):
+                 use_past_kv_cache: bool = True, **kwargs):
         """The bridge's ``generate`` with images (embedded once, before the first step).
 
-        ``use_past_kv_cache`` is off by default: with transformers 5.24 the bridge's attention
-        (TransformerLens 3.9 and 4.3) never writes the KV cache (transformers passes it as
-        ``cache=``, the bridge reads ``past_key_values=``), so cached steps silently attend to the
-        new token alone. Without the cache every step is a full forward pass: exact, slower.
+        With the KV cache (default, as in TransformerLens) the image is read once, by the first
+        step; ``use_past_kv_cache=False`` runs a full forward pass per step (same tokens, slower).
         """
         kwargs["use_past_kv_cache"] = use_past_kv_cache
         if images is None and image_features is None and image_embed is None:
             return self.bridge.generate(input, max_new_tokens, *args, **kwargs)
         source = self._source(images, image_features, image_embed)
-        tokens = self._image_tokens(input, source[1].shape[0])
+        tokens = self._image_tokens(input, source[1].shape[0], kwargs.pop("prepend_bos", None),
+                                    kwargs.pop("padding_side", None))
         self._check_length(tokens.shape[1] + max_new_tokens)
         decode = kwargs.get("return_type", "input") in ("input", "str")
         if decode:
@@ -349,6 +388,18 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         if not decode:
             return out
         return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+
+
+def _kv_cache_by_its_old_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """Hand the bridge's attention the KV cache under the name it reads.
+
+    transformers 5.24 passes the cache to attention as ``cache=``; TransformerLens's bridge
+    attention (3.9 and 4.3) reads ``past_key_values=`` (or ``layer_past=``), so without this it
+    never writes the cache and cached generation attends to the newest token alone.
+    """
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None:
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+    return None
 
 
 def load_offline_bridge(projection=None, device: str | torch.device = "cpu") -> VisionBridge:

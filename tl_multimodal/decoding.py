@@ -26,9 +26,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_multimodal.compat import HookedTransformer  # for type hints; a stand-in on TransformerLens 4
 from tl_multimodal.units import as_units
-from tl_multimodal.vlm import soft_prompts
+from tl_multimodal.vlm import VisionLM, soft_prompts
 
 WORD_LIST = Path(__file__).parent / "assets" / "english_words.tsv"
 _STRIP = " \t\n\u0120\u2581\u010a"  # space, GPT-2's "Ġ" (space) and "Ċ" (newline), SentencePiece's "▁"
@@ -71,7 +70,7 @@ def is_interpretable(tokens: Sequence[str], min_words: int = 7, top: int = 10, m
 
 
 # ---------------------------------------------------------------------------- unit decoding
-def unit_directions(model: HookedTransformer, units, apply_ln: bool = False) -> Float[Tensor, "n d_model"]:
+def unit_directions(model: VisionLM, units, apply_ln: bool = False) -> Float[Tensor, "n d_model"]:
     """The output directions ``W_out[layer][unit]`` of MLP units, optionally through ``ln_final``.
 
     ``apply_ln=True`` applies what ``ln_final`` does to *one direction* independently of the data:
@@ -85,7 +84,7 @@ def unit_directions(model: HookedTransformer, units, apply_ln: bool = False) -> 
     ranking is the same, softmax probabilities are of the unscaled logits.
 
     Args:
-        model: Any HookedTransformer (or HookedVisionPrefix).
+        model: A vision LM (or any HookedTransformer / TransformerBridge).
         units: ``(layer, unit)`` pairs, a list or an ``[n, 2]`` tensor.
         apply_ln: Apply the final norm as above (default: no, as in the paper).
 
@@ -153,14 +152,14 @@ class UnitDecoding:
 
 
 @torch.no_grad()
-def decode_units(model: HookedTransformer, units, n_tokens: int = 10, apply_ln: bool = False,
+def decode_units(model: VisionLM, units, n_tokens: int = 10, apply_ln: bool = False,
                  batch_size: int = 1024) -> UnitDecoding:
     """Decode many MLP units at once: top-``n_tokens`` tokens of ``softmax(W_U^T . W_out[layer][unit])``.
 
     The unembedding bias ``b_U`` is left out: it is not part of any unit's contribution.
 
     Args:
-        model: Any HookedTransformer (or HookedVisionPrefix).
+        model: A vision LM (or any HookedTransformer / TransformerBridge).
         units: ``(layer, unit)`` pairs, a list or an ``[n, 2]`` tensor.
         n_tokens: Tokens kept per unit.
         apply_ln: Apply the final norm's data-independent part (see :func:`unit_directions`).
@@ -184,7 +183,7 @@ def decode_units(model: HookedTransformer, units, n_tokens: int = 10, apply_ln: 
     return UnitDecoding(units[:, 0].clone(), units[:, 1].clone(), token_ids, tokens, probs, interp, apply_ln)
 
 
-def decode_unit(model: HookedTransformer, layer: int, unit: int, n_tokens: int = 10,
+def decode_unit(model: VisionLM, layer: int, unit: int, n_tokens: int = 10,
                 apply_ln: bool = False) -> UnitDecoding:
     """:func:`decode_units` for one unit."""
     return decode_units(model, [(layer, unit)], n_tokens=n_tokens, apply_ln=apply_ln)
@@ -231,12 +230,12 @@ class ImagePromptDecoding:
 
 
 @torch.no_grad()
-def decode_image_prompts(model, images=None, image_features=None, n_tokens: int = 5,
+def decode_image_prompts(model: VisionLM, images=None, image_features=None, n_tokens: int = 5,
                          method: Literal["unembed", "embed"] = "unembed") -> ImagePromptDecoding:
     """Decode the image soft prompts themselves (the paper: they are *not* decodable).
 
     Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix`.
+        model: A vision LM (:class:`~tl_multimodal.vlm.VisionLM`).
         images, image_features: As for the model's forward (exactly one).
         n_tokens: Tokens kept per prompt (the paper: 5 nearest).
         method: ``"unembed"``: logit lens, ``softmax(W_U^T ln_final(x) + b_U)`` with the real final

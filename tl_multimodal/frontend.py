@@ -107,6 +107,61 @@ class ImageFrontEnd:
         tokens = torch.stack([torch.cat([f, r.long()] if side == "left" else [r.long(), f]) for r, f in zip(rows, fill)])
         return tokens.to(self.cfg.device) if move_to_device else tokens
 
+    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
+        """One text's token ids from the LM's own ``to_tokens`` (BOS as asked, untruncated, on CPU).
+
+        Each backend says how (``prepend_bos`` ``None``/``USE_DEFAULT_VALUE``: the LM's default)."""
+        raise NotImplementedError
+
+    def _tokens_with_images(self, input, prepend_bos, padding_side, move_to_device: bool) -> Int[Tensor, "batch pos"]:
+        """``to_tokens(input, image=True)`` for both backends: each text after one image's slots.
+
+        No BOS unless ``prepend_bos=True`` (the image opens the sequence); nothing truncated; padding on
+        ``padding_side`` of the whole row. A text holding the image placeholder (a VLM's ``<image>``,
+        which tokenizes to ``image_token_id``) keeps its own layout and BOS default instead: the
+        placeholder becomes ``n_image_tokens`` slots where it stands, as HF's processors expand it.
+        """
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"to_tokens(..., image=True) takes a string or a non-empty list of strings, got {input!r}")
+        bos = False if prepend_bos in (USE_DEFAULT_VALUE, None) else prepend_bos
+        slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
+        rows = []
+        for t in texts:
+            row = None
+            if self.image_token_id < self.cfg.d_vocab:  # a real token: it may stand in the text
+                row = self._text_ids(t, prepend_bos).long()
+                placeholders = row == self.image_token_id
+                if placeholders.sum() > 1:
+                    raise ValueError(f"prompt {t!r} holds {int(placeholders.sum())} image placeholders "
+                                     f"(id {self.image_token_id}); the model takes one image per prompt: "
+                                     "use exactly one placeholder")
+                row = row.repeat_interleave(torch.where(placeholders, self.n_image_tokens, 1)) if placeholders.any() else None
+            rows.append(row if row is not None else torch.cat([slots, self._text_ids(t, bos).long()]))
+        return self._stack_rows(rows, padding_side, move_to_device)
+
+    def _image_tokens(self, input, batch: int, prepend_bos=None, padding_side=None,
+                      what: str = "input") -> Int[Tensor, "batch pos"]:
+        """Tokens with image slots for ``input`` (text, texts, or tokens already holding the slots), on the LM's device."""
+        if isinstance(input, str):
+            return self.to_tokens(input, prepend_bos, padding_side, image=True).expand(batch, -1)
+        if isinstance(input, (list, tuple)):
+            if not all(isinstance(t, str) for t in input):
+                raise TypeError(f"{what} must be a string, a list of strings or a token tensor; got a "
+                                f"{type(input).__name__} holding {sorted({type(t).__name__ for t in input})}")
+            if len(input) != batch:
+                raise ValueError(f"{len(input)} prompts for {batch} images ({what})")
+            return self.to_tokens(list(input), prepend_bos, padding_side, image=True)
+        if not isinstance(input, Tensor) or input.is_floating_point():
+            raise TypeError(f"{what} must be a string, a list of strings or a token tensor with image slots "
+                            f"(integer ids from model.to_tokens(text, image=True)), got {type(input).__name__}")
+        tokens = input if input.ndim == 2 else input[None]
+        if not self.image_mask(tokens).any():
+            raise ValueError("token tensor has no image slots; build it with "
+                             "model.to_tokens(text, image=True)")
+        self._check_length(tokens.shape[1])
+        return tokens.to(self.cfg.device)
+
     @property
     def image_positions(self) -> slice:
         """The image slots of ``to_tokens(text, image=True)`` when they open the sequence (no BOS, no
@@ -152,6 +207,19 @@ class ImageFrontEnd:
                                 return_type="tokens", verbose=False)
             captions += [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in out]
         return captions
+
+
+def check_slots(slots: Bool[Tensor, "batch pos"], image_embed: Tensor | None, image_token_id: int) -> None:
+    """The one check of both backends' slot filling: images were given, one image's slots per row."""
+    if image_embed is None:
+        raise ValueError(f"tokens contain image slots but no images were given (id {image_token_id}, "
+                         "e.g. an image placeholder in the prompt); pass images=...")
+    n_slots = slots.sum(-1)
+    batch, n_patch = image_embed.shape[:2]
+    if slots.shape[0] != batch or (n_slots != n_patch).any():
+        raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
+                         f"{slots.shape[0]} with {n_slots.tolist()} image slots per row; each row "
+                         f"needs one image's {n_patch} slots (one image per prompt)")
 
 
 def check_int(value, name: str, minimum: int = 1) -> None:

@@ -16,19 +16,20 @@ The parts map one to one:
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.loading_from_pretrained import _apply_llama3_rope_scaling, _get_rope_theta
-from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
+from tl_multimodal.compat import HookedTransformer, HookedTransformerConfig, require_hooked_transformer
 from tl_multimodal.encoders import HFVisionEncoder
 from tl_multimodal.projection import ImageProjection, ProjectionInfo
 
 
 def _llama_cfg(text_config, name: str, dtype: torch.dtype, device: torch.device) -> HookedTransformerConfig:
     """TransformerLens's config for a HF Llama config (as its ``LlamaForCausalLM`` branch builds it)."""
+    from transformer_lens.loading_from_pretrained import _apply_llama3_rope_scaling, _get_rope_theta
+
     d_head = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     n_kv = text_config.num_key_value_heads
     cfg = dict(
@@ -45,9 +46,10 @@ def _llama_cfg(text_config, name: str, dtype: torch.dtype, device: torch.device)
     return HookedTransformerConfig(**cfg)
 
 
-def _check_supported(config) -> None:
+def _check_supported(config, text: bool = True) -> None:
+    """Name what this module cannot take from a LLaVA config (``text``: also the text model's kind)."""
     problems = []
-    if config.text_config.model_type != "llama":
+    if text and config.text_config.model_type != "llama":
         problems.append(f"text model {config.text_config.model_type!r} (only 'llama' is converted)")
     if not isinstance(config.vision_feature_layer, int):
         problems.append(f"vision_feature_layer {config.vision_feature_layer!r} (only one layer)")
@@ -86,9 +88,32 @@ def from_llava(model_or_name, image_processor=None, tokenizer=None, **hf_kwargs)
         ValueError: A text model other than Llama, several feature layers, the ``"full"`` feature
             strategy, or a projector other than Linear-GELU-Linear with bias.
     """
-    import transformers
-
     from tl_multimodal.prefix import HookedVisionPrefix
+
+    require_hooked_transformer("from_llava")
+    hf, name, image_processor, tokenizer = load_llava(model_or_name, image_processor, tokenizer, **hf_kwargs)
+    config = hf.config
+    _check_supported(config)
+    inner = hf.model
+    embed = inner.language_model.embed_tokens.weight
+
+    cfg = _llama_cfg(config.text_config, name.split("/")[-1], embed.dtype, embed.device)
+    lm = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    torch.nn.Module.to(lm, embed.device)  # (TransformerLens's .to prints)
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    state = convert_llama_weights(SimpleNamespace(model=inner.language_model, lm_head=hf.lm_head), cfg)
+    lm.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                   fold_value_biases=False, refactor_factored_attn_matrices=False)
+    encoder, projection, image_token = llava_vision(hf, name, image_processor, cfg.model_name)
+    model = HookedVisionPrefix(lm, encoder, projection, image_token_id=image_token)
+    return model.eval()
+
+
+def load_llava(model_or_name, image_processor=None, tokenizer=None, **hf_kwargs):
+    """``(hf_model, name, image_processor, tokenizer)`` of a loaded ``LlavaForConditionalGeneration``
+    or a hub name (loaded with its processor, whose parts fill in what is not given)."""
+    import transformers
 
     if isinstance(model_or_name, str):
         processor = transformers.AutoProcessor.from_pretrained(model_or_name)
@@ -101,25 +126,34 @@ def from_llava(model_or_name, image_processor=None, tokenizer=None, **hf_kwargs)
         name = getattr(hf.config, "_name_or_path", "") or "llava"
     if not isinstance(hf, transformers.LlavaForConditionalGeneration):
         raise TypeError(f"expected a LlavaForConditionalGeneration, got {type(hf).__name__}")
-    config = hf.config
-    _check_supported(config)
-    inner = hf.model
-    embed = inner.language_model.embed_tokens.weight
+    return hf, name, image_processor, tokenizer
 
-    cfg = _llama_cfg(config.text_config, name.split("/")[-1], embed.dtype, embed.device)
-    lm = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    torch.nn.Module.to(lm, embed.device)  # (TransformerLens's .to prints)
-    state = convert_llama_weights(SimpleNamespace(model=inner.language_model, lm_head=hf.lm_head), cfg)
-    lm.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                                   fold_value_biases=False, refactor_factored_attn_matrices=False)
 
-    encoder = HFVisionEncoder(inner.vision_tower, feature_layer=config.vision_feature_layer,
+def llava_vision(hf, name: str, image_processor, lm_name: str, copy_tower: bool = False,
+                 ) -> tuple[HFVisionEncoder, ImageProjection, int]:
+    """The vision side of a HF ``LlavaForConditionalGeneration`` as this package's parts.
+
+    Args:
+        hf: The LLaVA model (its vision tower is shared, not copied; read it before a bridge wraps it).
+        name: The model's name, for the parts' records.
+        image_processor: The vision tower's HF image processor (None: its default at its image size).
+        lm_name: The language model's name as the model records it (``cfg.model_name``).
+        copy_tower: Give the encoder its own copy of the vision tower (a ``TransformerBridge`` rewires
+            the HF model's modules in place, its vision tower's too).
+
+    Returns:
+        ``(encoder, projection, image_token_id)``: the vision tower at ``vision_feature_layer``, the
+        ``multi_modal_projector`` as an ``"mlp"`` projection, and the image placeholder's id.
+    """
+    config, inner = hf.config, hf.model
+    _check_supported(config, text=False)
+    tower = copy.deepcopy(inner.vision_tower) if copy_tower else inner.vision_tower
+    encoder = HFVisionEncoder(tower, feature_layer=config.vision_feature_layer,
                               image_processor=image_processor, name=f"{name}:vision_tower")
-    info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid, lm=cfg.model_name,
-                          d_model=cfg.d_model, kind="mlp", training={"source": f"{name} multi_modal_projector"})
+    info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid, lm=lm_name,
+                          d_model=config.text_config.hidden_size, kind="mlp",
+                          training={"source": f"{name} multi_modal_projector"})
     projection = ImageProjection(info, dropout=0.0).to(inner.multi_modal_projector.linear_1.weight.dtype)
     projection.load_weights(inner.multi_modal_projector.state_dict(), f"{name} multi_modal_projector")
     image_token = getattr(config, "image_token_id", None)
-    image_token = config.image_token_index if image_token is None else image_token
-    model = HookedVisionPrefix(lm, encoder, projection, image_token_id=image_token)
-    return model.eval()
+    return encoder, projection, config.image_token_index if image_token is None else image_token

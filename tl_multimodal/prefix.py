@@ -30,7 +30,7 @@ from transformer_lens.utilities import lm_cross_entropy_loss
 from tl_multimodal.compat import (HAS_HOOKED_TRANSFORMER, USE_DEFAULT_VALUE, Embed, HookedTransformer,
                                   require_hooked_transformer)  # TL 4: stand-ins naming VisionBridge
 from tl_multimodal.encoders import VisionEncoder
-from tl_multimodal.frontend import ImageFrontEnd, check_generation_args
+from tl_multimodal.frontend import ImageFrontEnd, check_generation_args, check_slots
 from tl_multimodal.images import Images
 from tl_multimodal.projection import ImageProjection
 
@@ -50,15 +50,7 @@ class _ImageSlotEmbed(Embed):
         slots = tokens == self.image_token_id
         if not slots.any():
             return super().forward(tokens)
-        if self.image_embed is None:
-            raise ValueError(f"tokens contain image slots but no images were given (id {self.image_token_id}, "
-                             "e.g. an image placeholder in the prompt); pass images=...")
-        n_slots = slots.sum(-1)
-        batch, n_patch = self.image_embed.shape[:2]
-        if tokens.shape[0] != batch or (n_slots != n_patch).any():
-            raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
-                             f"{tokens.shape[0]} with {n_slots.tolist()} image slots per row; each row "
-                             f"needs one image's {n_patch} slots (one image per prompt)")
+        check_slots(slots, self.image_embed, self.image_token_id)
         embed = super().forward(tokens.masked_fill(slots, 0))
         return embed.masked_scatter(slots[..., None], self.image_embed.to(embed.dtype))
 
@@ -224,24 +216,10 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         """
         if not image:
             return super().to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
-        texts = [input] if isinstance(input, str) else list(input)
-        bos = False if prepend_bos is USE_DEFAULT_VALUE else prepend_bos
-        slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
-        tokenize = super(HookedVisionPrefix, self).to_tokens
-        rows = []
-        for t in texts:
-            row = None
-            if self.image_token_id < self.cfg.d_vocab:  # a real token: it may stand in the text
-                row = tokenize(t, prepend_bos, move_to_device=False, truncate=False)[0]
-                placeholders = row == self.image_token_id
-                if placeholders.sum() > 1:
-                    raise ValueError(f"prompt {t!r} holds {int(placeholders.sum())} image placeholders "
-                                     f"(id {self.image_token_id}); the model takes one image per prompt: "
-                                     "use exactly one placeholder")
-                row = row.repeat_interleave(torch.where(placeholders, self.n_image_tokens, 1)) if placeholders.any() else None
-            rows.append(row if row is not None else
-                        torch.cat([slots, tokenize(t, bos, move_to_device=False, truncate=False)[0]]))
-        return self._stack_rows(rows, padding_side, move_to_device)
+        return self._tokens_with_images(input, prepend_bos, padding_side, move_to_device)
+
+    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
+        return HookedTransformer.to_tokens(self, text, prepend_bos, move_to_device=False, truncate=False)[0]
 
     def to_str_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE):
         """TransformerLens's ``to_str_tokens``; image slots in token ids read ``<image_i>``.
@@ -282,28 +260,6 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
                              "unembedding direction; pass text token ids (the answers whose logits you "
                              "attribute), e.g. the target ids or the text tokens without image slots")
         return super().tokens_to_residual_directions(tokens)
-
-    def _image_tokens(self, input, batch: int, prepend_bos=USE_DEFAULT_VALUE,
-                      padding_side=USE_DEFAULT_VALUE, what: str = "input") -> Int[Tensor, "batch pos"]:
-        """Tokens with image slots for ``input`` (text, texts, or tokens already holding the slots)."""
-        if isinstance(input, str):
-            return self.to_tokens(input, prepend_bos, padding_side, image=True).expand(batch, -1)
-        if isinstance(input, (list, tuple)):
-            if not all(isinstance(t, str) for t in input):
-                raise TypeError(f"{what} must be a string, a list of strings or a token tensor; got a "
-                                f"{type(input).__name__} holding {sorted({type(t).__name__ for t in input})}")
-            if len(input) != batch:
-                raise ValueError(f"{len(input)} prompts for {batch} images ({what})")
-            return self.to_tokens(list(input), prepend_bos, padding_side, image=True)
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{what} must be a string, a list of strings or a token tensor with image "
-                            f"slots, got {type(input).__name__}")
-        tokens = input if input.ndim == 2 else input[None]
-        if not self.image_mask(tokens).any():
-            raise ValueError("token tensor has no image slots; build it with "
-                             "model.to_tokens(text, image=True)")
-        self._check_length(tokens.shape[1])
-        return tokens
 
     @contextlib.contextmanager
     def _bound(self, image_embed: Tensor):
@@ -369,6 +325,12 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         bound["prepend_bos"] = False  # the tokens are made: the parent must not read a leading pad as a BOS
         with self._bound(image_embed):
             return super().forward(**bound)
+
+    def kv_cache(self, batch: int):
+        """A fresh TransformerLens KV cache for ``batch`` rows, for ``past_kv_cache=`` (the analyses' cached steps)."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        return TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch)
 
     def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
         """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only).

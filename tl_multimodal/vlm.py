@@ -1,9 +1,9 @@
 """What the analyses need from a vision-language model: the ``VisionLM`` protocol, and the one door.
 
 Every analysis module types its ``model`` argument as :class:`VisionLM` and uses only what the
-protocol lists, so any backend that implements it (``HookedVisionPrefix`` today, a
-TransformerBridge-based model later) runs every analysis. No analysis module imports
-``HookedVisionPrefix``.
+protocol lists, so any backend that implements it (``HookedVisionPrefix`` on a
+``HookedTransformer``, ``VisionBridge`` on a ``TransformerBridge``) runs every analysis. No analysis
+module imports a model class.
 
 :func:`soft_prompts` is how every public analysis entry takes its images: it normalises them once
 (``model.preprocess``: PIL, paths, arrays, pixel tensors), encodes them once
@@ -30,7 +30,9 @@ class VisionLM(Protocol):
         W_U: ``[d_model, d_vocab]`` unembedding.
         unembed, ln_final: The unembedding and final-norm modules.
         blocks: The transformer blocks (``blocks[l].mlp.W_out``: the units' output rows).
-        hook_dict: Hook names -> HookPoints.
+        hook_dict: Hook names -> HookPoints, with TransformerLens's names
+            (``blocks.{l}.mlp.hook_pre``/``hook_post``/``hook_pre_linear``, ``blocks.{l}.hook_resid_post``);
+            a hook may run under another name (a bridge alias): key results by the name asked for.
         vision: The encoder, with ``grid`` ``(rows, cols)``, ``data_config``, ``input_size``.
         n_image_tokens: Image slots per image.
         image_token_id: The id marking an image slot.
@@ -73,6 +75,10 @@ class VisionLM(Protocol):
     def generate(self, input="", max_new_tokens: int = 10, *args, **kwargs): ...
 
     def caption(self, images, prompt: str = "A picture of", max_new_tokens: int = 20, **kwargs) -> list[str]: ...
+
+    def kv_cache(self, batch: int) -> Any | None:
+        """A fresh KV cache that ``forward``/``run_with_hooks`` take as ``past_kv_cache=`` (gradients
+        flow through it), or None where the backend has none (each step then runs the whole sequence)."""
 
 
 def soft_prompts(model: VisionLM, images=None, image_features: Float[Tensor, "batch patch d_img"] | None = None,
