@@ -45,12 +45,13 @@ Normalize = Literal["layer"] | None
 class TopUnits:
     """The top ``n_units`` units of each image (small, long format).
 
-    A unit's score on an image is its largest attribution over the image's patches (signed: a unit
-    that raises ``y_c`` scores high); ``patch`` is where that maximum is.
+    A unit's score on an image is by default its largest attribution over the image's patches
+    (signed: a unit that raises ``y_c`` scores high; other rankings: :meth:`Attribution.unit_scores`);
+    ``patch`` is where its attribution is largest.
 
     Attributes:
         image_index, layer, unit, patch: ``[n]`` index tensors (``image_index`` counts across a dataset).
-        score: ``[n]`` the unit's max-over-patches attribution.
+        score: ``[n]`` the unit's score (:meth:`Attribution.unit_scores`; by default max over patches).
         rank: ``[n]`` rank of the unit within its image (0 = best).
         target: The target string of each row's image.
         n_units: Units kept per image.
