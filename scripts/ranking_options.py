@@ -15,7 +15,6 @@ units lower p(c) more).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -27,22 +26,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from neurons_eval import add_data_args, load_split, sentence_embedder  # noqa: E402
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", type=Path, default=REPO / ".." / "shared" / "data" / "coco_mini")
-    p.add_argument("--split", default="dev")
-    p.add_argument("--n-images", type=int, default=None, help="first N images of the split (default: all)")
+    add_data_args(p)
     p.add_argument("--n-units", type=int, default=100, help="top units for similarity and IoU")
     p.add_argument("--ks", default="10", help="units ablated")
     p.add_argument("--hooks", default="pre,post")
     p.add_argument("--draws", type=int, default=1, help="draws per control set")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--projection", type=Path, default=None, help="default: the shipped projection")
     return p.parse_args(argv)
 
 
@@ -55,32 +49,19 @@ def main(argv=None) -> None:
     from tl_multimodal.attribution import attribute
     from tl_multimodal.coco import load_coco
     from tl_multimodal.controls import specificity_controls, unit_magnitudes
-    from tl_multimodal.data import load_coco_mini
     from tl_multimodal.evaluation import coco_object_masks
-    from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
     from tl_multimodal.nouns import first_noun
     from tl_multimodal.probe import Probe
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    from neurons_eval import _sentence_model
-
-    ds = load_coco_mini(args.data_dir, args.split)
-    if args.n_images is not None:
-        ds = ds.select(range(min(args.n_images, len(ds))))
-    images = [r.convert("RGB") for r in ds["image"]]
+    ds, images, projection, sha, model = load_split(args)
     refs, ids = [list(c) for c in ds["captions"]], list(ds["image_id"])
-    projection = args.projection or SHIPPED_PROJECTION
-    sha = hashlib.sha256(Path(projection).read_bytes()).hexdigest()[:16]
-    model = load_offline(projection)
-    st = _sentence_model()
-    embed = lambda texts: st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False)
+    embed = sentence_embedder()
     coco = load_coco(args.data_dir)
     pixels = model.preprocess(images)
     magnitudes = unit_magnitudes(model, image_embed=model.embed_images(pixels), batch_size=args.batch_size)
     ks = [int(k) for k in args.ks.split(",")]
     n_keep = max(args.n_units, *ks)
-    print(f"[{time.perf_counter() - t0:5.0f}s] {len(images)} {args.split} images, projection {Path(projection).name} "
+    print(f"[{time.perf_counter() - t0:5.0f}s] {len(images)} {args.split} images, projection {projection} "
           f"(sha256 {sha}), {args.draws} draws, k={ks}, top {args.n_units} for similarity/IoU", flush=True)
     summary = []
     for hook in args.hooks.split(","):
