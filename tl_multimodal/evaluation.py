@@ -12,8 +12,8 @@ table (mean relative change of p(c), top-k vs layer-matched random units, spread
 against random units of the same layers (Wilcoxon signed-rank over images);
 :func:`coco_object_masks` picks each image's object (the target noun's COCO category, else the
 largest) and carries its mask into the model-input frame. :func:`evaluate_neurons` runs all three
-over a dataset (attribution to the first noun of the model's own caption, then (a), (b), (c)) and
-returns a :class:`NeuronsEval`.
+over a dataset (attribution to the first noun of the model's own caption, then (a), (b), (c), then
+their specificity controls, :mod:`tl_multimodal.controls`) and returns a :class:`NeuronsEval`.
 """
 
 from __future__ import annotations
