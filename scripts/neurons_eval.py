@@ -88,9 +88,9 @@ def _parse(argv):
     p.add_argument("--control-ks", default="10,100", help="units ablated in the controls")
     p.add_argument("--control-draws", type=int, default=3, help="draws per control set (0: no controls)")
     p.add_argument("--rtol", type=float, default=0.1, help="tolerance of the magnitude match")
-    p.add_argument("--hook", default="pre", help="attributed MLP hook: pre or post")
-    p.add_argument("--over-patches", choices=("max", "sum"), default="max", help="unit score over patches")
-    p.add_argument("--normalize", choices=("none", "layer"), default="none", help="per-layer normalisation")
+    p.add_argument("--hook", default="post", help="attributed MLP hook: pre or post (paper: pre)")
+    p.add_argument("--over-patches", choices=("max", "sum"), default="sum", help="unit score over patches (paper: max)")
+    p.add_argument("--normalize", choices=("none", "layer"), default="layer", help="per-layer RMS (paper: none)")
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     return p.parse_args(argv)
 

@@ -198,7 +198,7 @@ def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
     assert isinstance(ev, NeuronsEval) and ev.top_units.shape == (3, 4, 2) and ev.ablation.ks == [2, 5]
     # the parts, called by hand
     res = attribute_dataset(small_vlm, [images[:2], images[2:]], n_units=5, prompt="A picture of", batch_size=2,
-                            max_new_tokens=3, until="caption")
+                            max_new_tokens=3, until="caption", hook="post", over_patches="sum", normalize="layer")
     ranked = res.top_units.units_per_image()
     assert torch.equal(ev.top_units, ranked[:, :4]) and ev.captions == res.captions and ev.targets == res.targets
     texts, interp = unit_texts(small_vlm, ranked[:, :4])
