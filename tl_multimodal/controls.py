@@ -220,7 +220,7 @@ class SpecificityControls:
             val = f"{f(r.mean)} [{f(r.low)}, {f(r.high)}]"
             gap = "" if r.arm == "own" else f"{g(r.gap)} [{g(r.gap_low)}, {g(r.gap_high)}]"
             lines.append(f"  {r.measure if r.arm == 'own' else '':20} {ARM_NAMES[r.arm]:40} {r.n_images:3d} "
-                         f"{val:>28} {gap:>30}")
+                         f"{val:>28} {gap:>30}".rstrip())
         return "\n".join(lines)
 
 
