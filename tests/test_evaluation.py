@@ -192,12 +192,13 @@ def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
                             "segmentation": poly} for j, i in enumerate((11, 12))]}
     (tmp_path / "i.json").write_text(json.dumps(ann))
     coco = COCO(str(tmp_path / "i.json"))
-    kw = dict(n_units=4, ks=(5, 2), max_new_tokens=3, n_perm=50, ablation_seeds=2, iou_seeds=2, seed=1, batch_size=2)
+    kw = dict(n_units=4, ks=(5, 2), max_new_tokens=3, n_perm=50, ablation_seeds=2, iou_seeds=2, seed=1, batch_size=2,
+              control_ks=(5,), control_draws=1)
     ev = evaluate_neurons(small_vlm, images, refs, _bag_of_letters, coco=coco, image_ids=[11, 12, 13], **kw)
     assert isinstance(ev, NeuronsEval) and ev.top_units.shape == (3, 4, 2) and ev.ablation.ks == [2, 5]
     # the parts, called by hand
     res = attribute_dataset(small_vlm, [images[:2], images[2:]], n_units=5, prompt="A picture of", batch_size=2,
-                            max_new_tokens=3, until="caption")
+                            max_new_tokens=3, until="caption", hook="post", over_patches="sum", normalize="layer")
     ranked = res.top_units.units_per_image()
     assert torch.equal(ev.top_units, ranked[:, :4]) and ev.captions == res.captions and ev.targets == res.targets
     texts, interp = unit_texts(small_vlm, ranked[:, :4])
@@ -214,6 +215,13 @@ def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
     kept, _, masks = coco_object_masks(small_vlm, coco, [11, 12], [None, None], images[:2])
     iou = heatmap_iou_test(small_vlm, small_vlm.preprocess(images[:2]), ranked[:2, :4], masks, n_random_seeds=2, seed=1)
     np.testing.assert_allclose(ev.heatmap_iou.top, iou.top, rtol=1e-5)
+    from tl_multimodal.controls import specificity_controls
+
+    ctl = specificity_controls(small_vlm, small_vlm.preprocess(images), ranked, res.probe, ks=(5,),
+                               n_units=4, n_draws=1, embed=_bag_of_letters, reference_captions=refs,
+                               object_masks=[masks[0], masks[1], None], seed=1)
+    for key, v in ctl.values.items():
+        np.testing.assert_allclose(ev.controls.values[key], v, rtol=1e-5)
     d = ev.to_dict([11, 12, 13])
     assert d["heatmap_iou"]["n_images"] == 2 and d["images"][2]["image_id"] == 13 and d["ablation"]["ks"] == [2, 5]
     json.dumps(d)

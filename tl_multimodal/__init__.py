@@ -18,6 +18,7 @@ _EXPORTS = {
     "attribution": ["Attribution", "DatasetAttribution", "TopUnits", "attribute", "attribute_dataset"],
     "bridge": ["VisionBridge", "load_offline_bridge"],
     "coco": ["coco_category_mask", "load_coco", "object_for_noun"],
+    "controls": ["SpecificityControls", "specificity_controls"],
     "data": ["SampleImages", "download_coco_sample", "load_coco_mini", "sample_images", "write_coco_sample"],
     "decoding": ["ImagePromptDecoding", "UnitDecoding", "decode_image_prompts", "decode_unit", "decode_units",
                  "is_interpretable"],

@@ -37,18 +37,21 @@ from tl_multimodal.units import mlp_act_name, mlp_hook
 from tl_multimodal.vlm import VisionLM, soft_prompts
 
 Objective = Literal["logit", "logprob", "caption_logprob"]
+OverPatches = Literal["max", "sum"]
+Normalize = Literal["layer"] | None
 
 # ---------------------------------------------------------------------------- results
 @dataclass
 class TopUnits:
     """The top ``n_units`` units of each image (small, long format).
 
-    A unit's score on an image is its largest attribution over the image's patches (signed: a unit
-    that raises ``y_c`` scores high); ``patch`` is where that maximum is.
+    A unit's score on an image is by default its largest attribution over the image's patches
+    (signed: a unit that raises ``y_c`` scores high; other rankings: :meth:`Attribution.unit_scores`);
+    ``patch`` is where its attribution is largest.
 
     Attributes:
         image_index, layer, unit, patch: ``[n]`` index tensors (``image_index`` counts across a dataset).
-        score: ``[n]`` the unit's max-over-patches attribution.
+        score: ``[n]`` the unit's score (:meth:`Attribution.unit_scores`; by default max over patches).
         rank: ``[n]`` rank of the unit within its image (0 = best).
         target: The target string of each row's image.
         n_units: Units kept per image.
@@ -175,20 +178,39 @@ class Attribution:
             raise ValueError(f"image_index {image_index} out of range for {len(self)} images")
         return image_index % len(self)
 
-    def unit_scores(self) -> tuple[Float[Tensor, "batch layer unit"], Int[Tensor, "batch layer unit"]]:
-        """Each unit's max attribution over patches, and the patch where it is reached."""
-        return self.scores.max(dim=2)
+    def unit_scores(self, over_patches: OverPatches = "max", normalize: Normalize = None,
+                    ) -> tuple[Float[Tensor, "batch layer unit"], Int[Tensor, "batch layer unit"]]:
+        """Each unit's score on each image, and the patch where its attribution is largest.
 
-    def top_units(self, n_units: int = 100, image_index: int | None = None) -> TopUnits:
-        """The ``n_units`` units with the highest max-over-patches score, per image (or for one image).
+        Args:
+            over_patches: ``"max"``: the largest (signed) attribution over the image's patches (the
+                paper); ``"sum"``: the sum over patches (the unit's total first-order effect).
+            normalize: ``None``, or ``"layer"``: divide each image's scores in a layer by their
+                root mean square over the layer's units (so layers with small gradients, late ones,
+                compete with early ones; an all-zero layer stays zero).
+        """
+        if over_patches not in ("max", "sum"):
+            raise ValueError(f"over_patches must be 'max' or 'sum', got {over_patches!r}")
+        if normalize not in (None, "layer"):
+            raise ValueError(f"normalize must be None or 'layer', got {normalize!r}")
+        best, where = self.scores.max(dim=2)
+        score = best if over_patches == "max" else self.scores.sum(dim=2)
+        if normalize == "layer":
+            rms = score.pow(2).mean(-1, keepdim=True).sqrt()
+            score = score / torch.where(rms > 0, rms, torch.ones_like(rms))
+        return score, where
 
-        Units are ranked per image by ``max_patch g[layer, patch, unit]`` (signed, so units that
-        raise ``y_c`` come first; the paper keeps the top 100 per image).
+    def top_units(self, n_units: int = 100, image_index: int | None = None, over_patches: OverPatches = "max",
+                  normalize: Normalize = None) -> TopUnits:
+        """The ``n_units`` best-scoring units per image (or for one image).
+
+        Units are ranked per image by :meth:`unit_scores` (signed, so units that raise ``y_c`` come
+        first; by default ``max_patch g[layer, patch, unit]``, and the paper keeps the top 100).
         """
         if isinstance(n_units, bool) or not isinstance(n_units, int) or n_units < 1:
             raise ValueError(f"n_units must be an int >= 1, got {n_units!r}")
         imgs = range(len(self)) if image_index is None else [self._check_image_index(image_index)]
-        best, where = self.unit_scores()
+        best, where = self.unit_scores(over_patches, normalize)
         n_layer, n_unit = best.shape[1:]
         n_units = min(n_units, n_layer * n_unit)
         rows = {n: [] for n in ("image_index", "layer", "unit", "patch", "score", "rank")}
@@ -533,7 +555,8 @@ class DatasetAttribution:
 
 
 def attribute_dataset(model: VisionLM, batches: Iterable, n_units: int = 100, features: bool = False,
-                      on_batch: Callable[[int, int], None] | None = None, **kwargs) -> DatasetAttribution:
+                      on_batch: Callable[[int, int], None] | None = None, over_patches: OverPatches = "max",
+                      normalize: Normalize = None, **kwargs) -> DatasetAttribution:
     """Attribute every image of a dataset, keeping each image's top ``n_units`` units and its probe.
 
     Args:
@@ -543,6 +566,7 @@ def attribute_dataset(model: VisionLM, batches: Iterable, n_units: int = 100, fe
         n_units: Units kept per image.
         features: The batches are precomputed encoder features.
         on_batch: Called with (first image index, images in the batch) after each batch (progress).
+        over_patches, normalize: How units are ranked (:meth:`Attribution.unit_scores`).
         **kwargs: Passed to :func:`attribute` (``target`` and ``captions`` are per batch, so pass
             them only if they apply to every image).
 
@@ -555,7 +579,7 @@ def attribute_dataset(model: VisionLM, batches: Iterable, n_units: int = 100, fe
     tops, probes, start = [], [], 0
     for b in batches:
         attr = attribute(model, **{key: b}, **kwargs)
-        tops.append(attr.top_units(n_units))
+        tops.append(attr.top_units(n_units, over_patches=over_patches, normalize=normalize))
         probes.append(attr.probe)
         if on_batch is not None:
             on_batch(start, len(attr))

@@ -12,8 +12,8 @@ table (mean relative change of p(c), top-k vs layer-matched random units, spread
 against random units of the same layers (Wilcoxon signed-rank over images);
 :func:`coco_object_masks` picks each image's object (the target noun's COCO category, else the
 largest) and carries its mask into the model-input frame. :func:`evaluate_neurons` runs all three
-over a dataset (attribution to the first noun of the model's own caption, then (a), (b), (c)) and
-returns a :class:`NeuronsEval`.
+over a dataset (attribution to the first noun of the model's own caption, then (a), (b), (c), then
+their specificity controls, :mod:`tl_multimodal.controls`) and returns a :class:`NeuronsEval`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from scipy import stats
 from torch import Tensor
 
 from tl_multimodal.ablation import AblationCurve, ablation_curve, sample_matched_units
-from tl_multimodal.attribution import attribute_dataset
+from tl_multimodal.attribution import Normalize, OverPatches, attribute_dataset
 from tl_multimodal.coco import coco_category_mask, object_for_noun
+from tl_multimodal.controls import SpecificityControls, specificity_controls
 from tl_multimodal.decoding import clean_token, decode_units
 from tl_multimodal.geometry import input_geometry, mask_to_input
 from tl_multimodal.heatmaps import heatmap_ious
@@ -306,6 +307,7 @@ class NeuronsEval:
         ablation: (b).
         heatmap_iou: (c), ``None`` without COCO annotations or objects.
         iou_images, iou_objects: The images (indices) in (c) and their ``(category id, name, how)``.
+        controls: The specificity controls of (a), (b), (c) (:mod:`~tl_multimodal.controls`), or None.
         n_layers: Layers of the LM.
         stages_s: Seconds per stage.
     """
@@ -322,6 +324,7 @@ class NeuronsEval:
     iou_images: list[int]
     iou_objects: list[tuple[int, str, str]]
     n_layers: int
+    controls: SpecificityControls | None = None
     stages_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -358,6 +361,7 @@ class NeuronsEval:
                          "top_rel_change": self.ablation.top, "random_rel_change": self.ablation.random,
                          "random_rel_change_sd": self.ablation.random_sd},
             "heatmap_iou": iou,
+            "controls": None if self.controls is None else self.controls.to_dataframe().to_dict("records"),
         }
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -371,7 +375,8 @@ class NeuronsEval:
 
     def __repr__(self) -> str:
         return (f"NeuronsEval({len(self.captions)} images x top {self.top_units.shape[1]} units; "
-                f"(a) {self.text_similarity!r}; (b) {self.ablation!r}; (c) {self.heatmap_iou!r})")
+                f"(a) {self.text_similarity!r}; (b) {self.ablation!r}; (c) {self.heatmap_iou!r})"
+                + ("" if self.controls is None else f"\n{self.controls!r}"))
 
 
 def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequence[Sequence[str]],
@@ -379,7 +384,10 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
                      ks: Sequence[int] = (10, 100, 400, 1600), prompt: str = "A picture of", max_new_tokens: int = 12,
                      reduce: Literal["mean", "max"] = "mean", n_perm: int = 10000, ablation_seeds: int = 1,
                      iou_seeds: int = 3, coco=None, image_ids: Sequence[int] | None = None, seed: int = 0,
-                     batch_size: int = 8, log: Callable[[str], None] | None = None) -> NeuronsEval:
+                     hook: str = "post", over_patches: OverPatches = "sum", normalize: Normalize = "layer",
+                     control_ks: Sequence[int] = (10, 100), control_draws: int = 3, magnitude_rtol: float = 0.1,
+                     n_boot: int = 2000, batch_size: int = 8, log: Callable[[str], None] | None = None,
+                     ) -> NeuronsEval:
     """The paper's three measurements of multimodal neurons over a dataset (METHOD.md §2).
 
     Each image is captioned greedily after ``prompt`` and its MLP units attributed to the caption's
@@ -388,14 +396,16 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
     pairing (:func:`text_similarity_test`; also for the model's own captions); (b) the ablation curve
     (:func:`~tl_multimodal.ablation.ablation_curve` at the probe, :func:`summarize_ablation`);
     (c) heatmap IoU of the top units with the COCO object in the model-input frame
-    (:func:`coco_object_masks`, :func:`heatmap_iou_test`).
+    (:func:`coco_object_masks`, :func:`heatmap_iou_test`). Then the specificity controls of all three
+    (:func:`~tl_multimodal.controls.specificity_controls`: own top units vs another image's, magnitude-
+    matched and random same-layer units, with bootstrap intervals and gaps).
 
     Args:
         model: The vision LM.
         images: The original PIL images.
         reference_captions: Per image, its reference captions.
-        embed: Texts -> ``[n, d]`` L2-normalised sentence embeddings (called once, on the sorted
-            unique texts).
+        embed: Texts -> ``[n, d]`` L2-normalised sentence embeddings (called on sorted unique
+            texts: once for (a), once for the controls).
         n_units: Top units per image for (a) and (c).
         ks: Numbers of units ablated in (b).
         prompt, max_new_tokens: The captioning prompt and caption length.
@@ -404,6 +414,14 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
         coco, image_ids: A ``pycocotools`` COCO object and each image's id in it (both, or
             neither: then (c) is skipped).
         seed: Seed of the random pairing and the random units.
+        hook, over_patches, normalize: How units are ranked: the attributed MLP hook
+            (:func:`~tl_multimodal.attribution.attribute`) and the reduction over patches and layers
+            (:meth:`~tl_multimodal.attribution.Attribution.unit_scores`). The defaults (``hook_post``,
+            the sum over patches, per-layer RMS) gave the largest gap between an image's own top
+            units and another image's in the controls on ``dev`` (README, "Ranking options"); the
+            paper's ranking is ``hook="pre", over_patches="max", normalize=None``.
+        control_ks, control_draws, magnitude_rtol, n_boot: The controls' ablation sizes, draws per
+            control, magnitude tolerance and bootstrap resamples; ``control_draws=0`` skips them.
         batch_size: Images per forward pass.
         log: Called with a progress line after each stage.
     """
@@ -421,7 +439,8 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
     stage = lambda name: stages.__setitem__(name, time.perf_counter() - t0 - sum(stages.values()))  # noqa: E731
 
     res = attribute_dataset(model, [images[s:s + batch_size] for s in range(0, n, batch_size)],
-                            n_units=max(n_units, max(ks)), prompt=prompt, batch_size=batch_size,
+                            n_units=max(n_units, max(ks), *control_ks), prompt=prompt, batch_size=batch_size,
+                            hook=hook, over_patches=over_patches, normalize=normalize,
                             max_new_tokens=max_new_tokens, until="caption",
                             on_batch=lambda s, m: say(f"attributed images {s}..{s + m - 1}"))
     captions = res.captions
@@ -453,7 +472,20 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
                                n_random_seeds=iou_seeds, seed=seed, batch_size=batch_size)
     say(f"(c) IoU over {len(kept)} images with masks")
     stage("iou")
+
+    controls = None
+    if control_draws > 0:
+        per_image = [None] * n
+        for i, m in zip(kept, masks):
+            per_image[i] = m
+        controls = specificity_controls(model, model.preprocess(images), ranked, res.probe, ks=control_ks,
+                                        n_units=n_units, n_draws=control_draws, rtol=magnitude_rtol, embed=embed,
+                                        reference_captions=reference_captions,
+                                        object_masks=per_image if kept else None, seed=seed, n_boot=n_boot,
+                                        batch_size=batch_size)
+        say(f"controls: {control_draws} draws")
+        stage("controls")
     return NeuronsEval(captions=captions, targets=res.targets, nouns=nouns, top_units=top, interpretable=interp,
                        text_similarity=sim_units, own_captions=sim_caps, ablation=summarize_ablation(curve),
                        heatmap_iou=iou, iou_images=kept, iou_objects=cats, n_layers=model.cfg.n_layers,
-                       stages_s=stages)
+                       controls=controls, stages_s=stages)
