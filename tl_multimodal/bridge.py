@@ -215,17 +215,17 @@ class VisionBridge(ImageFrontEnd, nn.Module):
                   ) -> Int[Tensor, "batch pos"]:
         """The bridge's ``to_tokens``; with ``image=True``, each text follows an image's slots.
 
-        With ``image=True`` no BOS is added unless ``prepend_bos=True`` (the image tokens open the
-        sequence), nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
+        With ``image=True`` the row is ``[BOS][image][text]`` if ``prepend_bos=True`` and
+        ``[image][text]`` if ``False``; by default the projection's layout (:attr:`image_bos`).
+        Nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
         on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
         """
         if not image:
             return self.bridge.to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
         texts = [input] if isinstance(input, str) else list(input)
-        rows = [self.bridge.to_tokens(t, bool(prepend_bos), move_to_device=False, truncate=False)[0]
+        bos = self.image_bos if prepend_bos is None else prepend_bos
+        rows = [self._image_row(self.bridge.to_tokens(t, False, move_to_device=False, truncate=False)[0], bos)
                 for t in texts]
-        slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
-        rows = [torch.cat([slots, r.long()]) for r in rows]
         return self._stack_rows(rows, padding_side, move_to_device)
 
     def to_str_tokens(self, input, *args, **kwargs):

@@ -108,10 +108,34 @@ class ImageFrontEnd:
         return tokens.to(self.cfg.device) if move_to_device else tokens
 
     @property
+    def image_bos(self) -> bool:
+        """Whether image prompts start with the LM's BOS token (``[BOS][image][text]``) or with the
+        image tokens (``[image][text]``): the layout the projection was trained with
+        (``projection.info.bos``), which ``to_tokens(text, image=True)`` follows by default."""
+        return self.projection.info.bos
+
+    @property
+    def start_token_id(self) -> int:
+        """The token that opens a sequence: the tokenizer's BOS, else its end-of-text token."""
+        tok = self.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise ValueError("the tokenizer has neither a BOS nor an end-of-text token to open a sequence with")
+        return start
+
+    def _image_row(self, text_ids: Int[Tensor, "pos"], bos: bool) -> Int[Tensor, "pos_out"]:
+        """One row of the image-prompt layout: ``[BOS]`` (if ``bos``), the image slots, the text ids."""
+        start = [self.start_token_id] if bos else []
+        head = torch.tensor(start + [self.image_token_id] * self.n_image_tokens, dtype=torch.long)
+        return torch.cat([head, text_ids.long().cpu()])
+
+    @property
     def image_positions(self) -> slice:
-        """The image slots of ``to_tokens(text, image=True)`` when they open the sequence (no BOS, no
-        placeholder, right padding); anywhere else use :meth:`image_mask` (or a probe's positions)."""
-        return slice(0, self.n_image_tokens)
+        """The image slots of ``to_tokens(text, image=True)`` in the default layout (after the BOS
+        when :attr:`image_bos`; no placeholder, right padding); anywhere else use :meth:`image_mask`
+        (or a probe's positions)."""
+        start = int(self.image_bos)
+        return slice(start, start + self.n_image_tokens)
 
     def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
         """True where ``tokens`` holds an image slot."""

@@ -210,8 +210,9 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
                   ) -> Int[Tensor, "batch pos"]:
         """TransformerLens's ``to_tokens``; with ``image=True``, each text follows an image's slots.
 
-        With ``image=True`` no BOS is added unless ``prepend_bos=True`` (the image tokens open the
-        sequence), nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
+        With ``image=True`` the row is ``[BOS][image][text]`` if ``prepend_bos=True`` and
+        ``[image][text]`` if ``False``; by default the projection's layout (:attr:`image_bos`).
+        Nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
         on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
         A text holding the image placeholder (a converted VLM's ``<image>``, which tokenizes to
         ``image_token_id``) keeps its own layout and BOS default instead: each placeholder becomes
@@ -220,8 +221,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         if not image:
             return super().to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
         texts = [input] if isinstance(input, str) else list(input)
-        bos = False if prepend_bos is USE_DEFAULT_VALUE else prepend_bos
-        slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
+        bos = self.image_bos if prepend_bos in (USE_DEFAULT_VALUE, None) else prepend_bos
         tokenize = super(HookedVisionPrefix, self).to_tokens
         rows = []
         for t in texts:
@@ -235,7 +235,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
                                      "use exactly one placeholder")
                 row = row.repeat_interleave(torch.where(placeholders, self.n_image_tokens, 1)) if placeholders.any() else None
             rows.append(row if row is not None else
-                        torch.cat([slots, tokenize(t, bos, move_to_device=False, truncate=False)[0]]))
+                        self._image_row(tokenize(t, False, move_to_device=False, truncate=False)[0], bos))
         return self._stack_rows(rows, padding_side, move_to_device)
 
     def to_str_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE):

@@ -20,12 +20,14 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
 from jaxtyping import Float, Int
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.utilities.activation_functions import apply_softcap
@@ -38,7 +40,8 @@ STATE_FILE = "training_state.pt"
 _STATE_FORMAT = "tl_multimodal training state v1"
 # settings a resumed run must share with the run it continues (``steps`` may grow)
 _RESUME_KEYS = ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "n_images", "grad_accum",
-                "processes")
+                "processes", "bos", "augment")
+_RESUME_DEFAULTS = {"bos": False, "augment": None}  # what states written before these keys ran with
 
 
 @dataclass
@@ -219,7 +222,7 @@ def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int)
         long += [f"row {i} caption {j} has {len(t)} tokens" for j, t in enumerate(ids[-1]) if len(t) > room]
         k += len(opts)
     if long:
-        before = f"{n_start} image slots" if n_start == model.n_image_tokens else "the start token"
+        before = "the start token" if n_start == 1 else f"{n_start} positions (start token and/or image slots)"
         raise ValueError(_problems(f"{what}: captions longer than n_ctx={model.cfg.n_ctx} allows after "
                                    f"{before} (at most {room} tokens with end-of-text)", long))
     return ids
@@ -227,13 +230,12 @@ def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int)
 
 def _batch(model: HookedVisionPrefix, ids: list[list[int]], with_image: bool = True,
            ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Right-padded token rows ``[image slots | caption ids | pad]`` (or the LM's start token in the
-    image's place) and the mask of their real positions."""
+    """Right-padded token rows ``[image slots | caption ids | pad]`` (after the LM's start token if the
+    projection's layout has one; the start token alone in the image's place without image) and the
+    mask of their real positions."""
+    start = [model.start_token_id] if model.image_bos or not with_image else []
     if with_image:
-        start = [model.image_token_id] * model.n_image_tokens
-    else:
-        tok = model.tokenizer
-        start = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+        start += [model.image_token_id] * model.n_image_tokens
     rows = [start + r for r in ids]
     width = max(map(len, rows))
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -310,7 +312,7 @@ def caption_nll(model: HookedVisionPrefix, captions: list[str],
     bad = [f"row {i} holds {type(c).__name__}" for i, c in enumerate(captions) if not isinstance(c, str)]
     if bad:
         raise TypeError(_problems("captions must be strings", bad))
-    n_start = 1 if image_features is None else model.n_image_tokens
+    n_start = 1 if image_features is None else model.n_image_tokens + model.image_bos
     ids = _caption_ids(model, list(captions), "captions", n_start)
     return _mean_nll(model, [r[0] for r in ids], image_features, batch_size)
 
@@ -359,8 +361,9 @@ def _load_state(path: str | Path, config: dict, steps: int) -> dict:
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"resume_from={str(path)!r} is not a training state written by train_projection "
                          f"(those are named {STATE_FILE})")
-    differ = [f"{k}: checkpoint has {state['config'].get(k)!r}, this call {config[k]!r}"
-              for k in _RESUME_KEYS if state["config"].get(k) != config[k]]
+    have = {**_RESUME_DEFAULTS, **state["config"]}
+    differ = [f"{k}: checkpoint has {have.get(k)!r}, this call {config[k]!r}"
+              for k in _RESUME_KEYS if have.get(k) != config[k]]
     if differ:
         raise ValueError(f"resume_from={str(path)!r} was written by a run with other settings; " + "; ".join(differ))
     if state["step"] > steps:
@@ -377,7 +380,9 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
                      feature_cache: str | Path | None = None, image_column: str = "image",
                      caption_column: str = "captions",
                      device: str | torch.device | None = None, mixed_precision: bool | None = None,
-                     seed: int = 0, progress: bool = True, dataset_name: str = "") -> TrainingResult:
+                     seed: int = 0, progress: bool = True, dataset_name: str = "", bos: bool | None = None,
+                     augment: Callable[[Image.Image, random.Random], Image.Image] | None = None,
+                     ) -> TrainingResult:
     """Train ``model.projection`` on image-caption pairs (LiMBeR's optimiser settings as defaults).
 
     Every row of ``dataset`` and ``dev_dataset`` is checked before anything runs. Whatever happens
@@ -403,6 +408,12 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         mixed_precision: bf16 autocast; default on when training on CUDA.
         seed: Seeds caption sampling, batch order and dropout.
         dataset_name: Recorded in the checkpoint metadata.
+        bos: The sequence layout to train: ``True`` puts the LM's start token before the image
+            tokens, ``False`` not; recorded in ``model.projection.info.bos`` (so the trained
+            projection is used with its layout). ``None`` keeps the projection's current layout.
+        augment: ``augment(pil_image, rng) -> pil_image`` applied to each training image at each
+            step (e.g. :func:`tl_multimodal.augment.random_resized_crop_flip`), which is then
+            encoded anew (no feature cache); ``None`` encodes every image once. Its name is recorded.
 
     Launched on several processes (``accelerate launch --multi_gpu --num_processes N script.py`` on
     GPUs; ``torchrun --nproc_per_node N script.py`` on CPUs, gloo), every process
@@ -434,8 +445,16 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if bos is not None and not isinstance(bos, bool):
+        raise TypeError(f"bos must be True, False or None, got {bos!r}")
+    if augment is not None and not callable(augment):
+        raise TypeError(f"augment must be a function (image, rng) -> image, got {type(augment).__name__}")
+    if augment is not None and feature_cache is not None:
+        raise ValueError("feature_cache holds one encoding per image; with augment every step encodes anew")
     _check_columns(dataset, "dataset", image_column, caption_column)
-    n_start = model.n_image_tokens
+    if bos is not None:
+        model.projection.info.bos = bos
+    n_start = model.n_image_tokens + model.image_bos
     captions = _caption_ids(model, dataset[caption_column], f"dataset column {caption_column!r}", n_start)
     dev_captions = None
     if dev_dataset is not None:
@@ -443,7 +462,8 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
         dev_captions = [c[0] for c in _caption_ids(model, dev_dataset[caption_column],
                                                    f"dev_dataset column {caption_column!r}", n_start)]
     config = {"batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
-              "clip": clip, "seed": seed, "n_images": len(captions), "grad_accum": grad_accum, "processes": world}
+              "clip": clip, "seed": seed, "n_images": len(captions), "grad_accum": grad_accum, "processes": world,
+              "bos": model.image_bos, "augment": None if augment is None else getattr(augment, "__name__", repr(augment))}
     state = _load_state(resume_from, config, steps) if resume_from is not None else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
@@ -460,16 +480,17 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
                       eval_every=eval_every, ckpt_dir=ckpt_dir, checkpoint_every=checkpoint_every,
                       image_column=image_column, device=device, mixed_precision=mixed_precision,
                       progress=progress and rank == 0, dataset_name=dataset_name, rank=rank, world=world,
-                      feature_cache=feature_cache)
+                      feature_cache=feature_cache, augment=augment)
 
 
 def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *, steps, eval_every,
            ckpt_dir, checkpoint_every, image_column, device, mixed_precision, progress, dataset_name, rank,
-           world, feature_cache):
+           world, feature_cache, augment):
     """The loop of :func:`train_projection`, its inputs checked; the caller restores the model."""
     model.requires_grad_(False)
     model.projection.requires_grad_(True)
-    features = encode_images(model, dataset, image_column, progress=progress, cache=feature_cache)
+    features = None if augment is not None else encode_images(model, dataset, image_column, progress=progress,
+                                                              cache=feature_cache)
     dev_features = None if dev_dataset is None else encode_images(model, dev_dataset, image_column, progress=progress)
 
     rng = random.Random(config["seed"])
@@ -493,9 +514,11 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
     def record() -> dict:  # the training record saved with the projection
         last = result.train_losses[-100:]
         return {"dataset": dataset_name, "n_images": len(captions), "steps": result.steps,
-                **{k: config[k] for k in ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed")},
+                **{k: config[k] for k in ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "bos",
+                                          "augment")},
                 "train_loss_last100": sum(last) / len(last) if last else None,
-                "dev_nll": result.dev_losses[-1][1] if result.dev_losses else None}
+                "dev_nll": result.dev_losses[-1][1] if result.dev_losses else None,
+                "dev_nll_by_step": [list(d) for d in result.dev_losses]}
 
     saved_at = [None]  # step of the last state written
 
@@ -526,11 +549,13 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
     bar = tqdm(range(result.steps + 1, steps + 1), desc="training projection", disable=not progress,
                initial=result.steps, total=steps)
     model.train()
+    model.vision.eval()  # frozen: batch-norm statistics must not move when images are encoded per step
     for step in bar:
         if len(order) < batch_size:
             order += rng.sample(range(len(captions)), len(captions))
         idx, order = order[:batch_size], order[batch_size:]
         chosen = [rng.choice(captions[i]) for i in idx]  # the same draws in every process
+        views = [rng.getrandbits(32) for _ in idx] if augment is not None else None  # seeds of the views
         n_targets = sum(map(len, chosen))  # every caption token (end-of-text included) is a target
         parts = np.array_split(np.arange(len(idx)), world * grad_accum)[rank * grad_accum:(rank + 1) * grad_accum]
         opt.zero_grad(set_to_none=True)
@@ -538,8 +563,14 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
         for part in parts:
             tokens, mask = _batch(model, [chosen[j] for j in part])
             rows = [idx[j] for j in part]
+            if augment is None:
+                feats = features[rows]
+            else:
+                with torch.no_grad():
+                    images = [augment(dataset[idx[j]][image_column], random.Random(views[j])) for j in part]
+                    feats = model.vision(model.preprocess(images)).float()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
-                nll = caption_token_nll(model, tokens.to(device), mask.to(device), features[rows].to(device)).sum()
+                nll = caption_token_nll(model, tokens.to(device), mask.to(device), feats.to(device)).sum()
             if torch.isfinite(nll):  # else the step fails below, in every process alike
                 (nll / n_targets).backward()  # micro-batch gradients add up to the full batch's
             total += nll.detach().double()
