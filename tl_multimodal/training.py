@@ -452,9 +452,8 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
     if augment is not None and feature_cache is not None:
         raise ValueError("feature_cache holds one encoding per image; with augment every step encodes anew")
     _check_columns(dataset, "dataset", image_column, caption_column)
-    if bos is not None:
-        model.projection.info.bos = bos
-    n_start = model.n_image_tokens + model.image_bos
+    layout = model.image_bos if bos is None else bos
+    n_start = model.n_image_tokens + layout
     captions = _caption_ids(model, dataset[caption_column], f"dataset column {caption_column!r}", n_start)
     dev_captions = None
     if dev_dataset is not None:
@@ -463,8 +462,9 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset, *, st
                                                    f"dev_dataset column {caption_column!r}", n_start)]
     config = {"batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
               "clip": clip, "seed": seed, "n_images": len(captions), "grad_accum": grad_accum, "processes": world,
-              "bos": model.image_bos, "augment": None if augment is None else getattr(augment, "__name__", repr(augment))}
+              "bos": layout, "augment": None if augment is None else getattr(augment, "__name__", repr(augment))}
     state = _load_state(resume_from, config, steps) if resume_from is not None else None
+    model.projection.info.bos = layout  # every check passed: the projection learns this layout
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
