@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from conftest import tiny_gpt2_vlm
+
 from tl_multimodal import HookedVisionPrefix, ImageProjection
 from tl_multimodal.augment import random_resized_crop_flip
 from tl_multimodal.training import _batch, _caption_ids, caption_nll, caption_token_nll, encode_images, train_projection
@@ -23,10 +25,7 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), 
 
 @pytest.fixture(scope="module")
 def tiny_vlm(gpt2_tokenizer, vit_encoder):
-    torch.manual_seed(6)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=64, d_head=16, n_heads=4, d_mlp=128,
-                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", model_name="tiny-gpt2")
-    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()
+    return tiny_gpt2_vlm(gpt2_tokenizer, vit_encoder, seed=6)
 
 
 def make_colour_data() -> datasets.Dataset:
@@ -377,7 +376,6 @@ import transformers
 import timm
 sys.path.insert(0, {tests!r})
 from test_training import make_colour_data
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from tl_multimodal import HookedVisionPrefix, VisionEncoder
 from tl_multimodal.training import train_projection
 
