@@ -270,7 +270,11 @@ def test_smollm2_bridge_logits_equal_hf_on_the_sample_images(smollm2_models):
     hf.set_attn_implementation("eager")  # as the bridge runs it (sdpa differs by ~1e-4 in float32)
     pixels = vb.preprocess(list(_sample_images().values()))
     ids = torch.tensor([vb.tokenizer(PROMPT)["input_ids"]])
-    inputs = torch.cat([vb.embed_images(pixels), hf.get_input_embeddings()(ids).expand(len(pixels), -1, -1)], 1)
+    embed = hf.get_input_embeddings()
+    start = embed(torch.tensor([[vb.start_token_id]] if vb.image_bos else [[]], dtype=torch.long))
+    inputs = torch.cat([start.expand(len(pixels), -1, -1), vb.embed_images(pixels),
+                        embed(ids).expand(len(pixels), -1, -1)], 1)  # the layout the projection was trained with
+    assert vb.image_bos == ImageProjection.load(SHIPPED_PROJECTION).info.bos
     assert torch.allclose(vb(PROMPT, images=pixels), hf(inputs_embeds=inputs).logits, atol=1e-4, rtol=1e-4)
 
 

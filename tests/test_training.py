@@ -376,6 +376,7 @@ import transformers
 import timm
 sys.path.insert(0, {tests!r})
 from test_training import make_colour_data
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 from tl_multimodal import HookedVisionPrefix, VisionEncoder
 from tl_multimodal.training import train_projection
 

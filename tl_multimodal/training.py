@@ -222,7 +222,8 @@ def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int)
         long += [f"row {i} caption {j} has {len(t)} tokens" for j, t in enumerate(ids[-1]) if len(t) > room]
         k += len(opts)
     if long:
-        before = "the start token" if n_start == 1 else f"{n_start} positions (start token and/or image slots)"
+        before = (f"{n_start} image slots" if n_start == model.n_image_tokens else "the start token" if n_start == 1
+                  else f"the start token and {n_start - 1} image slots")
         raise ValueError(_problems(f"{what}: captions longer than n_ctx={model.cfg.n_ctx} allows after "
                                    f"{before} (at most {room} tokens with end-of-text)", long))
     return ids
