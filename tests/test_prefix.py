@@ -106,9 +106,13 @@ def test_generate_with_kv_cache_equals_greedy_decoding_without_it(vlm, pixels):
 
 
 @torch.no_grad()
-def test_left_padded_prompts_give_the_same_last_logits_as_unpadded(vlm, pixels):
+@pytest.mark.parametrize("bos", [False, True])
+def test_left_padded_prompts_give_the_same_last_logits_as_unpadded(vlm, pixels, bos, monkeypatch):
+    """Also in the BOS layout, where GPT-2's pad token is its BOS: the BOS before the slots is attended."""
+    monkeypatch.setattr(vlm.projection.info, "bos", bos)
     prompts = ["A picture of", "A very small picture of a"]
     tokens = vlm.to_tokens(prompts, image=True, padding_side="left")
+    assert (tokens[:, :-1] == vlm.tokenizer.pad_token_id).any(-1).tolist() == [True, bos]
     assert (vlm.image_mask(tokens).sum(-1) == vlm.n_image_tokens).all()
     vlm.tokenizer.padding_side = "left"
     try:

@@ -254,8 +254,12 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         return tokens.to(self.cfg.device)
 
     def _padding_mask(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
-        """The attention mask of left-padded image rows: positions before a row's first slot are padding."""
-        started = self.image_mask(tokens).long().cummax(-1).values
+        """The attention mask of left-padded image rows: positions before a row's first slot are padding,
+        except the start token right before it (the BOS layout; when the pad token is the start token,
+        as for GPT-2, the projection's layout decides)."""
+        head = self.image_mask(tokens)
+        head[:, :-1] |= self._bos_before_slots(tokens)
+        started = head.long().cummax(-1).values
         return None if bool(started.all()) else started
 
     # ---------------------------------------------------------------- running the model

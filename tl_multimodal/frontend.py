@@ -129,6 +129,14 @@ class ImageFrontEnd:
         head = torch.tensor(start + [self.image_token_id] * self.n_image_tokens, dtype=torch.long)
         return torch.cat([head, text_ids.long().cpu()])
 
+    def _bos_before_slots(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos_minus_1"]:
+        """True at a start token right before an image slot (the BOS layout). When the pad token is the
+        start token (GPT-2), a left pad and a BOS look alike: the projection's layout decides."""
+        bos = (tokens[:, :-1] == self.start_token_id) & self.image_mask(tokens[:, 1:])
+        if self.tokenizer.pad_token_id == self.start_token_id and not self.image_bos:
+            bos[:] = False
+        return bos
+
     @property
     def image_positions(self) -> slice:
         """The image slots of ``to_tokens(text, image=True)`` in the default layout (after the BOS

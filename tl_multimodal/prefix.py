@@ -361,7 +361,8 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         del bound["self"]
         bound["input"] = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                             bound.get("padding_side", USE_DEFAULT_VALUE))
-        bound["prepend_bos"] = False  # the tokens are made: the parent must not read a leading pad as a BOS
+        # the tokens are made: the parent must read a leading pad as a BOS only where one stands (BOS layout)
+        bound["prepend_bos"] = bool(self._bos_before_slots(bound["input"]).any())
         with self._bound(image_embed):
             return super().forward(**bound)
 
@@ -396,7 +397,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
             image_embed = self._image_embed(images, image_features, image_embed)
         tokens = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                     bound.get("padding_side", USE_DEFAULT_VALUE))
-        bound["prepend_bos"] = False  # as in forward
+        bound["prepend_bos"] = bool(self._bos_before_slots(tokens).any())  # as in forward
         self._check_length(tokens.shape[1] + max_new_tokens)
         decode = bound.get("return_type", "input") in ("input", "str")
         if decode:
