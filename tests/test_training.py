@@ -295,6 +295,7 @@ def test_bos_layout_and_augmented_views_train_resume_and_load_with_their_layout(
     other.projection.info.bos = False
     other.load_projection(tmp_path / "whole" / "projection.pt")
     assert other.image_bos and other.to_tokens("a", image=True)[0, 0] == other.start_token_id
+    tiny_vlm.projection.load_state_dict(init)  # leave the shared model as this test found it
 
 
 def test_keyboard_interrupt_restores_modes_and_flags(tiny_vlm, colour_data):
