@@ -30,6 +30,14 @@ def gpt2_tokenizer():
     return transformers.GPT2TokenizerFast.from_pretrained(ASSETS / "gpt2_tokenizer")
 
 
+def tiny_gpt2_vlm(tokenizer, encoder, seed: int) -> "HookedVisionPrefix":
+    """A 2-layer GPT-2-style LM (d_model 64, random seeded weights) behind ``encoder``: for tests that train."""
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=64, d_head=16, n_heads=4, d_mlp=128,
+                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", model_name="tiny-gpt2")
+    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=tokenizer), encoder).eval()
+
+
 @pytest.fixture(scope="session")
 def hf_gpt2():
     """The upstream HF GPT-2 small (real config, seeded random weights): the oracle model."""

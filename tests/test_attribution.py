@@ -106,6 +106,31 @@ def test_matches_finite_differences(tiny_vlm, backend, feats, hook):
     assert (attr.scores[:, 2] == 0).all() and attr.scores[:, :2].abs().max() > 1e-2 > 100 * atol
 
 
+def test_bos_layout_scores_the_image_slots_after_the_bos(tiny_vlm, feats, monkeypatch):
+    """With [BOS][image][text], patch p is sequence position p + 1: the probe reads it off the mask."""
+    monkeypatch.setattr(tiny_vlm.projection.info, "bos", True)
+    tid = tiny_vlm.tokenizer(" dog")["input_ids"][0]
+    attr = attribute(tiny_vlm, image_features=feats, target=tid, prompt=PROMPT)
+    assert attr.probe.tokens[0, 0] == tiny_vlm.start_token_id
+    assert attr.probe.image_positions.tolist() == [list(range(1, 17))] * 2
+    torch.testing.assert_close(attr.y.double(), _y(tiny_vlm, feats, tid).detach(), rtol=1e-6, atol=1e-6)
+    _, cache = tiny_vlm.run_with_cache(PROMPT, image_features=feats)
+    eps = 1e-4
+    for layer, patch, unit in [(0, 0, 5), (1, 15, 0)]:
+        name = f"blocks.{layer}.mlp.hook_pre"
+
+        def shift(d):
+            def edit(act, hook):
+                act = act.clone()
+                act[:, patch + 1, unit] += d
+                return act
+            return _y(tiny_vlm, feats, tid, name, edit).detach()
+
+        grad = (shift(eps) - shift(-eps)) / (2 * eps)
+        torch.testing.assert_close(attr.scores[:, layer, patch, unit].double(),
+                                   cache[name][:, patch + 1, unit] * grad, rtol=1e-4, atol=1e-7)
+
+
 def test_logprob_and_caption_objectives(tiny_vlm, feats):
     """y is read off the model's own output: the target's log-prob, and the caption's total log-prob."""
     tid = tiny_vlm.tokenizer(" dog")["input_ids"][0]

@@ -142,6 +142,23 @@ def test_left_padded_prompts_give_the_same_last_logits_as_unpadded(models, pixel
 
 
 @torch.no_grad()
+def test_bos_layout_equals_hf_fed_bos_then_image_then_text_padded_or_not(models, pixels, gpt2_tokenizer,
+                                                                         monkeypatch):
+    hf, vb = models
+    monkeypatch.setattr(vb.projection.info, "bos", True)
+    ids = torch.tensor([gpt2_tokenizer(PROMPT)["input_ids"]])
+    bos = hf.get_input_embeddings()(torch.tensor([[vb.start_token_id]])).expand(len(pixels), -1, -1)
+    expected = hf(inputs_embeds=torch.cat([bos, _hf_inputs(vb, hf, pixels, ids)], 1)).logits
+    tokens = vb.to_tokens(PROMPT, image=True)
+    assert tokens[0, 0] == vb.start_token_id and vb.image_positions == slice(1, 1 + vb.n_image_tokens)
+    assert torch.allclose(vb(PROMPT, images=pixels), expected, atol=1e-4, rtol=1e-4)
+    prompts = ["A picture of", "A very small picture of a"]
+    batched = vb(vb.to_tokens(prompts, image=True, padding_side="left"), images=pixels[:2])[:, -1]
+    for i, p in enumerate(prompts):
+        assert torch.allclose(batched[i], vb(p, images=pixels[i:i + 1])[0, -1], atol=1e-4)
+
+
+@torch.no_grad()
 def test_cache_holds_the_image_hooks_and_the_embedding_reads_them_at_the_slots(models, pixels):
     _, vb = models
     logits, cache = vb.run_with_cache(PROMPT, images=pixels)
@@ -292,7 +309,11 @@ def test_smollm2_bridge_logits_equal_hf_on_the_sample_images(smollm2_models):
     hf.set_attn_implementation("eager")  # as the bridge runs it (sdpa differs by ~1e-4 in float32)
     pixels = vb.preprocess(list(_sample_images().values()))
     ids = torch.tensor([vb.tokenizer(PROMPT)["input_ids"]])
-    inputs = torch.cat([vb.embed_images(pixels), hf.get_input_embeddings()(ids).expand(len(pixels), -1, -1)], 1)
+    embed = hf.get_input_embeddings()
+    start = embed(torch.tensor([[vb.start_token_id]] if vb.image_bos else [[]], dtype=torch.long))
+    inputs = torch.cat([start.expand(len(pixels), -1, -1), vb.embed_images(pixels),
+                        embed(ids).expand(len(pixels), -1, -1)], 1)  # the layout the projection was trained with
+    assert vb.image_bos == ImageProjection.load(SHIPPED_PROJECTION).info.bos
     assert torch.allclose(vb(PROMPT, images=pixels), hf(inputs_embeds=inputs).logits, atol=1e-4, rtol=1e-4)
 
 

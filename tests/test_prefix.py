@@ -61,6 +61,36 @@ def test_cache_decomposition_includes_image_embedding_rows_and_sums_to_residual(
 
 
 @torch.no_grad()
+def test_bos_layout_equals_hf_fed_bos_then_image_then_text(vlm, hf_gpt2, gpt2_tokenizer, pixels, monkeypatch):
+    """A projection trained with the BOS layout makes it the default: [BOS][image][text], as HF sees it."""
+    ids = torch.tensor([gpt2_tokenizer(PROMPT)["input_ids"]])
+    wte = hf_gpt2.transformer.wte
+    bos = wte(torch.tensor([[gpt2_tokenizer.bos_token_id]])).expand(len(pixels), -1, -1)
+    expected = hf_gpt2(inputs_embeds=torch.cat([bos, _hf_inputs(vlm, wte, pixels, ids)], dim=1)).logits
+    assert not vlm.image_bos and vlm.image_positions == slice(0, vlm.n_image_tokens)
+    explicit = vlm(PROMPT, images=pixels, prepend_bos=True)
+    monkeypatch.setattr(vlm.projection.info, "bos", True)
+    assert vlm.image_bos and vlm.image_positions == slice(1, 1 + vlm.n_image_tokens)
+    tokens = vlm.to_tokens(PROMPT, image=True)
+    assert tokens[0, 0] == gpt2_tokenizer.bos_token_id and vlm.image_mask(tokens)[0, vlm.image_positions].all()
+    assert int(vlm.image_mask(tokens).sum()) == vlm.n_image_tokens
+    logits = vlm(PROMPT, images=pixels)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(explicit, expected, atol=1e-4, rtol=1e-4)
+    unforced = vlm(PROMPT, images=pixels, prepend_bos=False)  # an explicit False still wins
+    assert unforced.shape[1] == logits.shape[1] - 1
+    # caption generates after the same layout: greedy decoding by full passes of the HF oracle
+    embeds = torch.cat([bos, _hf_inputs(vlm, wte, pixels, ids)], dim=1)
+    new = []
+    for _ in range(4):
+        nxt = hf_gpt2(inputs_embeds=embeds).logits[:, -1].argmax(-1)
+        new.append(nxt)
+        embeds = torch.cat([embeds, wte(nxt)[:, None]], dim=1)
+    want = [gpt2_tokenizer.decode(row).strip() for row in torch.stack(new, 1)]
+    assert vlm.caption(pixels, max_new_tokens=4, prompt=PROMPT) == want
+
+
+@torch.no_grad()
 def test_generate_with_kv_cache_equals_greedy_decoding_without_it(vlm, pixels):
     kwargs = dict(images=pixels, do_sample=False, stop_at_eos=False, return_type="tokens", verbose=False)
     cached = vlm.generate(PROMPT, 6, use_past_kv_cache=True, **kwargs)
@@ -74,9 +104,13 @@ def test_generate_with_kv_cache_equals_greedy_decoding_without_it(vlm, pixels):
 
 
 @torch.no_grad()
-def test_left_padded_prompts_give_the_same_last_logits_as_unpadded(vlm, pixels):
+@pytest.mark.parametrize("bos", [False, True])
+def test_left_padded_prompts_give_the_same_last_logits_as_unpadded(vlm, pixels, bos, monkeypatch):
+    """Also in the BOS layout, where GPT-2's pad token is its BOS: the BOS before the slots is attended."""
+    monkeypatch.setattr(vlm.projection.info, "bos", bos)
     prompts = ["A picture of", "A very small picture of a"]
     tokens = vlm.to_tokens(prompts, image=True, padding_side="left")
+    assert (tokens[:, :-1] == vlm.tokenizer.pad_token_id).any(-1).tolist() == [True, bos]
     assert (vlm.image_mask(tokens).sum(-1) == vlm.n_image_tokens).all()
     vlm.tokenizer.padding_side = "left"
     try:

@@ -102,7 +102,8 @@ def test_positional_arguments_are_named_with_images(vlm, pixels):
     with_bos = vlm("A picture of", "logits", False, True, images=pixels[:1])  # prepend_bos=True, positionally
     assert with_bos.shape[1] == by_name.shape[1] + 2  # one more position than the loss has, for the BOS
     bos_tokens = vlm.to_tokens("A picture of", True, image=True)
-    assert bos_tokens[0, vlm.n_image_tokens] == vlm.tokenizer.bos_token_id  # [image][BOS text]
+    assert bos_tokens[0, 0] == vlm.tokenizer.bos_token_id  # [BOS][image][text]
+    assert vlm.image_mask(bos_tokens)[0].tolist() == [False] + [True] * vlm.n_image_tokens + [False] * 3
     torch.testing.assert_close(with_bos, vlm(bos_tokens, images=pixels[:1]))
     with pytest.raises(TypeError):
         vlm("A picture of", images=pixels[:1], not_an_argument=1)

@@ -74,6 +74,18 @@ def test_save_load_round_trip_records_kind(tmp_path, kind):
     assert not list(tmp_path.glob(".*tmp"))  # atomic save leaves no temporary file
 
 
+def test_layout_is_recorded_and_older_checkpoints_read_as_no_bos(tmp_path):
+    proj = ImageProjection(_info(bos=True))
+    proj.save(tmp_path / "p.pt")
+    assert ImageProjection.load(tmp_path / "p.pt").info.bos is True
+    ckpt = torch.load(tmp_path / "p.pt", weights_only=True)
+    del ckpt["info"]["bos"]  # a checkpoint written before the field existed: images opened the sequence
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert ImageProjection.load(tmp_path / "old.pt").info.bos is False
+    with pytest.raises(TypeError, match="bos must be True or False"):
+        _info(bos=1)
+
+
 def test_limber_checkpoint_of_another_width_is_refused(tmp_path):
     _limber_ckpt(tmp_path / "proj.ckpt", 4096, d_in=1024)  # LiMBeR's BEiT-large -> GPT-J-6B
     with pytest.raises(ValueError, match=r"linear.weight has shape \(4096, 1024\), expected \(16, 24\)"):

@@ -1,5 +1,6 @@
 """Projection training: only the projection learns, and what it learns ties captions to images."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,7 +13,10 @@ import torch
 from PIL import Image
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from conftest import tiny_gpt2_vlm
+
 from tl_multimodal import HookedVisionPrefix, ImageProjection
+from tl_multimodal.augment import random_resized_crop_flip
 from tl_multimodal.training import _batch, _caption_ids, caption_nll, caption_token_nll, encode_images, train_projection
 
 ASSETS = Path(__file__).parent / "assets"
@@ -21,10 +25,7 @@ COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), 
 
 @pytest.fixture(scope="module")
 def tiny_vlm(gpt2_tokenizer, vit_encoder):
-    torch.manual_seed(6)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=64, d_head=16, n_heads=4, d_mlp=128,
-                                  d_vocab=50257, act_fn="gelu_new", normalization_type="LN", model_name="tiny-gpt2")
-    return HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).eval()
+    return tiny_gpt2_vlm(gpt2_tokenizer, vit_encoder, seed=6)
 
 
 def make_colour_data() -> datasets.Dataset:
@@ -254,6 +255,55 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_vlm, colour_data, tm
     assert list(frame.columns) == ["step", "train_loss", "dev_loss"] and frame.step.tolist() == list(range(1, 8))
     assert frame.dropna().set_index("step").dev_loss.to_dict() == dict(whole.dev_losses)
     assert not tiny_vlm.training and all(p.requires_grad for p in tiny_vlm.parameters())
+
+
+def test_bos_layout_and_augmented_views_train_resume_and_load_with_their_layout(tiny_vlm, colour_data, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(tiny_vlm.projection.info, "bos", False)  # the fixture's layout comes back afterwards
+    init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    kw = dict(steps=4, batch_size=3, lr=1e-2, warmup=2, checkpoint_every=2, progress=False, seed=1, bos=True,
+              augment=random_resized_crop_flip)
+    whole = train_projection(tiny_vlm, colour_data, checkpoint_dir=tmp_path / "whole", **kw)
+    expected = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    saved = ImageProjection.load(tmp_path / "whole" / "projection.pt")
+    assert saved.info.bos and tiny_vlm.image_bos
+    assert saved.info.training["bos"] is True and saved.info.training["augment"] == "random_resized_crop_flip"
+
+    tiny_vlm.projection.load_state_dict(init)  # the same run on whole images learns something else
+    train_projection(tiny_vlm, colour_data, **{**kw, "augment": None, "checkpoint_every": None})
+    assert not torch.equal(tiny_vlm.projection.linear.weight, expected["linear.weight"])
+
+    tiny_vlm.projection.load_state_dict(init)  # interrupted at step 3, resumed: the same views, the same end
+    with _fail_at(tiny_vlm, 3), pytest.raises(Boom):
+        train_projection(tiny_vlm, colour_data, checkpoint_dir=tmp_path / "cut", **kw)
+    resumed = train_projection(tiny_vlm, colour_data, checkpoint_dir=tmp_path / "cut", resume_from=tmp_path / "cut", **kw)
+    for k, v in expected.items():
+        assert torch.equal(tiny_vlm.projection.state_dict()[k], v), k
+    assert resumed.train_losses == whole.train_losses
+    with pytest.raises(ValueError, match="bos: checkpoint has True, this call False"):
+        train_projection(tiny_vlm, colour_data, checkpoint_dir=tmp_path / "cut", resume_from=tmp_path / "cut",
+                         **{**kw, "bos": False})
+    assert tiny_vlm.image_bos  # a refused call leaves the layout as it was
+
+    # what training scores is [start][image slots][caption]: the model's own loss on those tokens
+    texts = ["a red square", "blue"]
+    ids = [r[0] for r in _caption_ids(tiny_vlm, texts, "captions", tiny_vlm.n_image_tokens + 1)]
+    tokens, mask = _batch(tiny_vlm, ids)
+    assert torch.equal(tokens, tiny_vlm.to_tokens([t + "<|endoftext|>" for t in texts], image=True,
+                                                  padding_side="right"))
+    assert (tokens[:, 0] == tiny_vlm.start_token_id).all() and tiny_vlm.image_mask(tokens)[:, 1:17].all()
+    feats = encode_images(tiny_vlm, colour_data.select([0, 1]), progress=False)
+    with torch.no_grad():
+        mine = caption_token_nll(tiny_vlm, tokens, mask, feats)
+        full = tiny_vlm(tokens, image_features=feats, attention_mask=mask, return_type="loss", loss_per_token=True)
+    torch.testing.assert_close(mine, full[mask[:, 1:].bool() & ~tiny_vlm.image_mask(tokens[:, 1:])])
+    torch.testing.assert_close(caption_nll(tiny_vlm, texts, feats), mine.mean().item())
+
+    other = copy.deepcopy(tiny_vlm)  # a model loading the checkpoint takes its layout
+    other.projection.info.bos = False
+    other.load_projection(tmp_path / "whole" / "projection.pt")
+    assert other.image_bos and other.to_tokens("a", image=True)[0, 0] == other.start_token_id
+    tiny_vlm.projection.load_state_dict(init)  # leave the shared model as this test found it
 
 
 def test_keyboard_interrupt_restores_modes_and_flags(tiny_vlm, colour_data):

@@ -255,8 +255,9 @@ class VisionBridge(ImageFrontEnd, nn.Module):
                   ) -> Int[Tensor, "batch pos"]:
         """The bridge's ``to_tokens``; with ``image=True``, each text follows an image's slots.
 
-        With ``image=True`` no BOS is added unless ``prepend_bos=True`` (the image tokens open the
-        sequence), nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
+        With ``image=True`` the row is ``[BOS][image][text]`` if ``prepend_bos=True`` and
+        ``[image][text]`` if ``False``; by default the projection's layout (:attr:`image_bos`).
+        Nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
         on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``. A text
         holding the image placeholder (a VLM's ``<image>``, id ``image_token_id``) keeps its own
         layout instead: the placeholder becomes ``n_image_tokens`` slots where it stands.
@@ -278,11 +279,15 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         return self.bridge.to_str_tokens(input, *args, **kwargs)
 
     def _padding_mask(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
-        """The attention mask of left-padded rows: the positions before a row's first image slot are
-        padding; for a VLM's placeholder prompts (the image after text), the leading pad ids are
-        (but the last of them, where the pad id is also the BOS id: that one is the row's BOS)."""
-        if self.image_token_id == self.cfg.d_vocab:  # LiMBeR rows: [pad][image][text]
-            started = self.image_mask(tokens).long().cummax(-1).values
+        """The attention mask of left-padded rows. LiMBeR rows (``[pad][BOS][image][text]``): positions
+        before a row's first slot are padding, except the start token right before it (the BOS layout;
+        when the pad token is the start token, as for GPT-2, the projection's layout decides). A VLM's
+        placeholder prompts (the image after text): the leading pad ids are padding (but the last of
+        them where the pad id is also the BOS id: that one is the row's BOS)."""
+        if self.image_token_id == self.cfg.d_vocab:
+            head = self.image_mask(tokens)
+            head[:, :-1] |= self._bos_before_slots(tokens)
+            started = head.long().cummax(-1).values
         else:
             tok = self.tokenizer
             n_lead = (tokens == tok.pad_token_id).long().cumprod(-1).sum(-1)

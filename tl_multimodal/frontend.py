@@ -116,16 +116,16 @@ class ImageFrontEnd:
     def _tokens_with_images(self, input, prepend_bos, padding_side, move_to_device: bool) -> Int[Tensor, "batch pos"]:
         """``to_tokens(input, image=True)`` for both backends: each text after one image's slots.
 
-        No BOS unless ``prepend_bos=True`` (the image opens the sequence); nothing truncated; padding on
-        ``padding_side`` of the whole row. A text holding the image placeholder (a VLM's ``<image>``,
+        ``[BOS][image][text]`` if ``prepend_bos=True``, ``[image][text]`` if ``False``, by default the
+        projection's layout (:attr:`image_bos`); nothing truncated; padding on ``padding_side`` of the
+        whole row. A text holding the image placeholder (a VLM's ``<image>``,
         which tokenizes to ``image_token_id``) keeps its own layout and BOS default instead: the
         placeholder becomes ``n_image_tokens`` slots where it stands, as HF's processors expand it.
         """
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"to_tokens(..., image=True) takes a string or a non-empty list of strings, got {input!r}")
-        bos = False if prepend_bos in (USE_DEFAULT_VALUE, None) else prepend_bos
-        slots = torch.full((self.n_image_tokens,), self.image_token_id, dtype=torch.long)
+        bos = self.image_bos if prepend_bos in (USE_DEFAULT_VALUE, None) else prepend_bos
         rows = []
         for t in texts:
             row = None
@@ -137,7 +137,7 @@ class ImageFrontEnd:
                                      f"(id {self.image_token_id}); the model takes one image per prompt: "
                                      "use exactly one placeholder")
                 row = row.repeat_interleave(torch.where(placeholders, self.n_image_tokens, 1)) if placeholders.any() else None
-            rows.append(row if row is not None else torch.cat([slots, self._text_ids(t, bos).long()]))
+            rows.append(row if row is not None else self._image_row(self._text_ids(t, False), bos))
         return self._stack_rows(rows, padding_side, move_to_device)
 
     def _image_tokens(self, input, batch: int, prepend_bos=None, padding_side=None,
@@ -163,10 +163,42 @@ class ImageFrontEnd:
         return tokens.to(self.cfg.device)
 
     @property
+    def image_bos(self) -> bool:
+        """Whether image prompts start with the LM's BOS token (``[BOS][image][text]``) or with the
+        image tokens (``[image][text]``): the layout the projection was trained with
+        (``projection.info.bos``), which ``to_tokens(text, image=True)`` follows by default."""
+        return self.projection.info.bos
+
+    @property
+    def start_token_id(self) -> int:
+        """The token that opens a sequence: the tokenizer's BOS, else its end-of-text token."""
+        tok = self.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise ValueError("the tokenizer has neither a BOS nor an end-of-text token to open a sequence with")
+        return start
+
+    def _image_row(self, text_ids: Int[Tensor, "pos"], bos: bool) -> Int[Tensor, "pos_out"]:
+        """One row of the image-prompt layout: ``[BOS]`` (if ``bos``), the image slots, the text ids."""
+        start = [self.start_token_id] if bos else []
+        head = torch.tensor(start + [self.image_token_id] * self.n_image_tokens, dtype=torch.long)
+        return torch.cat([head, text_ids.long().cpu()])
+
+    def _bos_before_slots(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos_minus_1"]:
+        """True at a start token right before an image slot (the BOS layout). When the pad token is the
+        start token (GPT-2), a left pad and a BOS look alike: the projection's layout decides."""
+        bos = (tokens[:, :-1] == self.start_token_id) & self.image_mask(tokens[:, 1:])
+        if self.tokenizer.pad_token_id == self.start_token_id and not self.image_bos:
+            bos[:] = False
+        return bos
+
+    @property
     def image_positions(self) -> slice:
-        """The image slots of ``to_tokens(text, image=True)`` when they open the sequence (no BOS, no
-        placeholder, right padding); anywhere else use :meth:`image_mask` (or a probe's positions)."""
-        return slice(0, self.n_image_tokens)
+        """The image slots of ``to_tokens(text, image=True)`` in the default layout (after the BOS
+        when :attr:`image_bos`; no placeholder, right padding); anywhere else use :meth:`image_mask`
+        (or a probe's positions)."""
+        start = int(self.image_bos)
+        return slice(start, start + self.n_image_tokens)
 
     def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
         """True where ``tokens`` holds an image slot."""

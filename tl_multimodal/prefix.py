@@ -207,8 +207,9 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
                   ) -> Int[Tensor, "batch pos"]:
         """TransformerLens's ``to_tokens``; with ``image=True``, each text follows an image's slots.
 
-        With ``image=True`` no BOS is added unless ``prepend_bos=True`` (the image tokens open the
-        sequence), nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
+        With ``image=True`` the row is ``[BOS][image][text]`` if ``prepend_bos=True`` and
+        ``[image][text]`` if ``False``; by default the projection's layout (:attr:`image_bos`).
+        Nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
         on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
         A text holding the image placeholder (a converted VLM's ``<image>``, which tokenizes to
         ``image_token_id``) keeps its own layout and BOS default instead: each placeholder becomes
@@ -322,7 +323,8 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         del bound["self"]
         bound["input"] = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                             bound.get("padding_side", USE_DEFAULT_VALUE))
-        bound["prepend_bos"] = False  # the tokens are made: the parent must not read a leading pad as a BOS
+        # the tokens are made: the parent must read a leading pad as a BOS only where one stands (BOS layout)
+        bound["prepend_bos"] = bool(self._bos_before_slots(bound["input"]).any())
         with self._bound(image_embed):
             return super().forward(**bound)
 
@@ -367,7 +369,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
             image_embed = self._image_embed(images, image_features, image_embed)
         tokens = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                     bound.get("padding_side", USE_DEFAULT_VALUE))
-        bound["prepend_bos"] = False  # as in forward
+        bound["prepend_bos"] = bool(self._bos_before_slots(tokens).any())  # as in forward
         self._check_length(tokens.shape[1] + max_new_tokens)
         decode = bound.get("return_type", "input") in ("input", "str")
         if decode:

@@ -43,6 +43,9 @@ class ProjectionInfo:
         kind: ``"linear"``, ``"pooled"`` or ``"mlp"`` (see the module docstring).
         n_tokens: Soft-prompt tokens per image: ``rows * cols`` for ``"linear"``/``"mlp"`` (filled in
             when ``None``), chosen for ``"pooled"``.
+        bos: The sequence layout the projection was trained with: ``True`` puts the LM's BOS token
+            before the image tokens (``[BOS][image][text]``), ``False`` lets the image tokens open the
+            sequence (LiMBeR's layout, and that of checkpoints written before this field existed).
     """
 
     encoder: str
@@ -53,9 +56,12 @@ class ProjectionInfo:
     training: dict = field(default_factory=dict)
     kind: str = "linear"
     n_tokens: int | None = None
+    bos: bool = False
 
     def __post_init__(self):
         self.grid = tuple(self.grid)
+        if not isinstance(self.bos, bool):
+            raise TypeError(f"bos must be True or False, got {self.bos!r}")
         if self.kind not in KINDS:
             raise ValueError(f"projection kind must be one of {KINDS}, got {self.kind!r}")
         for name in ("d_img", "d_model"):

@@ -23,13 +23,14 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
 from jaxtyping import Float, Int
+from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.utilities.activation_functions import apply_softcap
@@ -42,7 +43,9 @@ STATE_FILE = "training_state.pt"
 _STATE_FORMAT = "tl_multimodal training state v1"
 # settings a resumed run must share with the run it continues (``steps`` may grow)
 _RESUME_KEYS = ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "n_images", "grad_accum",
-                "processes", "shuffle")
+                "processes", "shuffle", "bos", "augment")
+# what states written before these keys ran with (streams always shuffled; no BOS; no augmentation)
+_RESUME_DEFAULTS = {"shuffle": True, "bos": False, "augment": None}
 
 
 @dataclass
@@ -229,7 +232,8 @@ def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int,
         long += [f"row {first + i} caption {j} has {len(t)} tokens" for j, t in enumerate(ids[-1]) if len(t) > room]
         k += len(opts)
     if long:
-        before = f"{n_start} image slots" if n_start == model.n_image_tokens else "the start token"
+        before = (f"{n_start} image slots" if n_start == model.n_image_tokens else "the start token" if n_start == 1
+                  else f"the start token and {n_start - 1} image slots")
         raise ValueError(_problems(f"{what}: captions longer than n_ctx={model.cfg.n_ctx} allows after "
                                    f"{before} (at most {room} tokens with end-of-text)", long))
     return ids
@@ -237,13 +241,12 @@ def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int,
 
 def _batch(model: HookedVisionPrefix, ids: list[list[int]], with_image: bool = True,
            ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Right-padded token rows ``[image slots | caption ids | pad]`` (or the LM's start token in the
-    image's place) and the mask of their real positions."""
+    """Right-padded token rows ``[image slots | caption ids | pad]`` (after the LM's start token if the
+    projection's layout has one; the start token alone in the image's place without image) and the
+    mask of their real positions."""
+    start = [model.start_token_id] if model.image_bos or not with_image else []
     if with_image:
-        start = [model.image_token_id] * model.n_image_tokens
-    else:
-        tok = model.tokenizer
-        start = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+        start += [model.image_token_id] * model.n_image_tokens
     rows = [start + r for r in ids]
     width = max(map(len, rows))
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -320,7 +323,7 @@ def caption_nll(model: HookedVisionPrefix, captions: list[str],
     bad = [f"row {i} holds {type(c).__name__}" for i, c in enumerate(captions) if not isinstance(c, str)]
     if bad:
         raise TypeError(_problems("captions must be strings", bad))
-    n_start = 1 if image_features is None else model.n_image_tokens
+    n_start = 1 if image_features is None else model.n_image_tokens + model.image_bos
     ids = _caption_ids(model, list(captions), "captions", n_start)
     return _mean_nll(model, [r[0] for r in ids], image_features, batch_size)
 
@@ -369,9 +372,9 @@ def _load_state(path: str | Path, config: dict, steps: int) -> dict:
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise ValueError(f"resume_from={str(path)!r} is not a training state written by train_projection "
                          f"(those are named {STATE_FILE})")
-    old = {"shuffle": True, **state["config"]}  # states written before streams always shuffled
-    differ = [f"{k}: checkpoint has {old.get(k)!r}, this call {config[k]!r}" for k in _RESUME_KEYS
-              if old.get(k) != config[k]]
+    have = {**_RESUME_DEFAULTS, **state["config"]}
+    differ = [f"{k}: checkpoint has {have.get(k)!r}, this call {config[k]!r}"
+              for k in _RESUME_KEYS if have.get(k) != config[k]]
     if differ:
         raise ValueError(f"resume_from={str(path)!r} was written by a run with other settings; " + "; ".join(differ))
     if state["step"] > steps:
@@ -435,7 +438,9 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset | Iter
                      caption_column: str = "captions",
                      device: str | torch.device | None = None, mixed_precision: bool | None = None,
                      seed: int = 0, shuffle: bool = True, progress: bool = True,
-                     dataset_name: str = "") -> TrainingResult:
+                     dataset_name: str = "", bos: bool | None = None,
+                     augment: Callable[[Image.Image, random.Random], Image.Image] | None = None,
+                     ) -> TrainingResult:
     """Train ``model.projection`` on image-caption pairs (LiMBeR's optimiser settings as defaults).
 
     Every row of a ``datasets.Dataset`` (and of ``dev_dataset``) is checked before anything runs;
@@ -472,6 +477,12 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset | Iter
         shuffle: Draw a ``datasets.Dataset``'s rows in a random order each epoch; ``False`` takes
             them in order, as a stream is read.
         dataset_name: Recorded in the checkpoint metadata.
+        bos: The sequence layout to train: ``True`` puts the LM's start token before the image
+            tokens, ``False`` not; recorded in ``model.projection.info.bos`` (so the trained
+            projection is used with its layout). ``None`` keeps the projection's current layout.
+        augment: ``augment(pil_image, rng) -> pil_image`` applied to each training image at each
+            step (e.g. :func:`tl_multimodal.augment.random_resized_crop_flip`), which is then
+            encoded anew (no feature cache); ``None`` encodes every image once. Its name is recorded.
 
     Launched on several processes (``accelerate launch --multi_gpu --num_processes N script.py`` on
     GPUs; ``torchrun --nproc_per_node N script.py`` on CPUs, gloo), every process
@@ -505,7 +516,14 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset | Iter
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     if not isinstance(shuffle, bool):
         raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
-    n_start = model.n_image_tokens
+    if bos is not None and not isinstance(bos, bool):
+        raise TypeError(f"bos must be True, False or None, got {bos!r}")
+    if augment is not None and not callable(augment):
+        raise TypeError(f"augment must be a function (image, rng) -> image, got {type(augment).__name__}")
+    if augment is not None and feature_cache is not None:
+        raise ValueError("feature_cache holds one encoding per image; with augment every step encodes anew")
+    layout = model.image_bos if bos is None else bos
+    n_start = model.n_image_tokens + layout
     stream = _is_stream(dataset)
     if not stream and not isinstance(dataset, datasets.Dataset):
         raise TypeError(f"dataset must be a datasets.Dataset or an iterable of dict rows (a stream), "
@@ -525,8 +543,10 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset | Iter
                                                    f"dev_dataset column {caption_column!r}", n_start)]
     config = {"batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
               "clip": clip, "seed": seed, "n_images": None if stream else len(captions), "grad_accum": grad_accum,
-              "processes": world, "shuffle": shuffle}
+              "processes": world, "shuffle": shuffle, "bos": layout,
+              "augment": None if augment is None else getattr(augment, "__name__", repr(augment))}
     state = _load_state(resume_from, config, steps) if resume_from is not None else None
+    model.projection.info.bos = layout  # every check passed: the projection learns this layout
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -543,20 +563,21 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset | Iter
                       image_column=image_column, caption_column=caption_column, device=device,
                       mixed_precision=mixed_precision,
                       progress=progress and rank == 0, dataset_name=dataset_name, rank=rank, world=world,
-                      feature_cache=feature_cache)
+                      feature_cache=feature_cache, augment=augment)
 
 
 def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *, steps, eval_every,
            ckpt_dir, checkpoint_every, image_column, caption_column, device, mixed_precision, progress,
-           dataset_name, rank, world, feature_cache):
+           dataset_name, rank, world, feature_cache, augment):
     """The loop of :func:`train_projection`, its inputs checked; the caller restores the model.
 
-    ``captions`` is None for a stream (``dataset`` then is any iterable of rows)."""
+    ``captions`` is None for a stream (``dataset`` then is any iterable of rows). A stream, or
+    ``augment``, encodes each step's images as it goes; else the features are encoded once."""
     model.requires_grad_(False)
     model.projection.requires_grad_(True)
     stream = captions is None
-    features = None if stream else encode_images(model, dataset, image_column, progress=progress,
-                                                  cache=feature_cache)
+    features = None if stream or augment is not None else encode_images(model, dataset, image_column,
+                                                                         progress=progress, cache=feature_cache)
     dev_features = None if dev_dataset is None else encode_images(model, dev_dataset, image_column, progress=progress)
 
     rng = random.Random(config["seed"])
@@ -581,9 +602,11 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
     def record() -> dict:  # the training record saved with the projection
         last = result.train_losses[-100:]
         return {"dataset": dataset_name, "n_images": config["n_images"], "steps": result.steps,
-                **{k: config[k] for k in ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed")},
+                **{k: config[k] for k in ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "bos",
+                                          "augment")},
                 "train_loss_last100": sum(last) / len(last) if last else None,
-                "dev_nll": result.dev_losses[-1][1] if result.dev_losses else None}
+                "dev_nll": result.dev_losses[-1][1] if result.dev_losses else None,
+                "dev_nll_by_step": [list(d) for d in result.dev_losses]}
 
     saved_at = [None]  # step of the last state written
 
@@ -615,7 +638,8 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
     bar = tqdm(range(result.steps + 1, steps + 1), desc="training projection", disable=not progress,
                initial=result.steps, total=steps)
     model.train()
-    model.vision.eval()  # frozen: a stream's images are encoded in eval mode, as encode_images does
+    model.vision.eval()  # frozen: images encoded per step (a stream, augment) stay in eval mode
+    n_start = model.n_image_tokens + config["bos"]
     for step in bar:
         if stream:  # every process reads every row (captions of the whole batch), encodes only its own
             batch = rows.take(batch_size)
@@ -627,7 +651,7 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
                                      f"{', '.join(map(repr, missing))} (columns: {', '.join(map(str, row))}); "
                                      "pass image_column= and caption_column=")
                 options += _caption_ids(model, [row[caption_column]], f"training stream (epoch {epoch}) column "
-                                        f"{caption_column!r}", model.n_image_tokens, first=position)
+                                        f"{caption_column!r}", n_start, first=position)
         else:
             while len(order) < batch_size:
                 order += rng.sample(range(len(captions)), len(captions)) if config["shuffle"] else \
@@ -635,14 +659,18 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config, *
             idx, order = order[:batch_size], order[batch_size:]
             options = [captions[i] for i in idx]
         chosen = [rng.choice(opts) for opts in options]  # the same draws in every process
+        views = [rng.getrandbits(32) for _ in chosen] if augment is not None else None  # seeds of the views
         n_targets = sum(map(len, chosen))  # every caption token (end-of-text included) is a target
         parts = np.array_split(np.arange(batch_size), world * grad_accum)[rank * grad_accum:(rank + 1) * grad_accum]
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for part in parts:
             tokens, mask = _batch(model, [chosen[j] for j in part])
-            if stream:
-                feats = _encode_batch(model, [batch[j][2][image_column] for j in part]).to(device)
+            if stream or augment is not None:
+                images = [batch[j][2][image_column] if stream else dataset[idx[j]][image_column] for j in part]
+                if augment is not None:
+                    images = [augment(image, random.Random(views[j])) for image, j in zip(images, part)]
+                feats = _encode_batch(model, images).to(device)
             else:
                 feats = features[[idx[j] for j in part]].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
