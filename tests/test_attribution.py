@@ -288,6 +288,7 @@ def test_planted_neuron_ranks_first_and_decodes_to_its_token(gpt2_tokenizer, vit
     assert joined.image_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+@needs_hooked_transformer
 def test_ranking_options_sum_over_patches_and_per_layer_normalisation(gpt2_tokenizer, vit_encoder):
     """Planted scores: a unit with one strong patch wins under max, a unit weak everywhere wins under
     sum; a unit standing out in a small-gradient layer wins once each layer is divided by its RMS."""
