@@ -67,10 +67,13 @@ def main() -> None:
     with torch.no_grad():
         pixels = model.preprocess(images)
         embed = model.embed_images(pixels)
-        text = model.to_tokens(PROMPT, image=True)[:, model.n_image_tokens:]
+        tokens = model.to_tokens(PROMPT, image=True)  # the projection's layout: [BOS] image slots, prompt
+        slots = model.image_mask(tokens)[0]
+        text_embed = hf.get_input_embeddings()(tokens[0].masked_fill(slots, 0))  # slots filled below
         for batch in (1, 8):
             px, emb = pixels[:batch], embed[:batch]
-            inputs = torch.cat([emb, hf.get_input_embeddings()(text).expand(batch, -1, -1)], dim=1)
+            inputs = text_embed[None].repeat(batch, 1, 1)
+            inputs[:, slots] = emb
             mask = torch.ones(inputs.shape[:2], dtype=torch.long)
 
             def run_hf():
@@ -89,7 +92,7 @@ def main() -> None:
             captions = model.caption(px, max_new_tokens=N_NEW)
             same_hf = captions == hf_text
             same_tl = captions == _caption_tl(model, px)
-            gen = run_generate()[:, model.n_image_tokens + text.shape[1]:]
+            gen = run_generate()[:, tokens.shape[1]:]
             same_gen = [model.tokenizer.decode(r, skip_special_tokens=True).strip() for r in gen] == captions
             print(f"batch {batch}: hf {times['hf']:.3f}s  generate {times['generate']:.3f}s  "
                   f"caption {times['caption']:.3f}s  tl {times['tl']:.3f}s (thread CPU, median of "

@@ -46,7 +46,7 @@ def main() -> None:
     data = load_coco_mini(args.data_dir, "train").select(range(args.batch))
     features = encode_images(model, data, progress=False).to(args.device)
     texts = [caps[0] for caps in data["captions"]]
-    ids = [r[0] for r in _caption_ids(model, texts, "captions", model.n_image_tokens)]
+    ids = [r[0] for r in _caption_ids(model, texts, "captions", model.n_image_tokens + model.image_bos)]
     model.requires_grad_(False)
     model.projection.requires_grad_(True)
     params = list(model.projection.parameters())
@@ -56,7 +56,8 @@ def main() -> None:
         eos = model.tokenizer.eos_token
         full = [t.strip() + eos for t in texts]
         tokens = model.to_tokens(full, image=True, padding_side="right")
-        lengths = torch.tensor([model.n_image_tokens + model.to_tokens(t, prepend_bos=False, truncate=False).shape[1]
+        start = model.image_bos + model.n_image_tokens  # [BOS] (the projection's layout) + image slots
+        lengths = torch.tensor([start + model.to_tokens(t, prepend_bos=False, truncate=False).shape[1]
                                 for t in full])
         mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long().to(tokens.device)
         return tokens, mask

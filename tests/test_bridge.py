@@ -317,6 +317,23 @@ def test_smollm2_bridge_logits_equal_hf_on_the_sample_images(smollm2_models):
     assert torch.allclose(vb(PROMPT, images=pixels), hf(inputs_embeds=inputs).logits, atol=1e-4, rtol=1e-4)
 
 
+@torch.no_grad()
+def test_smollm2_bridge_captions_the_sample_images_like_hf_generate(smollm2_models):
+    """HF's own greedy decoding of the same soft prompts is the oracle on either TransformerLens major;
+    on 3.x the next test ties HookedVisionPrefix to the bridge, so the bridge on 4.x gives 3.x's tokens."""
+    hf, vb, _ = smollm2_models
+    images = list(_sample_images().values())
+    tokens = vb.to_tokens(PROMPT, image=True)  # the projection's layout
+    slots = vb.image_mask(tokens)[0]
+    inputs = hf.get_input_embeddings()(tokens[0].masked_fill(slots, 0))[None].repeat(len(images), 1, 1)
+    inputs[:, slots] = vb.embed_images(vb.preprocess(images))
+    eos = vb.tokenizer.eos_token_id
+    out = hf.generate(inputs_embeds=inputs, attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long),
+                      max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    expected = [vb.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+    assert vb.caption(images, max_new_tokens=12) == expected
+
+
 @needs_hooked_transformer
 @torch.no_grad()
 def test_smollm2_bridge_captions_the_sample_images_like_hooked_vision_prefix(smollm2_models):
