@@ -222,10 +222,9 @@ def _progress(line: str) -> None:
 # ------------------------------------------------------------------------------------- commands
 def _sample_images() -> dict[str, object]:
     """scikit-image's bundled photos (no download): a cat, a coffee cup, an astronaut."""
-    from PIL import Image
-    from skimage import data
+    from tl_multimodal.data import SKIMAGE_PHOTOS, sample_images
 
-    return {f"skimage.data.{name}": Image.fromarray(getattr(data, name)()) for name in ("chelsea", "coffee", "astronaut")}
+    return {f"skimage.data.{name}": image for name, image in zip(SKIMAGE_PHOTOS, sample_images(3).images)}
 
 
 def _caption(args) -> None:
