@@ -7,7 +7,7 @@
 PY := .venv/bin/python
 PY4 := .venv-tl4/bin/python
 TL4_VERSION := 4.3.0
-TL4_TESTS := tests/test_bridge.py tests/test_attribution.py tests/test_decoding.py tests/test_ablation_patching.py tests/test_llava.py
+TL4_TESTS := tests/models/test_bridge.py tests/analysis/test_attribution.py tests/analysis/test_decoding.py tests/analysis/test_ablation_patching.py tests/pretrained/test_llava.py
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 

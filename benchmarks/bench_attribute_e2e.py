@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import interleaved  # noqa: E402
 
-from tl_multimodal.attribution import attribute  # noqa: E402
-from tl_multimodal.data import load_coco_mini  # noqa: E402
-from tl_multimodal.loading import load_offline  # noqa: E402
+from tl_multimodal.analysis.attribution import attribute  # noqa: E402
+from tl_multimodal.training.data import load_coco_mini  # noqa: E402
+from tl_multimodal.pretrained.offline import load_offline  # noqa: E402
 
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import interleaved, peak_rss_gb  # noqa: E402
 
 from tl_multimodal import HookedVisionPrefix, VisionEncoder  # noqa: E402
-from tl_multimodal.attribution import attribute  # noqa: E402
+from tl_multimodal.analysis.attribution import attribute  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

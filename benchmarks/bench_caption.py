@@ -7,7 +7,7 @@ oracle, embeds a few COCO images once, and times greedy decoding of 20 new token
 * ``hf``: ``LlamaForCausalLM.generate(inputs_embeds=soft prompts + prompt embeddings)``;
 * ``generate``: ``model.generate(prompt, image_embed=...)`` (the same embeddings, no encoder);
 * ``caption``: ``model.caption(pixels)`` (encoder and projection included; no hook attached, so the
-  lean loop of ``tl_multimodal.fast_generation`` decodes);
+  lean loop of ``tl_multimodal.models._fast_generation`` decodes);
 * ``tl``: ``caption`` decoded by TransformerLens's ``generate`` (``model.use_lean_generation = False``,
   what runs when a hook is attached).
 
@@ -56,8 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from tl_multimodal.data import load_coco_mini
-    from tl_multimodal.loading import load_hf_smollm2, load_offline
+    from tl_multimodal.training.data import load_coco_mini
+    from tl_multimodal.pretrained.offline import load_hf_smollm2, load_offline
 
     images = [row["image"] for row in load_coco_mini(args.data, split="dev").select(range(8))]  # before loading
     model = load_offline()

@@ -22,8 +22,8 @@ from pathlib import Path
 _CHILD = """
 import json, time
 w0, c0 = time.perf_counter(), time.process_time()
-import timm, transformers, tl_multimodal.prefix  # torch, TransformerLens: counted as imports, not as the load
-from tl_multimodal.loading import load_offline
+import timm, transformers, tl_multimodal.models.prefix  # torch, TransformerLens: counted as imports, not as the load
+from tl_multimodal.pretrained.offline import load_offline
 w1, c1 = time.perf_counter(), time.process_time()
 model = load_offline()
 w2, c2 = time.perf_counter(), time.process_time()

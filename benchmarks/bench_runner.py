@@ -62,8 +62,8 @@ def _child(mode: str, n: int, data_dir: str) -> None:
     import torch
 
     from benchmarks._timing import peak_rss_gb
-    from tl_multimodal.attribution import attribute
-    from tl_multimodal.runner import run_attribution
+    from tl_multimodal.analysis.attribution import attribute
+    from tl_multimodal.training.runner import run_attribution
 
     torch.set_num_threads(1)
     model, ds = _model(), _data(data_dir, n)

@@ -64,9 +64,9 @@ def main() -> None:
     import torch
     from _timing import interleaved
 
-    from tl_multimodal.data import load_coco_mini
-    from tl_multimodal.loading import load_offline
-    from tl_multimodal.training import _batch, _caption_ids, caption_token_nll, encode_images
+    from tl_multimodal.training.data import load_coco_mini
+    from tl_multimodal.pretrained.offline import load_offline
+    from tl_multimodal.training.train import _batch, _caption_ids, caption_token_nll, encode_images
 
     torch.set_num_threads(1)
     model = load_offline(projection=None)

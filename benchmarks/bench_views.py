@@ -22,7 +22,7 @@ def main() -> None:
     from skimage import data
 
     from tl_multimodal import attribute, decode_units, load_offline
-    from tl_multimodal.viz import (circuitsvis_bundle, decoded_tokens_view, save_views, token_activations_view,
+    from tl_multimodal.views.html import (circuitsvis_bundle, decoded_tokens_view, save_views, token_activations_view,
                                    unit_heatmap_view)
 
     model = load_offline()

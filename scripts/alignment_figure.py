@@ -1,5 +1,5 @@
 """Implicit multimodal alignment (Shukor & Cord, 2024) of the offline model on the COCO sample: each
-image with one of its captions, the per-layer measures of tl_multimodal.alignment printed as tables
+image with one of its captions, the per-layer measures of tl_multimodal.analysis.alignment printed as tables
 (all image tokens; without image token 0, the attention sink), the soft-prompt norm diagnostic, and
 the figure docs/images/alignment.png (all image tokens).
 
@@ -18,10 +18,10 @@ matplotlib.use("Agg")
 
 import torch  # noqa: E402
 
-from tl_multimodal.alignment import alignment, soft_prompt_norms  # noqa: E402
-from tl_multimodal.data import load_coco_mini  # noqa: E402
-from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline  # noqa: E402
-from tl_multimodal.training import encode_images  # noqa: E402
+from tl_multimodal.analysis.alignment import alignment, soft_prompt_norms  # noqa: E402
+from tl_multimodal.training.data import load_coco_mini  # noqa: E402
+from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline  # noqa: E402
+from tl_multimodal.training.train import encode_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

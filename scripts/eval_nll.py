@@ -16,10 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from tl_multimodal.alignment import soft_prompt_norms  # noqa: E402
-from tl_multimodal.data import load_coco_mini  # noqa: E402
-from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline  # noqa: E402
-from tl_multimodal.training import caption_nll, encode_images  # noqa: E402
+from tl_multimodal.analysis.alignment import soft_prompt_norms  # noqa: E402
+from tl_multimodal.training.data import load_coco_mini  # noqa: E402
+from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline  # noqa: E402
+from tl_multimodal.training.train import caption_nll, encode_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Frozen LM block as a visual-encoder layer: baseline ViT vs ViT + frozen SmolLM2 block.
 
 A small, offline replication of the set-up of Pang et al. (ICLR 2024, "Frozen Transformers in
-Language Models Are Effective Visual Encoder Layers") with :class:`tl_multimodal.lm_blocks.ViTWithLMBlocks`.
+Language Models Are Effective Visual Encoder Layers") with :class:`tl_multimodal.experiments.lm_blocks.ViTWithLMBlocks`.
 
 Task: classify real MS-COCO objects (from ``coco_mini``) into the ``--num-classes`` most frequent
 categories from a square crop around the object's box (every non-crowd instance whose box is at
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tl_multimodal.lm_blocks import (ViTWithLMBlocks, mask_correlation, norm_peakiness,  # noqa: E402
+from tl_multimodal.experiments.lm_blocks import (ViTWithLMBlocks, mask_correlation, norm_peakiness,  # noqa: E402
                                      patch_coverage, token_norm_maps)
 
 
@@ -140,7 +140,7 @@ def load_frozen_lm(choice: str):
     """Return (HookedTransformer, description). Falls back to a random GPT-2-small block."""
     if choice == "smollm2":
         try:
-            from tl_multimodal.loading import load_smollm2
+            from tl_multimodal.pretrained.offline import load_smollm2
 
             lm = load_smollm2()
             return lm, "SmolLM2-135M-Instruct (pretrained, GGUF Q4_1 dequantized), last block"

@@ -11,7 +11,7 @@ of the model's greedy caption, then
     units of the same layers, mean relative change of p(c) at the attribution's probe;
 (c) heatmap IoU (95th percentile, ``hook_post``) with the COCO object (the target noun's category, else
     the largest) in the model-input frame, top units vs random same-layer units (Wilcoxon signed-rank);
-then the specificity controls of (a), (b), (c) (``tl_multimodal.controls``): own top units vs another
+then the specificity controls of (a), (b), (c) (``tl_multimodal.evaluation.controls``): own top units vs another
 image's top units (other target), magnitude-matched units and random same-layer units, 95% bootstrap
 intervals over images and the gap own minus control. The header prints the projection's SHA-256.
 
@@ -52,8 +52,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def load_split(args):
     """The split's dataset and RGB images, the projection used, its short sha256, and the offline model."""
-    from tl_multimodal.data import load_coco_mini
-    from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline
+    from tl_multimodal.training.data import load_coco_mini
+    from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline
 
     ds = load_coco_mini(args.data_dir, args.split)
     if args.n_images is not None:
@@ -104,10 +104,10 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    warnings.filterwarnings("ignore", category=UserWarning, module="tl_multimodal.attribution")
+    warnings.filterwarnings("ignore", category=UserWarning, module="tl_multimodal.analysis.attribution")
 
-    from tl_multimodal.coco import load_coco
-    from tl_multimodal.evaluation import evaluate_neurons
+    from tl_multimodal.evaluation.coco import load_coco
+    from tl_multimodal.evaluation.neurons import evaluate_neurons
 
     ds, images, projection, sha, model = load_split(args)
     ids, n = list(ds["image_id"]), len(images)

@@ -3,7 +3,7 @@
 For each attributed hook (``pre``: the gate pre-activation of SmolLM2's gated MLP; ``post``: the
 scalar that multiplies ``W_out[k]``) one attribution pass per image (grad x act, the first noun of
 the greedy caption), then every ranking of those scores (``over_patches`` max or sum,
-``normalize`` None or per layer) is measured by ``tl_multimodal.controls.specificity_controls``:
+``normalize`` None or per layer) is measured by ``tl_multimodal.evaluation.controls.specificity_controls``:
 ablation at k units, decoded-text similarity and heatmap IoU of the top ``--n-units`` units, own
 vs another image's (other target), magnitude-matched and random same-layer units. Prints one
 table per option and a summary of the gaps (own minus control; for ablation, negative = the own
@@ -44,14 +44,14 @@ def main(argv=None) -> None:
     args = _parse(argv)
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=UserWarning, module="tl_multimodal.attribution")
+    warnings.filterwarnings("ignore", category=UserWarning, module="tl_multimodal.analysis.attribution")
 
-    from tl_multimodal.attribution import attribute
-    from tl_multimodal.coco import load_coco
-    from tl_multimodal.controls import specificity_controls, unit_magnitudes
-    from tl_multimodal.evaluation import coco_object_masks
-    from tl_multimodal.nouns import first_noun
-    from tl_multimodal.probe import Probe
+    from tl_multimodal.analysis.attribution import attribute
+    from tl_multimodal.evaluation.coco import load_coco
+    from tl_multimodal.evaluation.controls import specificity_controls, unit_magnitudes
+    from tl_multimodal.evaluation.neurons import coco_object_masks
+    from tl_multimodal.analysis.nouns import first_noun
+    from tl_multimodal.analysis.probe import Probe
 
     ds, images, projection, sha, model = load_split(args)
     refs, ids = [list(c) for c in ds["captions"]], list(ds["image_id"])

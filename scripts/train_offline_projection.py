@@ -24,11 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets  # noqa: E402
 import torch  # noqa: E402
 
-from tl_multimodal.augment import random_resized_crop_flip  # noqa: E402
-from tl_multimodal.coco import instance_crops, load_coco  # noqa: E402
-from tl_multimodal.data import load_coco_mini  # noqa: E402
-from tl_multimodal.loading import SHIPPED_PROJECTION, load_offline  # noqa: E402
-from tl_multimodal.training import train_projection  # noqa: E402
+from tl_multimodal.training.augment import random_resized_crop_flip  # noqa: E402
+from tl_multimodal.evaluation.coco import instance_crops, load_coco  # noqa: E402
+from tl_multimodal.training.data import load_coco_mini  # noqa: E402
+from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline  # noqa: E402
+from tl_multimodal.training.train import train_projection  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -123,7 +123,7 @@ def assert_decoding_matches_decomposition(model, cache, units, apply_ln: bool, p
     ``get_full_resid_decomposition(expand_neurons=True)``) at the position (among ``positions``, default
     all) where it is strongest, projected on ``W_U``, is its activation (/ the final norm's cached scale
     with ``apply_ln``) times the decoded direction's logits, with the same top 10 tokens."""
-    from tl_multimodal.decoding import decode_units, unit_directions
+    from tl_multimodal.analysis.decoding import decode_units, unit_directions
 
     stack, labels = cache.get_full_resid_decomposition(expand_neurons=True, apply_ln=apply_ln, return_labels=True)
     dirs = unit_directions(model, units, apply_ln=apply_ln)
@@ -202,7 +202,7 @@ def _hooked_lm(hf, tokenizer):
     """``hf`` as a HookedTransformer through TransformerLens's own weight conversion (no processing)."""
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
-    from tl_multimodal.loading import _hooked_config
+    from tl_multimodal.pretrained.offline import _hooked_config
 
     c = hf.config
     if c.model_type == "gpt2":
@@ -227,7 +227,7 @@ def build_vlm(backend: str, hf, tokenizer, encoder, projection_seed: int = 3):
     ``hf``; the same seeded random projection either way (in ``hf``'s dtype)."""
     import copy
 
-    from tl_multimodal.projection import ImageProjection, ProjectionInfo
+    from tl_multimodal.models.projection import ImageProjection, ProjectionInfo
 
     d_model = hf.config.hidden_size
     torch.manual_seed(projection_seed)

@@ -60,7 +60,7 @@ def test_importing_the_cli_does_not_import_torch():
 
 def test_package_exports_resolve_lazily():
     import tl_multimodal
-    from tl_multimodal.prefix import HookedVisionPrefix
+    from tl_multimodal.models.prefix import HookedVisionPrefix
 
     assert tl_multimodal.HookedVisionPrefix is HookedVisionPrefix
     for name in tl_multimodal.__all__:
@@ -161,7 +161,7 @@ def test_cache_command_clears_the_cache(tmp_path):
 def offline_cache(tmp_path_factory):
     """An empty converted-model cache folder for the end-to-end test."""
     pytest.importorskip("gguf")
-    from tl_multimodal.loading import smollm2_gguf_path
+    from tl_multimodal.pretrained.offline import smollm2_gguf_path
 
     try:
         smollm2_gguf_path()
@@ -172,7 +172,7 @@ def offline_cache(tmp_path_factory):
 
 def test_caption_end_to_end_with_the_offline_model(files, offline_cache, monkeypatch):
     """Cold cache, then warm: one progress line each, captions equal to ``model.caption`` on the same files."""
-    from tl_multimodal.loading import load_offline
+    from tl_multimodal.pretrained.offline import load_offline
 
     env = _env(TL_MULTIMODAL_CACHE=str(offline_cache))
     argv = ["caption", str(files / "good"), str(files / "good" / "sub" / "*.png"), "--max-new-tokens", "5"]
@@ -202,7 +202,7 @@ def _train_inputs(root: Path):
     import torch
     import webdataset as wds
 
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path.insert(0, str(REPO / "tests" / "training"))
     from test_runner import build_tiny_vlm
 
     rng = np.random.default_rng(1)
@@ -219,7 +219,7 @@ def _train_inputs(root: Path):
             sink.write({"__key__": f"{i:04d}", "png": im, "txt": caption})
     (root / "coco" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     torch.save(build_tiny_vlm().state_dict(), root / "tiny.pt")
-    (root / "factory.py").write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\n"
+    (root / "factory.py").write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests' / 'training')!r})\n"
                                      "from test_runner import build_tiny_vlm\n"
                                      f"def build():\n    return build_tiny_vlm({str(root / 'tiny.pt')!r})\n")
     return build_tiny_vlm
@@ -231,8 +231,8 @@ def test_train_command_is_the_library_call(tmp_path):
     import torch
 
     from tl_multimodal import ImageProjection, load_coco_mini
-    from tl_multimodal.data import open_dataset
-    from tl_multimodal.training import train_projection
+    from tl_multimodal.training.data import open_dataset
+    from tl_multimodal.training.train import train_projection
 
     build = _train_inputs(tmp_path)
     common = ["--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--warmup", "1", "--model",

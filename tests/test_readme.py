@@ -77,7 +77,7 @@ def test_readme_python_blocks_run_offline_in_order(tmp_path, monkeypatch):
     plt.close("all")
     assert len(ran) >= 5
     # what the blocks promise, checked on what they left behind
-    from tl_multimodal.prefix import HookedVisionPrefix
+    from tl_multimodal.models.prefix import HookedVisionPrefix
 
     assert isinstance(namespace["model"], HookedVisionPrefix)  # the offline model, not a hub one
     assert (work / "views.html").stat().st_size < 2_000_000  # three views, one JavaScript bundle

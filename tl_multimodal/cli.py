@@ -177,14 +177,14 @@ def _load_model(args):
     try:
         import torch
 
-        from tl_multimodal import loading
-        from tl_multimodal.compat import HAS_HOOKED_TRANSFORMER
+        from tl_multimodal.pretrained import offline as loading
+        from tl_multimodal._compat import HAS_HOOKED_TRANSFORMER
         if args.bridge or not HAS_HOOKED_TRANSFORMER:  # TransformerLens 4 has only the bridge
-            from tl_multimodal.bridge import VisionBridge as HookedVisionPrefix
-            from tl_multimodal.bridge import load_offline_bridge as load_offline
+            from tl_multimodal.models.bridge import VisionBridge as HookedVisionPrefix
+            from tl_multimodal.pretrained.offline import load_offline_bridge as load_offline
         else:
-            from tl_multimodal.loading import load_offline
-            from tl_multimodal.prefix import HookedVisionPrefix
+            from tl_multimodal.pretrained.offline import load_offline
+            from tl_multimodal.models.prefix import HookedVisionPrefix
     except ImportError as e:
         raise CLIError(f"cannot import the model code ({e})", EXIT_MODEL) from None
     try:
@@ -222,7 +222,7 @@ def _progress(line: str) -> None:
 # ------------------------------------------------------------------------------------- commands
 def _sample_images() -> dict[str, object]:
     """scikit-image's bundled photos (no download): a cat, a coffee cup, an astronaut."""
-    from tl_multimodal.data import SKIMAGE_PHOTOS, sample_images
+    from tl_multimodal.training.data import SKIMAGE_PHOTOS, sample_images
 
     return {f"skimage.data.{name}": image for name, image in zip(SKIMAGE_PHOTOS, sample_images(3).images)}
 
@@ -251,8 +251,8 @@ def _report(args) -> None:
     _check_output(args.out)
     _check_file(args.projection, "--projection")
     model = _load_model(args)
-    from tl_multimodal.images import to_pil
-    from tl_multimodal.report import write_report
+    from tl_multimodal.models.images import to_pil
+    from tl_multimodal.views.report import write_report
 
     out = write_report(model, to_pil(image, str(image)), args.out, n_units=args.k, prompt=args.prompt,
                        max_new_tokens=args.max_new_tokens)
@@ -260,7 +260,7 @@ def _report(args) -> None:
 
 
 def _attribute(args) -> None:
-    from tl_multimodal.runner import run_attribute  # torch, pyarrow: only when the command runs
+    from tl_multimodal.training.runner import run_attribute  # torch, pyarrow: only when the command runs
 
     run_attribute(args)
 
@@ -278,7 +278,7 @@ def _writable_folder(path: Path, option: str) -> None:
 
 def _train(args) -> None:
     """``tl-multimodal train``: every input checked, then the model loaded, then ``train_projection``."""
-    from tl_multimodal.data import CAPTION_KEYS, IMAGE_KEYS, find_column, open_dataset
+    from tl_multimodal.training.data import CAPTION_KEYS, IMAGE_KEYS, find_column, open_dataset
 
     try:
         data = open_dataset(args.data, args.split)
@@ -310,9 +310,9 @@ def _train(args) -> None:
     _check_file(args.projection, "--projection")
     import torch
 
-    from tl_multimodal.distributed import rank_and_world_size
-    from tl_multimodal.runner import load_model
-    from tl_multimodal.training import train_projection
+    from tl_multimodal.training._distributed import rank_and_world_size
+    from tl_multimodal.training.runner import load_model
+    from tl_multimodal.training.train import train_projection
 
     if args.device is not None:
         try:
@@ -344,7 +344,7 @@ def _train(args) -> None:
 
 
 def _cache(args) -> None:
-    from tl_multimodal import loading  # torch only, no model
+    from tl_multimodal.pretrained import offline as loading  # torch only, no model
 
     root = loading.cache_dir()
     if args.clear:
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"tl-multimodal {args.command}"
     if getattr(args, "distributed", False):  # `accelerate launch --cpu --num_processes N`: start the N processes
-        from tl_multimodal.distributed import relaunch_cpu_processes
+        from tl_multimodal.training._distributed import relaunch_cpu_processes
 
         try:
             code = relaunch_cpu_processes("tl_multimodal", argv)

@@ -1,0 +1,79 @@
+"""MLP units as ``(layer, unit)`` index pairs and the MLP hooks that hold them: the one units
+validator (:func:`as_units`) and the one hook vocabulary (:func:`mlp_hook`) every analysis shares."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tl_multimodal._compat import get_act_name
+
+UnitsLike = Int[Tensor, "n 2"] | Int[Tensor, "batch n 2"] | Sequence[tuple[int, int]]
+
+
+def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = True) -> Int[Tensor, "... n 2"]:
+    """Validate ``(layer, unit)`` pairs into a long CPU tensor ``[n, 2]`` (or ``[batch, n, 2]``).
+
+    Args:
+        model: The HookedTransformer the units belong to (for ``n_layers`` and ``d_mlp``).
+        units: A list of pairs, one pair, or an integer tensor ``[n, 2]`` / ``[batch, n, 2]``.
+        batched: Whether a per-image ``[batch, n, 2]`` set is accepted.
+        allow_empty: Whether no units at all is valid (ablating nothing is; decoding nothing is not).
+    """
+    if isinstance(units, Tensor):
+        t = units.detach().cpu()
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"units must be an integer tensor of (layer, unit) rows, got {t.dtype}")
+        t = t.long()
+    else:
+        units = list(units)
+        rows = [tuple(units)] if units and isinstance(units[0], int) else [tuple(u) for u in units]
+        if any(len(r) != 2 for r in rows):
+            raise ValueError("units must be (layer, unit) pairs")
+        t = torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
+    if t.ndim == 1 and t.numel() == 2:
+        t = t[None]
+    if t.ndim not in ((2, 3) if batched else (2,)) or t.shape[-1] != 2 or (t.shape[-2] == 0 and not allow_empty):
+        want = "[n, 2] or [batch, n, 2]" if batched else "[n, 2]"
+        empty = "" if allow_empty else "non-empty "
+        raise ValueError(f"units must be a {empty}{want} of (layer, unit), got shape {tuple(t.shape)}")
+    layer, unit = t[..., 0], t[..., 1]
+    if ((layer < 0) | (layer >= model.cfg.n_layers)).any():
+        raise ValueError(f"unit layers out of range: layers must be in [0, {model.cfg.n_layers}), "
+                         f"got {layer.unique().tolist()}")
+    if ((unit < 0) | (unit >= model.cfg.d_mlp)).any():
+        raise ValueError(f"unit indices out of range: must be in [0, {model.cfg.d_mlp}) (d_mlp)")
+    return t
+
+
+_MLP_HOOKS = ("pre", "post", "pre_linear")
+
+
+def mlp_hook(model, hook: str) -> str:
+    """The one hook vocabulary: an MLP hook with a unit axis, as TransformerLens's short name.
+
+    Accepts the short names of ``transformer_lens.utils.get_act_name`` (``"pre"``, ``"post"``,
+    ``"pre_linear"``) and the spellings ``"hook_pre"``, ``"mlp.hook_pre"``; checks the model has it.
+
+    Returns:
+        The short name (``"pre"``, ``"post"`` or ``"pre_linear"``); :func:`mlp_act_name` makes the full name.
+    """
+    if not isinstance(hook, str):
+        raise TypeError(f"hook must be a string such as 'pre' or 'post', got {type(hook).__name__}")
+    short = hook.removeprefix("mlp.").removeprefix("hook_")
+    if short not in _MLP_HOOKS:
+        raise ValueError(f"unknown hook {hook!r}: an MLP hook is one of {list(_MLP_HOOKS)} "
+                         "(or 'hook_pre', 'mlp.hook_pre', ...)")
+    if model.cfg.attn_only:
+        raise ValueError("the model is attention-only: it has no MLP units")
+    if mlp_act_name(short, 0) not in model.hook_dict:
+        raise ValueError(f"this model's MLPs have no hook_{short} (hook_pre_linear exists only for gated MLPs)")
+    return short
+
+
+def mlp_act_name(hook: str, layer: int) -> str:
+    """``blocks.{layer}.mlp.hook_{hook}`` for a short name from :func:`mlp_hook` (``get_act_name``)."""
+    return get_act_name(hook, layer)

@@ -1,0 +1,283 @@
+"""The image side of a vision-language model, shared by both backends: images in, soft prompts out.
+
+``HookedVisionPrefix`` (a ``HookedTransformer``) and ``VisionBridge`` (a ``TransformerBridge``) differ in
+how the LM runs, not in how images become soft-prompt tokens. :class:`ImageFrontEnd` holds that common
+part once: the encoder and projection (checked to fit each other and the LM), the image door
+(``preprocess``), ``embed_images`` with its two hooks (``hook_image_features``, ``hook_image_embed``),
+the checks of precomputed features and soft prompts, and the image-slot mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tl_multimodal._compat import USE_DEFAULT_VALUE
+from tl_multimodal.models.images import Images, to_pixels
+from tl_multimodal.models.projection import ImageProjection, ProjectionInfo
+
+
+class ImageFrontEnd:
+    """Mixin for a model with ``vision``, ``projection``, ``hook_image_features``, ``hook_image_embed``,
+    ``image_token_id``, ``cfg`` and a ``_device`` property (where soft prompts must be)."""
+
+    def _attach_vision(self, encoder, projection: ImageProjection | None, lm_name: str, d_model: int) -> None:
+        """Set ``vision``, ``projection`` (a fresh untrained one if ``None``) and ``n_image_tokens``.
+
+        Raises:
+            ValueError: The projection was made for another encoder or LM (each field named).
+        """
+        self.vision = encoder
+        info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
+                              lm=lm_name, d_model=d_model)
+        if projection is None:
+            projection = ImageProjection(info)
+        projection.check_fits(info.encoder, info.d_img, info.grid, info.lm, info.d_model)
+        self.projection = projection
+        self.n_image_tokens = projection.n_tokens  # one per patch, or k for a pooled projection
+
+    def load_projection(self, path) -> None:
+        """Replace the projection by a checkpoint, failing clearly if it was made for another model.
+
+        The new projection takes the model's device and train/eval mode.
+        """
+        proj = ImageProjection.load(path)
+        i = self.projection.info
+        proj.check_fits(i.encoder, i.d_img, i.grid, i.lm, i.d_model)
+        self.projection = proj.to(self._device).train(self.training)
+        self.n_image_tokens = proj.n_tokens
+
+    def preprocess(self, images: Images) -> Float[Tensor, "batch channel height width"]:
+        """Any image input -> the encoder's normalised pixel tensor, on the model's device.
+
+        Takes PIL images of any mode, paths, numpy arrays, lists or tuples of them, or pixel tensors
+        (checked: shape, size, NaNs, normalised values); see :mod:`tl_multimodal.models.images`.
+        """
+        return to_pixels(self.vision, images).to(self._device)
+
+    def embed_images(self, images: Images | None = None,
+                     image_features: Float[Tensor, "batch patch d_img"] | None = None,
+                     ) -> Float[Tensor, "batch patch d_model"]:
+        """Encode images (or take precomputed encoder features) and project them to soft prompts.
+
+        Runs ``hook_image_features`` and ``hook_image_embed``.
+        """
+        if (images is None) == (image_features is None):
+            raise ValueError("pass exactly one of images= and image_features=")
+        if images is not None:
+            pixels = self.preprocess(images)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
+                image_features = self.vision(pixels)
+        else:
+            self._check_image_features(image_features)
+        features = self.hook_image_features(image_features.to(self._device, self.projection.dtype))
+        return self.hook_image_embed(self.projection(features))
+
+    def _check_image_features(self, image_features: Tensor) -> None:
+        expected = (self.vision.n_patches, self.vision.d_img)
+        if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
+            raise ValueError(f"image_features must be [batch, {expected[0]}, {expected[1]}], "
+                             f"got {tuple(image_features.shape)}")
+        if not torch.isfinite(image_features).all():
+            raise ValueError("image_features contain NaN or infinite values")
+
+    def _check_image_embed(self, image_embed: Tensor) -> None:
+        expected = (self.n_image_tokens, self.cfg.d_model)
+        if image_embed.ndim != 3 or tuple(image_embed.shape[1:]) != expected:
+            raise ValueError(f"image_embed must be [batch, {expected[0]}, {expected[1]}] "
+                             f"(model.embed_images(...)), got {tuple(image_embed.shape)}")
+
+    def _check_length(self, n_pos: int) -> None:
+        if n_pos > self.cfg.n_ctx:
+            raise ValueError(f"sequence of {n_pos} positions ({self.n_image_tokens} image + "
+                             f"{n_pos - self.n_image_tokens} text) is longer than n_ctx={self.cfg.n_ctx}")
+
+    def _stack_rows(self, rows: list[Tensor], padding_side, move_to_device: bool) -> Int[Tensor, "batch pos"]:
+        """Token rows holding image slots as one tensor: checked against ``n_ctx`` (never truncated),
+        padded with the pad token on ``padding_side`` (default: the tokenizer's) of the whole row."""
+        self._check_length(max(len(r) for r in rows))
+        side = self.tokenizer.padding_side if padding_side in (USE_DEFAULT_VALUE, None) else padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        width = max(len(r) for r in rows)
+        fill = [torch.full((width - len(r),), self.tokenizer.pad_token_id, dtype=torch.long) for r in rows]
+        tokens = torch.stack([torch.cat([f, r.long()] if side == "left" else [r.long(), f]) for r, f in zip(rows, fill)])
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
+        """One text's token ids from the LM's own ``to_tokens`` (BOS as asked, untruncated, on CPU).
+
+        Each backend says how (``prepend_bos`` ``None``/``USE_DEFAULT_VALUE``: the LM's default)."""
+        raise NotImplementedError
+
+    def _tokens_with_images(self, input, prepend_bos, padding_side, move_to_device: bool) -> Int[Tensor, "batch pos"]:
+        """``to_tokens(input, image=True)`` for both backends: each text after one image's slots.
+
+        ``[BOS][image][text]`` if ``prepend_bos=True``, ``[image][text]`` if ``False``, by default the
+        projection's layout (:attr:`image_bos`); nothing truncated; padding on ``padding_side`` of the
+        whole row. A text holding the image placeholder (a VLM's ``<image>``,
+        which tokenizes to ``image_token_id``) keeps its own layout and BOS default instead: the
+        placeholder becomes ``n_image_tokens`` slots where it stands, as HF's processors expand it.
+        """
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"to_tokens(..., image=True) takes a string or a non-empty list of strings, got {input!r}")
+        bos = self.image_bos if prepend_bos in (USE_DEFAULT_VALUE, None) else prepend_bos
+        rows = []
+        for t in texts:
+            row = None
+            if self.image_token_id < self.cfg.d_vocab:  # a real token: it may stand in the text
+                row = self._text_ids(t, prepend_bos).long()
+                placeholders = row == self.image_token_id
+                if placeholders.sum() > 1:
+                    raise ValueError(f"prompt {t!r} holds {int(placeholders.sum())} image placeholders "
+                                     f"(id {self.image_token_id}); the model takes one image per prompt: "
+                                     "use exactly one placeholder")
+                row = row.repeat_interleave(torch.where(placeholders, self.n_image_tokens, 1)) if placeholders.any() else None
+            rows.append(row if row is not None else self._image_row(self._text_ids(t, False), bos))
+        return self._stack_rows(rows, padding_side, move_to_device)
+
+    def _image_tokens(self, input, batch: int, prepend_bos=None, padding_side=None,
+                      what: str = "input") -> Int[Tensor, "batch pos"]:
+        """Tokens with image slots for ``input`` (text, texts, or tokens already holding the slots), on the LM's device."""
+        if isinstance(input, str):
+            return self.to_tokens(input, prepend_bos, padding_side, image=True).expand(batch, -1)
+        if isinstance(input, (list, tuple)):
+            if not all(isinstance(t, str) for t in input):
+                raise TypeError(f"{what} must be a string, a list of strings or a token tensor; got a "
+                                f"{type(input).__name__} holding {sorted({type(t).__name__ for t in input})}")
+            if len(input) != batch:
+                raise ValueError(f"{len(input)} prompts for {batch} images ({what})")
+            return self.to_tokens(list(input), prepend_bos, padding_side, image=True)
+        if not isinstance(input, Tensor) or input.is_floating_point():
+            raise TypeError(f"{what} must be a string, a list of strings or a token tensor with image slots "
+                            f"(integer ids from model.to_tokens(text, image=True)), got {type(input).__name__}")
+        tokens = input if input.ndim == 2 else input[None]
+        if not self.image_mask(tokens).any():
+            raise ValueError("token tensor has no image slots; build it with "
+                             "model.to_tokens(text, image=True)")
+        self._check_length(tokens.shape[1])
+        return tokens.to(self.cfg.device)
+
+    @property
+    def image_bos(self) -> bool:
+        """Whether image prompts start with the LM's BOS token (``[BOS][image][text]``) or with the
+        image tokens (``[image][text]``): the layout the projection was trained with
+        (``projection.info.bos``), which ``to_tokens(text, image=True)`` follows by default."""
+        return self.projection.info.bos
+
+    @property
+    def start_token_id(self) -> int:
+        """The token that opens a sequence: the tokenizer's BOS, else its end-of-text token."""
+        tok = self.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise ValueError("the tokenizer has neither a BOS nor an end-of-text token to open a sequence with")
+        return start
+
+    def _image_row(self, text_ids: Int[Tensor, "pos"], bos: bool) -> Int[Tensor, "pos_out"]:
+        """One row of the image-prompt layout: ``[BOS]`` (if ``bos``), the image slots, the text ids."""
+        start = [self.start_token_id] if bos else []
+        head = torch.tensor(start + [self.image_token_id] * self.n_image_tokens, dtype=torch.long)
+        return torch.cat([head, text_ids.long().cpu()])
+
+    def _bos_before_slots(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos_minus_1"]:
+        """True at a start token right before an image slot (the BOS layout). When the pad token is the
+        start token (GPT-2), a left pad and a BOS look alike: the projection's layout decides."""
+        bos = (tokens[:, :-1] == self.start_token_id) & self.image_mask(tokens[:, 1:])
+        if self.tokenizer.pad_token_id == self.start_token_id and not self.image_bos:
+            bos[:] = False
+        return bos
+
+    @property
+    def image_positions(self) -> slice:
+        """The image slots of ``to_tokens(text, image=True)`` in the default layout (after the BOS
+        when :attr:`image_bos`; no placeholder, right padding); anywhere else use :meth:`image_mask`
+        (or a probe's positions)."""
+        start = int(self.image_bos)
+        return slice(start, start + self.n_image_tokens)
+
+    def image_mask(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+        """True where ``tokens`` holds an image slot."""
+        return tokens == self.image_token_id
+
+    @torch.no_grad()
+    def caption(self, images: Images, prompt: str = "A picture of", max_new_tokens: int = 20,
+                do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, batch_size: int = 16) -> list[str]:
+        """Caption images: the text generated after ``prompt`` (greedy unless ``do_sample``).
+
+        Args:
+            images: Anything :meth:`preprocess` takes: PIL images, paths, numpy arrays (one or a
+                list/tuple), or normalised pixels ``[batch, channel, height, width]``.
+            prompt: Text after the image tokens (LiMBeR: "A picture of"), shared by all images.
+            max_new_tokens: Most tokens generated per caption (>= 1); stops early at end-of-text.
+            do_sample, temperature, top_k, top_p: Sampling settings, as in ``generate``.
+            batch_size: Images per generation batch (>= 1).
+
+        Returns:
+            One caption per image, without the prompt.
+
+        Raises:
+            TypeError, ValueError: A bad argument, named.
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string (shared by all images), got {type(prompt).__name__}; "
+                            "for one prompt per image call model.generate(prompts, images=...)")
+        check_int(batch_size, "batch_size")
+        check_generation_args(dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p))
+        images = self.preprocess(images)
+        n_prompt = self.to_tokens(prompt, image=True).shape[1]
+        captions = []
+        for chunk in images.split(batch_size):
+            out = self.generate(prompt, max_new_tokens, images=chunk, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                return_type="tokens", verbose=False)
+            captions += [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in out]
+        return captions
+
+
+def check_slots(slots: Bool[Tensor, "batch pos"], image_embed: Tensor | None, image_token_id: int) -> None:
+    """The one check of both backends' slot filling: images were given, one image's slots per row."""
+    if image_embed is None:
+        raise ValueError(f"tokens contain image slots but no images were given (id {image_token_id}, "
+                         "e.g. an image placeholder in the prompt); pass images=...")
+    n_slots = slots.sum(-1)
+    batch, n_patch = image_embed.shape[:2]
+    if slots.shape[0] != batch or (n_slots != n_patch).any():
+        raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
+                         f"{slots.shape[0]} with {n_slots.tolist()} image slots per row; each row "
+                         f"needs one image's {n_patch} slots (one image per prompt)")
+
+
+def check_int(value, name: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_generation_args(args: dict) -> None:
+    """Name the first bad sampling argument among those given to ``generate``/``caption``."""
+    if "max_new_tokens" in args:
+        check_int(args["max_new_tokens"], "max_new_tokens")
+    for name in ("do_sample", "stop_at_eos", "use_past_kv_cache", "verbose"):
+        if name in args and not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {args[name]!r}")
+    if args.get("top_k") is not None:
+        check_int(args["top_k"], "top_k")
+    top_p = args.get("top_p")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    for name in ("temperature", "freq_penalty"):  # temperature 0 is greedy, as in TransformerLens
+        if name not in args:
+            continue
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")

@@ -1,0 +1,374 @@
+"""VisionBridge: images as soft prompts in any LM wrapped by TransformerLens's ``TransformerBridge``.
+
+The same model as :class:`~tl_multimodal.models.prefix.HookedVisionPrefix` (a frozen vision encoder,
+``hook_image_features``, a LiMBeR projection, ``hook_image_embed``, image slots = token id
+``cfg.d_vocab``), built on ``TransformerBridge``, the model class of TransformerLens 4 (also
+present in 3.x). The bridge runs the Hugging Face model itself; image slots are filled inside the
+HF input embedding (a forward pre-hook maps slot ids to a valid id, a forward hook puts the
+projected image tokens there), so tokens with image slots flow through every bridge entry point,
+``hook_embed`` holds the image tokens at the slots, and ``run_with_cache``, ``run_with_hooks``,
+``generate`` and ``transformer_lens.patching`` see one ordinary sequence.
+
+    bridge = TransformerBridge.boot_transformers("gpt2")
+    model = VisionBridge(bridge, VisionEncoder.from_timm("beit_base_patch16_224"), projection)
+    logits, cache = model.run_with_cache("A picture of", images=pixels)
+    model.caption(pil_images)
+
+Everything not defined here (``cfg``, ``tokenizer``, ``W_U``, ``W_out``, ``blocks``, ``hooks``,
+``hook_dict``, ...) is the wrapped bridge's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from tl_multimodal.models.encoders import VisionEncoder
+from tl_multimodal._compat import USE_DEFAULT_VALUE
+from tl_multimodal.models._frontend import ImageFrontEnd, check_slots
+from tl_multimodal.models.images import Images
+from tl_multimodal.models.projection import ImageProjection
+
+_IMAGE_ARGS = ("images", "image_features", "image_embed")
+
+
+class VisionBridge(ImageFrontEnd, nn.Module):
+    """A ``TransformerBridge`` LM with a frozen vision encoder and a LiMBeR projection in front.
+
+    Args:
+        bridge: The text LM as a ``TransformerBridge`` (e.g. ``TransformerBridge.boot_transformers``).
+            It is used in place: two hook points (``hook_image_features``, ``hook_image_embed``)
+            are added to it and its input embedding learns to fill image slots. Calls without
+            image slots run exactly as before.
+        encoder: The frozen vision encoder.
+        projection: A trained :class:`ImageProjection`; ``None`` makes a fresh (untrained) one.
+        image_token_id: The id of image slots; default ``cfg.d_vocab`` (never a real token). A
+            bridged VLM uses its own image-placeholder id (:func:`tl_multimodal.pretrained.llava.llava_bridge`).
+
+    Attributes:
+        bridge: The wrapped ``TransformerBridge``.
+        vision: The :class:`VisionEncoder`.
+        projection: The :class:`ImageProjection`.
+        n_image_tokens: Soft-prompt positions per image (= the encoder's patches).
+        image_token_id: The id that marks an image slot in a token tensor (``cfg.d_vocab``).
+    """
+
+    def __init__(self, bridge, encoder: VisionEncoder, projection: ImageProjection | None = None, *,
+                 image_token_id: int | None = None):
+        super().__init__()
+        if not hasattr(bridge, "adapter") or not hasattr(bridge, "original_model"):
+            raise TypeError(f"bridge must be a transformer_lens TransformerBridge, got {type(bridge).__name__}")
+        cfg = bridge.cfg
+        if image_token_id is not None and (isinstance(image_token_id, bool) or not isinstance(image_token_id, int)
+                                           or not 0 <= image_token_id < cfg.d_vocab):
+            raise ValueError(f"image_token_id must be an int in [0, {cfg.d_vocab}) (the VLM's image placeholder), "
+                             f"got {image_token_id!r}")
+        self.bridge = bridge
+        self.image_token_id = cfg.d_vocab if image_token_id is None else image_token_id
+        embedding = bridge.embed.original_component
+        if image_token_id is None and embedding.num_embeddings != cfg.d_vocab:
+            raise ValueError(f"the LM's input embedding has {embedding.num_embeddings} rows but cfg.d_vocab is "
+                             f"{cfg.d_vocab}; image slots (id d_vocab) need them equal")
+        self._attach_vision(encoder, projection, cfg.model_name, cfg.d_model)
+        if getattr(bridge, "_vision_bridge_wired", False):
+            raise ValueError("this bridge already feeds a VisionBridge; boot a fresh TransformerBridge")
+        self.projection.to(self._device)
+        self.vision.to(self._device)
+        # On the bridge, so its run_with_cache / run_with_hooks / hooks() know them by name.
+        bridge.hook_image_features = HookPoint()  # [batch, patch, d_img]
+        bridge.hook_image_embed = HookPoint()  # [batch, patch, d_model]
+        self._bound: Any = None  # the soft prompts (or what makes them) for the running call
+        self._slots: Tensor | None = None
+        embedding.register_forward_pre_hook(self._mask_slots)
+        embedding.register_forward_hook(self._fill_slots)
+        for block in getattr(bridge, "blocks", []):
+            if hasattr(block, "attn"):
+                block.attn.register_forward_pre_hook(_kv_cache_by_its_old_name, with_kwargs=True)
+        bridge._vision_bridge_wired = True
+
+    @classmethod
+    def from_hf(cls, hf_model, tokenizer, encoder: VisionEncoder, projection: ImageProjection | None = None,
+                model_name: str | None = None) -> "VisionBridge":
+        """Wrap an in-memory Hugging Face causal LM (no download).
+
+        Args:
+            hf_model: E.g. a ``LlamaForCausalLM`` or ``GPT2LMHeadModel``.
+            tokenizer: Its tokenizer.
+            encoder: The frozen vision encoder.
+            projection: A trained projection, or ``None`` for an untrained one.
+            model_name: The LM's name as recorded in projection checkpoints; defaults to
+                ``hf_model.config.name_or_path``.
+        """
+        from transformer_lens.model_bridge import TransformerBridge
+
+        name = model_name or hf_model.config.name_or_path or type(hf_model).__name__
+        return cls(TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer),
+                   encoder, projection)
+
+    @classmethod
+    def from_pretrained(cls, model_name: str = "gpt2", encoder: str = "microsoft/beit-large-patch16-224-pt22k",
+                        projection=None, **boot_kwargs) -> "VisionBridge":
+        """Boot an LM and a pretrained encoder from the hub (needs internet), plus a projection.
+
+        Args:
+            model_name: Any name ``TransformerBridge.boot_transformers`` accepts.
+            encoder: A HF vision model (default LiMBeR's BEiT-large pt22k, CLS dropped) or a timm
+                model name (:func:`~tl_multimodal.models._hub.hub_encoder`).
+            projection: A projection checkpoint path (or an ``ImageProjection``). ``None`` builds an
+                untrained one and warns (``UserWarning``); ``"untrained"`` builds one without warning.
+            **boot_kwargs: Passed to ``TransformerBridge.boot_transformers``.
+        """
+        from transformer_lens.model_bridge import TransformerBridge
+
+        from tl_multimodal.models._hub import hub_encoder, hub_projection
+
+        proj = hub_projection(projection, "VisionBridge.from_pretrained")  # before any download
+        bridge = TransformerBridge.boot_transformers(model_name, **boot_kwargs)
+        return cls(bridge, hub_encoder(encoder), proj)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            bridge = self.__dict__["_modules"].get("bridge")
+            if bridge is None:
+                raise
+            return getattr(bridge, name)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.bridge.embed.original_component.weight.device
+
+    def to(self, *args, **kwargs) -> "VisionBridge":
+        """Move the bridge (keeping its ``cfg.device`` right), the encoder and the projection."""
+        self.bridge.to(*args, **kwargs)
+        self.vision.to(*args, **kwargs)
+        self.projection.to(*args, **kwargs)
+        return self
+
+    # ---------------------------------------------------------------- images -> soft prompts
+    def _source(self, images, image_features, image_embed) -> tuple[str, Tensor]:
+        """What a call's soft prompts come from, checked (images become pixels): ``(kind, tensor)``."""
+        if sum(x is not None for x in (images, image_features, image_embed)) != 1:
+            raise ValueError("pass exactly one of images=, image_features= and image_embed=")
+        if images is not None:
+            return "images", self.preprocess(images)
+        if image_features is not None:
+            self._check_image_features(image_features)
+            return "image_features", image_features
+        self._check_image_embed(image_embed)
+        return "image_embed", image_embed.to(self._device)
+
+    # ---------------------------------------------------------------- image slots in the embedding
+    def _bound_embed(self) -> Tensor:
+        kind, value = self._bound
+        if kind == "image_embed":
+            return value
+        # Embedded here, inside the bridge's forward, so hooks that a run_with_hooks /
+        # run_with_cache call added to hook_image_features / hook_image_embed see it.
+        return self.embed_images(**{kind: value})
+
+    def _mask_slots(self, module: nn.Module, args: tuple) -> tuple | None:
+        tokens = args[0]
+        slots = tokens == self.image_token_id
+        if not slots.any():
+            self._slots = None
+            return None
+        if self._bound is None:
+            check_slots(slots, None, self.image_token_id)
+        self._slots = slots
+        return (tokens.masked_fill(slots, 0), *args[1:])
+
+    def _fill_slots(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        slots, self._slots = self._slots, None
+        if slots is None:
+            return None
+        image_embed = self._bound_embed()
+        check_slots(slots, image_embed, self.image_token_id)
+        return output.masked_scatter(slots[..., None], image_embed.to(output.dtype))
+
+    @contextlib.contextmanager
+    def _binding(self, source: tuple[str, Tensor]):
+        previous, self._bound = self._bound, source
+        try:
+            yield
+        finally:
+            self._bound = previous
+
+    @contextlib.contextmanager
+    def bind_images(self, images: Images | None = None, image_features: Tensor | None = None,
+                    image_embed: Tensor | None = None):
+        """Within the block, calls given image-slot tokens but no images use these images.
+
+        For code that runs the model itself on tokens, e.g. ``transformer_lens.patching``. The
+        images are embedded once, on entry (``hook_image_features``/``hook_image_embed`` run then,
+        not in each call inside the block); ``image_embed=`` binds soft prompts already made by
+        :meth:`embed_images` (no hook runs).
+        """
+        kind, value = self._source(images, image_features, image_embed)
+        if kind != "image_embed":
+            value = self.embed_images(**{kind: value})
+        with self._binding(("image_embed", value)):
+            yield self
+
+    # ---------------------------------------------------------------- tokens with image slots
+    def to_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
+                  move_to_device: bool = True, truncate: bool = True, image: bool = False,
+                  ) -> Int[Tensor, "batch pos"]:
+        """The bridge's ``to_tokens``; with ``image=True``, each text follows an image's slots.
+
+        With ``image=True`` the row is ``[BOS][image][text]`` if ``prepend_bos=True`` and
+        ``[image][text]`` if ``False``; by default the projection's layout (:attr:`image_bos`).
+        Nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
+        on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``. A text
+        holding the image placeholder (a VLM's ``<image>``, id ``image_token_id``) keeps its own
+        layout instead: the placeholder becomes ``n_image_tokens`` slots where it stands.
+        """
+        if not image:
+            return self.bridge.to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
+        return self._tokens_with_images(input, prepend_bos, padding_side, move_to_device)
+
+    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
+        bos = None if prepend_bos is USE_DEFAULT_VALUE else prepend_bos
+        return self.bridge.to_tokens(text, bos, move_to_device=False, truncate=False)[0]
+
+    def to_str_tokens(self, input, *args, **kwargs):
+        """The bridge's ``to_str_tokens``; image slots in a token tensor read ``<image_i>``."""
+        if isinstance(input, Tensor) and self.image_mask(input).any():
+            ids = input.squeeze().tolist()
+            names = iter(f"<image_{i}>" for i in range(len(ids)))
+            return [next(names) if t == self.image_token_id else self.tokenizer.decode([t]) for t in ids]
+        return self.bridge.to_str_tokens(input, *args, **kwargs)
+
+    def _padding_mask(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
+        """The attention mask of left-padded rows. LiMBeR rows (``[pad][BOS][image][text]``): positions
+        before a row's first slot are padding, except the start token right before it (the BOS layout;
+        when the pad token is the start token, as for GPT-2, the projection's layout decides). A VLM's
+        placeholder prompts (the image after text): the leading pad ids are padding (but the last of
+        them where the pad id is also the BOS id: that one is the row's BOS)."""
+        if self.image_token_id == self.cfg.d_vocab:
+            head = self.image_mask(tokens)
+            head[:, :-1] |= self._bos_before_slots(tokens)
+            started = head.long().cummax(-1).values
+        else:
+            tok = self.tokenizer
+            n_lead = (tokens == tok.pad_token_id).long().cumprod(-1).sum(-1)
+            if tok.pad_token_id == tok.bos_token_id:
+                n_lead = (n_lead - 1).clamp(min=0)
+            started = (torch.arange(tokens.shape[1], device=tokens.device) >= n_lead[:, None]).long()
+        return None if bool(started.all()) else started
+
+    # ---------------------------------------------------------------- running the model
+    def _prepare(self, input, kwargs: dict, images, image_features, image_embed):
+        """A call's checked soft-prompt source and its tokens (with the padding mask put in ``kwargs``)."""
+        source = self._source(images, image_features, image_embed)
+        tokens = self._image_tokens(input, source[1].shape[0], kwargs.pop("prepend_bos", None),
+                                    kwargs.pop("padding_side", None))
+        mask = self._padding_mask(tokens)
+        if mask is not None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = mask
+        return source, tokens
+
+    def _run(self, method, input, args, kwargs, images, image_features, image_embed):
+        source, tokens = self._prepare(input, kwargs, images, image_features, image_embed)
+        with self._binding(source):
+            return method(tokens, *args, **kwargs)
+
+    def forward(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
+                image_embed: Tensor | None = None, **kwargs):
+        """The bridge's ``forward`` with images.
+
+        Args:
+            input: Text (a string is shared by all images; a list gives one per image), or tokens
+                with image slots (``model.to_tokens(text, image=True)``).
+            images: Pixels ``[batch, channel, height, width]`` or PIL images.
+            image_features: Precomputed encoder features ``[batch, patch, d_img]`` instead of images.
+            image_embed: Soft prompts from :meth:`embed_images` ``[batch, patch, d_model]``.
+            *args, **kwargs: As for ``TransformerBridge.forward`` (return_type, stop_at_layer, ...).
+                ``return_type="loss"``/``"both"`` use :meth:`loss_fn` (text tokens only).
+        """
+        if images is None and image_features is None and image_embed is None:
+            return self.bridge(input, *args, **kwargs)
+        return_type = kwargs.get("return_type", "logits")
+        if args or return_type not in ("loss", "both"):
+            return self._run(self.bridge.forward, input, args, kwargs, images, image_features, image_embed)
+        per_token = kwargs.pop("loss_per_token", False)
+        source, tokens = self._prepare(input, kwargs, images, image_features, image_embed)
+        with self._binding(source):
+            logits = self.bridge.forward(tokens, **{**kwargs, "return_type": "logits"})
+        loss = self.loss_fn(logits, tokens, kwargs.get("attention_mask"), per_token=per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def run_with_cache(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
+                       image_embed: Tensor | None = None, **kwargs):
+        """The bridge's ``run_with_cache`` with images (``hook_image_*`` are cached too)."""
+        if images is None and image_features is None and image_embed is None:
+            return self.bridge.run_with_cache(input, *args, **kwargs)
+        return self._run(self.bridge.run_with_cache, input, args, kwargs, images, image_features, image_embed)
+
+    def run_with_hooks(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
+                       image_embed: Tensor | None = None, **kwargs):
+        """The bridge's ``run_with_hooks`` with images (hooks on ``hook_image_*`` run too)."""
+        if images is None and image_features is None and image_embed is None:
+            return self.bridge.run_with_hooks(input, *args, **kwargs)
+        return self._run(self.bridge.run_with_hooks, input, args, kwargs, images, image_features, image_embed)
+
+    def kv_cache(self, batch: int) -> None:
+        """None: the analyses' cached steps pass TransformerLens's own KV cache (``past_kv_cache=``,
+        gradients flow through it); the bridge runs HF's cache instead (``generate`` uses it), so
+        the analyses run each step over the whole sequence."""
+        return None
+
+    def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
+        """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only)."""
+        tokens = tokens.to(logits.device)
+        targets = ~self.image_mask(tokens[:, 1:])
+        if attention_mask is not None:
+            targets &= attention_mask[:, 1:].bool().to(logits.device)
+        logprobs = logits[:, :-1].log_softmax(-1)
+        nll = -logprobs.gather(-1, tokens[:, 1:].masked_fill(~targets, 0)[..., None])[..., 0] * targets
+        return nll if per_token else nll.sum() / targets.sum()
+
+    def generate(self, input="", max_new_tokens: int = 10, *args, images: Images | None = None,
+                 image_features: Tensor | None = None, image_embed: Tensor | None = None,
+                 use_past_kv_cache: bool = True, **kwargs):
+        """The bridge's ``generate`` with images (embedded once, before the first step).
+
+        With the KV cache (default, as in TransformerLens) the image is read once, by the first
+        step; ``use_past_kv_cache=False`` runs a full forward pass per step (same tokens, slower).
+        """
+        kwargs["use_past_kv_cache"] = use_past_kv_cache
+        if images is None and image_features is None and image_embed is None:
+            return self.bridge.generate(input, max_new_tokens, *args, **kwargs)
+        source = self._source(images, image_features, image_embed)
+        tokens = self._image_tokens(input, source[1].shape[0], kwargs.pop("prepend_bos", None),
+                                    kwargs.pop("padding_side", None))
+        self._check_length(tokens.shape[1] + max_new_tokens)
+        decode = kwargs.get("return_type", "input") in ("input", "str")
+        if decode:
+            kwargs["return_type"] = "tokens"
+        mask = self._padding_mask(tokens)
+        if mask is not None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = mask
+        with torch.no_grad(), self.bind_images(**{source[0]: source[1]}):
+            out = self.bridge.generate(tokens, max_new_tokens, *args, **kwargs)
+        if not decode:
+            return out
+        return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+
+
+def _kv_cache_by_its_old_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """Hand the bridge's attention the KV cache under the name it reads.
+
+    transformers 5.24 passes the cache to attention as ``cache=``; TransformerLens's bridge
+    attention (3.9 and 4.3) reads ``past_key_values=`` (or ``layer_past=``), so without this it
+    never writes the cache and cached generation attends to the newest token alone.
+    """
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None:
+        return args, {**kwargs, "past_key_values": kwargs["cache"]}
+    return None

@@ -1,0 +1,393 @@
+"""HookedVisionPrefix: a HookedTransformer that reads images as soft-prompt tokens (LiMBeR).
+
+An image goes through a frozen vision encoder (``hook_image_features``, ``[batch, patch, d_img]``)
+and a linear projection (``hook_image_embed``, ``[batch, patch, d_model]``). The projected patches
+take the place of *image slots* in the token sequence: positions holding ``model.image_token_id``
+(one id past the vocabulary, so it can never be a real token). Everything downstream is the
+unchanged TransformerLens model, so ``run_with_cache``, ``run_with_hooks``, ``generate``,
+``ActivationCache`` decompositions and ``transformer_lens.patching`` all see one ordinary sequence
+of ``n_image_tokens + n_text`` positions, and cache entries line up with the token tensor.
+
+    model = HookedVisionPrefix(lm, VisionEncoder.from_timm("beit_base_patch16_224"))
+    logits, cache = model.run_with_cache("A picture of", images=pixels)
+    model.caption(pil_images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import warnings
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import lm_cross_entropy_loss
+
+from tl_multimodal._compat import (HAS_HOOKED_TRANSFORMER, USE_DEFAULT_VALUE, Embed, HookedTransformer,
+                                  require_hooked_transformer)  # TL 4: stand-ins naming VisionBridge
+from tl_multimodal.models.encoders import VisionEncoder
+from tl_multimodal.models._frontend import ImageFrontEnd, check_generation_args, check_slots
+from tl_multimodal.models.images import Images
+from tl_multimodal.models.projection import ImageProjection
+
+# the parent's arguments, by name (TransformerLens 4 has no HookedTransformer: see compat)
+_PARENT_FORWARD = inspect.signature(HookedTransformer.forward) if HAS_HOOKED_TRANSFORMER else None
+
+
+class _ImageSlotEmbed(Embed):
+    """Token embedding in which image slots take the projected image tokens bound for this call."""
+
+    def __init__(self, cfg, image_token_id: int):
+        super().__init__(cfg)
+        self.image_token_id = image_token_id
+        self.image_embed: Tensor | None = None  # set by HookedVisionPrefix for one call
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        slots = tokens == self.image_token_id
+        if not slots.any():
+            return super().forward(tokens)
+        check_slots(slots, self.image_embed, self.image_token_id)
+        embed = super().forward(tokens.masked_fill(slots, 0))
+        return embed.masked_scatter(slots[..., None], self.image_embed.to(embed.dtype))
+
+
+def _lay_out_weights_as_linear(model: HookedTransformer) -> None:
+    """Store the LM's matrices in ``nn.Linear``'s memory layout (same shapes, same values).
+
+    TransformerLens 3.9 multiplies by ``W.T.contiguous()`` (gated MLP, unembedding) or a reshaped
+    ``W`` (attention Q/K/V/O), which copies every weight matrix on every forward pass: about 70%
+    of the CPU time of a one-token decoding step. With each parameter a transposed view of a
+    ``[out, in]`` tensor, those calls find the layout they want and copy nothing; the products are
+    the same kernels on the same memory (bit-identical results). Shapes, ``state_dict`` and hooks
+    are unchanged.
+    """
+    def relayout(param: torch.nn.Parameter, order: tuple[int, ...]) -> None:
+        inverse = tuple(order.index(i) for i in range(len(order)))
+        param.data = param.data.permute(order).contiguous().permute(inverse)
+
+    with torch.no_grad():
+        for block in model.blocks:
+            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):  # [head, d_model, d_head] -> [head, d_head, d_model]
+                if isinstance(block.attn._parameters.get(name), torch.nn.Parameter):
+                    relayout(block.attn._parameters[name], (0, 2, 1))
+            relayout(block.attn.W_O, (2, 0, 1))  # [head, d_head, d_model] -> [d_model, head, d_head]
+            if model.cfg.gated_mlp:
+                for name in ("W_in", "W_gate", "W_out"):
+                    if isinstance(block.mlp._parameters.get(name), torch.nn.Parameter):
+                        relayout(block.mlp._parameters[name], (1, 0))
+        relayout(model.unembed.W_U, (1, 0))
+
+
+class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
+    """A HookedTransformer with a frozen vision encoder and a LiMBeR projection in front.
+
+    Args:
+        lm: The text-only language model. Its weights are copied; ``lm`` itself is left as it was.
+        encoder: The frozen vision encoder.
+        projection: A trained :class:`ImageProjection`; ``None`` makes a fresh (untrained) one.
+        image_token_id: The id of image slots; default ``cfg.d_vocab`` (never a real token). A
+            converted VLM uses its own image-placeholder id (:func:`tl_multimodal.pretrained.llava.from_llava`).
+
+    Attributes:
+        vision: The :class:`VisionEncoder`.
+        projection: The :class:`ImageProjection`.
+        n_image_tokens: Soft-prompt positions per image (= the encoder's patches).
+        image_token_id: The id that marks an image slot in a token tensor (``cfg.d_vocab``).
+        hook_image_features: HookPoint on encoder features, ``[batch, patch, d_img]``.
+        hook_image_embed: HookPoint on projected image tokens, ``[batch, patch, d_model]``.
+        use_lean_generation: Let ``generate``/``caption`` with images decode in the lean KV-cached
+            loop of :mod:`tl_multimodal.models._fast_generation` when no hook is attached (default ``True``;
+            ``False``: always TransformerLens's ``generate``).
+    """
+
+    use_lean_generation: bool = True
+
+    def __init__(self, lm: HookedTransformer, encoder: VisionEncoder, projection: ImageProjection | None = None,
+                 *, image_token_id: int | None = None):
+        if image_token_id is not None and not (isinstance(image_token_id, int) and 0 <= image_token_id <= lm.cfg.d_vocab):
+            raise ValueError(f"image_token_id must be an int in [0, {lm.cfg.d_vocab}], got {image_token_id!r}")
+        cfg = copy.deepcopy(lm.cfg)
+        cfg.init_weights = False  # the weights come from `lm` below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            super().__init__(cfg, tokenizer=lm.tokenizer, move_to_device=False)
+        self.image_token_id = cfg.d_vocab if image_token_id is None else image_token_id  # LLaVA: its <image> id
+        self.embed = _ImageSlotEmbed(cfg, self.image_token_id)
+        missing, unexpected = self.load_state_dict(lm.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"could not copy the LM's weights: missing {missing}, unexpected {unexpected}")
+        _lay_out_weights_as_linear(self)
+        self._attach_vision(encoder, projection, cfg.model_name, cfg.d_model)
+        self.hook_image_features = HookPoint()  # [batch, patch, d_img]
+        self.hook_image_embed = HookPoint()  # [batch, patch, d_model]
+        self.setup()
+        torch.nn.Module.to(self, lm.W_E.device)
+
+    @classmethod
+    def from_pretrained(cls, model_name: str = "gpt2", *lm_args,
+                        encoder: str = "microsoft/beit-large-patch16-224-pt22k", projection=None,
+                        **lm_kwargs) -> "HookedVisionPrefix":
+        """Load an LM and a pretrained encoder from the hub (needs internet), plus a projection.
+
+        Positional arguments are the parent's (``fold_ln``, ``center_writing_weights``, ...); the
+        vision arguments are keyword-only. For the paper's exact model (GPT-J-6B + LiMBeR's trained
+        projection) or LLaVA use :func:`tl_multimodal.load`.
+
+        Args:
+            model_name: Any name ``HookedTransformer.from_pretrained`` accepts.
+            *lm_args: Passed to ``HookedTransformer.from_pretrained`` after ``model_name``.
+            encoder: A HF vision model (a name with ``/``; default LiMBeR's self-supervised BEiT-large,
+                last hidden state without CLS: 196 x 1024) or a timm model name
+                (:func:`~tl_multimodal.models._hub.hub_encoder`).
+            projection: A projection checkpoint path (or an ``ImageProjection``). ``None`` builds an
+                untrained one and warns (``UserWarning``); ``"untrained"`` builds one without warning.
+            **lm_kwargs: Passed to ``HookedTransformer.from_pretrained``.
+        """
+        require_hooked_transformer(cls.__name__)
+        from tl_multimodal.models._hub import hub_encoder, hub_projection
+
+        if not isinstance(encoder, str):
+            raise TypeError(f"encoder must be a HF or timm model name (str), got {type(encoder).__name__}")
+        proj = hub_projection(projection, "HookedVisionPrefix.from_pretrained")  # before any download
+        lm = HookedTransformer.from_pretrained(model_name, *lm_args, **lm_kwargs)
+        return cls(lm, hub_encoder(encoder), proj)
+
+    # ---------------------------------------------------------------- parameter counts
+    @property
+    def n_params_total(self) -> int:
+        """Parameters of the language model alone, as ``HookedTransformer.n_params_total`` counts them.
+
+        The vision encoder and the projection are counted by :attr:`n_params_vision` and
+        :attr:`n_params_projection`.
+        """
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if not name.startswith(("vision.", "projection.")))
+
+    @property
+    def n_params_vision(self) -> int:
+        """Parameters of the (frozen) vision encoder."""
+        return sum(p.numel() for p in self.vision.parameters())
+
+    @property
+    def n_params_projection(self) -> int:
+        """Parameters of the image projection (the only trained part)."""
+        return sum(p.numel() for p in self.projection.parameters())
+
+    # ---------------------------------------------------------------- images -> soft prompts
+    def load_projection(self, path) -> None:
+        """Replace the projection by a checkpoint, failing clearly if it was made for another model."""
+        super().load_projection(path)
+        self.setup()  # TransformerLens: register the new module's hook points
+
+    @property
+    def _device(self) -> torch.device:
+        return self.W_E.device
+
+    # ---------------------------------------------------------------- tokens with image slots
+    def to_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE,
+                  move_to_device: bool = True, truncate: bool = True, image: bool = False,
+                  ) -> Int[Tensor, "batch pos"]:
+        """TransformerLens's ``to_tokens``; with ``image=True``, each text follows an image's slots.
+
+        With ``image=True`` the row is ``[BOS][image][text]`` if ``prepend_bos=True`` and
+        ``[image][text]`` if ``False``; by default the projection's layout (:attr:`image_bos`).
+        Nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
+        on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
+        A text holding the image placeholder (a converted VLM's ``<image>``, which tokenizes to
+        ``image_token_id``) keeps its own layout and BOS default instead: each placeholder becomes
+        ``n_image_tokens`` slots where it stands, as HF's processors expand it.
+        """
+        if not image:
+            return super().to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
+        return self._tokens_with_images(input, prepend_bos, padding_side, move_to_device)
+
+    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
+        return HookedTransformer.to_tokens(self, text, prepend_bos, move_to_device=False, truncate=False)[0]
+
+    def to_str_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE):
+        """TransformerLens's ``to_str_tokens``; image slots in token ids read ``<image_i>``.
+
+        Takes every input the parent takes (text, a list, token ids ``[pos]``/``[1, pos]``/one
+        element, numpy arrays) and a batch ``[batch, pos]`` of token ids (a list per row).
+        """
+        if isinstance(input, (Tensor, np.ndarray)):
+            ids = torch.as_tensor(input)
+            if ids.ndim == 2 and ids.shape[0] > 1:
+                return [self.to_str_tokens(row, prepend_bos, padding_side) for row in ids]
+            slots = self.image_mask(ids.reshape(-1))
+            if slots.any():
+                text = super().to_str_tokens(ids.reshape(-1).masked_fill(slots, 0), prepend_bos, padding_side)
+                names = iter(f"<image_{i}>" for i in range(int(slots.sum())))
+                return [next(names) if s else t for t, s in zip(text, slots.tolist())]
+        return super().to_str_tokens(input, prepend_bos, padding_side)
+
+    def to_string(self, tokens):
+        """TransformerLens's ``to_string``; image slots are left out of the decoded text."""
+        ids = tokens if isinstance(tokens, Tensor) else torch.tensor(tokens)
+        if ids.ndim == 2 and self.image_mask(ids).any():
+            return [self.to_string(row) for row in ids]
+        if ids.ndim <= 1 and self.image_mask(ids).any():
+            return super().to_string(ids[~self.image_mask(ids)])
+        return super().to_string(tokens)
+
+    def tokens_to_residual_directions(self, tokens):
+        """TransformerLens's ``tokens_to_residual_directions``, refusing image slots by name.
+
+        An image slot is not a vocabulary entry and has no unembedding direction, so
+        ``cache.logit_attrs(..., tokens=...)`` needs the *answer* tokens (text ids), e.g.
+        ``tokens[:, 1:][~model.image_mask(tokens[:, 1:])]`` or the target ids.
+        """
+        if isinstance(tokens, int) and tokens == self.image_token_id or (
+                isinstance(tokens, Tensor) and self.image_mask(tokens).any()):
+            raise ValueError(f"tokens hold image slots (id {self.image_token_id}), which have no "
+                             "unembedding direction; pass text token ids (the answers whose logits you "
+                             "attribute), e.g. the target ids or the text tokens without image slots")
+        return super().tokens_to_residual_directions(tokens)
+
+    @contextlib.contextmanager
+    def _bound(self, image_embed: Tensor):
+        previous, self.embed.image_embed = self.embed.image_embed, image_embed
+        try:
+            yield
+        finally:
+            self.embed.image_embed = previous
+
+    def _image_embed(self, images, image_features, image_embed) -> Float[Tensor, "batch patch d_model"]:
+        """The soft prompts for one call: embedded from images/features, or given (exactly one)."""
+        if sum(x is not None for x in (images, image_features, image_embed)) != 1:
+            raise ValueError("pass exactly one of images=, image_features= and image_embed=")
+        if image_embed is None:
+            return self.embed_images(images, image_features)
+        expected = (self.n_image_tokens, self.cfg.d_model)
+        if image_embed.ndim != 3 or tuple(image_embed.shape[1:]) != expected:
+            raise ValueError(f"image_embed must be [batch, {expected[0]}, {expected[1]}] "
+                             f"(model.embed_images(...)), got {tuple(image_embed.shape)}")
+        return image_embed.to(self.W_E.device)
+
+    @contextlib.contextmanager
+    def bind_images(self, images: Images | None = None, image_features: Tensor | None = None,
+                    image_embed: Tensor | None = None):
+        """Within the block, calls given image-slot tokens but no images use these images.
+
+        For code that runs the model itself on tokens, e.g. ``transformer_lens.patching``::
+
+            tokens = model.to_tokens("A picture of", image=True).expand(len(corrupt_px), -1)
+            with model.bind_images(corrupt_px):
+                out = transformer_lens.patching.get_act_patch_resid_pre(model, tokens, clean_cache, metric)
+
+        The images are embedded once, on entry: ``hook_image_features``/``hook_image_embed`` run
+        then, not in each call inside the block. ``image_embed=`` binds soft prompts already made
+        by :meth:`embed_images` (no hook runs).
+        """
+        with self._bound(self._image_embed(images, image_features, image_embed)):
+            yield self
+
+    # ---------------------------------------------------------------- running the model
+    def forward(self, input, *args, images: Images | None = None,
+                image_features: Tensor | None = None, image_embed: Tensor | None = None, **kwargs):
+        """``HookedTransformer.forward`` with images.
+
+        Args:
+            input: Text (a string is shared by all images; a list gives one per image), or tokens
+                with image slots (``model.to_tokens(text, image=True)``).
+            images: Pixels ``[batch, channel, height, width]`` or PIL images.
+            image_features: Precomputed encoder features ``[batch, patch, d_img]`` instead of images.
+            image_embed: Soft prompts from :meth:`embed_images` ``[batch, patch, d_model]``: the
+                images are not encoded again (analyses embed once and run many passes).
+            *args, **kwargs: As for ``HookedTransformer.forward`` (return_type, stop_at_layer, ...).
+        """
+        if images is None and image_features is None and image_embed is None:
+            return super().forward(input, *args, **kwargs)
+        image_embed = self._image_embed(images, image_features, image_embed)
+        # Name the parent's arguments, however given: to_tokens(image=True) decides the BOS (none before
+        # leading image slots unless asked for; a placeholder prompt keeps the tokenizer's default).
+        bound = _PARENT_FORWARD.bind(self, input, *args, **kwargs).arguments
+        del bound["self"]
+        bound["input"] = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
+                                            bound.get("padding_side", USE_DEFAULT_VALUE))
+        # the tokens are made: the parent must read a leading pad as a BOS only where one stands (BOS layout)
+        bound["prepend_bos"] = bool(self._bos_before_slots(bound["input"]).any())
+        with self._bound(image_embed):
+            return super().forward(**bound)
+
+    def kv_cache(self, batch: int):
+        """A fresh TransformerLens KV cache for ``batch`` rows, for ``past_kv_cache=`` (the analyses' cached steps)."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        return TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch)
+
+    def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
+        """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only).
+
+        The prediction of the first text token from the last image position counts; predictions
+        *of* image slots, and of masked (padding) positions, do not.
+        """
+        tokens = tokens.to(logits.device)
+        targets = ~self.image_mask(tokens[:, 1:])
+        if attention_mask is not None:  # as TransformerLens: both the position and its next one unmasked
+            mask = attention_mask.bool().to(logits.device)
+            targets &= mask[:, :-1] & mask[:, 1:]
+        nll = lm_cross_entropy_loss(logits, tokens.masked_fill(self.image_mask(tokens), 0), per_token=True)
+        nll = nll.masked_fill(~targets, 0.0)
+        return nll if per_token else nll.sum() / targets.sum()
+
+    def generate(self, input="", max_new_tokens: int = 10, *args, images: Images | None = None,
+                 image_features: Tensor | None = None, image_embed: Tensor | None = None, **kwargs):
+        """``HookedTransformer.generate`` with images (KV cache on by default, as there).
+
+        The sampling arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+        ``top_p``, ...), however given, are checked first, with or without images. With images and
+        no hook attached to the LM, the tokens come from :mod:`tl_multimodal.models._fast_generation` (the
+        same computation without TransformerLens's per-token overhead); with hooks, or options and
+        architectures it does not take, from TransformerLens's ``generate``, so hooks fire.
+        """
+        bound = _PARENT_GENERATE.bind(self, input, max_new_tokens, *args, **kwargs).arguments
+        del bound["self"]
+        bound.update(bound.pop("generation_kwargs", {}))  # e.g. output_logits=True, passed on by name
+        check_generation_args(bound)
+        if images is None and image_features is None and image_embed is None:
+            return super().generate(**bound)
+        with torch.no_grad():
+            image_embed = self._image_embed(images, image_features, image_embed)
+        tokens = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
+                                    bound.get("padding_side", USE_DEFAULT_VALUE))
+        bound["prepend_bos"] = bool(self._bos_before_slots(tokens).any())  # as in forward
+        self._check_length(tokens.shape[1] + max_new_tokens)
+        decode = bound.get("return_type", "input") in ("input", "str")
+        if decode:
+            bound["return_type"] = "tokens"
+        bound["input"] = tokens
+        with self._bound(image_embed):
+            out = self._generate_lean(tokens, bound)
+            if out is None:
+                out = super().generate(**bound)
+        if not decode:
+            return out
+        return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+
+    def _generate_lean(self, tokens: Tensor, bound: dict) -> Tensor | None:
+        """``generate``'s tokens from the lean KV-cached loop (:mod:`tl_multimodal.models._fast_generation`),
+        or ``None`` where it does not apply (hooks attached, an unsupported option or architecture)."""
+        from transformer_lens.utilities import get_attention_mask
+
+        from tl_multimodal.models import _fast_generation as fast_generation
+
+        args = _PARENT_GENERATE.bind(self, **bound)
+        args.apply_defaults()
+        a = args.arguments  # with TransformerLens's defaults; options it has no argument for in generation_kwargs
+        if a["return_type"] == "embeds" or not self.use_lean_generation or fast_generation.why_not_fast(
+                self, a["use_past_kv_cache"], a["freq_penalty"], a["generation_kwargs"]) is not None:
+            return None
+        side = None if a["padding_side"] in (USE_DEFAULT_VALUE, None) else a["padding_side"]
+        mask = (torch.ones_like(tokens) if self.tokenizer is None else  # as TransformerLens computes it
+                get_attention_mask(self.tokenizer, tokens, False, padding_side=side))
+        return fast_generation.generate_tokens(
+            self, tokens, mask, a["max_new_tokens"], stop_at_eos=a["stop_at_eos"], eos_token_id=a["eos_token_id"],
+            do_sample=a["do_sample"], top_k=a["top_k"], top_p=a["top_p"], temperature=a["temperature"])
+
+
+_PARENT_GENERATE = inspect.signature(HookedTransformer.generate) if HAS_HOOKED_TRANSFORMER else None

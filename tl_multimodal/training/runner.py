@@ -1,0 +1,347 @@
+"""Dataset-scale attribution: every image of a dataset through captioning, target choice and
+:func:`~tl_multimodal.analysis.attribution.attribute`, written as long-format Parquet shards.
+
+The dataset is cut into fixed chunks of ``shard_size`` images (``[0, s)``, ``[s, 2s)``, ...); chunk
+``i`` belongs to process ``i % world_size``, so the union of the rows does not depend on how many
+processes ran. Each chunk becomes one file ``part-{start:09d}-{stop:09d}.parquet``, written to a
+temporary file and renamed (a crash never leaves a partial shard), and a run started again skips the
+chunks whose file exists. Memory holds one batch of attribution scores and one chunk of top-``k``
+rows at a time, whatever the dataset size.
+
+    run_attribution(model, load_coco_mini("../shared/data/coco_mini", "dev"), "runs/attr", k=100)
+    rows = load_rows("runs/attr")     # image_index, image_id, caption, target, ..., layer, unit, score
+
+Across processes (``accelerate.PartialState`` gives the rank and world size)::
+
+    accelerate launch --multi_gpu --num_processes 8 -m tl_multimodal attribute DATA --split train --out runs/attr
+
+``--multi_gpu`` starts the processes with ``torchrun``; without GPUs they run on CPU over gloo. (In
+accelerate 1.x, ``accelerate launch --cpu --num_processes N`` starts a single process unless MPI is
+set up with ``--mpirun_hostfile``; the command line then starts the N processes itself, see
+:func:`~tl_multimodal.training._distributed.relaunch_cpu_processes`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import itertools
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tl_multimodal.analysis.attribution import attribute
+from tl_multimodal.training.data import IMAGE_KEYS, find_column, open_dataset
+from tl_multimodal.training._distributed import partial_state
+
+#: Columns of every shard, in order. ``image_index``: position in the dataset; ``position``: the
+#: sequence position whose prediction is the target; ``y``: the target's logit there; ``rank``: the
+#: unit's rank within its image (0 = highest ``score``, its max-over-patches attribution, at ``patch``).
+SCHEMA_COLUMNS = ("image_index", "image_id", "caption", "target", "target_id", "position", "y",
+                  "rank", "layer", "unit", "patch", "score")
+MANIFEST = "_run.json"  # leading underscore: ignored by pyarrow/pandas when reading the folder
+_ID_KEYS = ("image_id", "__key__", "id")
+
+
+@dataclass
+class RunSummary:
+    """What one process did in :func:`run_attribution`.
+
+    Attributes:
+        out: The output folder.
+        rank, world_size: This process and the number of processes.
+        shards_written: Shards this process computed now.
+        shards_skipped: This process's shards that already existed (resumed).
+        images: Images attributed now.
+        rows: Rows written now.
+    """
+
+    out: Path
+    rank: int
+    world_size: int
+    shards_written: int
+    shards_skipped: int
+    images: int
+    rows: int
+
+    def __repr__(self) -> str:
+        return (f"RunSummary(rank {self.rank}/{self.world_size}: {self.shards_written} shards written "
+                f"({self.images} images, {self.rows} rows), {self.shards_skipped} already done, out={str(self.out)!r})")
+
+    def to_dataframe(self):
+        """One row with the summary's fields."""
+        import pandas as pd
+
+        return pd.DataFrame([{**self.__dict__, "out": str(self.out)}])
+
+
+# ---------------------------------------------------------------------------- data
+def _chunks(data, shard_size: int, limit: int | None) -> Iterator[tuple[int, int, Callable[[], Iterable[dict]]]]:
+    """``(start, stop, rows)`` for each chunk; ``rows()`` gives the chunk's rows (decoded lazily)."""
+    if hasattr(data, "select") and hasattr(data, "__len__"):  # map-style datasets.Dataset: random access
+        n = len(data) if limit is None else min(len(data), limit)
+        for start in range(0, n, shard_size):
+            stop = min(start + shard_size, n)
+            yield start, stop, lambda a=start, b=stop: data.select(range(a, b))
+        return
+    rows = iter(data) if limit is None else itertools.islice(data, limit)
+    start = 0
+    while chunk := list(itertools.islice(rows, shard_size)):
+        yield start, start + len(chunk), lambda c=chunk: c
+        start += len(chunk)
+
+
+def _image_id(row: dict, index: int, id_column: str | None):
+    if id_column is not None:
+        if id_column not in row:
+            raise ValueError(f"id_column {id_column!r} is not in the dataset (columns: {sorted(row)})")
+        return row[id_column]
+    return next((row[key] for key in _ID_KEYS if key in row), index)
+
+
+# ---------------------------------------------------------------------------- files
+def shard_name(start: int, stop: int) -> str:
+    """The file of the chunk ``[start, stop)`` of the dataset."""
+    return f"part-{start:09d}-{stop:09d}.parquet"
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_manifest(out: Path, settings: dict) -> None:
+    """Record the run's settings in ``out/_run.json``, or refuse to mix shards made with other ones."""
+    path = out / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:
+            raise ValueError(f"{out} holds shards of a run with other settings ({changed}, as (old, new)); "
+                             "use another --out or the same settings")
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=out)
+    with os.fdopen(fd, "w") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(tmp, path)  # every rank writes the same content, so racing ranks agree
+
+
+def load_rows(out: str | Path):
+    """Every row of a run's shards as one DataFrame (columns :data:`SCHEMA_COLUMNS`), sorted by
+    image_index and rank."""
+    out = Path(out)
+    files = sorted(out.glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{out} holds no part-*.parquet shards")
+    ranges = [tuple(int(x) for x in f.stem.split("-")[1:]) for f in files]
+    for (a, f_a), (b, f_b) in zip(zip(ranges, files), zip(ranges[1:], files[1:])):
+        if b[0] < a[1]:
+            raise ValueError(f"shards {f_a.name} and {f_b.name} overlap (files of another run in {out}?)")
+    df = pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    return df.sort_values(["image_index", "rank"], ignore_index=True)
+
+
+# ---------------------------------------------------------------------------- the runner
+def _batch_table(attr, k: int, indices: Sequence[int], ids: Sequence[Any]) -> pa.Table:
+    tops = attr.top_units(k)
+    img = tops.image_index
+    per_image = lambda values: [values[i] for i in img.tolist()]  # noqa: E731
+    return pa.table({
+        "image_index": pa.array(per_image(list(indices)), pa.int64()),
+        "image_id": per_image(list(ids)),
+        "caption": pa.array(per_image(attr.captions or [None] * len(attr)), pa.string()),
+        "target": pa.array(per_image(attr.targets), pa.string()),
+        "target_id": pa.array(attr.target_ids[img].numpy(), pa.int64()),
+        "position": pa.array(attr.positions[img].numpy(), pa.int64()),
+        "y": pa.array(attr.y[img].numpy(), pa.float32()),
+        "rank": pa.array(tops.rank.numpy(), pa.int32()),
+        "layer": pa.array(tops.layer.numpy(), pa.int32()),
+        "unit": pa.array(tops.unit.numpy(), pa.int32()),
+        "patch": pa.array(tops.patch.numpy(), pa.int32()),
+        "score": pa.array(tops.score.numpy(), pa.float32()),
+    })
+
+
+def _images_of_rank(data, limit, shard_size, rank, world_size) -> int | None:
+    """How many images this rank attributes (at most, for a stream with a limit); None if unknown."""
+    sizes = [n for n in (limit, len(data) if hasattr(data, "__len__") else None) if n is not None]
+    if not sizes:
+        return None
+    n = min(sizes)
+    return sum(min(shard_size, n - s) for i, s in enumerate(range(0, n, shard_size)) if i % world_size == rank)
+
+
+def _projection_digest(model) -> str:
+    """A short hash of the projection's weights: shards of different projections are not mixed."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.projection.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _process_state(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if (rank is None) != (world_size is None):
+        raise ValueError("pass both rank= and world_size=, or neither")
+    if rank is None:
+        state = partial_state()
+        return state.process_index, state.num_processes
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def run_attribution(model, data, out: str | Path, *, k: int = 100, shard_size: int = 64, batch_size: int = 8,
+                    limit: int | None = None, prompt: str = "A picture of", max_new_tokens: int = 20,
+                    hook: str = "pre", image_column: str | None = None, id_column: str | None = None,
+                    rank: int | None = None, world_size: int | None = None, progress: bool = True,
+                    on_shard: Callable[[Path], None] | None = None) -> RunSummary:
+    """Attribute every image of ``data`` and write each image's top ``k`` units to Parquet shards.
+
+    For every image: the model's greedy caption, its first noun as the target, the attribution of
+    the target's logit to every MLP unit at every image position (:func:`~tl_multimodal.attribute`),
+    and the ``k`` units with the highest max-over-patches score, one row each.
+
+    Args:
+        model: A :class:`~tl_multimodal.HookedVisionPrefix` (in eval mode).
+        data: A ``datasets.Dataset`` (random access: a process reads only its own chunks), or any
+            iterable of dict rows (``datasets.IterableDataset``, ``webdataset``; every process reads
+            the stream and keeps its chunks).
+        out: Output folder (created). Shards already there are skipped.
+        k: Units kept per image.
+        shard_size: Images per shard (and per unit of resumption).
+        batch_size: Images per forward/backward pass.
+        limit: Use only the first ``limit`` images.
+        prompt, max_new_tokens, hook: Passed to :func:`~tl_multimodal.attribute`.
+        image_column: The column holding images; default the first of ``image``, ``jpg``, ``jpeg``,
+            ``png``, ``webp``.
+        id_column: The column holding image ids; default ``image_id`` or ``__key__`` or ``id`` if
+            present, else the image's index.
+        rank, world_size: This process and the number of processes; default from
+            ``accelerate.PartialState()`` (1 process when not launched by ``accelerate``).
+        progress: Show a progress bar (one per process).
+        on_shard: Called with each shard's path once it is written.
+
+    Returns:
+        A :class:`RunSummary` of this process's work.
+    """
+    for name, value in (("k", k), ("shard_size", shard_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an integer >= 0, got {limit!r}")
+    if not hasattr(model, "embed_images"):
+        raise TypeError("model must be a HookedVisionPrefix")
+    rank, world_size = _process_state(rank, world_size)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(out, {"k": k, "shard_size": shard_size, "prompt": prompt, "max_new_tokens": max_new_tokens, "hook": hook,
+                          "lm": model.cfg.model_name, "encoder": model.vision.model_name,
+                          "projection_sha256": _projection_digest(model)})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=_images_of_rank(data, limit, shard_size, rank, world_size), unit="img", position=rank,
+               desc=f"attribute rank {rank}/{world_size}", disable=not progress)
+    written = skipped = n_images = n_rows = 0
+    try:
+        for i, (start, stop, rows) in enumerate(_chunks(data, shard_size, limit)):
+            if i % world_size != rank:
+                continue
+            path = out / shard_name(start, stop)
+            if path.exists():
+                skipped += 1
+                bar.update(stop - start)
+                continue
+            tables = []
+            batches = iter(rows())
+            for b_start in range(start, stop, batch_size):
+                batch = list(itertools.islice(batches, batch_size))
+                indices = list(range(b_start, b_start + len(batch)))
+                key = find_column(batch[0], IMAGE_KEYS, image_column, "image_column")
+                ids = [_image_id(r, j, id_column) for r, j in zip(batch, indices)]
+                try:
+                    attr = attribute(model, [r[key] for r in batch], prompt=prompt, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, hook=hook)
+                except ValueError as e:
+                    raise ValueError(f"attribution failed on images {indices[0]}..{indices[-1]} "
+                                     f"(ids {ids}): {e}") from e
+                tables.append(_batch_table(attr, k, indices, ids))
+                bar.update(len(batch))
+            _write_atomic(pa.concat_tables(tables), path)
+            for stale in out.glob(f"part-{start:09d}-*.parquet"):  # a shorter last chunk of a smaller limit
+                if stale != path:
+                    stale.unlink()
+            written += 1
+            n_images += stop - start
+            n_rows += sum(t.num_rows for t in tables)
+            if on_shard is not None:
+                on_shard(path)
+    finally:
+        bar.close()
+    return RunSummary(out, rank, world_size, written, skipped, n_images, n_rows)
+
+
+# ---------------------------------------------------------------------------- command line
+def load_model(spec: str = "offline", projection: str | Path | None = None, *, shipped: bool = True):
+    """The model the command line runs: ``"offline"`` (SmolLM2 + EfficientNet-Lite0,
+    :func:`~tl_multimodal.load_offline`), or ``"module:function"`` / ``"path/to/file.py:function"``,
+    a function with no arguments that returns a :class:`~tl_multimodal.HookedVisionPrefix`.
+
+    ``projection`` (a checkpoint) replaces the model's projection; without it the offline model has
+    the shipped projection, or an untrained one with ``shipped=False`` (what training starts from)."""
+    if spec == "offline":
+        from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return load_offline(projection or (SHIPPED_PROJECTION if shipped else None))
+    module, sep, fn = spec.rpartition(":")
+    if not sep or not module or not fn:
+        raise ValueError(f"--model must be 'offline' or 'module:function' (or 'file.py:function'), got {spec!r}")
+    if module.endswith(".py"):
+        if not Path(module).is_file():
+            raise FileNotFoundError(f"--model file {module} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+        mod = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module(module)
+    model = getattr(mod, fn)()
+    if projection is not None:
+        model.load_projection(projection)
+    return model.eval()
+
+
+def run_attribute(args: argparse.Namespace) -> RunSummary:
+    """Run the ``attribute`` command from parsed arguments (one process of an ``accelerate launch``)."""
+    state = partial_state()
+    data = open_dataset(args.data, args.split)
+    model = load_model(args.model, args.projection).to(state.device)
+    summary = run_attribution(model, data, args.out, k=args.k, shard_size=args.shard_size,
+                              batch_size=args.batch_size, limit=args.limit, prompt=args.prompt,
+                              max_new_tokens=args.max_new_tokens, hook=args.hook,
+                              image_column=args.image_column, id_column=args.id_column,
+                              rank=state.process_index, world_size=state.num_processes,
+                              progress=not args.no_progress)
+    print(summary, flush=True)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        n = len(list(Path(args.out).glob("part-*.parquet")))
+        print(f"done: {n} shards in {args.out}", flush=True)
+    return summary

@@ -1,0 +1,201 @@
+"""A self-contained HTML report of one image's multimodal units: caption, target, top units, heatmaps.
+
+:func:`write_report` captions the image greedily, attributes the first noun of that caption to every
+MLP unit at every image position (:func:`~tl_multimodal.analysis.attribution.attribute`), keeps the top ``k``
+units (:meth:`~tl_multimodal.analysis.attribution.Attribution.top_units`), decodes them through the
+unembedding (:func:`~tl_multimodal.analysis.decoding.decode_units`, the paper's interpretability filter) and
+draws each unit's activation over the image (:func:`~tl_multimodal.views.html.unit_heatmap_view`). The page
+needs no network: images are inline base64 PNGs and there is no JavaScript.
+
+    write_report(model, Image.open("dog.jpg"), "dog.html", n_units=10)
+    # or: tl-multimodal report dog.jpg --out dog.html --k 10
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from torch import Tensor
+
+from tl_multimodal.analysis.attribution import Attribution, attribute
+from tl_multimodal.analysis.nouns import first_noun
+from tl_multimodal.analysis.decoding import UnitDecoding, decode_units
+from tl_multimodal.analysis.heatmaps import one_image
+from tl_multimodal.analysis.probe import Probe
+from tl_multimodal.views.html import unit_heatmap_view
+from tl_multimodal.models.protocol import VisionLM, soft_prompts
+
+_CSS = """
+body { font-family: sans-serif; margin: 16px; color: #222; }
+table.units { border-collapse: collapse; }
+table.units th, table.units td { border-bottom: 1px solid #ddd; padding: 4px 8px; vertical-align: middle; }
+table.units td.tokens { font-family: monospace; font-size: 85%; max-width: 420px; }
+table.units td.num { text-align: right; font-family: monospace; }
+.muted { color: #666; font-size: 85%; }
+"""
+
+
+@dataclass(repr=False)
+class UnitReport:
+    """What a report shows (also returned by :func:`build_report` for use in a notebook).
+
+    Attributes:
+        caption: The model's greedy caption (after the prompt).
+        target: The attributed token (first sub-token of the caption's first noun).
+        noun: The noun found in the caption (None if the first word was used instead).
+        attribution: The :class:`~tl_multimodal.analysis.attribution.Attribution` of the image.
+        units: ``[k, 2]`` (layer, unit) of the top units, best first.
+        scores: ``[k]`` their max-over-patches attribution.
+        decoding: Their :class:`~tl_multimodal.analysis.decoding.UnitDecoding` (top 10 tokens).
+        heatmaps: One PNG (PIL) per unit: its activation over the image.
+        image: The image as displayed (PIL).
+        html: The page.
+    """
+
+    caption: str
+    target: str
+    noun: str | None
+    attribution: Attribution
+    units: Tensor
+    scores: Tensor
+    decoding: UnitDecoding
+    heatmaps: list[Image.Image]
+    image: Image.Image
+    html: str
+
+    def to_dataframe(self):
+        """One row per top unit: rank, layer, unit, score, tokens, interpretable."""
+        import pandas as pd
+
+        return pd.DataFrame({"rank": range(len(self.units)), "layer": self.units[:, 0].tolist(),
+                             "unit": self.units[:, 1].tolist(), "score": self.scores.tolist(),
+                             "tokens": [" ".join(t) for t in self.decoding.tokens],
+                             "interpretable": self.decoding.interpretable.tolist()})
+
+    def __repr__(self) -> str:
+        return (f"UnitReport(caption={self.caption!r}, target={self.target!r}, {len(self.units)} units, "
+                f"{int(self.decoding.interpretable.sum())} interpretable, {len(self.html) / 1e3:.0f} kB)")
+
+
+def _png_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A picture of", max_new_tokens: int = 20,
+                 hook: str = "pre", heatmap_hook: str = "post", max_size: int = 224, *,
+                 probe: Probe | None = None) -> UnitReport:
+    """Compute everything a report shows (see :func:`write_report`) without writing a file.
+
+    Args:
+        model: The vision LM (:class:`~tl_multimodal.models.protocol.VisionLM`).
+        image: One image: PIL, a file path, an array, or a pixel tensor ``[channel, h, w]``.
+        n_units: Top units shown.
+        prompt: Text after the image tokens.
+        max_new_tokens: Most tokens of the greedy caption.
+        hook: MLP hook the attribution scores (``"pre"``: as the paper).
+        heatmap_hook: MLP hook whose activations the heatmaps show.
+        max_size: Longest side of a heatmap panel in pixels.
+        probe: A one-image :class:`~tl_multimodal.analysis.probe.Probe` to attribute instead of the
+            caption's first noun (``prompt`` is then ignored).
+
+    Returns:
+        A :class:`UnitReport` (``.html`` is the page).
+    """
+    if isinstance(n_units, bool) or not isinstance(n_units, int) or n_units < 1:
+        raise ValueError(f"n_units must be an int >= 1, got {n_units!r}")
+    pil, pixels = one_image(model, image)
+    emb = soft_prompts(model, pixels)
+    attr = attribute(model, image_embed=emb, probe=probe, prompt=prompt, hook=hook, max_new_tokens=max_new_tokens)
+    top = attr.top_units(n_units, image_index=0)
+    units = top.units()
+    decoding = decode_units(model, units, n_tokens=10)
+    view = unit_heatmap_view(model, pil if pil is not None else pixels, units, hook=heatmap_hook, image_embed=emb,
+                             max_size=max_size)
+    shown, panels = view.panels[0], view.panels[1:]
+    caption = (attr.captions or [""])[0]
+    found = first_noun(caption)
+    noun = found[0] if found is not None else None
+    target = attr.targets[0]
+
+    rows = []
+    for r, ((layer, unit), score, patch, toks, ok, panel) in enumerate(zip(
+            units.tolist(), top.score.tolist(), top.patch.tolist(), decoding.tokens,
+            decoding.interpretable.tolist(), panels)):
+        tok_html = " ".join(f"<code>{html.escape(repr(t))}</code>" for t in toks)
+        rows.append(
+            f'<tr class="unit-row" data-rank="{r}" data-layer="{layer}" data-unit="{unit}">'
+            f'<td class="num">{r}</td><td class="num">{layer}</td><td class="num">{unit}</td>'
+            f'<td class="num">{score:.4g}</td><td class="num">{patch}</td>'
+            f'<td class="tokens">{tok_html}</td><td>{"yes" if ok else "no"}</td>'
+            f'<td><img src="{_png_uri(panel)}" width="{panel.width}" height="{panel.height}" '
+            f'alt="L{layer}.{unit} heatmap"/></td></tr>')
+    n_ok = int(decoding.interpretable.sum())
+    crop_note = ('<p class="muted crop">The darkened border is the part of the image the encoder\'s centre crop cut '
+                 "away: the model never saw it, and the heatmaps leave it out.</p>"
+                 if view.cropped else "")
+    grid = tuple(model.vision.grid)
+    body = f"""
+<h2>Multimodal units of one image</h2>
+<div style="display: flex; gap: 24px; align-items: flex-start;">
+<img src="{_png_uri(shown)}" width="{shown.width}" height="{shown.height}" alt="image"/>
+<div>
+<p><b>Caption</b> (greedy): <span class="caption">{html.escape(prompt)} {html.escape(caption.strip())}</span></p>
+<p><b>Target</b> <i>c</i>: <code class="target">{html.escape(repr(target))}</code>
+(token id {int(attr.target_ids[0])}; the first sub-token of the caption's first noun
+{html.escape(repr(noun)) if noun else "(none found: the first word)"});
+its logit {float(attr.y[0]):.4g}</p>
+<p class="muted">Attribution: <code>Z * dy_c/dZ</code> at <code>{html.escape(attr.hook)}</code>
+for every unit at each of the {model.n_image_tokens} image positions ({grid[0]}x{grid[1]} grid); a unit's
+score is its maximum over patches (patch = where). Tokens: top 10 of
+<code>softmax(W_U^T W_out[layer][unit])</code>; interpretable = at least 7 of them are English words of
+at least 3 letters ({n_ok} of {len(units)} here). Heatmaps: the unit's <code>{html.escape(heatmap_hook)}</code>
+activation over the patch grid, upsampled bilinearly onto the image (jet: blue low, red high, each
+heatmap on its own scale).</p>
+{crop_note}
+</div></div>
+<h3>Top {len(units)} units</h3>
+<table class="units">
+<tr><th>rank</th><th>layer</th><th>unit</th><th>score</th><th>patch</th><th>top decoded tokens</th>
+<th>interpretable?</th><th>heatmap</th></tr>
+{chr(10).join(rows)}
+</table>
+"""
+    page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>tl_multimodal report: '
+            f"{html.escape(caption.strip())}</title><style>{_CSS}</style></head>\n<body>{body}</body></html>\n")
+    return UnitReport(caption=caption, target=target, noun=noun, attribution=attr, units=units,
+                      scores=top.score, decoding=decoding, heatmaps=panels, image=shown, html=page)
+
+
+def write_report(model: VisionLM, image, path: str | Path, n_units: int = 10, prompt: str = "A picture of",
+                 **kwargs) -> Path:
+    """Write a self-contained HTML report of one image's top multimodal units.
+
+    The page shows the image, the model's greedy caption, the target token (first noun), and a
+    table of the top ``n_units`` units by attribution (layer, unit, score, patch, top 10 decoded tokens,
+    the paper's interpretability filter) with each unit's activation heatmap over the image.
+    Everything is inline (base64 PNGs, no scripts, no network).
+
+    Args:
+        model: The vision LM (:class:`~tl_multimodal.models.protocol.VisionLM`).
+        image: One image: PIL, a file path, or a pixel tensor ``[channel, h, w]``.
+        path: The HTML file to write (parent folders are created).
+        n_units: Top units shown.
+        prompt: Text after the image tokens.
+        **kwargs: Passed to :func:`build_report` (``max_new_tokens``, ``hook``, ``heatmap_hook``,
+            ``max_size``).
+
+    Returns:
+        The path written.
+    """
+    report = build_report(model, image, n_units=n_units, prompt=prompt, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report.html, encoding="utf-8")
+    return path
