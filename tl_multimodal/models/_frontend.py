@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_multimodal._validate import check_int
 from tl_multimodal._compat import USE_DEFAULT_VALUE
 from tl_multimodal.models.images import Images, to_pixels
 from tl_multimodal.models.projection import ImageProjection, ProjectionInfo
@@ -252,13 +253,6 @@ def check_slots(slots: Bool[Tensor, "batch pos"], image_embed: Tensor | None, im
         raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
                          f"{slots.shape[0]} with {n_slots.tolist()} image slots per row; each row "
                          f"needs one image's {n_patch} slots (one image per prompt)")
-
-
-def check_int(value, name: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 def check_generation_args(args: dict) -> None:

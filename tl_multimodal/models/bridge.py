@@ -28,6 +28,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from tl_multimodal._validate import exactly_one
 from tl_multimodal.models.encoders import VisionEncoder
 from tl_multimodal._compat import USE_DEFAULT_VALUE
 from tl_multimodal.models._frontend import ImageFrontEnd, check_slots
@@ -154,8 +155,7 @@ class VisionBridge(ImageFrontEnd, nn.Module):
     # ---------------------------------------------------------------- images -> soft prompts
     def _source(self, images, image_features, image_embed) -> tuple[str, Tensor]:
         """What a call's soft prompts come from, checked (images become pixels): ``(kind, tensor)``."""
-        if sum(x is not None for x in (images, image_features, image_embed)) != 1:
-            raise ValueError("pass exactly one of images=, image_features= and image_embed=")
+        exactly_one(images=images, image_features=image_features, image_embed=image_embed)
         if images is not None:
             return "images", self.preprocess(images)
         if image_features is not None:

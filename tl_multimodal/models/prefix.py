@@ -27,6 +27,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import lm_cross_entropy_loss
 
+from tl_multimodal._validate import exactly_one
 from tl_multimodal._compat import (HAS_HOOKED_TRANSFORMER, USE_DEFAULT_VALUE, Embed, HookedTransformer,
                                   require_hooked_transformer)  # TL 4: stand-ins naming VisionBridge
 from tl_multimodal.models.encoders import VisionEncoder
@@ -258,8 +259,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
 
     def _image_embed(self, images, image_features, image_embed) -> Float[Tensor, "batch patch d_model"]:
         """The soft prompts for one call: embedded from images/features, or given (exactly one)."""
-        if sum(x is not None for x in (images, image_features, image_embed)) != 1:
-            raise ValueError("pass exactly one of images=, image_features= and image_embed=")
+        exactly_one(images=images, image_features=image_features, image_embed=image_embed)
         if image_embed is None:
             return self.embed_images(images, image_features)
         expected = (self.n_image_tokens, self.cfg.d_model)

@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from tl_multimodal._validate import exactly_one
+
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -95,9 +97,7 @@ def soft_prompts(model: VisionLM, images=None, image_features: Float[Tensor, "ba
     Returns:
         ``[batch, n_image_tokens, d_model]``, without gradient (analyses take gradients of activations).
     """
-    given = sum(x is not None for x in (images, image_features, image_embed))
-    if given != 1:
-        raise ValueError("pass exactly one of images=, image_features= and image_embed=")
+    exactly_one(images=images, image_features=image_features, image_embed=image_embed)
     with torch.no_grad():
         if image_embed is None:
             emb = model.embed_images(images) if images is not None else \

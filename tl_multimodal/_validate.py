@@ -1,0 +1,33 @@
+"""The checks that every layer repeats, written once: each raises a ``TypeError``/``ValueError`` that names the
+argument. Imports nothing from the package."""
+
+from __future__ import annotations
+
+
+def check_int(value, name: str, minimum: int | None = 1) -> int:
+    """``value`` as an ``int`` (bools refused), at least ``minimum`` (``None``: no bound).
+
+    Raises:
+        TypeError: ``value`` is not an int.
+        ValueError: ``value`` is below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_ints(minimum: int | None = 1, **values) -> None:
+    """:func:`check_int` on each keyword argument, in order."""
+    for name, value in values.items():
+        check_int(value, name, minimum)
+
+
+def exactly_one(**values) -> str:
+    """The name of the one argument that is not ``None``; a ``ValueError`` naming them all otherwise."""
+    given = [name for name, value in values.items() if value is not None]
+    if len(given) != 1:
+        names = [f"{n}=" for n in values]
+        raise ValueError(f"pass exactly one of {', '.join(names[:-1])} and {names[-1]}")
+    return given[0]
