@@ -1,1 +1,7 @@
-"""analysis."""
+"""What the units of a vision LM do at image positions: the query (:class:`~tl_multimodal.analysis.probe.Probe`),
+units and hooks, gradient x activation attribution, decoding through the unembedding, ablation, activation
+patching, heatmaps over the image, and the alignment of image and text tokens.
+
+May import: ``tl_multimodal.models`` (the protocol) and the private top-level helpers; never views,
+evaluation, training, pretrained or the CLI.
+"""
