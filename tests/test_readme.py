@@ -1,15 +1,15 @@
 """The Python blocks of README.md and docs/guide.md run as pasted: offline, in order, one namespace per file,
-as a reader would run them; and every relative link of the docs points at a file and heading that exist.
+as a reader would run them (one test per block, so a failure names its line); and every relative link of the
+docs points at a file and heading that exist.
 
 A block whose first line is ``# needs: internet`` or ``# needs: gpu`` (or both, comma-separated) is
-skipped; ``# needs: coco_mini`` runs only where the COCO sample is found (``$TL_MULTIMODAL_DATA``, else
+skipped with that reason; ``# needs: coco_mini`` runs only where the COCO sample is found (``$TL_MULTIMODAL_DATA``, else
 ``<repo>/../shared/data/coco_mini``), offered to the blocks at the path they name
 (``../shared/data/coco_mini`` from a scratch working directory, so what the blocks write lands there).
 """
 
 import os
 import re
-import time
 from pathlib import Path
 
 import matplotlib
@@ -44,6 +44,9 @@ def _coco_mini() -> Path | None:
     return None
 
 
+BLOCKS = [(name, line, needs, code) for name in RUNNABLE for line, needs, code in python_blocks(name)]
+
+
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_blocks_are_found_and_marked_with_known_needs(name):
     blocks = python_blocks(name)
@@ -52,34 +55,55 @@ def test_blocks_are_found_and_marked_with_known_needs(name):
     assert sum(not needs for _, needs, _ in blocks) >= MIN_BLOCKS[name]  # most of them run here
 
 
-@pytest.mark.parametrize("name", RUNNABLE)
-def test_python_blocks_run_offline_in_order(name, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def sessions() -> dict[str, dict]:
+    """Per file: the namespace and the scratch working folder its blocks share, in order."""
+    return {}
+
+
+def _session(sessions: dict, name: str, tmp_path_factory) -> dict:
+    if name not in sessions:
+        root = tmp_path_factory.mktemp(name.replace("/", "_"))
+        (root / "work").mkdir()
+        data = _coco_mini()
+        if data is not None:
+            (root / "shared" / "data").mkdir(parents=True)
+            (root / "shared" / "data" / "coco_mini").symlink_to(data, target_is_directory=True)
+        sessions[name] = {"namespace": {"__name__": "__readme__"}, "work": root / "work", "ran": [], "failed": None}
+    return sessions[name]
+
+
+@pytest.mark.parametrize(("name", "line", "needs", "code"), BLOCKS, ids=[f"{n}:{line}" for n, line, _, _ in BLOCKS])
+def test_python_block_runs_offline_in_order(name, line, needs, code, sessions, tmp_path_factory, monkeypatch):
+    if needs & NEVER_HERE:
+        pytest.skip(f"# needs: {', '.join(sorted(needs))}")
+    if "coco_mini" in needs and _coco_mini() is None:
+        pytest.skip("# needs: coco_mini, and the COCO sample is not here ($TL_MULTIMODAL_DATA, ../shared/data/coco_mini)")
+    session = _session(sessions, name, tmp_path_factory)
+    if session["failed"] is not None:
+        pytest.skip(f"the block at {name}:{session['failed']} failed; this one may need its names")
     matplotlib.use("Agg")
-    data = _coco_mini()
-    work = tmp_path / "work"
-    work.mkdir()
-    if data is not None:
-        (tmp_path / "shared" / "data").mkdir(parents=True)
-        (tmp_path / "shared" / "data" / "coco_mini").symlink_to(data, target_is_directory=True)
-    monkeypatch.chdir(work)
-    namespace = {"__name__": "__readme__"}
-    ran, timings = [], []
-    for line, needs, code in python_blocks(name):
-        if needs & NEVER_HERE or ("coco_mini" in needs and data is None):
-            continue
-        start, cpu = time.perf_counter(), time.process_time()
-        try:
-            exec(compile(code, f"{name}:{line}", "exec"), namespace)
-        except Exception as e:
-            raise AssertionError(f"the python block at {name}:{line} fails: {type(e).__name__}: {e}") from e
-        timings.append(f"{name}:{line} {time.perf_counter() - start:.0f}s ({time.process_time() - cpu:.0f}s CPU)")
-        ran.append(line)
-    print("\n" + "; ".join(timings))
+    monkeypatch.chdir(session["work"])
     import matplotlib.pyplot as plt
 
-    plt.close("all")
-    assert len(ran) >= MIN_BLOCKS[name]
-    # what the blocks promise, checked on what they left behind
+    try:
+        exec(compile(code, f"{name}:{line}", "exec"), session["namespace"])
+    except Exception as e:
+        session["failed"] = line
+        raise AssertionError(f"the python block at {name}:{line} fails: {type(e).__name__}: {e}") from e
+    finally:
+        plt.close("all")
+    session["ran"].append(line)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_what_the_blocks_leave_behind(name, sessions):
+    """Runs after the blocks of ``name`` (pytest keeps the file's order) and checks what they promise."""
+    session = sessions.get(name)
+    if session is None or session["failed"] is not None:
+        pytest.skip(f"the blocks of {name} did not all run in this session")
+    namespace, work = session["namespace"], session["work"]
+    assert len(session["ran"]) >= MIN_BLOCKS[name]
     from tl_multimodal._compat import HAS_HOOKED_TRANSFORMER
 
     if HAS_HOOKED_TRANSFORMER:  # backend="auto" on TransformerLens 3.9: the offline model, not a hub one
@@ -92,7 +116,7 @@ def test_python_blocks_run_offline_in_order(name, tmp_path, monkeypatch):
         assert isinstance(namespace["bridge"], VisionBridge)
         assert (work / "views.html").stat().st_size < 2_000_000  # three views, one JavaScript bundle
         assert (work / "report.html").is_file()
-        if data is not None:
+        if _coco_mini() is not None:
             assert namespace["mask"].any() and namespace["mask"].shape == namespace["cow_image"].size[::-1]
             assert len(namespace["rows"]) == 4 * 20  # limit=4 images, k=20 units each
 
