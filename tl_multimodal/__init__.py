@@ -35,7 +35,7 @@ _EXPORTS = {
     "analysis.patching": ["PatchResult", "UnitPatchSweep", "patch_resid", "patch_units", "unit_patch_sweep"],
     "models.prefix": ["HookedVisionPrefix"],
     "analysis.probe": ["Probe", "make_probe", "target_id"],
-    "models.projection": ["ImageProjection", "ProjectionInfo"],
+    "models.projection": ["ImageProjection", "ProjectionInfo", "projection_id"],
     "views.report": ["UnitReport", "build_report", "write_report"],
     "training.runner": ["RunSummary", "load_rows", "run_attribution"],
     "training.train": ["TrainingResult", "caption_nll", "encode_images", "train_projection"],
