@@ -38,7 +38,10 @@ _EXPORTS = {
     "models.projection": ["ImageProjection", "ProjectionInfo", "projection_id"],
     "views.report": ["UnitReport", "build_report", "write_report"],
     "training.runner": ["RunSummary", "load_rows", "run_attribution"],
-    "training.train": ["TrainingResult", "caption_nll", "encode_images", "train_projection"],
+    "training.config": ["RunConfig", "TrainingConfig"],
+    "training.features": ["encode_images"],
+    "training.nll": ["caption_nll"],
+    "training.train": ["TrainingResult", "train_projection"],
     "views.html": ["HTMLView", "HeatmapView", "TokenActivationsView", "save_views"],
     "models.protocol": ["VisionLM", "soft_prompts"],
 }
