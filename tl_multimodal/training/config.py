@@ -152,7 +152,8 @@ class RunConfig(Config):
 
     ``_run.json`` records them with the model's LM, encoder, layout and :func:`projection_id
     <tl_multimodal.models.projection.projection_id>`; a run into the same folder with other values
-    (any field but ``batch_size``, which does not change the rows) is refused.
+    is refused, but for :attr:`FREE` fields: ``batch_size`` (it does not change the rows) and
+    ``limit`` (a larger one extends the run).
 
     Attributes:
         k: Units kept per image.
@@ -164,11 +165,12 @@ class RunConfig(Config):
             ``png``, ``webp``.
         id_column: The column holding image ids; ``None``: ``image_id``, ``__key__`` or ``id`` if
             present, else the image's index.
-        data, split: Where the rows came from (a folder, shards or a hub name; ``None`` when the caller
-            passes rows), as the command line's ``DATA`` and ``--split``.
-        model, projection: The model spec (``"offline"``, ``"module:function"``) and the projection
-            checkpoint it was loaded with, as the command line's ``--model`` and ``--projection``
-            (``None`` when not known or not given).
+        data_source, split: Where the rows came from (a folder, shards or a hub name; ``None`` when
+            the caller passes rows), as the command line's ``DATA`` and ``--split``.
+        model_spec, projection_file: The model spec (``"offline"``, ``"module:function"``) and the
+            projection checkpoint it was loaded with, as the command line's ``--model`` and
+            ``--projection`` (``None`` when not known or not given; the projection itself is
+            recorded by its id either way).
 
     Raises:
         TypeError, ValueError: A setting of the wrong type or out of range (named).
@@ -183,19 +185,19 @@ class RunConfig(Config):
     hook: str = "pre"
     image_column: str | None = None
     id_column: str | None = None
-    data: str | None = None
+    data_source: str | None = None
     split: str | None = None
-    model: str | None = None
-    projection: str | None = None
+    model_spec: str | None = None
+    projection_file: str | None = None
 
-    #: Fields that do not change what a run writes: a rerun may change them.
-    FREE = ("batch_size",)
+    #: Fields a rerun into the same folder may change: they do not change the rows already written.
+    FREE = ("batch_size", "limit")
 
     def __post_init__(self):
         check_ints(k=self.k, shard_size=self.shard_size, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
         if self.limit is not None:
             check_int(self.limit, "limit", 0)
-        for name in ("data", "projection"):
+        for name in ("data_source", "projection_file"):
             _set(self, name, _path(getattr(self, name)))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
