@@ -18,6 +18,7 @@ _EXPORTS = {
     "analysis.attribution": ["Attribution", "DatasetAttribution", "TopUnits", "attribute", "attribute_dataset"],
     "models.bridge": ["VisionBridge"],
     "evaluation.coco": ["coco_category_mask", "load_coco", "object_for_noun"],
+    "evaluation.config": ["EvalConfig"],
     "evaluation.controls": ["SpecificityControls", "specificity_controls"],
     "training.data": ["SampleImages", "download_coco_sample", "load_coco_mini", "sample_images", "write_coco_sample"],
     "analysis.decoding": ["ImagePromptDecoding", "UnitDecoding", "decode_image_prompts", "decode_unit", "decode_units",
