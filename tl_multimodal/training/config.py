@@ -66,7 +66,8 @@ class TrainingConfig(Config):
             ``None`` keeps the projection's layout.
         augment: A function ``(pil_image, rng) -> pil_image`` applied to each training image at each
             step, or the name of one in :data:`~tl_multimodal.training.augment.AUGMENTATIONS`
-            (a function registered there is kept by its name); ``None``: no augmentation.
+            (a function registered there is kept by its name); ``None``: no augmentation. Another
+            function is recorded by its ``__name__``, which :meth:`from_dict` refuses (pass the function).
 
     Raises:
         TypeError, ValueError: A setting of the wrong type or out of range (named), ``checkpoint_every``
