@@ -66,7 +66,8 @@ def main() -> None:
 
     from tl_multimodal.training.data import load_coco_mini
     from tl_multimodal.pretrained.offline import load_offline
-    from tl_multimodal.training.train import _batch, _caption_ids, caption_token_nll, encode_images
+    from tl_multimodal.training.features import encode_images
+    from tl_multimodal.training.nll import _batch, _caption_ids, caption_token_nll
 
     torch.set_num_threads(1)
     model = load_offline(projection=None)

@@ -5,7 +5,7 @@ EfficientNet-Lite0, 49 image slots) at batch 8 with COCO captions, two ways, int
 process on one thread (thread CPU time, median):
   old: ``model(tokens, image_features=..., return_type="loss")``: final norm, unembedding and
        log-softmax at all positions (image slots and padding included), captions tokenized per step;
-  new: :func:`tl_multimodal.training.train.caption_token_nll`: the same loss, unembedded only where a
+  new: :func:`tl_multimodal.training.nll.caption_token_nll`: the same loss, unembedded only where a
        caption token is predicted, captions tokenized once.
 Also prints the two losses on the same batch (they must agree).
 
@@ -28,7 +28,8 @@ from _timing import interleaved  # noqa: E402
 
 from tl_multimodal.training.data import load_coco_mini  # noqa: E402
 from tl_multimodal.pretrained.offline import load_offline  # noqa: E402
-from tl_multimodal.training.train import _batch, _caption_ids, caption_token_nll, encode_images  # noqa: E402
+from tl_multimodal.training.features import encode_images  # noqa: E402
+from tl_multimodal.training.nll import _batch, _caption_ids, caption_token_nll  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from tl_multimodal.analysis.alignment import alignment, soft_prompt_norms  # noqa: E402
 from tl_multimodal.training.data import load_coco_mini  # noqa: E402
 from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline  # noqa: E402
-from tl_multimodal.training.train import encode_images  # noqa: E402
+from tl_multimodal.training.features import encode_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,8 @@ import torch  # noqa: E402
 from tl_multimodal.analysis.alignment import soft_prompt_norms  # noqa: E402
 from tl_multimodal.training.data import load_coco_mini  # noqa: E402
 from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline  # noqa: E402
-from tl_multimodal.training.train import caption_nll, encode_images  # noqa: E402
+from tl_multimodal.training.features import encode_images
+from tl_multimodal.training.nll import caption_nll  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

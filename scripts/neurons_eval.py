@@ -13,7 +13,8 @@ of the model's greedy caption, then
     the largest) in the model-input frame, top units vs random same-layer units (Wilcoxon signed-rank);
 then the specificity controls of (a), (b), (c) (``tl_multimodal.evaluation.controls``): own top units vs another
 image's top units (other target), magnitude-matched units and random same-layer units, 95% bootstrap
-intervals over images and the gap own minus control. The header prints the projection's SHA-256.
+intervals over images and the gap own minus control. The header prints the projection's id
+(``tl_multimodal.models.projection.projection_id``).
 
     python scripts/neurons_eval.py --out neurons_eval.json                 # all 35 dev images
     python scripts/neurons_eval.py --n-images 3 --no-projection            # quick smoke run
@@ -22,7 +23,6 @@ intervals over images and the gap own minus control. The header prints the proje
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -51,9 +51,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_split(args):
-    """The split's dataset and RGB images, the projection used, its short sha256, and the offline model."""
-    from tl_multimodal.training.data import load_coco_mini
+    """The split's dataset and RGB images, the projection file used, the projection's id (``projection_id``,
+    also of an untrained one), and the offline model."""
+    from tl_multimodal.models.projection import projection_id
     from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline
+    from tl_multimodal.training.data import load_coco_mini
 
     ds = load_coco_mini(args.data_dir, args.split)
     if args.n_images is not None:
@@ -61,8 +63,8 @@ def load_split(args):
     projection = None if args.no_projection else (args.projection or SHIPPED_PROJECTION)
     if projection is not None and not Path(projection).is_file():
         raise SystemExit(f"projection {projection} not found (pass --no-projection for a development run)")
-    sha = "untrained" if projection is None else hashlib.sha256(Path(projection).read_bytes()).hexdigest()[:16]
-    return ds, [r.convert("RGB") for r in ds["image"]], projection, sha, load_offline(projection)
+    model = load_offline(projection)
+    return ds, [r.convert("RGB") for r in ds["image"]], projection, projection_id(model.projection), model
 
 
 def sentence_embedder():
@@ -109,10 +111,10 @@ def main(argv=None) -> dict:
     from tl_multimodal.evaluation.coco import load_coco
     from tl_multimodal.evaluation.neurons import evaluate_neurons
 
-    ds, images, projection, sha, model = load_split(args)
+    ds, images, projection, ident, model = load_split(args)
     ids, n = list(ds["image_id"]), len(images)
     load_s = time.perf_counter() - t0
-    print(f"{_tic(t0)} loaded SmolLM2-135M + EfficientNet-Lite0, projection={projection} (sha256 {sha}); "
+    print(f"{_tic(t0)} loaded SmolLM2-135M + EfficientNet-Lite0, projection={projection} (id {ident}); "
           f"{n} {args.split} images, {args.threads} threads", flush=True)
     embed = sentence_embedder()
     coco = load_coco(args.data_dir) if (args.data_dir / "instances.json").is_file() else None
@@ -133,7 +135,7 @@ def main(argv=None) -> dict:
 
     print("\n" + "=" * 78)
     print(f"Multimodal neurons on coco_mini {args.split}: {n} images, SmolLM2-135M + EfficientNet-Lite0, "
-          f"projection={'untrained' if projection is None else Path(projection).name} (sha256 {sha})")
+          f"projection={'untrained' if projection is None else Path(projection).name} (id {ident})")
     print(f"ranking: hook_{args.hook}, {args.over_patches} over patches, normalize={args.normalize}; seed {args.seed}")
     print("=" * 78)
     print("Per image (model caption -> target):")
@@ -170,7 +172,7 @@ def main(argv=None) -> dict:
           + ", ".join(f"{name} {sec:.0f} s" for name, sec in stages.items()))
 
     result = {"split": args.split, "n_images": n, "k": args.k, "reduce": args.reduce, "seed": args.seed,
-              "projection": None if projection is None else str(projection), "projection_sha256": sha,
+              "projection": None if projection is None else str(projection), "projection_id": ident,
               "ranking": {"hook": args.hook, "over_patches": args.over_patches, "normalize": args.normalize},
               "runtime_s": runtime,
               "stages_s": stages, **result}

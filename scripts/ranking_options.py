@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     from tl_multimodal.analysis.nouns import first_noun
     from tl_multimodal.analysis.probe import Probe
 
-    ds, images, projection, sha, model = load_split(args)
+    ds, images, projection, ident, model = load_split(args)
     refs, ids = [list(c) for c in ds["captions"]], list(ds["image_id"])
     embed = sentence_embedder()
     coco = load_coco(args.data_dir)
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     ks = [int(k) for k in args.ks.split(",")]
     n_keep = max(args.n_units, *ks)
     print(f"[{time.perf_counter() - t0:5.0f}s] {len(images)} {args.split} images, projection {projection} "
-          f"(sha256 {sha}), {args.draws} draws, k={ks}, top {args.n_units} for similarity/IoU", flush=True)
+          f"(id {ident}), {args.draws} draws, k={ks}, top {args.n_units} for similarity/IoU", flush=True)
     summary = []
     for hook in args.hooks.split(","):
         options = [(o, n) for o in ("max", "sum") for n in (None, "layer")]

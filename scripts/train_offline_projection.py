@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from tl_multimodal.training.augment import random_resized_crop_flip  # noqa: E402
 from tl_multimodal.evaluation.coco import instance_crops, load_coco  # noqa: E402
+from tl_multimodal.models.projection import projection_id  # noqa: E402
 from tl_multimodal.training.data import load_coco_mini  # noqa: E402
 from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline  # noqa: E402
 from tl_multimodal.training.train import train_projection  # noqa: E402
@@ -80,7 +81,7 @@ def main():
     print(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model.projection.save(args.out)
-    print(f"saved {args.out}: {model.projection.info.training}")
+    print(f"saved {args.out} (id {projection_id(model.projection)}): {model.projection.info.training}")
 
 
 if __name__ == "__main__":

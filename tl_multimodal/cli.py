@@ -340,7 +340,10 @@ def _train(args) -> None:
                               device=args.device, seed=args.seed, progress=not args.no_progress,
                               dataset_name=f"{args.data}" + (f" ({args.split})" if args.split else ""))
     if rank == 0:
-        print(f"{result}; projection saved to {args.out / 'projection.pt'}", flush=True)
+        from tl_multimodal.models.projection import projection_id
+
+        print(f"{result}; projection saved to {args.out / 'projection.pt'} (id {projection_id(model.projection)})",
+              flush=True)
 
 
 def _cache(args) -> None:

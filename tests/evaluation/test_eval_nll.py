@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import tiny_gpt2_vlm
 
-from tl_multimodal.training.train import encode_images
+from tl_multimodal.training.features import encode_images
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "eval_nll.py"
 CAPTIONS = [["a red square", "red"], ["a green thing"], ["blue blue", "a blue square on white"]]

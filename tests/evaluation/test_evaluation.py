@@ -186,6 +186,25 @@ def _bag_of_letters(texts):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def test_eval_config_round_trips_and_unknown_settings_are_named():
+    from tl_multimodal.evaluation.config import EvalConfig
+    from tl_multimodal.evaluation.neurons import evaluate_neurons
+
+    config = EvalConfig(n_units=4, ks=[5, 2], hook="pre", over_patches="max", normalize=None, control_ks=())
+    assert config.ks == (2, 5) and EvalConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["ks"] == [2, 5] and config.replace(seed=2).seed == 2
+    assert repr(config) == ("EvalConfig(n_units=4, ks=(2, 5), hook='pre', over_patches='max', normalize=None, "
+                            "control_ks=())")
+    with pytest.raises(TypeError, match="unknown EvalConfig setting k; the settings are: n_units, ks, prompt"):
+        evaluate_neurons(None, [], [], None, k=3)  # refused before the model is touched
+    with pytest.raises(ValueError, match="over_patches must be one of"):
+        EvalConfig(over_patches="mean")
+    with pytest.raises(ValueError, match="ks must hold at least one k"):
+        EvalConfig(ks=())
+    with pytest.raises(ValueError, match="n_units must be >= 1, got 0"):
+        config.replace(n_units=0)
+
+
 def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
     import json
 
@@ -193,6 +212,7 @@ def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
     from pycocotools.coco import COCO
 
     from tl_multimodal.analysis.attribution import attribute_dataset
+    from tl_multimodal.evaluation.config import EvalConfig
     from tl_multimodal.evaluation.neurons import NeuronsEval, evaluate_neurons, text_similarity_test
 
     rng = np.random.default_rng(0)
@@ -209,6 +229,7 @@ def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
               control_ks=(5,), control_draws=1)
     ev = evaluate_neurons(small_vlm, images, refs, _bag_of_letters, coco=coco, image_ids=[11, 12, 13], **kw)
     assert isinstance(ev, NeuronsEval) and ev.top_units.shape == (3, 4, 2) and ev.ablation.ks == [2, 5]
+    assert ev.config == EvalConfig(**kw) and ev.config.ks == (2, 5)
     # the parts, called by hand
     res = attribute_dataset(small_vlm, [images[:2], images[2:]], n_units=5, prompt="A picture of", batch_size=2,
                             max_new_tokens=3, until="caption", hook="post", over_patches="sum", normalize="layer")
@@ -238,6 +259,7 @@ def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
     d = ev.to_dict([11, 12, 13])
     assert d["heatmap_iou"]["n_images"] == 2 and d["images"][2]["image_id"] == 13 and d["ablation"]["ks"] == [2, 5]
     json.dumps(d)
+    assert d["config"] == EvalConfig(**kw).to_dict() and d["config"]["ks"] == [2, 5]
     df = ev.to_dataframe()
     assert len(df) == 3 and np.isnan(df["iou_top"][2]) and "NeuronsEval(3 images" in repr(ev)
     no_coco = evaluate_neurons(small_vlm, images[:1], refs[:1], _bag_of_letters, **kw)

@@ -10,7 +10,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION
-from tl_multimodal.models.projection import ImageProjection, ProjectionInfo
+from tl_multimodal.models.projection import ImageProjection, ProjectionInfo, projection_id
 
 D_IMG, D_MODEL = 24, 16
 
@@ -143,6 +143,29 @@ def test_shipped_projection_still_loads():
     info = proj.info
     assert (proj.kind, proj.n_tokens, info.encoder, info.d_img) == ("linear", 49, "tf_efficientnet_lite0", 1280)
     assert proj.linear.weight.shape == (576, 1280) and torch.isfinite(proj.linear.weight).all()
+
+
+def test_projection_id_is_one_identity_for_the_file_and_the_module(tmp_path):
+    shipped = ImageProjection.load(SHIPPED_PROJECTION)
+    assert projection_id(shipped) == projection_id(SHIPPED_PROJECTION)
+    assert len(projection_id(shipped)) == 16 and int(projection_id(shipped), 16) >= 0
+    shipped.save(tmp_path / "again.pt")  # other file bytes are possible; the id is of the content
+    assert projection_id(tmp_path / "again.pt") == projection_id(shipped)
+    assert projection_id(ImageProjection.load(tmp_path / "again.pt").double()) == projection_id(shipped)
+
+    proj = ImageProjection(_info(), dropout=0.0)
+    before = projection_id(proj)
+    proj.info.training = {"steps": 3}  # the record is history, not identity
+    assert projection_id(proj) == before
+    weight = proj.linear.weight[0, 0].item()
+    with torch.no_grad():
+        proj.linear.weight[0, 0] = weight + 1e-3
+    assert projection_id(proj) != before
+    with torch.no_grad():
+        proj.linear.weight[0, 0] = weight
+    assert projection_id(proj) == before
+    proj.info.bos = True  # another layout computes something else
+    assert projection_id(proj) != before
 
 
 def test_pooled_projection_in_the_model_gives_k_image_tokens(gpt2_small, vit_encoder, pixels):

@@ -22,6 +22,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from tl_multimodal import HookedVisionPrefix, VisionEncoder, load_coco_mini
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.cli import build_parser
+from tl_multimodal.models.projection import projection_id
+from tl_multimodal.training.config import RunConfig
 from tl_multimodal.training.runner import (SCHEMA_COLUMNS, load_model, load_rows, open_dataset, run_attribute,
                                   run_attribution, shard_name)
 
@@ -152,6 +154,24 @@ def test_limit_then_a_larger_limit_and_other_settings(model, dataset, oracle, tm
         run_attribution(model, dataset, tmp_path, k=6, shard_size=2, rank=0, world_size=1, progress=False)
 
 
+def test_run_json_records_the_config_and_names_what_differs(model, dataset, tmp_path):
+    config = RunConfig(k=K, shard_size=1, limit=1, prompt="A photo of")
+    run_attribution(model, dataset, tmp_path, config, rank=0, world_size=1, progress=False)
+    record = json.loads((tmp_path / "_run.json").read_text())
+    assert {k: record[k] for k in RunConfig.names()} == config.to_dict()
+    assert record["projection_id"] == projection_id(model.projection) and record["bos"] is False
+    again = run_attribution(model, dataset, tmp_path, config, batch_size=1, rank=0, world_size=1, progress=False)
+    assert again.shards_skipped == 1  # batch_size does not change the rows
+    with pytest.raises(ValueError, match=r"other settings \({'prompt': \('A photo of', 'A picture of'\), "
+                                         r"'data_source': \(None, 'coco'\)}"):
+        run_attribution(model, dataset, tmp_path, config, prompt="A picture of", data_source="coco", rank=0,
+                        world_size=1)
+    with pytest.raises(TypeError, match="unknown RunConfig setting kk; the settings are: k, shard_size"):
+        run_attribution(model, dataset, tmp_path, kk=3, rank=0, world_size=1)
+    assert RunConfig.from_dict(config.to_dict()) == config and repr(config) == (
+        "RunConfig(k=5, shard_size=1, limit=1, prompt='A photo of')")
+
+
 def test_bad_input_is_named(model, dataset, tmp_path):
     kw = dict(rank=0, world_size=1, progress=False)
     with pytest.raises(ValueError, match="k must be"):
@@ -222,6 +242,11 @@ def test_command_line_one_process(model, images, oracle, tmp_path):
         "--shard-size", "4", "--model", f"{factory}:build", "--no-progress"]))
     assert (s.rank, s.world_size, s.images) == (0, 1, 7)
     _assert_rows_equal(load_rows(tmp_path / "out"), oracle)
+    record = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert RunConfig.from_dict({k: v for k, v in record.items() if k in RunConfig.names()}) == RunConfig(
+        k=K, shard_size=4, data_source=str(data.resolve()), split="dev", model_spec=f"{factory}:build")
+    assert {k: record[k] for k in ("lm", "encoder", "bos", "projection_id")} == {
+        "lm": "tiny", "encoder": "vit_tiny_32", "bos": False, "projection_id": projection_id(model.projection)}
     with pytest.raises(ValueError, match="--split"):
         run_attribute(build_parser().parse_args(["attribute", "no/such/thing", "--out", str(tmp_path / "o2")]))
 

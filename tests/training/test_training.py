@@ -1,6 +1,8 @@
 """Projection training: only the projection learns, and what it learns ties captions to images."""
 
 import copy
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +19,10 @@ from conftest import tiny_gpt2_vlm
 
 from tl_multimodal import HookedVisionPrefix, ImageProjection
 from tl_multimodal.training.augment import random_resized_crop_flip
-from tl_multimodal.training.train import _batch, _caption_ids, caption_nll, caption_token_nll, encode_images, train_projection
+from tl_multimodal.training.config import TrainingConfig
+from tl_multimodal.training.features import encode_images
+from tl_multimodal.training.nll import _batch, _caption_ids, caption_nll, caption_token_nll
+from tl_multimodal.training.train import train_projection
 
 ASSETS = Path(__file__).parents[1] / "assets"
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20)}
@@ -95,6 +100,55 @@ def test_projection_for_another_model_is_refused(tiny_vlm, cnn_encoder, gpt2_tok
     with pytest.raises(ValueError, match="lm: projection has 'tiny-gpt2', model has 'x'"):
         HookedVisionPrefix(HookedTransformer(bigger, tokenizer=gpt2_tokenizer), tiny_vlm.vision,
                            ImageProjection.load(tmp_path / "p.pt"))
+
+
+# ---------------------------------------------------------------------------- the configuration
+def test_training_config_round_trips_and_refuses_unknown_settings():
+    config = TrainingConfig(steps=7, lr=1e-2, checkpoint_dir=Path("runs/p"), checkpoint_every=2, bos=True,
+                            augment=random_resized_crop_flip, device="cpu")
+    assert config.checkpoint_dir == "runs/p" and config.augment == "random_resized_crop_flip"
+    assert config.augment_fn is random_resized_crop_flip
+    d = config.to_dict()
+    assert d == json.loads(json.dumps(d)) and d["steps"] == 7 and d["batch_size"] == 256
+    assert TrainingConfig.from_dict(d) == config and TrainingConfig.from_dict({}) == TrainingConfig()
+    assert repr(config).startswith("TrainingConfig(steps=7, lr=0.01, checkpoint_dir='runs/p'")
+    assert "batch_size" not in repr(config)  # only what differs from the defaults
+    assert config.replace(seed=3).seed == 3 and config.seed == 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.steps = 3
+    with pytest.raises(TypeError, match=r"unknown TrainingConfig setting step; the settings are: steps, batch_size"):
+        TrainingConfig.resolve(None, {"step": 3})
+    with pytest.raises(TypeError, match="unknown TrainingConfig settings bogus, step;"):
+        config.replace(step=3, bogus=1)
+    with pytest.raises(ValueError, match="TrainingConfig has no setting colour"):
+        TrainingConfig.from_dict({**d, "colour": 1})
+    with pytest.raises(ValueError, match="augment 'blur' is not one of"):
+        TrainingConfig(augment="blur")
+    with pytest.raises(ValueError, match="feature_cache holds one encoding per image"):
+        TrainingConfig(augment="random_resized_crop_flip", feature_cache="f.npy")
+
+
+def test_an_unknown_setting_is_refused_before_any_work(tiny_vlm, colour_data, no_step):
+    with pytest.raises(TypeError, match="unknown TrainingConfig setting stepz; the settings are: steps"):
+        train_projection(tiny_vlm, colour_data, stepz=1)
+    with pytest.raises(TypeError, match="config must be a TrainingConfig, got dict"):
+        train_projection(tiny_vlm, colour_data, {"steps": 1})
+
+
+def test_the_saved_projection_records_the_config_it_was_trained_with(tiny_vlm, colour_data, tmp_path):
+    from tl_multimodal.models.projection import projection_id
+
+    init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    start = projection_id(tiny_vlm.projection)
+    config = TrainingConfig(steps=2, batch_size=2, lr=1e-2, warmup=1, progress=False, seed=4, dataset_name="colours")
+    result = train_projection(tiny_vlm, colour_data, config, checkpoint_dir=tmp_path)
+    assert result.config == config.replace(checkpoint_dir=str(tmp_path))
+    saved = ImageProjection.load(tmp_path / "projection.pt")
+    assert TrainingConfig.from_dict(saved.info.training["config"]) == result.config
+    assert saved.info.training["init_projection"] == start != projection_id(saved)
+    assert projection_id(saved) == projection_id(tiny_vlm.projection)
+    assert saved.info.training["steps"] == 2 and saved.info.training["dataset"] == "colours"
+    tiny_vlm.projection.load_state_dict(init)
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -177,10 +231,10 @@ def test_bad_dev_dataset_is_refused_before_step_one(tiny_vlm, colour_data, no_st
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"steps": 0}, ValueError, "steps must be at least 1, got 0"),
+    ({"steps": 0}, ValueError, "steps must be >= 1, got 0"),
     ({"batch_size": 2.0}, TypeError, "batch_size must be an int, got float"),
     ({"lr": float("nan")}, ValueError, "lr must be a positive number"),
-    ({"warmup": -1}, ValueError, "warmup must be an int >= 0"),
+    ({"warmup": -1}, ValueError, "warmup must be >= 0, got -1"),
     ({"checkpoint_every": 5}, ValueError, "checkpoint_every needs checkpoint_dir"),
     ({"resume_from": "/nonexistent/training_state.pt"}, FileNotFoundError, "does not exist"),
     ({"shuffle": 1}, TypeError, "shuffle must be a bool, got int"),
@@ -196,7 +250,7 @@ def test_bad_arguments_are_refused(tiny_vlm, colour_data, no_step, kwargs, error
     ((["a cat", 3],), TypeError, "row 1 holds int"),
     ((["a cat", " "],), ValueError, "row 1 has an empty caption"),
     ((["a cat"], torch.zeros(2, 16, 64)), ValueError, r"image_features must be \[1 captions"),
-    ((["a cat"], None, 0), ValueError, "batch_size must be at least 1"),
+    ((["a cat"], None, 0), ValueError, "batch_size must be >= 1, got 0"),
 ])
 def test_caption_nll_bad_arguments(tiny_vlm, args, error, match):
     with pytest.raises(error, match=match):

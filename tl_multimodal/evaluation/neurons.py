@@ -30,8 +30,9 @@ from scipy import stats
 from torch import Tensor
 
 from tl_multimodal.analysis.ablation import AblationCurve, ablation_curve, sample_matched_units
-from tl_multimodal.analysis.attribution import Normalize, OverPatches, attribute_dataset
+from tl_multimodal.analysis.attribution import attribute_dataset
 from tl_multimodal.evaluation.coco import coco_category_mask, object_for_noun
+from tl_multimodal.evaluation.config import EvalConfig
 from tl_multimodal.evaluation.controls import SpecificityControls, specificity_controls
 from tl_multimodal.analysis.decoding import decode_units, unit_texts
 from tl_multimodal.models.geometry import input_geometry, mask_to_input
@@ -287,6 +288,7 @@ class NeuronsEval:
         controls: The specificity controls of (a), (b), (c) (:mod:`~tl_multimodal.evaluation.controls`), or None.
         n_layers: Layers of the LM.
         stages_s: Seconds per stage.
+        config: The settings it ran with (in :meth:`to_dict` as ``config``).
     """
 
     captions: list[str]
@@ -303,6 +305,7 @@ class NeuronsEval:
     n_layers: int
     controls: SpecificityControls | None = None
     stages_s: dict[str, float] = field(default_factory=dict)
+    config: EvalConfig | None = None
 
     @property
     def layer_counts(self) -> Int[Tensor, "layer"]:
@@ -326,6 +329,7 @@ class NeuronsEval:
                                     "iou_top": float(a), "iou_random": float(b)}
                                    for i, c, a, b in zip(self.iou_images, self.iou_objects, h.top, h.random)])
         return {
+            "config": None if self.config is None else self.config.to_dict(),
             "images": [{"image_id": ids[i], "caption": c, "target": t, "noun": w, "n_interpretable": int(k.sum())}
                        for i, (c, t, w, k) in enumerate(zip(self.captions, self.targets, self.nouns,
                                                             self.interpretable))],
@@ -357,14 +361,9 @@ class NeuronsEval:
 
 
 def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequence[Sequence[str]],
-                     embed: Callable[[list[str]], Float[np.ndarray, "n d"]], *, n_units: int = 100,
-                     ks: Sequence[int] = (10, 100, 400, 1600), prompt: str = "A picture of", max_new_tokens: int = 12,
-                     reduce: Literal["mean", "max"] = "mean", n_perm: int = 10000, ablation_seeds: int = 1,
-                     iou_seeds: int = 3, coco=None, image_ids: Sequence[int] | None = None, seed: int = 0,
-                     hook: str = "post", over_patches: OverPatches = "sum", normalize: Normalize = "layer",
-                     control_ks: Sequence[int] = (10, 100), control_draws: int = 3, magnitude_rtol: float = 0.1,
-                     n_boot: int = 2000, batch_size: int = 8, log: Callable[[str], None] | None = None,
-                     ) -> NeuronsEval:
+                     embed: Callable[[list[str]], Float[np.ndarray, "n d"]], config: EvalConfig | None = None, *,
+                     coco=None, image_ids: Sequence[int] | None = None, log: Callable[[str], None] | None = None,
+                     **overrides) -> NeuronsEval:
     """The paper's three measurements of multimodal neurons over a dataset (METHOD.md §2).
 
     Each image is captioned greedily after ``prompt`` and its MLP units attributed to the caption's
@@ -383,42 +382,35 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
         reference_captions: Per image, its reference captions.
         embed: Texts -> ``[n, d]`` L2-normalised sentence embeddings (called on sorted unique
             texts: once for (a), once for the controls).
-        n_units: Top units per image for (a) and (c).
-        ks: Numbers of units ablated in (b).
-        prompt, max_new_tokens: The captioning prompt and caption length.
-        reduce, n_perm: As for :func:`text_similarity_test`.
-        ablation_seeds, iou_seeds: Random draws of layer-matched units in (b) and (c).
+        config: The settings (:class:`~tl_multimodal.evaluation.config.EvalConfig`: units, ks,
+            prompt, ranking, seeds, controls, batch size); default all defaults. The result records it.
         coco, image_ids: A ``pycocotools`` COCO object and each image's id in it (both, or
             neither: then (c) is skipped).
-        seed: Seed of the random pairing and the random units.
-        hook, over_patches, normalize: How units are ranked: the attributed MLP hook
-            (:func:`~tl_multimodal.analysis.attribution.attribute`) and the reduction over patches and layers
-            (:meth:`~tl_multimodal.analysis.attribution.Attribution.unit_scores`). The defaults (``hook_post``,
-            the sum over patches, per-layer RMS) gave the largest gap between an image's own top
-            units and another image's in the controls on ``dev`` (README, "Ranking options"); the
-            paper's ranking is ``hook="pre", over_patches="max", normalize=None``.
-        control_ks, control_draws, magnitude_rtol, n_boot: The controls' ablation sizes, draws per
-            control, magnitude tolerance and bootstrap resamples; ``control_draws=0`` skips them.
-        batch_size: Images per forward pass.
         log: Called with a progress line after each stage.
+        **overrides: :class:`~tl_multimodal.evaluation.config.EvalConfig` fields replacing those of
+            ``config`` (``n_units=10, hook="pre"``).
+
+    Raises:
+        TypeError: An override that is not a setting (the settings are named).
+        ValueError: Data that do not match (caption sets, COCO ids), or a bad setting.
     """
+    config = EvalConfig.resolve(config, overrides)
     n = len(images)
     if len(reference_captions) != n:
         raise ValueError(f"{len(reference_captions)} reference caption sets for {n} images")
     if (coco is None) != (image_ids is None) or (image_ids is not None and len(image_ids) != n):
         raise ValueError("pass coco and image_ids (one per image) together, or neither")
-    ks = sorted(int(k) for k in ks)
-    if not ks or n_units < 1:
-        raise ValueError(f"need n_units >= 1 and at least one k, got n_units={n_units}, ks={ks}")
+    n_units, ks, seed, batch_size = config.n_units, list(config.ks), config.seed, config.batch_size
     say = log or (lambda msg: None)
     rng = np.random.default_rng(seed)
     t0, stages = time.perf_counter(), {}
     stage = lambda name: stages.__setitem__(name, time.perf_counter() - t0 - sum(stages.values()))  # noqa: E731
 
     res = attribute_dataset(model, [images[s:s + batch_size] for s in range(0, n, batch_size)],
-                            n_units=max(n_units, max(ks), *control_ks), prompt=prompt, batch_size=batch_size,
-                            hook=hook, over_patches=over_patches, normalize=normalize,
-                            max_new_tokens=max_new_tokens, until="caption",
+                            n_units=max(n_units, max(ks), *config.control_ks), prompt=config.prompt,
+                            batch_size=batch_size,
+                            hook=config.hook, over_patches=config.over_patches, normalize=config.normalize,
+                            max_new_tokens=config.max_new_tokens, until="caption",
                             on_batch=lambda s, m: say(f"attributed images {s}..{s + m - 1}"))
     captions = res.captions
     nouns = [found[0] if (found := first_noun(c)) else None for c in captions]
@@ -432,13 +424,13 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
     emb = dict(zip(uniq, vectors))
     as_mat = lambda ts: np.stack([emb[t] for t in ts]) if ts else np.zeros((0, vectors.shape[-1]))  # noqa: E731
     ref = [as_mat(list(cs)) for cs in reference_captions]
-    sim_units = text_similarity_test([as_mat(ts) for ts in texts], ref, reduce, rng, n_perm)
-    sim_caps = text_similarity_test([as_mat([c]) for c in captions], ref, reduce, rng, n_perm)
+    sim_units = text_similarity_test([as_mat(ts) for ts in texts], ref, config.reduce, rng, config.n_perm)
+    sim_caps = text_similarity_test([as_mat([cap]) for cap in captions], ref, config.reduce, rng, config.n_perm)
     say(f"(a) decoded {interp.numel()} top units: {int(interp.sum())} interpretable")
     stage("text_similarity")
 
-    curve = ablation_curve(model, images, ranked, ks=ks, probe=res.probe, n_random_seeds=ablation_seeds, seed=seed,
-                           batch_size=batch_size)
+    curve = ablation_curve(model, images, ranked, ks=ks, probe=res.probe, n_random_seeds=config.ablation_seeds,
+                           seed=seed, batch_size=batch_size)
     say(f"(b) {curve!r}")
     stage("ablation")
 
@@ -446,23 +438,24 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
     iou = None
     if kept:  # in the model-input frame: the same activations as on the original, fewer pixels
         iou = heatmap_iou_test(model, model.preprocess([images[i] for i in kept]), top[kept], masks,
-                               n_random_seeds=iou_seeds, seed=seed, batch_size=batch_size)
+                               n_random_seeds=config.iou_seeds, seed=seed, batch_size=batch_size)
     say(f"(c) IoU over {len(kept)} images with masks")
     stage("iou")
 
     controls = None
-    if control_draws > 0:
+    if config.control_draws > 0:
         per_image = [None] * n
         for i, m in zip(kept, masks):
             per_image[i] = m
-        controls = specificity_controls(model, model.preprocess(images), ranked, res.probe, ks=control_ks,
-                                        n_units=n_units, n_draws=control_draws, rtol=magnitude_rtol, embed=embed,
+        controls = specificity_controls(model, model.preprocess(images), ranked, res.probe, ks=config.control_ks,
+                                        n_units=n_units, n_draws=config.control_draws, rtol=config.magnitude_rtol,
+                                        embed=embed,
                                         reference_captions=reference_captions,
-                                        object_masks=per_image if kept else None, seed=seed, n_boot=n_boot,
+                                        object_masks=per_image if kept else None, seed=seed, n_boot=config.n_boot,
                                         batch_size=batch_size)
-        say(f"controls: {control_draws} draws")
+        say(f"controls: {config.control_draws} draws")
         stage("controls")
     return NeuronsEval(captions=captions, targets=res.targets, nouns=nouns, top_units=top, interpretable=interp,
                        text_similarity=sim_units, own_captions=sim_caps, ablation=summarize_ablation(curve),
                        heatmap_iou=iou, iou_images=kept, iou_objects=cats, n_layers=model.cfg.n_layers,
-                       controls=controls, stages_s=stages)
+                       controls=controls, stages_s=stages, config=config)

@@ -13,10 +13,13 @@ Dropout follows (LiMBeR: 0.1 in training; LLaVA: none). A checkpoint stores the 
 metadata that says which kind, which encoder and which LM they belong to, so loading one into a
 mismatched model fails loudly instead of producing garbage captions. LiMBeR's released
 ``proj.ckpt`` files (the bare state dict of one ``nn.Linear``) load with :meth:`ImageProjection.from_limber`.
+:func:`projection_id` names a projection (in memory or in a file) by what it computes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -212,3 +215,33 @@ class ImageProjection(nn.Module):
         bad = [f"{k}: projection has {have[k]!r}, model has {want[k]!r}" for k in want if have[k] != want[k]]
         if bad:
             raise ValueError("projection checkpoint was made for another model; " + "; ".join(bad))
+
+
+def projection_id(projection: ImageProjection | str | Path) -> str:
+    """The identity of a projection: 16 hex digits of a SHA-256 of what it computes.
+
+    The hash covers, in this order, the JSON of :class:`ProjectionInfo` without its ``training``
+    record (keys sorted: kind, encoder, d_img, grid, lm, d_model, n_tokens, bos), then for each
+    state-dict entry in sorted key order its name, its shape and its values as little-endian float32
+    bytes. So a projection in memory and the file it was saved to (or loaded from) have the same id,
+    whatever device or float dtype holds it; changing any weight, or the layout (``bos``), changes
+    it; the training record, dropout and the file's bytes (pickle layout) do not enter. The runner's
+    ``_run.json``, the training record and the scripts all name projections with it.
+
+    Args:
+        projection: An :class:`ImageProjection`, or the path of a checkpoint saved by
+            :meth:`ImageProjection.save` (loaded on the CPU).
+
+    Returns:
+        The first 16 hex digits of the SHA-256.
+    """
+    if not isinstance(projection, ImageProjection):
+        projection = ImageProjection.load(projection)
+    info = {k: v for k, v in asdict(projection.info).items() if k != "training"}
+    info["grid"] = list(info["grid"])
+    digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode())
+    for name, tensor in sorted(projection.state_dict().items()):
+        values = tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()[:16]

@@ -48,3 +48,7 @@ def random_resized_crop_flip(image: Image.Image, rng: random.Random, scale: tupl
             break
     out = image.crop(box)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < flip else out
+
+
+#: Augmentations by name: what ``TrainingConfig(augment="name")`` and a saved training record name.
+AUGMENTATIONS = {"random_resized_crop_flip": random_resized_crop_flip}

@@ -24,7 +24,6 @@ set up with ``--mpirun_hostfile``; the command line then starts the N processes 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import importlib.util
 import itertools
@@ -39,8 +38,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tl_multimodal.analysis.attribution import attribute
-from tl_multimodal.training.data import IMAGE_KEYS, find_column, open_dataset
+from tl_multimodal.models.projection import projection_id
 from tl_multimodal.training._distributed import partial_state
+from tl_multimodal.training.config import RunConfig
+from tl_multimodal.training.data import IMAGE_KEYS, find_column, open_dataset
 
 #: Columns of every shard, in order. ``image_index``: position in the dataset; ``position``: the
 #: sequence position whose prediction is the target; ``y``: the target's logit there; ``rank``: the
@@ -124,16 +125,28 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
         raise
 
 
+def _manifest(config: RunConfig, model) -> dict:
+    """What ``_run.json`` records: the run's settings, then the model's LM, encoder, layout and projection."""
+    return {**config.to_dict(), "lm": model.cfg.model_name, "encoder": model.vision.model_name,
+            "bos": bool(model.image_bos), "projection_id": projection_id(model.projection)}
+
+
 def _check_manifest(out: Path, settings: dict) -> None:
-    """Record the run's settings in ``out/_run.json``, or refuse to mix shards made with other ones."""
+    """Record the run's settings in ``out/_run.json``, or refuse to mix shards made with other ones.
+
+    Every recorded key is compared but :attr:`RunConfig.FREE` ones (a rerun may change them; the
+    record then holds the latest run's); the error names each one that differs, with its old and new value.
+    """
     path = out / MANIFEST
     if path.exists():
         old = json.loads(path.read_text())
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        keys = [k for k in {**old, **settings} if k not in RunConfig.FREE]
+        changed = {k: (old.get(k), settings.get(k)) for k in keys if old.get(k) != settings.get(k)}
         if changed:
             raise ValueError(f"{out} holds shards of a run with other settings ({changed}, as (old, new)); "
                              "use another --out or the same settings")
-        return
+        if old == settings:
+            return
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=out)
     with os.fdopen(fd, "w") as f:
         json.dump(settings, f, indent=1)
@@ -185,15 +198,6 @@ def _images_of_rank(data, limit, shard_size, rank, world_size) -> int | None:
     return sum(min(shard_size, n - s) for i, s in enumerate(range(0, n, shard_size)) if i % world_size == rank)
 
 
-def _projection_digest(model) -> str:
-    """A short hash of the projection's weights: shards of different projections are not mixed."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.projection.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _process_state(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if (rank is None) != (world_size is None):
         raise ValueError("pass both rank= and world_size=, or neither")
@@ -205,11 +209,9 @@ def _process_state(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def run_attribution(model, data, out: str | Path, *, k: int = 100, shard_size: int = 64, batch_size: int = 8,
-                    limit: int | None = None, prompt: str = "A picture of", max_new_tokens: int = 20,
-                    hook: str = "pre", image_column: str | None = None, id_column: str | None = None,
-                    rank: int | None = None, world_size: int | None = None, progress: bool = True,
-                    on_shard: Callable[[Path], None] | None = None) -> RunSummary:
+def run_attribution(model, data, out: str | Path, config: RunConfig | None = None, *, rank: int | None = None,
+                    world_size: int | None = None, progress: bool = True,
+                    on_shard: Callable[[Path], None] | None = None, **overrides) -> RunSummary:
     """Attribute every image of ``data`` and write each image's top ``k`` units to Parquet shards.
 
     For every image: the model's greedy caption, its first noun as the target, the attribution of
@@ -221,29 +223,32 @@ def run_attribution(model, data, out: str | Path, *, k: int = 100, shard_size: i
         data: A ``datasets.Dataset`` (random access: a process reads only its own chunks), or any
             iterable of dict rows (``datasets.IterableDataset``, ``webdataset``; every process reads
             the stream and keeps its chunks).
-        out: Output folder (created). Shards already there are skipped.
-        k: Units kept per image.
-        shard_size: Images per shard (and per unit of resumption).
-        batch_size: Images per forward/backward pass.
-        limit: Use only the first ``limit`` images.
-        prompt, max_new_tokens, hook: Passed to :func:`~tl_multimodal.attribute`.
-        image_column: The column holding images; default the first of ``image``, ``jpg``, ``jpeg``,
-            ``png``, ``webp``.
-        id_column: The column holding image ids; default ``image_id`` or ``__key__`` or ``id`` if
-            present, else the image's index.
+        out: Output folder (created). Shards already there are skipped. Its ``_run.json`` records
+            ``config.to_dict()`` with the model's ``lm``, ``encoder``, ``bos`` layout and
+            ``projection_id`` (:func:`~tl_multimodal.models.projection.projection_id`); a folder
+            whose record differs (in any field but ``batch_size``) is refused, the fields named.
+        config: The settings (:class:`~tl_multimodal.training.config.RunConfig`: ``k``,
+            ``shard_size``, ``batch_size``, ``limit``, ``prompt``, ``max_new_tokens``, ``hook``,
+            ``image_column``, ``id_column``, and where the data and model came from); default all
+            defaults.
         rank, world_size: This process and the number of processes; default from
             ``accelerate.PartialState()`` (1 process when not launched by ``accelerate``).
         progress: Show a progress bar (one per process).
         on_shard: Called with each shard's path once it is written.
+        **overrides: :class:`~tl_multimodal.training.config.RunConfig` fields replacing those of
+            ``config`` (``k=10, limit=8``).
 
     Returns:
         A :class:`RunSummary` of this process's work.
+
+    Raises:
+        TypeError: An override that is not a setting (the settings are named), or not a model.
+        ValueError: A bad setting, or ``out`` holding shards of a run with other settings.
     """
-    for name, value in (("k", k), ("shard_size", shard_size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be None or an integer >= 0, got {limit!r}")
+    config = RunConfig.resolve(config, overrides)
+    k, shard_size, batch_size, limit = config.k, config.shard_size, config.batch_size, config.limit
+    prompt, max_new_tokens, hook = config.prompt, config.max_new_tokens, config.hook
+    image_column, id_column = config.image_column, config.id_column
     if not hasattr(model, "embed_images"):
         raise TypeError("model must be a HookedVisionPrefix")
     rank, world_size = _process_state(rank, world_size)
@@ -251,9 +256,7 @@ def run_attribution(model, data, out: str | Path, *, k: int = 100, shard_size: i
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, {"k": k, "shard_size": shard_size, "prompt": prompt, "max_new_tokens": max_new_tokens, "hook": hook,
-                          "lm": model.cfg.model_name, "encoder": model.vision.model_name,
-                          "projection_sha256": _projection_digest(model)})
+    _check_manifest(out, _manifest(config, model))
 
     from tqdm.auto import tqdm
 
@@ -328,17 +331,23 @@ def load_model(spec: str = "offline", projection: str | Path | None = None, *, s
     return model.eval()
 
 
+def _where(source) -> str:
+    """A local file or folder as its absolute path (a rerun from elsewhere records the same), else as given."""
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)
+
+
 def run_attribute(args: argparse.Namespace) -> RunSummary:
     """Run the ``attribute`` command from parsed arguments (one process of an ``accelerate launch``)."""
     state = partial_state()
     data = open_dataset(args.data, args.split)
     model = load_model(args.model, args.projection).to(state.device)
-    summary = run_attribution(model, data, args.out, k=args.k, shard_size=args.shard_size,
-                              batch_size=args.batch_size, limit=args.limit, prompt=args.prompt,
-                              max_new_tokens=args.max_new_tokens, hook=args.hook,
-                              image_column=args.image_column, id_column=args.id_column,
-                              rank=state.process_index, world_size=state.num_processes,
-                              progress=not args.no_progress)
+    config = RunConfig(k=args.k, shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
+                       prompt=args.prompt, max_new_tokens=args.max_new_tokens, hook=args.hook,
+                       image_column=args.image_column, id_column=args.id_column, data_source=_where(args.data),
+                       split=args.split, model_spec=args.model,
+                       projection_file=None if args.projection is None else _where(args.projection))
+    summary = run_attribution(model, data, args.out, config, rank=state.process_index,
+                              world_size=state.num_processes, progress=not args.no_progress)
     print(summary, flush=True)
     state.wait_for_everyone()
     if state.is_main_process:
