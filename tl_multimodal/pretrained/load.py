@@ -70,6 +70,8 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
         TypeError: A spec of another type, or a factory that does not return a vision LM.
         ImportError: ``backend="hooked"`` on TransformerLens 4.
     """
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
     kind = spec_kind(spec, encoder=encoder)
     chosen = _backend(backend, kind)
     model = _BUILDERS[kind](spec, chosen, projection, encoder, tokenizer, kwargs)
@@ -99,6 +101,9 @@ def spec_kind(spec, encoder=None) -> str:
         if spec == "offline":
             return "offline"
         if spec.startswith("limber:"):
+            if spec not in _limber_configs():
+                raise ValueError(f"unknown LiMBeR config {spec.partition(':')[2]!r} in spec {spec!r}; choose one of "
+                                 f"{', '.join(_limber_configs())}")
             return "limber"
         module, sep, function = spec.rpartition(":")
         if sep and module and function.isidentifier():
@@ -111,23 +116,13 @@ def spec_kind(spec, encoder=None) -> str:
             raise ValueError(f"spec {spec!r} is a file; a factory names its function: '{spec}:function'")
         raise ValueError(f"unknown model spec {spec!r}; expected one of: {', '.join(SPECS[:6])} "
                          f"(LiMBeR configs: {', '.join(_limber_configs())})")
-    try:
-        import transformers
-    except ImportError:
-        transformers = None
-    if transformers is not None and isinstance(spec, transformers.LlavaForConditionalGeneration):
+    import transformers  # (transformer-lens needs it)
+
+    if isinstance(spec, transformers.LlavaForConditionalGeneration):
         return "hf_llava"
-    if transformers is not None and isinstance(spec, transformers.PreTrainedModel):
+    if isinstance(spec, transformers.PreTrainedModel):
         return "hf_lm"
     raise TypeError(f"spec must be one of {', '.join(SPECS)}; got a {type(spec).__name__}")
-
-
-def encoder_for(spec, encoder):
-    """``encoder`` if ``spec`` takes one (an LM hub name, an in-memory causal LM), else ``None``: for a
-    command line whose ``--encoder`` has a default (LiMBeR's BEiT) that only an LM hub name uses."""
-    if encoder is None:
-        return None
-    return encoder if spec_kind(spec, encoder=encoder) in ("lm", "hf_lm") else None
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -220,12 +215,9 @@ def _offline(spec, backend, projection, encoder, tokenizer, kwargs):
 
 
 def _limber(spec, backend, projection, encoder, tokenizer, kwargs):
-    from tl_multimodal.pretrained.limber import LIMBER_CONFIGS, load_limber
+    from tl_multimodal.pretrained.limber import load_limber
 
-    config = spec.partition(":")[2]
-    if config not in LIMBER_CONFIGS:
-        raise ValueError(f"unknown LiMBeR config {config!r} in spec {spec!r}; choose one of "
-                         f"{', '.join(_limber_configs())}")
+    config = spec.partition(":")[2]  # a key of LIMBER_CONFIGS (spec_kind checked it)
     _refuse(spec, encoder=encoder, tokenizer=tokenizer)
     if projection is None or projection is False:
         raise ValueError(f"spec {spec!r} needs projection=: LiMBeR's limber_weights/{config}/proj.ckpt "
