@@ -1,6 +1,6 @@
 """Multimodal-neuron evaluation on the offline COCO sample (METHOD.md §2, Schwettmann et al. 2023).
 
-SmolLM2-135M + EfficientNet-Lite0 + the shipped projection (``load_offline()``) over coco_mini ``dev``,
+SmolLM2-135M + EfficientNet-Lite0 + the shipped projection (``tl_multimodal.load("offline")``) over coco_mini ``dev``,
 through ``evaluation.evaluate_neurons``: each image's top ``--k`` units by attribution to the first noun
 of the model's greedy caption, then
 (a) decoded-text similarity of the interpretable units (the paper's filter) with the image's 5 COCO
@@ -53,7 +53,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def load_split(args):
     """The split's dataset and RGB images, the projection used, its short sha256, and the offline model."""
     from tl_multimodal.training.data import load_coco_mini
-    from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline
+    from tl_multimodal.pretrained.load import load
+    from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION
 
     ds = load_coco_mini(args.data_dir, args.split)
     if args.n_images is not None:
@@ -62,7 +63,7 @@ def load_split(args):
     if projection is not None and not Path(projection).is_file():
         raise SystemExit(f"projection {projection} not found (pass --no-projection for a development run)")
     sha = "untrained" if projection is None else hashlib.sha256(Path(projection).read_bytes()).hexdigest()[:16]
-    return ds, [r.convert("RGB") for r in ds["image"]], projection, sha, load_offline(projection)
+    return ds, [r.convert("RGB") for r in ds["image"]], projection, sha, load("offline", projection=projection or False)
 
 
 def sentence_embedder():

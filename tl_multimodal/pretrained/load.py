@@ -53,7 +53,8 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
             an untrained projection on purpose (``"offline"``, LM hub name, in-memory causal LM). A
             path given to a model that has its projection replaces it (``load_projection``).
         device: Where to put the model at the end (``None``: where it was built; cpu for ``"offline"``).
-        dtype: The model's dtype at the end (``None``: as built).
+        dtype: The model's dtype at the end (``None``: as built; LiMBeR: float16). A hub model also loads
+            in it (passed to its loader as ``dtype=``).
         encoder: The vision encoder of an LM hub name or an in-memory causal LM: a HF or timm model
             name, or (in-memory causal LM) a :class:`~tl_multimodal.VisionEncoder`.
         tokenizer: The tokenizer of an in-memory HF model (LLaVA: optional).
@@ -74,6 +75,8 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
         spec = os.fspath(spec)
     kind = spec_kind(spec, encoder=encoder)
     chosen = _backend(backend, kind)
+    if dtype is not None and kind in ("limber", "lm", "llava"):
+        kwargs.setdefault("dtype", dtype)  # a hub LM loads in it at once (not float32 first)
     model = _BUILDERS[kind](spec, chosen, projection, encoder, tokenizer, kwargs)
     if not _is_vision_lm(model):
         raise TypeError(f"spec {spec!r} gave a {type(model).__name__}, not a vision LM "
