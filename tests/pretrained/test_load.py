@@ -109,6 +109,39 @@ def test_a_factory_spec_builds_what_the_factory_builds(backend, factory, tokeniz
             torch.testing.assert_close(got("A picture of", images=pixels), want("A picture of", images=pixels))
 
 
+def test_a_factory_of_the_other_backend_is_refused_when_a_backend_is_named(factory):
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip("TransformerLens 4: the factory cannot build a HookedVisionPrefix")
+    with pytest.raises(ValueError, match="backend='bridge' but spec 'tiny_factory:build' is a HookedVisionPrefix"):
+        load("tiny_factory:build", backend="bridge", kind="hooked")
+
+
+@pytest.mark.parametrize("spec, encoder, kind", [
+    ("offline", None, "offline"), ("limber:clip_linear", None, "limber"), ("gpt2", "vit_tiny", "lm"),
+    ("EleutherAI/gpt-j-6B", "microsoft/beit-large-patch16-224-pt22k", "lm"),
+    ("llava-hf/llava-1.5-7b-hf", None, "llava"), ("org/LLaVA-mini", None, "llava"),
+    ("models.py:build", None, "factory"), ("pkg.module:make_model", None, "factory"),
+])
+def test_spec_kinds(spec, encoder, kind):
+    from tl_multimodal.pretrained.load import spec_kind
+
+    assert spec_kind(spec, encoder=encoder) == kind
+
+
+def test_an_lm_hub_name_goes_to_the_hub_constructor(backend):
+    """Offline the hub load fails; first ``from_pretrained`` of ``backend`` warns that no projection
+    was given (its own name in the warning); ``projection=False`` is its ``"untrained"``: no warning."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=f"{CLASS[backend].__name__}.from_pretrained: no projection given"):
+        with pytest.raises((ValueError, OSError)):
+            load("no-such-model-xyz", backend=backend, encoder="vit_tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises((ValueError, OSError)):
+            load("no-such-model-xyz", backend=backend, encoder="vit_tiny", projection=False)
+
+
 # ------------------------------------------------------------------ in-memory HF models
 IMAGE_TOKEN = 50257
 

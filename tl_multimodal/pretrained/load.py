@@ -77,14 +77,10 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
     chosen = _backend(backend, kind)
     if dtype is not None and kind in ("limber", "lm", "llava"):
         kwargs.setdefault("dtype", dtype)  # a hub LM loads in it at once (not float32 first)
+    if kind == "model":
+        _check_backend(spec, spec, backend)  # before its projection is replaced
     model = _BUILDERS[kind](spec, chosen, projection, encoder, tokenizer, kwargs)
-    if not _is_vision_lm(model):
-        raise TypeError(f"spec {spec!r} gave a {type(model).__name__}, not a vision LM "
-                        "(HookedVisionPrefix or VisionBridge)")
-    built = _backend_of(model)
-    if backend != "auto" and built is not None and built != chosen:
-        raise ValueError(f"backend={backend!r} but spec {_short(spec)} is a {type(model).__name__} "
-                         f"(backend {built!r}); pass backend={built!r} or 'auto'")
+    _check_backend(model, spec, backend)
     return _move(model, device, dtype).eval()
 
 
@@ -141,6 +137,17 @@ def _backend_of(model) -> str | None:
     if isinstance(model, VisionBridge):
         return "bridge"
     return "hooked" if HAS_HOOKED_TRANSFORMER and isinstance(model, HookedTransformer) else None
+
+
+def _check_backend(model, spec, backend: str) -> None:
+    """TypeError unless ``model`` is a vision LM; ValueError if it is not of the ``backend`` asked for."""
+    if not _is_vision_lm(model):
+        raise TypeError(f"spec {_short(spec)} gave a {type(model).__name__}, not a vision LM "
+                        "(HookedVisionPrefix or VisionBridge)")
+    built = _backend_of(model)
+    if backend != "auto" and built is not None and built != backend:
+        raise ValueError(f"backend={backend!r} but spec {_short(spec)} is a {type(model).__name__} "
+                         f"(backend {built!r}); pass backend={built!r} or 'auto'")
 
 
 def _backend(backend: str, kind: str) -> str:
