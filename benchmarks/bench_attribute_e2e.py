@@ -22,7 +22,7 @@ from _timing import interleaved  # noqa: E402
 
 from tl_multimodal.analysis.attribution import attribute  # noqa: E402
 from tl_multimodal.training.data import load_coco_mini  # noqa: E402
-from tl_multimodal.pretrained.offline import load_offline  # noqa: E402
+import tl_multimodal  # noqa: E402
 
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     ds = load_coco_mini(args.data_dir, "dev").select(range(args.batch))
     images = [im.convert("RGB") for im in ds["image"]]
-    model = load_offline()
+    model = tl_multimodal.load("offline")
     pixels = model.preprocess(images)
     attr = attribute(model, pixels, batch_size=args.batch)
     probe = attr.probe

@@ -26,10 +26,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from tl_multimodal import load_offline_bridge
+    from tl_multimodal import load
     from tl_multimodal.cli import _sample_images
 
-    model = load_offline_bridge()
+    model = load("offline", backend="bridge")
     with torch.no_grad():
         emb = model.embed_images(list(_sample_images().values()))
     kwargs = dict(image_embed=emb, do_sample=False, stop_at_eos=False, return_type="tokens", verbose=False)

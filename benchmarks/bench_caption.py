@@ -57,10 +57,11 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from tl_multimodal.training.data import load_coco_mini
-    from tl_multimodal.pretrained.offline import load_hf_smollm2, load_offline
+    from tl_multimodal import load
+    from tl_multimodal.pretrained.offline import load_hf_smollm2
 
     images = [row["image"] for row in load_coco_mini(args.data, split="dev").select(range(8))]  # before loading
-    model = load_offline()
+    model = load("offline")
     hf, _ = load_hf_smollm2()
     eos = model.tokenizer.eos_token_id
 

@@ -1,8 +1,8 @@
-"""How long ``load_offline()`` takes with a cold cache and then with a warm one, each in a new process.
+"""How long ``tl_multimodal.load("offline")`` takes with a cold cache and then with a warm one, each in a new process.
 
 Each load runs in a fresh Python process (as a user's second session would), with the cache pointed
 at a temporary folder (``$TL_MULTIMODAL_CACHE``) that starts empty. Printed: wall and CPU seconds of
-the ``load_offline()`` call, of the imports, and of the whole process, cold and warm. On a busy shared
+the ``load`` call, of the imports, and of the whole process, cold and warm. On a busy shared
 machine wall time mostly measures the wait for a core; CPU time is the work done.
 
     python benchmarks/bench_loading.py            # one cold load, then --warm (default 3) warm loads
@@ -23,9 +23,9 @@ _CHILD = """
 import json, time
 w0, c0 = time.perf_counter(), time.process_time()
 import timm, transformers, tl_multimodal.models.prefix  # torch, TransformerLens: counted as imports, not as the load
-from tl_multimodal.pretrained.offline import load_offline
+from tl_multimodal.pretrained.load import load
 w1, c1 = time.perf_counter(), time.process_time()
-model = load_offline()
+model = load("offline")
 w2, c2 = time.perf_counter(), time.process_time()
 print(json.dumps({"imports": w1 - w0, "imports cpu": c1 - c0, "load": w2 - w1, "load cpu": c2 - c1}))
 """
@@ -39,7 +39,7 @@ def _run(env: dict[str, str]) -> dict[str, float]:
     start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"load_offline() failed in the child process:\n{out.stderr}")
+        raise SystemExit(f"load('offline') failed in the child process:\n{out.stderr}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["process"] = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -61,7 +61,7 @@ def main() -> None:
     print(f"{'seconds':28}{'cold cache':>12}{'warm cache':>12}{'warm/cold':>10}   (warm: median of {args.warm})")
     for key in ("load", "imports", "process"):
         for kind in ("", " cpu"):
-            label = {"load": "load_offline()", "imports": "imports", "process": "whole new process"}[key]
+            label = {"load": "load('offline')", "imports": "imports", "process": "whole new process"}[key]
             k = key + kind
             print(f"{label + (' CPU' if kind else ' wall'):28}{cold[k]:12.1f}{med[k]:12.1f}{med[k] / cold[k]:10.2f}")
 

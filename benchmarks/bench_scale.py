@@ -65,12 +65,12 @@ def main() -> None:
     from _timing import interleaved
 
     from tl_multimodal.training.data import load_coco_mini
-    from tl_multimodal.pretrained.offline import load_offline
+    from tl_multimodal.pretrained.load import load
     from tl_multimodal.training.features import encode_images
     from tl_multimodal.training.nll import _batch, _caption_ids, caption_token_nll
 
     torch.set_num_threads(1)
-    model = load_offline(projection=None)
+    model = load("offline", projection=False)  # untrained
     data = load_coco_mini(args.data_dir, "train")
     ids = [r[0] for r in _caption_ids(model, [c[0] for c in data["captions"]], "captions", model.n_image_tokens)]
     cap_tokens = sum(map(len, ids)) / len(ids)  # with end-of-text

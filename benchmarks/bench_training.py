@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 from tl_multimodal.training.data import load_coco_mini  # noqa: E402
-from tl_multimodal.pretrained.offline import load_offline  # noqa: E402
+import tl_multimodal  # noqa: E402
 from tl_multimodal.training.features import encode_images  # noqa: E402
 from tl_multimodal.training.nll import _batch, _caption_ids, caption_token_nll  # noqa: E402
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    model = load_offline(device=args.device)
+    model = tl_multimodal.load("offline", device=args.device)
     data = load_coco_mini(args.data_dir, "train").select(range(args.batch))
     features = encode_images(model, data, progress=False).to(args.device)
     texts = [caps[0] for caps in data["captions"]]

@@ -21,11 +21,11 @@ def main() -> None:
     from PIL import Image
     from skimage import data
 
-    from tl_multimodal import attribute, decode_units, load_offline
+    from tl_multimodal import attribute, decode_units, load
     from tl_multimodal.views.html import (circuitsvis_bundle, decoded_tokens_view, save_views, token_activations_view,
                                    unit_heatmap_view)
 
-    model = load_offline()
+    model = load("offline")
     image = Image.fromarray(data.chelsea())
     units = attribute(model, [image]).top_units(4).units()
     views = [unit_heatmap_view(model, image, units), decoded_tokens_view(decode_units(model, units)),

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 
 from tl_multimodal.analysis.alignment import alignment, soft_prompt_norms  # noqa: E402
 from tl_multimodal.training.data import load_coco_mini  # noqa: E402
-from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline  # noqa: E402
+import tl_multimodal  # noqa: E402
+from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION  # noqa: E402
 from tl_multimodal.training.features import encode_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def main():
     data = load_coco_mini(args.data_dir, args.split)
     untrained = str(args.projection).lower() == "none"
     torch.manual_seed(0)  # the untrained projection's initialisation
-    model = load_offline(None if untrained else args.projection)
+    model = tl_multimodal.load("offline", projection=False if untrained else args.projection)
     captions = [caps[args.caption] for caps in data["captions"]]
     feats = encode_images(model, data, progress=False)
     al = alignment(model, captions, image_features=feats)

@@ -18,8 +18,9 @@ import torch  # noqa: E402
 
 from tl_multimodal.analysis.alignment import soft_prompt_norms  # noqa: E402
 from tl_multimodal.training.data import load_coco_mini  # noqa: E402
-from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline  # noqa: E402
-from tl_multimodal.training.features import encode_images
+import tl_multimodal  # noqa: E402
+from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION  # noqa: E402
+from tl_multimodal.training.features import encode_images  # noqa: E402
 from tl_multimodal.training.nll import caption_nll  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def main(argv=None, model=None):
     if args.limit is not None:
         data = data.select(range(min(args.limit, len(data))))
     if model is None:
-        model = load_offline(args.projection)
+        model = tl_multimodal.load("offline", projection=args.projection)
     results, feats = evaluate(model, data)
     n_captions = sum(map(len, data["captions"]))
     layout = "[BOS][image][text]" if model.image_bos else "[image][text]"

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tl_multimodal.analysis.attribution import attribute  # noqa: E402
-from tl_multimodal.pretrained.offline import load_offline  # noqa: E402
+import tl_multimodal  # noqa: E402
 from tl_multimodal.views.html import unit_heatmap_view  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +36,7 @@ def main():
     if not path.is_file():
         raise SystemExit(f"{path} not found: pass --data-dir (the COCO sample) and an --image-id it holds")
     image = Image.open(path).convert("RGB")
-    model = load_offline()
+    model = tl_multimodal.load("offline")
     attr = attribute(model, [image])
     units = attr.top_units(args.k).units()
     view = unit_heatmap_view(model, image, units, shared_scale=args.shared_scale,

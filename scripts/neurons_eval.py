@@ -1,6 +1,6 @@
 """Multimodal-neuron evaluation on the offline COCO sample (METHOD.md §2, Schwettmann et al. 2023).
 
-SmolLM2-135M + EfficientNet-Lite0 + the shipped projection (``load_offline()``) over coco_mini ``dev``,
+SmolLM2-135M + EfficientNet-Lite0 + the shipped projection (``tl_multimodal.load("offline")``) over coco_mini ``dev``,
 through ``evaluation.evaluate_neurons``: each image's top ``--k`` units by attribution to the first noun
 of the model's greedy caption, then
 (a) decoded-text similarity of the interpretable units (the paper's filter) with the image's 5 COCO
@@ -54,7 +54,8 @@ def load_split(args):
     """The split's dataset and RGB images, the projection file used, the projection's id (``projection_id``,
     also of an untrained one), and the offline model."""
     from tl_multimodal.models.projection import projection_id
-    from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline
+    from tl_multimodal.pretrained.load import load
+    from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION
     from tl_multimodal.training.data import load_coco_mini
 
     ds = load_coco_mini(args.data_dir, args.split)
@@ -63,7 +64,7 @@ def load_split(args):
     projection = None if args.no_projection else (args.projection or SHIPPED_PROJECTION)
     if projection is not None and not Path(projection).is_file():
         raise SystemExit(f"projection {projection} not found (pass --no-projection for a development run)")
-    model = load_offline(projection)
+    model = load("offline", projection=projection or False)
     return ds, [r.convert("RGB") for r in ds["image"]], projection, projection_id(model.projection), model
 
 

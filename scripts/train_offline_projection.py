@@ -28,7 +28,8 @@ from tl_multimodal.training.augment import random_resized_crop_flip  # noqa: E40
 from tl_multimodal.evaluation.coco import instance_crops, load_coco  # noqa: E402
 from tl_multimodal.models.projection import projection_id  # noqa: E402
 from tl_multimodal.training.data import load_coco_mini  # noqa: E402
-from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline  # noqa: E402
+import tl_multimodal  # noqa: E402
+from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION  # noqa: E402
 from tl_multimodal.training.train import train_projection  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def main():
         p.error("--resume needs --checkpoint-dir")
     torch.set_num_threads(args.threads)
 
-    model = load_offline(projection=args.init)
+    model = tl_multimodal.load("offline", projection=args.init or False)  # False: untrained
     train, dev = load_coco_mini(args.data_dir, "train"), load_coco_mini(args.data_dir, "dev")
     name = f"coco_mini train ({len(train)} images x 5 captions"
     rows = [train] * args.image_repeats

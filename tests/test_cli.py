@@ -172,7 +172,7 @@ def offline_cache(tmp_path_factory):
 
 def test_caption_end_to_end_with_the_offline_model(files, offline_cache, monkeypatch):
     """Cold cache, then warm: one progress line each, captions equal to ``model.caption`` on the same files."""
-    from tl_multimodal.pretrained.offline import load_offline
+    from tl_multimodal import load
 
     env = _env(TL_MULTIMODAL_CACHE=str(offline_cache))
     argv = ["caption", str(files / "good"), str(files / "good" / "sub" / "*.png"), "--max-new-tokens", "5"]
@@ -187,10 +187,32 @@ def test_caption_end_to_end_with_the_offline_model(files, offline_cache, monkeyp
     assert cold.stdout == warm.stdout
 
     monkeypatch.setenv("TL_MULTIMODAL_CACHE", str(offline_cache))
-    model = load_offline()
+    model = load("offline")
     paths = [files / "good" / "a.jpg", files / "good" / "b.png", files / "good" / "sub" / "c.png"]
     captions = model.caption(paths, max_new_tokens=5)
     assert cold.stdout.splitlines() == [f"{p}: A picture of {c}" for p, c in zip(paths, captions)]
+
+
+def test_caption_takes_the_load_vocabulary(files, tmp_path, capsys):
+    """``--model`` is what ``tl_multimodal.load`` takes: a factory captions as the model it builds; a
+    spec of no known form is a usage error, an argument the spec does not take a load error."""
+    _train_inputs(tmp_path)
+    from test_runner import build_tiny_vlm
+
+    image = files / "good" / "a.jpg"
+    assert cli.main(["caption", str(image), "--model", f"{tmp_path / 'factory.py'}:build",
+                     "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    caption = build_tiny_vlm(str(tmp_path / "tiny.pt")).caption([image], max_new_tokens=4)[0]
+    assert out.out == f"{image}: A picture of {caption}\n"
+    assert f"Loading {tmp_path / 'factory.py'}:build on cpu ..." in out.err
+    for argv, message, code in [
+            (["--model", "ofline"], "--model: unknown model spec 'ofline'", cli.EXIT_USAGE),
+            (["--model", "limber:beit"], "--model: unknown LiMBeR config 'beit'", cli.EXIT_USAGE),
+            (["--model", "offline", "--encoder", "vit_tiny"], "spec 'offline' does not take encoder", cli.EXIT_MODEL)]:
+        assert cli.main(["caption", str(image), *argv]) == code, argv
+        last = capsys.readouterr().err.splitlines()[-1]  # after the progress line, if the load began
+        assert last.startswith("tl-multimodal caption: error: ") and message in last, last
 
 
 # ---------------------------------------------------------------------------- train

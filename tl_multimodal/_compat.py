@@ -17,7 +17,7 @@ def _removed(name: str) -> ImportError:
     return ImportError(
         f"{what} needs TransformerLens 3: TransformerLens 4 removed HookedTransformer. Use "
         "tl_multimodal.VisionBridge instead: the same model (hooks, image slots, projection "
-        "checkpoints) on TransformerBridge, e.g. tl_multimodal.load_offline_bridge() or "
+        "checkpoints) on TransformerBridge, e.g. tl_multimodal.load('offline', backend='bridge') or "
         "VisionBridge.from_hf(hf_model, tokenizer, encoder, projection). Or install "
         "transformer-lens<4 to keep HookedVisionPrefix.")
 

@@ -4,7 +4,8 @@ attribute a dataset, or train the projection.
 examples:
   tl-multimodal caption                         # bundled sample photos, offline SmolLM2 + EfficientNet-Lite0
   tl-multimodal caption photo.jpg photos/ "shots/*.png"   # files, folders and (quoted) globs
-  tl-multimodal caption photo.jpg --hub         # GPT-2 small + BEiT from the hub (needs internet)
+  tl-multimodal caption photo.jpg --model gpt2 --encoder beit_base_patch16_224 --projection p.pt
+                                                # GPT-2 small + a timm BEiT from the hub (needs internet)
   tl-multimodal report photo.jpg -o report.html --k 10    # HTML report of the top multimodal units
   tl-multimodal attribute ../shared/data/coco_mini --split dev --out runs/attr   # dataset -> Parquet shards
   tl-multimodal train ../shared/data/coco_mini --split train --out runs/p --steps 200 --batch-size 8
@@ -30,6 +31,7 @@ from pathlib import Path
 EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT, EXIT_MODEL, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$")
 _GLOB_CHARS = set("*?[")
+_HUB_ENCODER = "microsoft/beit-large-patch16-224-pt22k"  # models._hub.HUB_ENCODER (importing it imports torch)
 
 
 class CLIError(Exception):
@@ -168,50 +170,54 @@ def _check_file(path: Path | None, option: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- model
-def _load_model(args):
-    """The hub models with --hub, else the offline SmolLM2 + EfficientNet-Lite0 (+ shipped projection).
+def _open_model(args, *, untrained: bool = False, quiet: bool = False):
+    """``tl_multimodal.load`` with the command's ``--model``, ``--backend``, ``--projection``, ``--encoder``
+    and ``--device``; one progress line to stderr first (unless ``quiet``), a failure as one line (exit 5).
 
-    Prints one progress line to stderr first; the first offline load converts the GGUF file (its
-    progress bar follows), later loads read the cache.
+    ``untrained``: without ``--projection``, an untrained projection where the model builds one (what
+    training starts from) instead of the shipped one (``offline``) or the warning (LM hub name).
     """
     try:
         import torch
 
         from tl_multimodal.pretrained import offline as loading
-        from tl_multimodal._compat import HAS_HOOKED_TRANSFORMER
-        if args.bridge or not HAS_HOOKED_TRANSFORMER:  # TransformerLens 4 has only the bridge
-            from tl_multimodal.models.bridge import VisionBridge as HookedVisionPrefix
-            from tl_multimodal.pretrained.offline import load_offline_bridge as load_offline
-        else:
-            from tl_multimodal.pretrained.offline import load_offline
-            from tl_multimodal.models.prefix import HookedVisionPrefix
+        from tl_multimodal.pretrained.load import load, spec_kind
     except ImportError as e:
         raise CLIError(f"cannot import the model code ({e})", EXIT_MODEL) from None
+    device = getattr(args, "device", None)
+    if device is not None:
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise CLIError(f"--device {device} is not available here ({str(e).splitlines()[0]})", EXIT_USAGE) from None
     try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as e:
-        raise CLIError(f"--device {args.device} is not available here ({str(e).splitlines()[0]})", EXIT_USAGE) from None
-
+        kind = spec_kind(args.model, encoder=args.encoder)
+    except ValueError as e:
+        raise CLIError(f"--model: {e}", EXIT_USAGE) from None
+    projection = args.projection
+    if projection is None and untrained and kind in ("offline", "lm"):
+        projection = False
+    where = f" on {device}" if device else ""
+    if kind == "offline":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        cached = (loading.smollm2_cache_path() / "weights.pt").is_file()
+        note = ("from the cache" if cached else
+                f"first run: converting the GGUF file takes about 2 min, then it is cached in {loading.cache_dir()}")
+        line = f"Loading SmolLM2-135M + EfficientNet-Lite0{where} ({note}) ..."
+    else:
+        line = f"Loading {args.model}" + (f" + {args.encoder}" if args.encoder else "") + f"{where} ..."
+    if not quiet:
+        _progress(line)
     start = time.perf_counter()
     try:
-        if args.hub:
-            _progress(f"Loading {args.lm} + {args.encoder} from the Hugging Face hub on {args.device} ...")
-            model = HookedVisionPrefix.from_pretrained(args.lm, encoder=args.encoder, projection=args.projection,
-                                                       device=args.device)
-        else:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            cached = (loading.smollm2_cache_path() / "weights.pt").is_file()
-            note = ("from the cache" if cached else
-                    f"first run: converting the GGUF file takes about 2 min, then it is cached in {loading.cache_dir()}")
-            _progress(f"Loading SmolLM2-135M + EfficientNet-Lite0 on {args.device} ({note}) ...")
-            model = load_offline(args.projection or loading.SHIPPED_PROJECTION, device=args.device)
-    except ImportError as e:
-        raise CLIError(f"cannot load the model: {e}", EXIT_MODEL) from None
-    except (OSError, ValueError) as e:
-        raise CLIError(f"cannot load the model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                       EXIT_MODEL) from None
-    _progress(f"Model loaded in {time.perf_counter() - start:.1f} s.")
+        model = load(args.model, backend=args.backend, projection=projection, encoder=args.encoder,
+                     device=device)
+    except (ImportError, OSError, AttributeError, ValueError, TypeError) as e:
+        raise CLIError(f"cannot load the model {args.model!r}: "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", EXIT_MODEL) from None
+    if not quiet:
+        _progress(f"Model loaded in {time.perf_counter() - start:.1f} s.")
     return model
 
 
@@ -230,7 +236,7 @@ def _sample_images() -> dict[str, object]:
 def _caption(args) -> None:
     files = image_files(args.images) if args.images else None
     _check_file(args.projection, "--projection")
-    model = _load_model(args)
+    model = _open_model(args)
     import torch
 
     images = {str(p): p for p in files} if files else _sample_images()
@@ -250,7 +256,7 @@ def _report(args) -> None:
     image = files[0]
     _check_output(args.out)
     _check_file(args.projection, "--projection")
-    model = _load_model(args)
+    model = _open_model(args)
     from tl_multimodal.models.images import to_pil
     from tl_multimodal.views.report import write_report
 
@@ -311,24 +317,12 @@ def _train(args) -> None:
     import torch
 
     from tl_multimodal.training._distributed import rank_and_world_size
-    from tl_multimodal.training.runner import load_model
     from tl_multimodal.training.train import train_projection
 
-    if args.device is not None:
-        try:
-            torch.empty(0, device=args.device)
-        except (RuntimeError, AssertionError) as e:
-            raise CLIError(f"--device {args.device} is not available here ({str(e).splitlines()[0]})",
-                           EXIT_USAGE) from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rank, _ = rank_and_world_size()
-    if rank == 0:
-        _progress(f"Loading the model ({args.model}) ...")
-    try:
-        model = load_model(args.model, args.projection, shipped=False)
-    except (ImportError, OSError, AttributeError) as e:
-        raise CLIError(f"cannot load the model {args.model!r}: {e}", EXIT_MODEL) from None
+    model = _open_model(args, untrained=True, quiet=rank != 0)
     cache = None
     if args.feature_cache is not None:
         name = f"{Path(args.data).resolve().name}-{args.split or 'all'}-{model.vision.model_name.replace('/', '_')}"
@@ -359,19 +353,28 @@ def _cache(args) -> None:
 
 
 # ------------------------------------------------------------------------------------- parser
+def _load_options(parser: argparse.ArgumentParser, projection_help: str) -> None:
+    """--model, --backend, --encoder, --projection: what ``tl_multimodal.load`` takes, for every command."""
+    parser.add_argument("--model", default="offline", metavar="SPEC",
+                        help="'offline' (SmolLM2 + EfficientNet-Lite0, no internet), 'limber:CONFIG' (with "
+                             "--projection), an LM hub name (with --encoder), a LLaVA hub name, or "
+                             "module:function / file.py:function (default: offline)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "hooked", "bridge"),
+                        help="hooked: HookedTransformer (TransformerLens 3); bridge: TransformerBridge; "
+                             "auto: hooked where TransformerLens has it (default: auto)")
+    parser.add_argument("--encoder", default=None,
+                        help="with an LM hub name as --model (needed there): its vision encoder, a HF (name with "
+                             f"'/') or timm model name, e.g. LiMBeR's {_HUB_ENCODER}")
+    parser.add_argument("--projection", type=Path, default=None, metavar="FILE", help=projection_help)
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="A picture of", help="text after the image tokens")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N",
                         help="most tokens generated per caption")
     parser.add_argument("--device", type=_device, default="cpu", help="where the model runs: cpu, cuda, cuda:N, mps")
-    parser.add_argument("--projection", type=Path, default=None, metavar="FILE",
-                        help="projection checkpoint (default: the shipped one offline, an untrained one with --hub)")
-    parser.add_argument("--hub", action="store_true", help="load --lm and --encoder from the hub (needs internet)")
-    parser.add_argument("--lm", default="gpt2", help="with --hub: a HookedTransformer.from_pretrained name")
-    parser.add_argument("--encoder", default="microsoft/beit-large-patch16-224-pt22k",
-                        help="with --hub: a HF (name with '/') or timm vision model")
-    parser.add_argument("--bridge", action="store_true",
-                        help="run the LM through TransformerBridge (VisionBridge); the default on TransformerLens 4")
+    _load_options(parser, "projection checkpoint (default: the shipped one with offline; the model's own "
+                          "with a LLaVA or a factory; an untrained one, with a warning, with an LM hub name)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,9 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--hook", default="pre", choices=("pre", "post", "pre_linear"), help="MLP activation attributed")
     att.add_argument("--image-column", default=None, help="the image column (default: found by name)")
     att.add_argument("--id-column", default=None, help="the image id column (default: found by name)")
-    att.add_argument("--model", default="offline",
-                     help="'offline' (SmolLM2 + EfficientNet-Lite0) or module:function / file.py:function")
-    att.add_argument("--projection", type=Path, default=None, metavar="FILE", help="projection checkpoint")
+    _load_options(att, "projection checkpoint (default: as for caption)")
     att.add_argument("--no-progress", action="store_true", help="no progress bar")
     att.set_defaults(run=_attribute, distributed=True)
 
@@ -451,10 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0, help="seeds caption sampling, batch order and dropout")
     tr.add_argument("--image-column", default=None, help="the image column (default: found by name)")
     tr.add_argument("--caption-column", default=None, help="the caption column (default: captions, caption, txt, text)")
-    tr.add_argument("--model", default="offline",
-                    help="'offline' (SmolLM2 + EfficientNet-Lite0) or module:function / file.py:function")
-    tr.add_argument("--projection", type=Path, default=None, metavar="FILE",
-                    help="projection checkpoint to start from (default: an untrained one)")
+    _load_options(tr, "projection checkpoint to start from (default: an untrained one; a LLaVA's or a "
+                      "factory's own)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(run=_train, distributed=True)
 

@@ -23,9 +23,10 @@ from tl_multimodal import HookedVisionPrefix, VisionEncoder, load_coco_mini
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.cli import build_parser
 from tl_multimodal.models.projection import projection_id
+from tl_multimodal.pretrained.load import load
 from tl_multimodal.training.config import RunConfig
-from tl_multimodal.training.runner import (SCHEMA_COLUMNS, load_model, load_rows, open_dataset, run_attribute,
-                                  run_attribution, shard_name)
+from tl_multimodal.training.runner import (SCHEMA_COLUMNS, load_rows, open_dataset, run_attribute, run_attribution,
+                                           shard_name)
 
 ROOT = Path(__file__).parents[2]
 K = 5
@@ -195,10 +196,10 @@ def test_bad_input_is_named(model, dataset, tmp_path):
         open_dataset(tmp_path / "file")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_dataset(tmp_path / "missing.tar")
-    with pytest.raises(ValueError, match="--model must be"):
-        load_model("tiny")
+    with pytest.raises(ValueError, match="unknown model spec 'tiny'"):
+        load("tiny")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_model(f"{tmp_path / 'nope.py'}:build")
+        load(f"{tmp_path / 'nope.py'}:build")
 
 
 def _coco_folder(root: Path, images) -> Path:

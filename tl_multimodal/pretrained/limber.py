@@ -84,11 +84,13 @@ def limber_encoder(config: str = "beit_linear"):
     return VisionEncoder.from_timm(c.encoder, pretrained=True, data_config=c.data_config)
 
 
-def assemble_limber(lm: HookedTransformer, encoder, projection_path: str | Path, config: str = "beit_linear"):
-    """A :class:`~tl_multimodal.HookedVisionPrefix` from an LM, an encoder and a LiMBeR ``proj.ckpt``.
+def assemble_limber(lm, encoder, projection_path: str | Path, config: str = "beit_linear"):
+    """A vision LM from an LM, an encoder and a LiMBeR ``proj.ckpt``.
 
     Args:
-        lm: The language model (LiMBeR: GPT-J-6B).
+        lm: The language model (LiMBeR: GPT-J-6B): a ``HookedTransformer`` gives a
+            :class:`~tl_multimodal.HookedVisionPrefix`, a ``TransformerBridge`` a
+            :class:`~tl_multimodal.VisionBridge`.
         encoder: The config's encoder (:func:`limber_encoder`).
         projection_path: LiMBeR's ``limber_weights/<config>/proj.ckpt``.
         config: A key of :data:`LIMBER_CONFIGS`; says the projection kind.
@@ -96,36 +98,50 @@ def assemble_limber(lm: HookedTransformer, encoder, projection_path: str | Path,
     Raises:
         ValueError: The checkpoint does not have the shape this encoder and LM need.
     """
-    from tl_multimodal.models.prefix import HookedVisionPrefix
-
     c = _config(config)
     info = ProjectionInfo(encoder=encoder.model_name, d_img=encoder.d_img, grid=encoder.grid,
                           lm=lm.cfg.model_name, d_model=lm.cfg.d_model, kind=c.kind, n_tokens=c.n_tokens,
                           training={"source": f"LiMBeR {config}", "checkpoint": str(projection_path)})
     proj = ImageProjection.from_limber(projection_path, info).to(lm.W_E.device)
+    if hasattr(lm, "adapter") and hasattr(lm, "original_model"):  # a TransformerBridge
+        from tl_multimodal.models.bridge import VisionBridge
+
+        return VisionBridge(lm, encoder, proj)
+    from tl_multimodal.models.prefix import HookedVisionPrefix
+
     return HookedVisionPrefix(lm, encoder, proj)
 
 
 def load_limber(config: str = "beit_linear", projection_path: str | Path | None = None,
-                lm_name: str = "EleutherAI/gpt-j-6B", **lm_kwargs):
+                lm_name: str = "EleutherAI/gpt-j-6B", *, backend: str = "hooked", **lm_kwargs):
     """LiMBeR's model as the paper used it: GPT-J-6B + the config's encoder + its ``proj.ckpt`` (hub).
 
     GPT-J-6B needs about 12 GB in float16 (the default here) and twice that while the model is
-    built (the LM's weights are copied once); a GPU is advised.
+    built (the LM's weights are copied once); a GPU is advised. :func:`tl_multimodal.load` with
+    ``"limber:<config>"`` calls this.
 
     Args:
         config: A key of :data:`LIMBER_CONFIGS` (the paper: ``"beit_linear"``).
         projection_path: The config's ``proj.ckpt`` from LiMBeR's repository (``limber_weights/``).
         lm_name: The TransformerLens model name.
-        **lm_kwargs: Passed to ``HookedTransformer.from_pretrained`` (default ``dtype=torch.float16``).
+        backend: ``"hooked"`` (``HookedTransformer.from_pretrained``, a HookedVisionPrefix) or
+            ``"bridge"`` (``TransformerBridge.boot_transformers``, a VisionBridge).
+        **lm_kwargs: Passed to the LM's loader (default ``dtype=torch.float16``).
     """
     _config(config)
+    if backend not in ("hooked", "bridge"):
+        raise ValueError(f"backend must be 'hooked' or 'bridge', got {backend!r}")
     if projection_path is None:
         raise ValueError(f"projection_path is required: LiMBeR's limber_weights/{config}/proj.ckpt "
                          "(from its GitHub repository)")
     if not Path(projection_path).is_file():
         raise FileNotFoundError(f"projection_path {projection_path} does not exist")
     lm_kwargs.setdefault("dtype", torch.float16)
-    lm = HookedTransformer.from_pretrained(lm_name, **lm_kwargs)
+    if backend == "bridge":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        lm = TransformerBridge.boot_transformers(lm_name, **lm_kwargs)
+    else:
+        lm = HookedTransformer.from_pretrained(lm_name, **lm_kwargs)
     encoder = limber_encoder(config).to(lm.W_E.device)
     return assemble_limber(lm, encoder, projection_path, config)

@@ -10,7 +10,7 @@ The parts map one to one:
 * the image token -> ``model.image_token_id``: each placeholder in a prompt (``"USER: <image>\\n..."``)
   stands for ``n_image_tokens`` image positions, as in HF's processor.
 
-    model = from_llava("llava-hf/llava-1.5-7b-hf", dtype=torch.float16)   # or a loaded HF model
+    model = tl_multimodal.load("llava-hf/llava-1.5-7b-hf", dtype=torch.float16)  # or a loaded HF model
     logits = model("USER: <image>\\nWhat is shown? ASSISTANT:", images=pil_image)
 """
 

@@ -24,8 +24,6 @@ set up with ``--mpirun_hostfile``; the command line then starts the N processes 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import itertools
 import json
 import os
@@ -39,6 +37,7 @@ import pyarrow.parquet as pq
 
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.models.projection import projection_id
+from tl_multimodal.pretrained.load import load
 from tl_multimodal.training._distributed import partial_state
 from tl_multimodal.training.config import RunConfig
 from tl_multimodal.training.data import IMAGE_KEYS, find_column, open_dataset
@@ -302,35 +301,6 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
 
 
 # ---------------------------------------------------------------------------- command line
-def load_model(spec: str = "offline", projection: str | Path | None = None, *, shipped: bool = True):
-    """The model the command line runs: ``"offline"`` (SmolLM2 + EfficientNet-Lite0,
-    :func:`~tl_multimodal.load_offline`), or ``"module:function"`` / ``"path/to/file.py:function"``,
-    a function with no arguments that returns a :class:`~tl_multimodal.HookedVisionPrefix`.
-
-    ``projection`` (a checkpoint) replaces the model's projection; without it the offline model has
-    the shipped projection, or an untrained one with ``shipped=False`` (what training starts from)."""
-    if spec == "offline":
-        from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, load_offline
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return load_offline(projection or (SHIPPED_PROJECTION if shipped else None))
-    module, sep, fn = spec.rpartition(":")
-    if not sep or not module or not fn:
-        raise ValueError(f"--model must be 'offline' or 'module:function' (or 'file.py:function'), got {spec!r}")
-    if module.endswith(".py"):
-        if not Path(module).is_file():
-            raise FileNotFoundError(f"--model file {module} does not exist")
-        mod_spec = importlib.util.spec_from_file_location(Path(module).stem, module)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
-    else:
-        mod = importlib.import_module(module)
-    model = getattr(mod, fn)()
-    if projection is not None:
-        model.load_projection(projection)
-    return model.eval()
-
-
 def _where(source) -> str:
     """A local file or folder as its absolute path (a rerun from elsewhere records the same), else as given."""
     return str(Path(source).resolve()) if Path(source).exists() else str(source)
@@ -340,7 +310,8 @@ def run_attribute(args: argparse.Namespace) -> RunSummary:
     """Run the ``attribute`` command from parsed arguments (one process of an ``accelerate launch``)."""
     state = partial_state()
     data = open_dataset(args.data, args.split)
-    model = load_model(args.model, args.projection).to(state.device)
+    model = load(args.model, backend=args.backend, projection=args.projection,
+                 encoder=args.encoder, device=state.device)
     config = RunConfig(k=args.k, shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
                        prompt=args.prompt, max_new_tokens=args.max_new_tokens, hook=args.hook,
                        image_column=args.image_column, id_column=args.id_column, data_source=_where(args.data),
