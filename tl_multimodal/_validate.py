@@ -4,15 +4,19 @@ argument. Imports nothing from the package."""
 from __future__ import annotations
 
 
-def check_int(value, name: str, minimum: int | None = 1) -> int:
-    """``value`` as an ``int`` (bools refused), at least ``minimum`` (``None``: no bound).
+def check_int(value, name: str, minimum: int | None = 1, maximum: int | None = None) -> int:
+    """``value`` as an ``int`` (bools refused), at least ``minimum`` and at most ``maximum`` (``None``: no bound).
 
     Raises:
         TypeError: ``value`` is not an int.
-        ValueError: ``value`` is below ``minimum``.
+        ValueError: ``value`` is below ``minimum`` or above ``maximum``.
     """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if maximum is not None and minimum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value

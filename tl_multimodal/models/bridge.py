@@ -28,7 +28,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from tl_multimodal._validate import exactly_one
+from tl_multimodal._validate import check_int, exactly_one
 from tl_multimodal.models.encoders import VisionEncoder
 from tl_multimodal._compat import USE_DEFAULT_VALUE
 from tl_multimodal.models._frontend import ImageFrontEnd, check_slots
@@ -65,10 +65,8 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         if not hasattr(bridge, "adapter") or not hasattr(bridge, "original_model"):
             raise TypeError(f"bridge must be a transformer_lens TransformerBridge, got {type(bridge).__name__}")
         cfg = bridge.cfg
-        if image_token_id is not None and (isinstance(image_token_id, bool) or not isinstance(image_token_id, int)
-                                           or not 0 <= image_token_id < cfg.d_vocab):
-            raise ValueError(f"image_token_id must be an int in [0, {cfg.d_vocab}) (the VLM's image placeholder), "
-                             f"got {image_token_id!r}")
+        if image_token_id is not None:  # the VLM's image placeholder, a real token
+            check_int(image_token_id, "image_token_id", minimum=0, maximum=cfg.d_vocab - 1)
         self.bridge = bridge
         self.image_token_id = cfg.d_vocab if image_token_id is None else image_token_id
         embedding = bridge.embed.original_component

@@ -27,7 +27,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import lm_cross_entropy_loss
 
-from tl_multimodal._validate import exactly_one
+from tl_multimodal._validate import check_int, exactly_one
 from tl_multimodal._compat import (HAS_HOOKED_TRANSFORMER, USE_DEFAULT_VALUE, Embed, HookedTransformer,
                                   require_hooked_transformer)  # TL 4: stand-ins naming VisionBridge
 from tl_multimodal.models.encoders import VisionEncoder
@@ -109,8 +109,8 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
 
     def __init__(self, lm: HookedTransformer, encoder: VisionEncoder, projection: ImageProjection | None = None,
                  *, image_token_id: int | None = None):
-        if image_token_id is not None and not (isinstance(image_token_id, int) and 0 <= image_token_id <= lm.cfg.d_vocab):
-            raise ValueError(f"image_token_id must be an int in [0, {lm.cfg.d_vocab}], got {image_token_id!r}")
+        if image_token_id is not None:
+            check_int(image_token_id, "image_token_id", minimum=0, maximum=lm.cfg.d_vocab)
         cfg = copy.deepcopy(lm.cfg)
         cfg.init_weights = False  # the weights come from `lm` below
         with warnings.catch_warnings():

@@ -39,6 +39,7 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
+from tl_multimodal._validate import check_int
 from tl_multimodal.analysis.decoding import UnitDecoding
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image
 from tl_multimodal.analysis.heatmaps import one_image, unit_grid_activations
@@ -334,8 +335,7 @@ def decoded_tokens_view(decoding: UnitDecoding, n_tokens: int | None = None, tit
         raise ValueError("the decoding holds no units")
     n_k = decoding.token_ids.shape[1]
     k = n_k if n_tokens is None else n_tokens
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_k:
-        raise ValueError(f"n_tokens must be an int in [1, {n_k}], got {k!r}")
+    check_int(k, "n_tokens", maximum=n_k)
     vmax = float(decoding.probs[:, :k].max())
     elements = [("ColoredTokens", {"tokens": cv_tokens(toks[:k]), "values": probs[:k], "minValue": 0.0, "maxValue": vmax})
                 for toks, probs in zip(decoding.tokens, decoding.probs.tolist())]
@@ -418,8 +418,7 @@ def token_activations_view(model: VisionLM, image, units, text: str | None = Non
     if probe is not None:
         if text is not None:
             raise ValueError("pass either text= or probe=, not both")
-        if not isinstance(image_index, int) or not -len(probe) <= image_index < len(probe):
-            raise ValueError(f"image_index {image_index!r} out of range for a probe of {len(probe)} images")
+        check_int(image_index, "image_index", minimum=-len(probe), maximum=len(probe) - 1)
         row = probe[image_index]
         tokens = torch.cat([row.tokens[:, :int(row.pred_pos[0]) + 1], row.target_ids[:, None]], 1).to(model.cfg.device)
         text = model.tokenizer.decode(tokens[0][~model.image_mask(tokens)[0]].tolist())

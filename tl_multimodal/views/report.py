@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
+from tl_multimodal._validate import check_int
 from tl_multimodal.analysis.attribution import Attribution, attribute
 from tl_multimodal.analysis.nouns import first_noun
 from tl_multimodal.analysis.decoding import UnitDecoding, decode_units
@@ -108,8 +109,7 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
     Returns:
         A :class:`UnitReport` (``.html`` is the page).
     """
-    if isinstance(n_units, bool) or not isinstance(n_units, int) or n_units < 1:
-        raise ValueError(f"n_units must be an int >= 1, got {n_units!r}")
+    check_int(n_units, "n_units")
     pil, pixels = one_image(model, image)
     emb = soft_prompts(model, pixels)
     attr = attribute(model, image_embed=emb, probe=probe, prompt=prompt, hook=hook, max_new_tokens=max_new_tokens)
