@@ -39,7 +39,9 @@ _EXPORTS = {
     "views.report": ["UnitReport", "build_report", "write_report"],
     "training.runner": ["RunSummary", "load_rows", "run_attribution"],
     "training.train": ["TrainingResult", "caption_nll", "encode_images", "train_projection"],
-    "views.html": ["HTMLView", "HeatmapView", "TokenActivationsView", "save_views"],
+    "views.html": ["HTMLView", "save_views"],
+    "views.heatmap_view": ["HeatmapView"],
+    "views.tokens": ["TokenActivationsView"],
     "models.protocol": ["VisionLM", "soft_prompts"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -19,10 +19,11 @@ from PIL import Image
 
 from tl_multimodal.analysis.decoding import decode_units
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image
-from tl_multimodal.views.html import (
-    HeatmapView, HTMLView, circuitsvis_bundle, colorbar_image, cv_tokens, decoded_tokens_view, join_views,
-    overlay_heatmap, patch_heatmap_view, render_circuitsvis, save_views, token_activations_view, unit_heatmap_view,
+from tl_multimodal.views.heatmap_view import (
+    HeatmapView, colorbar_image, overlay_heatmap, patch_heatmap_view, unit_heatmap_view,
 )
+from tl_multimodal.views.html import HTMLView, circuitsvis_bundle, join_views, render_circuitsvis, save_views
+from tl_multimodal.views.tokens import cv_tokens, decoded_tokens_view, token_activations_view
 from tl_multimodal.views.figures import plot_unit_heatmaps
 
 matplotlib.use("Agg")

@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tl_multimodal._validate import check_int
-from tl_multimodal.analysis.units import as_units
+from tl_multimodal.analysis.units import as_units, unit_label
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
 WORD_LIST = Path(__file__).parents[1] / "assets" / "english_words.tsv"
@@ -130,7 +130,7 @@ class UnitDecoding:
         return len(self.layer)
 
     def __repr__(self) -> str:
-        head = [f"L{l}.{u}: {' '.join(repr(t) for t in toks[:5])}"
+        head = [f"{unit_label(l, u)}: {' '.join(repr(t) for t in toks[:5])}"
                 for l, u, toks in zip(self.layer.tolist()[:3], self.unit.tolist()[:3], self.tokens[:3])]
         more = f" (+{len(self) - 3} more)" if len(self) > 3 else ""
         return (f"UnitDecoding({len(self)} units, k={self.token_ids.shape[1]}, apply_ln={self.apply_ln}, "
