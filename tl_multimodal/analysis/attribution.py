@@ -23,7 +23,7 @@ which ablation, patching, heatmaps and views take.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable, Literal, Sequence
 
@@ -142,7 +142,6 @@ class Attribution:
     method: str
     y: Float[Tensor, "batch"]
     grid: tuple[int, int] | None = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def target_ids(self) -> Int[Tensor, "batch"]:
@@ -515,11 +514,6 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
     return Attribution(scores=torch.cat([p[0] for p in parts]), probe=probe if probe is not None else
                        Probe.concat([p[2] for p in parts]), hook=short, objective=objective, method=method,
                        y=torch.cat([p[1] for p in parts]), grid=tuple(model.vision.grid))
-
-
-def top_units_over(attributions: Iterable[Attribution], n_units: int = 100) -> TopUnits:
-    """Top ``n_units`` units of every image of several :class:`Attribution` results, images renumbered."""
-    return TopUnits.concat([a.top_units(n_units) for a in attributions])
 
 
 @dataclass(repr=False)

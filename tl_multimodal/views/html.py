@@ -60,7 +60,9 @@ class HTMLView:
     @classmethod
     def from_circuitsvis(cls, elements: Sequence[tuple[str, dict]], layout: Callable[[list[str]], str] | None,
                          title: str, **attributes) -> "HTMLView":
-        """A view of circuitsvis elements (see :func:`render_circuitsvis`); ``attributes`` go to ``cls``."""
+        """A view of circuitsvis elements (see :func:`circuitsvis_parts`): the placeholders, then one
+        ``<script type="module">`` holding the bundle and a ``CircuitsVis.render`` call per element;
+        ``attributes`` go to ``cls``."""
         body, js = circuitsvis_parts(elements, layout)
         return cls(_with_bundle(body, js), title, body=body, js=js, **attributes)
 
@@ -136,20 +138,6 @@ def _with_bundle(body: str, js: str) -> str:
     if not js:
         return body
     return f'{body}\n<script crossorigin type="module">\n{circuitsvis_bundle()}\n{js}\n</script>'
-
-
-def render_circuitsvis(elements: Sequence[tuple[str, dict]],
-                       layout: Callable[[list[str]], str] | None = None) -> str:
-    """HTML rendering circuitsvis React elements with the JS bundle inlined once (no CDN).
-
-    Args:
-        elements, layout: As for :func:`circuitsvis_parts`.
-
-    Returns:
-        An HTML fragment: the placeholders, then one ``<script type="module">`` holding the bundle
-        and a ``CircuitsVis.render`` call per element.
-    """
-    return _with_bundle(*circuitsvis_parts(elements, layout))
 
 
 def join_views(views: Sequence[HTMLView], title: str = "tl_multimodal views") -> HTMLView:
