@@ -14,7 +14,6 @@ tokenizes (``_lm_to_tokens``, ``_lm_to_str_tokens``) and where a call's soft pro
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_multimodal._validate import check_int, exactly_one
+from tl_multimodal._validate import check_int, check_number, exactly_one
 from tl_multimodal._compat import USE_DEFAULT_VALUE
 from tl_multimodal.models.images import Images, to_pixels
 from tl_multimodal.models.projection import ImageProjection, ProjectionInfo
@@ -386,13 +385,8 @@ def check_generation_args(args: dict) -> None:
     if args.get("top_k") is not None:
         check_int(args["top_k"], "top_k")
     top_p = args.get("top_p")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and not 0 < check_number(top_p, "top_p") <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     for name in ("temperature", "freq_penalty"):  # temperature 0 is greedy, as in TransformerLens
-        if name not in args:
-            continue
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if name in args:
+            check_number(args[name], name, minimum=0)

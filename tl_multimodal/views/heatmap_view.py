@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import html
-import numbers
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +16,7 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
+from tl_multimodal._validate import check_number
 from tl_multimodal.analysis.heatmaps import one_image, unit_grid_activations
 from tl_multimodal.analysis.units import unit_label, unit_list
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image
@@ -165,8 +165,8 @@ def colorbar_image(cmap: str = "jet", width: int = 256, height: int = 12) -> Ima
 
 def _check_range(vmin, vmax) -> None:
     for name, v in (("vmin", vmin), ("vmax", vmax)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v)):
-            raise ValueError(f"{name} must be a finite number or None, got {v!r}")
+        if v is not None:
+            check_number(v, name)
     if vmin is not None and vmax is not None and not vmin < vmax:
         raise ValueError(f"vmin must be below vmax, got vmin={vmin} vmax={vmax}")
 
