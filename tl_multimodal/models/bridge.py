@@ -214,6 +214,9 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         return source, tokens
 
     def _run(self, method, input, args, kwargs, images, image_features, image_embed):
+        """``method`` (a bridge entry point) on ``input``; with images, on its tokens with the images bound."""
+        if images is None and image_features is None and image_embed is None:
+            return method(input, *args, **kwargs)
         source, tokens = self._prepare(input, kwargs, images, image_features, image_embed)
         with self._binding(source):
             return method(tokens, *args, **kwargs)
@@ -246,15 +249,11 @@ class VisionBridge(ImageFrontEnd, nn.Module):
     def run_with_cache(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
                        image_embed: Tensor | None = None, **kwargs):
         """The bridge's ``run_with_cache`` with images (``hook_image_*`` are cached too)."""
-        if images is None and image_features is None and image_embed is None:
-            return self.bridge.run_with_cache(input, *args, **kwargs)
         return self._run(self.bridge.run_with_cache, input, args, kwargs, images, image_features, image_embed)
 
     def run_with_hooks(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
                        image_embed: Tensor | None = None, **kwargs):
         """The bridge's ``run_with_hooks`` with images (hooks on ``hook_image_*`` run too)."""
-        if images is None and image_features is None and image_embed is None:
-            return self.bridge.run_with_hooks(input, *args, **kwargs)
         return self._run(self.bridge.run_with_hooks, input, args, kwargs, images, image_features, image_embed)
 
     def kv_cache(self, batch: int) -> None:
