@@ -22,8 +22,9 @@ def main() -> None:
     from skimage import data
 
     from tl_multimodal import attribute, decode_units, load
-    from tl_multimodal.views.html import (circuitsvis_bundle, decoded_tokens_view, save_views, token_activations_view,
-                                   unit_heatmap_view)
+    from tl_multimodal.views.heatmap_view import unit_heatmap_view
+    from tl_multimodal.views.html import circuitsvis_bundle, save_views
+    from tl_multimodal.views.tokens import decoded_tokens_view, token_activations_view
 
     model = load("offline")
     image = Image.fromarray(data.chelsea())

@@ -1,5 +1,5 @@
 """docs/images/heatmap_view.png: where one COCO sample image's top-attributed units fire, as
-``tl_multimodal.views.html.unit_heatmap_view`` draws them (offline model), saved with each panel's caption,
+``tl_multimodal.views.heatmap_view.unit_heatmap_view`` draws them (offline model), saved with each panel's caption,
 the colour bar and the note on the encoder's centre crop.
 
     python scripts/heatmap_view_figure.py --data-dir ../shared/data/coco_mini --image-id 63217 --threads 1
@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 
 from tl_multimodal.analysis.attribution import attribute  # noqa: E402
 import tl_multimodal  # noqa: E402
-from tl_multimodal.views.html import unit_heatmap_view  # noqa: E402
+from tl_multimodal.views.heatmap_view import unit_heatmap_view  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

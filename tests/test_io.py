@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tl_multimodal import _io as checkpoints
-from tl_multimodal._io import atomic_save, check_finite, load_checkpoint
+from tl_multimodal._io import atomic_save, atomic_write, check_finite, load_checkpoint
 
 
 class _PicklingFails:
@@ -67,6 +67,19 @@ def test_interrupt_at_the_rename_keeps_the_previous_checkpoint(good, monkeypatch
         atomic_save({"w": torch.ones(3), "step": 9}, path)
     monkeypatch.undo()
     _assert_loads(path, obj)
+
+
+def test_atomic_write_takes_any_writer_and_keeps_the_old_file_on_failure(tmp_path):
+    path = atomic_write(tmp_path / "run.json", lambda f: f.write(b'{"a": 1}'))
+    assert path == tmp_path / "run.json" and path.read_bytes() == b'{"a": 1}'
+
+    def fails(f):
+        f.write(b'{"a": 2')
+        raise ValueError("the writer failed")
+
+    with pytest.raises(ValueError, match="the writer failed"):
+        atomic_write(path, fails)
+    assert path.read_bytes() == b'{"a": 1}' and [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
 def test_bad_files_are_named(tmp_path, good):

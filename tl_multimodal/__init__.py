@@ -43,7 +43,9 @@ _EXPORTS = {
     "training.features": ["encode_images"],
     "training.nll": ["caption_nll"],
     "training.train": ["TrainingResult", "train_projection"],
-    "views.html": ["HTMLView", "HeatmapView", "TokenActivationsView", "save_views"],
+    "views.html": ["HTMLView", "save_views"],
+    "views.heatmap_view": ["HeatmapView"],
+    "views.tokens": ["TokenActivationsView"],
     "models.protocol": ["VisionLM", "soft_prompts"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

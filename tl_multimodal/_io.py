@@ -11,19 +11,21 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj, path)`` through a temporary file and a rename: ``path`` is either the old
-    file or the complete new one, never a partial write.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Write ``path`` all or nothing: ``write(f)`` fills a temporary file ``f`` (open for binary
+    writing) in the same folder, which is flushed to disk and renamed over ``path``. An exception or
+    an interrupt anywhere leaves ``path`` as it was and no temporary file behind.
 
     Args:
-        obj: Anything ``torch.save`` takes.
         path: The file to (over)write; its folder must exist.
+        write: Writes the content to the file object it gets, e.g. ``lambda f: torch.save(obj, f)``
+            or ``lambda f: pyarrow.parquet.write_table(table, f)``.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -32,7 +34,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,6 +42,20 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj, path)`` through :func:`atomic_write`: ``path`` is either the old file or the
+    complete new one, never a partial write.
+
+    Args:
+        obj: Anything ``torch.save`` takes.
+        path: The file to (over)write; its folder must exist.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tl_multimodal import HookedVisionPrefix
-from tl_multimodal.analysis.attribution import Attribution, TopUnits, attribute, attribute_dataset, top_units_over
+from tl_multimodal.analysis.attribution import Attribution, TopUnits, attribute, attribute_dataset
 from tl_multimodal.analysis.nouns import first_noun
 from tl_multimodal.analysis.decoding import decode_units
 
@@ -287,8 +287,6 @@ def test_planted_neuron_ranks_first_and_decodes_to_its_token(gpt2_tokenizer, vit
     counts = tops.unit_counts()
     assert (counts.iloc[0].layer, counts.iloc[0].unit, counts.iloc[0].n_images) == (1, 5, 3)
     assert tops.layer_counts().sum() == 15
-    joined = top_units_over([attr, attr], n_units=2)
-    assert joined.image_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 @needs_hooked_transformer

@@ -281,7 +281,7 @@ def test_mismatched_widths_raise(gpt2_lm):
         (2, IndexError, r"out of range for an LM with 2 blocks"),
         ([0, -3], IndexError, r"-3 is out of range"),
         ([], ValueError, r"empty"),
-        ([1.5], TypeError, r"must be ints"),
+        ([1.5], TypeError, r"block_indices\[0\] must be an int, got float"),
         (True, TypeError, r"int or a sequence"),
     ],
 )

@@ -116,6 +116,10 @@ def test_image_positions_and_slots(models, pixels):
     left = vb.to_tokens(["A picture of", "A very small picture of a"], image=True, padding_side="left")
     assert (vb.image_mask(left).sum(-1) == n).all()
     assert not vb.image_mask(left[0, :3]).any(), "the shorter row is padded before its image"
+    slots = [f"<image_{i}>" for i in range(n)]  # token ids as the prefix names them: batches and arrays too
+    batched = vb.to_str_tokens(left)
+    assert len(batched) == 2 and batched[1] == slots + vb.to_str_tokens(left[1, n:])
+    assert vb.to_str_tokens(left[1].numpy()) == vb.to_str_tokens(left[1:]) == batched[1]
 
 
 @torch.no_grad()

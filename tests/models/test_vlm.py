@@ -16,7 +16,8 @@ from tl_multimodal.analysis.heatmaps import heatmap_ious, unit_grid_activations,
 from tl_multimodal.analysis.patching import patch_resid, patch_units, unit_patch_sweep
 from tl_multimodal.views.report import build_report
 from tl_multimodal.views.figures import plot_unit_heatmaps
-from tl_multimodal.views.html import token_activations_view, unit_heatmap_view
+from tl_multimodal.views.heatmap_view import unit_heatmap_view
+from tl_multimodal.views.tokens import token_activations_view
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
 matplotlib.use("Agg")

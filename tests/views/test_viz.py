@@ -19,10 +19,11 @@ from PIL import Image
 
 from tl_multimodal.analysis.decoding import decode_units
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image
-from tl_multimodal.views.html import (
-    HeatmapView, HTMLView, circuitsvis_bundle, colorbar_image, cv_tokens, decoded_tokens_view, join_views,
-    overlay_heatmap, patch_heatmap_view, render_circuitsvis, save_views, token_activations_view, unit_heatmap_view,
+from tl_multimodal.views.heatmap_view import (
+    HeatmapView, colorbar_image, overlay_heatmap, patch_heatmap_view, unit_heatmap_view,
 )
+from tl_multimodal.views.html import HTMLView, circuitsvis_bundle, join_views, save_views
+from tl_multimodal.views.tokens import cv_tokens, decoded_tokens_view, token_activations_view
 from tl_multimodal.views.figures import plot_unit_heatmaps
 
 matplotlib.use("Agg")
@@ -31,6 +32,10 @@ CDN = re.compile(r"""(src\s*=\s*["']?\s*(https?:)?//|from\s*["']https?://|unpkg\
 
 def _scripts(html: str) -> list[str]:
     return re.findall(r"<script[^>]*>(.*?)</script>", html, flags=re.S)
+
+
+def _render(elements) -> str:
+    return HTMLView.from_circuitsvis(elements, None, "elements").html
 
 
 def _render_calls(html: str) -> list[tuple[str, dict]]:
@@ -54,7 +59,7 @@ def _invert_colormap(rgb: np.ndarray, cmap: str = "jet") -> np.ndarray:
 # ---------------------------------------------------------------------------------- inlined circuitsvis
 def test_render_matches_circuitsvis_render_local_without_cdn():
     props = {"tokens": ["A", " dog", "</script>"], "values": torch.tensor([0.1, 0.9, 0.0]), "maxValue": 1.0}
-    ours = render_circuitsvis([("ColoredTokens", props)])
+    ours = _render([("ColoredTokens", props)])
     theirs = render_local("ColoredTokens", **props)  # circuitsvis's own offline rendering
     assert not CDN.search(ours)
     (script,) = _scripts(ours)
@@ -71,7 +76,7 @@ def test_rendered_script_is_valid_javascript(tmp_path):
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: cannot syntax-check the inline module script")
-    html = render_circuitsvis([("ColoredTokens", {"tokens": ["a", "</b>"], "values": [1, 2]}),
+    html = _render([("ColoredTokens", {"tokens": ["a", "</b>"], "values": [1, 2]}),
                                ("ColoredTokensMulti", {"tokens": ["x"], "values": [[1.0, 2.0]], "labels": ["p", "q"]})])
     (script,) = _scripts(html)
     path = tmp_path / "view.mjs"
@@ -82,7 +87,7 @@ def test_rendered_script_is_valid_javascript(tmp_path):
 
 def test_render_rejects_nothing():
     with pytest.raises(ValueError, match="nothing to render"):
-        render_circuitsvis([])
+        _render([])
 
 
 # ---------------------------------------------------------------------------------- (a) decoded tokens

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_multimodal._validate import check_int
 from tl_multimodal.analysis.probe import Probe
 from tl_multimodal.models.protocol import VisionLM
 
@@ -80,8 +81,7 @@ def unit_masks(units: Tensor, n_images: int, d_mlp: int) -> dict[int, Bool[Tenso
 def probe_p(model: VisionLM, emb: Float[Tensor, "batch patch d_model"], probe: Probe,
             hooks: Callable[[slice], list] | None = None, batch_size: int = 16) -> Float[Tensor, "batch"]:
     """``p(c)`` per image on bound soft prompts, in chunks, with ``hooks(rows)`` added to each chunk's run."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     out = []
     for start in range(0, len(probe), batch_size):
         rows = slice(start, start + batch_size)

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_multimodal._validate import check_int
 from tl_multimodal.analysis._interventions import Positions, position_mask, probe_p, swap_hook, unit_masks
 from tl_multimodal.analysis.probe import Probe, resolve_probe
 from tl_multimodal.analysis.units import UnitsLike, as_units, mlp_act_name, mlp_hook
@@ -282,8 +283,7 @@ def ablation_curve(model: VisionLM, images, ranked_units: UnitsLike, target=None
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 0 or max(ks) > ranked.shape[-2]:
         raise ValueError(f"ks must be in [0, {ranked.shape[-2]}] (the number of ranked units), got {ks}")
-    if n_random_seeds < 1:
-        raise ValueError("n_random_seeds must be at least 1")
+    check_int(n_random_seeds, "n_random_seeds")
     run = Ablator(model, emb, probe, short, None, mode, mean_acts, batch_size)
     gen = torch.Generator().manual_seed(seed)
     p_top, p_rand = [], []

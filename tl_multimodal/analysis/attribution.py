@@ -23,7 +23,7 @@ which ablation, patching, heatmaps and views take.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterable, Literal, Sequence
 
@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_multimodal._validate import check_int, check_ints
 from tl_multimodal.analysis.nouns import first_noun
 from tl_multimodal.analysis.probe import MultiToken, Probe, image_prompt_ids, make_probe, probe_from_caption_ids
 from tl_multimodal.analysis.units import mlp_act_name, mlp_hook
@@ -141,7 +142,6 @@ class Attribution:
     method: str
     y: Float[Tensor, "batch"]
     grid: tuple[int, int] | None = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def target_ids(self) -> Int[Tensor, "batch"]:
@@ -172,8 +172,7 @@ class Attribution:
         return self.scores.shape[0]
 
     def _check_image_index(self, image_index: int) -> int:
-        if isinstance(image_index, bool) or not isinstance(image_index, int):
-            raise TypeError(f"image_index must be an int, got {type(image_index).__name__}")
+        check_int(image_index, "image_index", minimum=None)
         if not -len(self) <= image_index < len(self):
             raise ValueError(f"image_index {image_index} out of range for {len(self)} images")
         return image_index % len(self)
@@ -207,8 +206,7 @@ class Attribution:
         Units are ranked per image by :meth:`unit_scores` (signed, so units that raise ``y_c`` come
         first; by default ``max_patch g[layer, patch, unit]``, and the paper keeps the top 100).
         """
-        if isinstance(n_units, bool) or not isinstance(n_units, int) or n_units < 1:
-            raise ValueError(f"n_units must be an int >= 1, got {n_units!r}")
+        check_int(n_units, "n_units")
         imgs = range(len(self)) if image_index is None else [self._check_image_index(image_index)]
         best, where = self.unit_scores(over_patches, normalize)
         n_layer, n_unit = best.shape[1:]
@@ -475,9 +473,7 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
         raise ValueError(f"objective must be 'logit', 'logprob' or 'caption_logprob', got {objective!r}")
     if method not in ("grad_x_act", "integrated_gradients"):
         raise ValueError(f"method must be 'grad_x_act' or 'integrated_gradients', got {method!r}")
-    for name, v in (("n_steps", n_steps), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    check_ints(n_steps=n_steps, batch_size=batch_size, max_new_tokens=max_new_tokens)
     if until not in ("noun", "caption"):
         raise ValueError(f"until must be 'noun' or 'caption', got {until!r}")
     if sum(x is not None for x in (probe, target, captions)) > 1:
@@ -518,11 +514,6 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
     return Attribution(scores=torch.cat([p[0] for p in parts]), probe=probe if probe is not None else
                        Probe.concat([p[2] for p in parts]), hook=short, objective=objective, method=method,
                        y=torch.cat([p[1] for p in parts]), grid=tuple(model.vision.grid))
-
-
-def top_units_over(attributions: Iterable[Attribution], n_units: int = 100) -> TopUnits:
-    """Top ``n_units`` units of every image of several :class:`Attribution` results, images renumbered."""
-    return TopUnits.concat([a.top_units(n_units) for a in attributions])
 
 
 @dataclass(repr=False)

@@ -26,7 +26,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_multimodal.analysis.units import as_units
+from tl_multimodal._validate import check_int
+from tl_multimodal.analysis.units import as_units, unit_label
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
 WORD_LIST = Path(__file__).parents[1] / "assets" / "english_words.tsv"
@@ -129,7 +130,7 @@ class UnitDecoding:
         return len(self.layer)
 
     def __repr__(self) -> str:
-        head = [f"L{l}.{u}: {' '.join(repr(t) for t in toks[:5])}"
+        head = [f"{unit_label(l, u)}: {' '.join(repr(t) for t in toks[:5])}"
                 for l, u, toks in zip(self.layer.tolist()[:3], self.unit.tolist()[:3], self.tokens[:3])]
         more = f" (+{len(self) - 3} more)" if len(self) > 3 else ""
         return (f"UnitDecoding({len(self)} units, k={self.token_ids.shape[1]}, apply_ln={self.apply_ln}, "
@@ -168,8 +169,7 @@ def decode_units(model: VisionLM, units, n_tokens: int = 10, apply_ln: bool = Fa
     Returns:
         A :class:`UnitDecoding`.
     """
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or not 1 <= n_tokens <= model.cfg.d_vocab_out:
-        raise ValueError(f"n_tokens must be an int in [1, {model.cfg.d_vocab_out}], got {n_tokens!r}")
+    check_int(n_tokens, "n_tokens", maximum=model.cfg.d_vocab_out)
     units = as_units(model, units, batched=False, allow_empty=False)
     ids, probs = [], []
     for chunk in units.split(batch_size):
@@ -247,8 +247,7 @@ def decode_image_prompts(model: VisionLM, images=None, image_features=None, n_to
     """
     if method not in ("unembed", "embed"):
         raise ValueError(f"method must be 'unembed' or 'embed', got {method!r}")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be an int >= 1, got {n_tokens!r}")
+    check_int(n_tokens, "n_tokens")
     x = soft_prompts(model, images, image_features)  # [batch, patch, d_model]
     if method == "unembed":
         scores = model.unembed(model.ln_final(x) if hasattr(model, "ln_final") else x).float().softmax(-1)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image, input_geometry
 from tl_multimodal.analysis.probe import Probe
-from tl_multimodal.analysis.units import as_units, mlp_act_name, mlp_hook
+from tl_multimodal.analysis.units import as_units, mlp_act_name, mlp_hook, unit_label
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
 # ---------------------------------------------------------------------------------- masks and IoU
@@ -176,7 +176,7 @@ class UnitHeatmap:
     def plot(self, object_mask=None, q: float = 95.0, ax=None):
         """The heatmap over the image, with the ``q``-th percentile mask (and the object) outlined."""
         return plot_heatmap(self.image, self.heatmap, mask=self.mask(q), object_mask=object_mask, ax=ax,
-                            title=f"L{self.layer}.{self.unit}")
+                            title=unit_label(self.layer, self.unit))
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per patch: row, col, activation."""

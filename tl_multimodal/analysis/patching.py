@@ -28,6 +28,7 @@ from torch import Tensor
 from transformer_lens import patching as tl_patching
 from transformer_lens.ActivationCache import ActivationCache
 
+from tl_multimodal._validate import check_int
 from tl_multimodal.analysis._interventions import Positions, position_mask, swap_hook, unit_masks
 from tl_multimodal.analysis.probe import Probe, resolve_probe
 from tl_multimodal.analysis.units import UnitsLike, as_units, mlp_act_name, mlp_hook
@@ -204,8 +205,7 @@ def patch_resid(model: VisionLM, source_images, base_images, target=None, layer:
     """
     if activation not in ("resid_pre", "resid_mid", "resid_post"):
         raise ValueError(f"activation must be resid_pre, resid_mid or resid_post, got {activation!r}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
-        raise ValueError(f"layer must be an int in [0, {model.cfg.n_layers}), got {layer!r}")
+    check_int(layer, "layer", minimum=0, maximum=model.cfg.n_layers - 1)
     src, base = _pair(model, source_images, base_images, source_embed, base_embed)
     probe = resolve_probe(model, len(src), probe, target, prompt)
     return _patch(model, src, base, probe, {f"blocks.{layer}.hook_{activation}": None},

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tl_multimodal._validate import check_int
 from tl_multimodal.models.protocol import VisionLM
 
 MultiToken = Literal["error", "first"]
@@ -291,8 +292,7 @@ def make_probe(model: VisionLM, n_images: int, target: Target | Sequence[Target]
         multi_token: For string targets: ``"error"`` or ``"first"`` (see :func:`target_id`).
         whole_caption: With ``captions``: the target is the whole caption (``caption_logprob``).
     """
-    if not isinstance(n_images, int) or n_images < 1:
-        raise ValueError(f"n_images must be a positive int, got {n_images!r}")
+    check_int(n_images, "n_images")
     if (target is None) == (captions is None):
         raise ValueError("pass exactly one of target= and captions= (attribute() finds targets itself "
                          "from the model's own captions)")

@@ -77,3 +77,13 @@ def mlp_hook(model, hook: str) -> str:
 def mlp_act_name(hook: str, layer: int) -> str:
     """``blocks.{layer}.mlp.hook_{hook}`` for a short name from :func:`mlp_hook` (``get_act_name``)."""
     return get_act_name(hook, layer)
+
+
+def unit_list(model, units: UnitsLike) -> list[tuple[int, int]]:
+    """At least one validated ``(layer, unit)`` pair (:func:`as_units`, unbatched) as a list of int tuples."""
+    return [tuple(u) for u in as_units(model, units, batched=False, allow_empty=False).tolist()]
+
+
+def unit_label(layer: int, unit: int) -> str:
+    """A unit's name in tables and figures: ``L{layer}.{unit}``."""
+    return f"L{layer}.{unit}"

@@ -18,6 +18,8 @@ from jaxtyping import Bool
 from PIL import Image
 from torch import Tensor
 
+from tl_multimodal._validate import check_int
+
 PERSON = frozenset("""man men woman women person people boy boys girl girls child children kid kids guy guys lady
 ladies player players baby skier surfer skateboarder snowboarder couple group family crowd rider batter
 pitcher""".split())
@@ -147,11 +149,9 @@ def instance_crops(coco, dataset, image_column: str = "image", min_size: int = 4
     """
     import datasets
 
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
-        raise ValueError(f"min_size must be a positive int, got {min_size!r}")
-    if max_per_image is not None and (isinstance(max_per_image, bool) or not isinstance(max_per_image, int)
-                                      or max_per_image < 1):
-        raise ValueError(f"max_per_image must be a positive int or None, got {max_per_image!r}")
+    check_int(min_size, "min_size")
+    if max_per_image is not None:
+        check_int(max_per_image, "max_per_image")
     if not 0 <= margin <= 1:
         raise ValueError(f"margin must be in [0, 1], got {margin!r}")
     missing = [c for c in ("image_id", image_column) if c not in dataset.column_names]

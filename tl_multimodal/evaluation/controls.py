@@ -32,6 +32,7 @@ from jaxtyping import Bool, Float, Int
 from scipy import stats
 from torch import Tensor
 
+from tl_multimodal._validate import check_int
 from tl_multimodal.analysis.ablation import Ablator, sample_matched_units
 from tl_multimodal.analysis.decoding import unit_texts
 from tl_multimodal.analysis.heatmaps import heatmap_ious
@@ -284,8 +285,7 @@ def specificity_controls(model: VisionLM, images, ranked: Int[Tensor, "n_images 
     if not 1 <= n_units <= ranked.shape[1] or any(not 1 <= k <= ranked.shape[1] for k in ks):
         raise ValueError(f"n_units and ks must be in [1, {ranked.shape[1]}] (the ranked units), got "
                          f"n_units={n_units}, ks={ks}")
-    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
-        raise ValueError(f"n_draws must be an int >= 1, got {n_draws!r}")
+    check_int(n_draws, "n_draws")
     if (embed is None) != (reference_captions is None):
         raise ValueError("pass embed and reference_captions together, or neither")
     if reference_captions is not None and len(reference_captions) != n:

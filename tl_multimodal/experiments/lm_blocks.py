@@ -54,6 +54,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from tl_multimodal._validate import check_int
 from tl_multimodal._compat import HookedTransformer, TransformerBlock  # TL 4: stand-ins naming VisionBridge
 
 try:  # TransformerLens >= 3.0 keeps it in its own module
@@ -161,9 +162,8 @@ def _normalise_indices(block_indices: Union[int, Sequence[int], None], n_layers:
     if not raw:
         raise ValueError("block_indices is empty: give at least one LM block index")
     out = []
-    for index in raw:
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"LM block indices must be ints, got {index!r} in {block_indices!r}")
+    for i, index in enumerate(raw):
+        check_int(index, f"block_indices[{i}]", minimum=None)
         if not -n_layers <= index < n_layers:
             raise IndexError(
                 f"LM block index {index} is out of range for an LM with {n_layers} blocks "

@@ -4,18 +4,24 @@
 how the LM runs, not in how images become soft-prompt tokens. :class:`ImageFrontEnd` holds that common
 part once: the encoder and projection (checked to fit each other and the LM), the image door
 (``preprocess``), ``embed_images`` with its two hooks (``hook_image_features``, ``hook_image_embed``),
-the checks of precomputed features and soft prompts, and the image-slot mask.
+the checks of precomputed features and soft prompts, the image-slot mask, and the parts of the LM's
+entry points that concern images: ``to_tokens(..., image=True)``, ``to_str_tokens`` naming image slots,
+``bind_images`` and ``generate`` with images. Each backend supplies only what differs: how its LM
+tokenizes (``_lm_to_tokens``, ``_lm_to_str_tokens``) and where a call's soft prompts are bound
+(``_binding``).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+from typing import Callable
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_multimodal._validate import check_int
+from tl_multimodal._validate import check_int, check_number, exactly_one
 from tl_multimodal._compat import USE_DEFAULT_VALUE
 from tl_multimodal.models.images import Images, to_pixels
 from tl_multimodal.models.projection import ImageProjection, ProjectionInfo
@@ -68,14 +74,55 @@ class ImageFrontEnd:
         """
         if (images is None) == (image_features is None):
             raise ValueError("pass exactly one of images= and image_features=")
+        return self._embed(self._source(images, image_features, None))
+
+    def _source(self, images, image_features, image_embed) -> tuple[str, Tensor]:
+        """What a call's soft prompts come from, checked (images become pixels): ``(kind, tensor)``."""
+        exactly_one(images=images, image_features=image_features, image_embed=image_embed)
         if images is not None:
-            pixels = self.preprocess(images)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and pixels.requires_grad):
-                image_features = self.vision(pixels)
-        else:
+            return "images", self.preprocess(images)
+        if image_features is not None:
             self._check_image_features(image_features)
-        features = self.hook_image_features(image_features.to(self._device, self.projection.dtype))
+            return "image_features", image_features
+        self._check_image_embed(image_embed)
+        return "image_embed", image_embed.to(self._device)
+
+    def _embed(self, source: tuple[str, Tensor]) -> Float[Tensor, "batch patch d_model"]:
+        """The soft prompts of a :meth:`_source`: pixels and features run through the encoder (pixels
+        only) and the projection, with ``hook_image_features`` and ``hook_image_embed``; soft prompts
+        as given."""
+        kind, value = source
+        if kind == "image_embed":
+            return value
+        if kind == "images":
+            with torch.set_grad_enabled(torch.is_grad_enabled() and value.requires_grad):
+                value = self.vision(value)
+        features = self.hook_image_features(value.to(self._device, self.projection.dtype))
         return self.hook_image_embed(self.projection(features))
+
+    def _binding(self, source: tuple[str, Tensor]):
+        """A context manager within which calls on tokens with image slots read ``source``'s soft prompts.
+
+        Each backend says where they are kept (and when a source is embedded)."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def bind_images(self, images: Images | None = None, image_features: Tensor | None = None,
+                    image_embed: Tensor | None = None):
+        """Within the block, calls given image-slot tokens but no images use these images.
+
+        For code that runs the model itself on tokens, e.g. ``transformer_lens.patching``::
+
+            tokens = model.to_tokens("A picture of", image=True).expand(len(corrupt_px), -1)
+            with model.bind_images(corrupt_px):
+                out = transformer_lens.patching.get_act_patch_resid_pre(model, tokens, clean_cache, metric)
+
+        The images are embedded once, on entry: ``hook_image_features``/``hook_image_embed`` run
+        then, not in each call inside the block. ``image_embed=`` binds soft prompts already made
+        by :meth:`embed_images` (no hook runs).
+        """
+        with self._binding(("image_embed", self._embed(self._source(images, image_features, image_embed)))):
+            yield self
 
     def _check_image_features(self, image_features: Tensor) -> None:
         expected = (self.vision.n_patches, self.vision.d_img)
@@ -108,11 +155,53 @@ class ImageFrontEnd:
         tokens = torch.stack([torch.cat([f, r.long()] if side == "left" else [r.long(), f]) for r, f in zip(rows, fill)])
         return tokens.to(self.cfg.device) if move_to_device else tokens
 
-    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
-        """One text's token ids from the LM's own ``to_tokens`` (BOS as asked, untruncated, on CPU).
-
-        Each backend says how (``prepend_bos`` ``None``/``USE_DEFAULT_VALUE``: the LM's default)."""
+    # ---------------------------------------------------------------- tokens with image slots
+    def _lm_to_tokens(self, input, prepend_bos, padding_side, move_to_device: bool, truncate: bool,
+                      ) -> Int[Tensor, "batch pos"]:
+        """The LM's own ``to_tokens`` (``None``/``USE_DEFAULT_VALUE``: its defaults); each backend says how."""
         raise NotImplementedError
+
+    def _lm_to_str_tokens(self, input, prepend_bos, padding_side):
+        """The LM's own ``to_str_tokens``; each backend says how."""
+        raise NotImplementedError
+
+    def to_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE,
+                  move_to_device: bool = True, truncate: bool = True, image: bool = False,
+                  ) -> Int[Tensor, "batch pos"]:
+        """The LM's ``to_tokens``; with ``image=True``, each text follows an image's slots.
+
+        With ``image=True`` the row is ``[BOS][image][text]`` if ``prepend_bos=True`` and
+        ``[image][text]`` if ``False``; by default the projection's layout (:attr:`image_bos`).
+        Nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
+        on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
+        A text holding the image placeholder (a VLM's ``<image>``, which tokenizes to
+        ``image_token_id``) keeps its own layout and BOS default instead: each placeholder becomes
+        ``n_image_tokens`` slots where it stands, as HF's processors expand it.
+        """
+        if not image:
+            return self._lm_to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
+        return self._tokens_with_images(input, prepend_bos, padding_side, move_to_device)
+
+    def to_str_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE):
+        """The LM's ``to_str_tokens``; image slots in token ids read ``<image_i>``.
+
+        Takes every input the LM's takes (text, a list, token ids ``[pos]``/``[1, pos]``/one
+        element, numpy arrays) and a batch ``[batch, pos]`` of token ids (a list per row).
+        """
+        if isinstance(input, (Tensor, np.ndarray)):
+            ids = torch.as_tensor(input)
+            if ids.ndim == 2 and ids.shape[0] > 1:
+                return [self.to_str_tokens(row, prepend_bos, padding_side) for row in ids]
+            slots = self.image_mask(ids.reshape(-1))
+            if slots.any():
+                text = self._lm_to_str_tokens(ids.reshape(-1).masked_fill(slots, 0), prepend_bos, padding_side)
+                names = iter(f"<image_{i}>" for i in range(int(slots.sum())))
+                return [next(names) if s else t for t, s in zip(text, slots.tolist())]
+        return self._lm_to_str_tokens(input, prepend_bos, padding_side)
+
+    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
+        """One text's token ids from the LM's own ``to_tokens`` (BOS as asked, untruncated, on CPU)."""
+        return self._lm_to_tokens(text, prepend_bos, USE_DEFAULT_VALUE, False, False)[0]
 
     def _tokens_with_images(self, input, prepend_bos, padding_side, move_to_device: bool) -> Int[Tensor, "batch pos"]:
         """``to_tokens(input, image=True)`` for both backends: each text after one image's slots.
@@ -205,6 +294,26 @@ class ImageFrontEnd:
         """True where ``tokens`` holds an image slot."""
         return tokens == self.image_token_id
 
+    # ---------------------------------------------------------------- generation
+    def _generate_with_images(self, input, max_new_tokens: int, prepend_bos, padding_side, options: dict,
+                              source: tuple[str, Tensor], run: Callable[[Tensor, dict], Tensor]):
+        """``generate`` with images, for both backends: the prompt's tokens with image slots (checked to
+        fit ``n_ctx`` with the new tokens), the soft prompts embedded once (no gradients) and bound
+        while ``run(tokens, options)`` generates token ids, and for ``return_type`` ``"input"``/``"str"``
+        (``options`` is changed to ``"tokens"`` for ``run``) the texts without the image slots."""
+        tokens = self._image_tokens(input, source[1].shape[0], prepend_bos, padding_side)
+        self._check_length(tokens.shape[1] + max_new_tokens)
+        decode = options.get("return_type", "input") in ("input", "str")
+        if decode:
+            options["return_type"] = "tokens"
+        with torch.no_grad():
+            source = ("image_embed", self._embed(source))
+        with self._binding(source):
+            out = run(tokens, options)
+        if not decode:
+            return out
+        return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+
     @torch.no_grad()
     def caption(self, images: Images, prompt: str = "A picture of", max_new_tokens: int = 20,
                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -242,6 +351,17 @@ class ImageFrontEnd:
         return captions
 
 
+@contextlib.contextmanager
+def rebound(owner, name: str, value):
+    """Within the block ``owner.name`` is ``value``; afterwards what it was (blocks nest)."""
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
+
+
 def check_slots(slots: Bool[Tensor, "batch pos"], image_embed: Tensor | None, image_token_id: int) -> None:
     """The one check of both backends' slot filling: images were given, one image's slots per row."""
     if image_embed is None:
@@ -265,13 +385,8 @@ def check_generation_args(args: dict) -> None:
     if args.get("top_k") is not None:
         check_int(args["top_k"], "top_k")
     top_p = args.get("top_p")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and not 0 < check_number(top_p, "top_p") <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     for name in ("temperature", "freq_penalty"):  # temperature 0 is greedy, as in TransformerLens
-        if name not in args:
-            continue
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if name in args:
+            check_number(args[name], name, minimum=0)

@@ -20,7 +20,6 @@ Everything not defined here (``cfg``, ``tokenizer``, ``W_U``, ``W_out``, ``block
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -28,14 +27,11 @@ from jaxtyping import Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from tl_multimodal._validate import exactly_one
+from tl_multimodal._validate import check_int
 from tl_multimodal.models.encoders import VisionEncoder
-from tl_multimodal._compat import USE_DEFAULT_VALUE
-from tl_multimodal.models._frontend import ImageFrontEnd, check_slots
+from tl_multimodal.models._frontend import ImageFrontEnd, check_slots, rebound
 from tl_multimodal.models.images import Images
 from tl_multimodal.models.projection import ImageProjection
-
-_IMAGE_ARGS = ("images", "image_features", "image_embed")
 
 
 class VisionBridge(ImageFrontEnd, nn.Module):
@@ -65,10 +61,8 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         if not hasattr(bridge, "adapter") or not hasattr(bridge, "original_model"):
             raise TypeError(f"bridge must be a transformer_lens TransformerBridge, got {type(bridge).__name__}")
         cfg = bridge.cfg
-        if image_token_id is not None and (isinstance(image_token_id, bool) or not isinstance(image_token_id, int)
-                                           or not 0 <= image_token_id < cfg.d_vocab):
-            raise ValueError(f"image_token_id must be an int in [0, {cfg.d_vocab}) (the VLM's image placeholder), "
-                             f"got {image_token_id!r}")
+        if image_token_id is not None:  # the VLM's image placeholder, a real token
+            check_int(image_token_id, "image_token_id", minimum=0, maximum=cfg.d_vocab - 1)
         self.bridge = bridge
         self.image_token_id = cfg.d_vocab if image_token_id is None else image_token_id
         embedding = bridge.embed.original_component
@@ -152,26 +146,12 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         self.projection.to(*args, **kwargs)
         return self
 
-    # ---------------------------------------------------------------- images -> soft prompts
-    def _source(self, images, image_features, image_embed) -> tuple[str, Tensor]:
-        """What a call's soft prompts come from, checked (images become pixels): ``(kind, tensor)``."""
-        exactly_one(images=images, image_features=image_features, image_embed=image_embed)
-        if images is not None:
-            return "images", self.preprocess(images)
-        if image_features is not None:
-            self._check_image_features(image_features)
-            return "image_features", image_features
-        self._check_image_embed(image_embed)
-        return "image_embed", image_embed.to(self._device)
-
     # ---------------------------------------------------------------- image slots in the embedding
-    def _bound_embed(self) -> Tensor:
-        kind, value = self._bound
-        if kind == "image_embed":
-            return value
-        # Embedded here, inside the bridge's forward, so hooks that a run_with_hooks /
-        # run_with_cache call added to hook_image_features / hook_image_embed see it.
-        return self.embed_images(**{kind: value})
+    def _binding(self, source: tuple[str, Tensor]):
+        """Bind the source itself: it is embedded by the input embedding's hook, inside the bridge's
+        forward, so hooks that a run_with_hooks / run_with_cache call added to hook_image_features /
+        hook_image_embed see it."""
+        return rebound(self, "_bound", source)
 
     def _mask_slots(self, module: nn.Module, args: tuple) -> tuple | None:
         tokens = args[0]
@@ -188,62 +168,17 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         slots, self._slots = self._slots, None
         if slots is None:
             return None
-        image_embed = self._bound_embed()
+        image_embed = self._embed(self._bound)
         check_slots(slots, image_embed, self.image_token_id)
         return output.masked_scatter(slots[..., None], image_embed.to(output.dtype))
 
-    @contextlib.contextmanager
-    def _binding(self, source: tuple[str, Tensor]):
-        previous, self._bound = self._bound, source
-        try:
-            yield
-        finally:
-            self._bound = previous
-
-    @contextlib.contextmanager
-    def bind_images(self, images: Images | None = None, image_features: Tensor | None = None,
-                    image_embed: Tensor | None = None):
-        """Within the block, calls given image-slot tokens but no images use these images.
-
-        For code that runs the model itself on tokens, e.g. ``transformer_lens.patching``. The
-        images are embedded once, on entry (``hook_image_features``/``hook_image_embed`` run then,
-        not in each call inside the block); ``image_embed=`` binds soft prompts already made by
-        :meth:`embed_images` (no hook runs).
-        """
-        kind, value = self._source(images, image_features, image_embed)
-        if kind != "image_embed":
-            value = self.embed_images(**{kind: value})
-        with self._binding(("image_embed", value)):
-            yield self
-
     # ---------------------------------------------------------------- tokens with image slots
-    def to_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
-                  move_to_device: bool = True, truncate: bool = True, image: bool = False,
-                  ) -> Int[Tensor, "batch pos"]:
-        """The bridge's ``to_tokens``; with ``image=True``, each text follows an image's slots.
+    def _lm_to_tokens(self, input, prepend_bos, padding_side, move_to_device: bool, truncate: bool,
+                      ) -> Int[Tensor, "batch pos"]:
+        return self.bridge.to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
 
-        With ``image=True`` the row is ``[BOS][image][text]`` if ``prepend_bos=True`` and
-        ``[image][text]`` if ``False``; by default the projection's layout (:attr:`image_bos`).
-        Nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
-        on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``. A text
-        holding the image placeholder (a VLM's ``<image>``, id ``image_token_id``) keeps its own
-        layout instead: the placeholder becomes ``n_image_tokens`` slots where it stands.
-        """
-        if not image:
-            return self.bridge.to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
-        return self._tokens_with_images(input, prepend_bos, padding_side, move_to_device)
-
-    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
-        bos = None if prepend_bos is USE_DEFAULT_VALUE else prepend_bos
-        return self.bridge.to_tokens(text, bos, move_to_device=False, truncate=False)[0]
-
-    def to_str_tokens(self, input, *args, **kwargs):
-        """The bridge's ``to_str_tokens``; image slots in a token tensor read ``<image_i>``."""
-        if isinstance(input, Tensor) and self.image_mask(input).any():
-            ids = input.squeeze().tolist()
-            names = iter(f"<image_{i}>" for i in range(len(ids)))
-            return [next(names) if t == self.image_token_id else self.tokenizer.decode([t]) for t in ids]
-        return self.bridge.to_str_tokens(input, *args, **kwargs)
+    def _lm_to_str_tokens(self, input, prepend_bos, padding_side):
+        return self.bridge.to_str_tokens(input, prepend_bos, padding_side)
 
     def _padding_mask(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
         """The attention mask of left-padded rows. LiMBeR rows (``[pad][BOS][image][text]``): positions
@@ -263,18 +198,25 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             started = (torch.arange(tokens.shape[1], device=tokens.device) >= n_lead[:, None]).long()
         return None if bool(started.all()) else started
 
+    def _mask_padding(self, tokens: Int[Tensor, "batch pos"], kwargs: dict) -> None:
+        """Put the :meth:`_padding_mask` of ``tokens`` in ``kwargs`` unless it holds an attention mask."""
+        mask = self._padding_mask(tokens)
+        if mask is not None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = mask
+
     # ---------------------------------------------------------------- running the model
     def _prepare(self, input, kwargs: dict, images, image_features, image_embed):
         """A call's checked soft-prompt source and its tokens (with the padding mask put in ``kwargs``)."""
         source = self._source(images, image_features, image_embed)
         tokens = self._image_tokens(input, source[1].shape[0], kwargs.pop("prepend_bos", None),
                                     kwargs.pop("padding_side", None))
-        mask = self._padding_mask(tokens)
-        if mask is not None and kwargs.get("attention_mask") is None:
-            kwargs["attention_mask"] = mask
+        self._mask_padding(tokens, kwargs)
         return source, tokens
 
     def _run(self, method, input, args, kwargs, images, image_features, image_embed):
+        """``method`` (a bridge entry point) on ``input``; with images, on its tokens with the images bound."""
+        if images is None and image_features is None and image_embed is None:
+            return method(input, *args, **kwargs)
         source, tokens = self._prepare(input, kwargs, images, image_features, image_embed)
         with self._binding(source):
             return method(tokens, *args, **kwargs)
@@ -307,15 +249,11 @@ class VisionBridge(ImageFrontEnd, nn.Module):
     def run_with_cache(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
                        image_embed: Tensor | None = None, **kwargs):
         """The bridge's ``run_with_cache`` with images (``hook_image_*`` are cached too)."""
-        if images is None and image_features is None and image_embed is None:
-            return self.bridge.run_with_cache(input, *args, **kwargs)
         return self._run(self.bridge.run_with_cache, input, args, kwargs, images, image_features, image_embed)
 
     def run_with_hooks(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
                        image_embed: Tensor | None = None, **kwargs):
         """The bridge's ``run_with_hooks`` with images (hooks on ``hook_image_*`` run too)."""
-        if images is None and image_features is None and image_embed is None:
-            return self.bridge.run_with_hooks(input, *args, **kwargs)
         return self._run(self.bridge.run_with_hooks, input, args, kwargs, images, image_features, image_embed)
 
     def kv_cache(self, batch: int) -> None:
@@ -346,20 +284,14 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         if images is None and image_features is None and image_embed is None:
             return self.bridge.generate(input, max_new_tokens, *args, **kwargs)
         source = self._source(images, image_features, image_embed)
-        tokens = self._image_tokens(input, source[1].shape[0], kwargs.pop("prepend_bos", None),
-                                    kwargs.pop("padding_side", None))
-        self._check_length(tokens.shape[1] + max_new_tokens)
-        decode = kwargs.get("return_type", "input") in ("input", "str")
-        if decode:
-            kwargs["return_type"] = "tokens"
-        mask = self._padding_mask(tokens)
-        if mask is not None and kwargs.get("attention_mask") is None:
-            kwargs["attention_mask"] = mask
-        with torch.no_grad(), self.bind_images(**{source[0]: source[1]}):
-            out = self.bridge.generate(tokens, max_new_tokens, *args, **kwargs)
-        if not decode:
-            return out
-        return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+
+        def run(tokens: Tensor, options: dict) -> Tensor:
+            self._mask_padding(tokens, options)
+            with torch.no_grad():
+                return self.bridge.generate(tokens, max_new_tokens, *args, **options)
+
+        return self._generate_with_images(input, max_new_tokens, kwargs.pop("prepend_bos", None),
+                                          kwargs.pop("padding_side", None), kwargs, source, run)
 
 
 def _kv_cache_by_its_old_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:

@@ -24,6 +24,8 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor, nn
 
+from tl_multimodal._validate import check_int
+
 # PIL resampling codes (what HF image processors store) -> timm interpolation names.
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
@@ -226,9 +228,8 @@ class HFVisionEncoder(_FrozenEncoder):
         super().__init__()
         config = model.config
         n_states = config.num_hidden_layers + 1
-        if feature_layer is not None and not (isinstance(feature_layer, int) and -n_states <= feature_layer < n_states):
-            raise ValueError(f"feature_layer must be None or an int in [{-n_states}, {n_states - 1}] "
-                             f"(hidden_states of a {config.num_hidden_layers}-layer model), got {feature_layer!r}")
+        if feature_layer is not None:  # an index into the hidden_states: the embeddings, then each layer's output
+            check_int(feature_layer, "feature_layer", minimum=-n_states, maximum=n_states - 1)
         self.model = model.eval().requires_grad_(False)
         self.feature_layer = feature_layer
         base = name or getattr(config, "_name_or_path", "") or config.model_type

@@ -15,23 +15,21 @@ of ``n_image_tokens + n_text`` positions, and cache entries line up with the tok
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import warnings
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import lm_cross_entropy_loss
 
-from tl_multimodal._validate import exactly_one
+from tl_multimodal._validate import check_int
 from tl_multimodal._compat import (HAS_HOOKED_TRANSFORMER, USE_DEFAULT_VALUE, Embed, HookedTransformer,
                                   require_hooked_transformer)  # TL 4: stand-ins naming VisionBridge
 from tl_multimodal.models.encoders import VisionEncoder
-from tl_multimodal.models._frontend import ImageFrontEnd, check_generation_args, check_slots
+from tl_multimodal.models._frontend import ImageFrontEnd, check_generation_args, check_slots, rebound
 from tl_multimodal.models.images import Images
 from tl_multimodal.models.projection import ImageProjection
 
@@ -109,8 +107,8 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
 
     def __init__(self, lm: HookedTransformer, encoder: VisionEncoder, projection: ImageProjection | None = None,
                  *, image_token_id: int | None = None):
-        if image_token_id is not None and not (isinstance(image_token_id, int) and 0 <= image_token_id <= lm.cfg.d_vocab):
-            raise ValueError(f"image_token_id must be an int in [0, {lm.cfg.d_vocab}], got {image_token_id!r}")
+        if image_token_id is not None:
+            check_int(image_token_id, "image_token_id", minimum=0, maximum=lm.cfg.d_vocab)
         cfg = copy.deepcopy(lm.cfg)
         cfg.init_weights = False  # the weights come from `lm` below
         with warnings.catch_warnings():
@@ -189,42 +187,12 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         return self.W_E.device
 
     # ---------------------------------------------------------------- tokens with image slots
-    def to_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE,
-                  move_to_device: bool = True, truncate: bool = True, image: bool = False,
-                  ) -> Int[Tensor, "batch pos"]:
-        """TransformerLens's ``to_tokens``; with ``image=True``, each text follows an image's slots.
+    def _lm_to_tokens(self, input, prepend_bos, padding_side, move_to_device: bool, truncate: bool,
+                      ) -> Int[Tensor, "batch pos"]:
+        return HookedTransformer.to_tokens(self, input, prepend_bos, padding_side, move_to_device, truncate)
 
-        With ``image=True`` the row is ``[BOS][image][text]`` if ``prepend_bos=True`` and
-        ``[image][text]`` if ``False``; by default the projection's layout (:attr:`image_bos`).
-        Nothing is truncated (a sequence longer than ``n_ctx`` raises), and padding goes
-        on ``padding_side`` of the whole row: ``[pad][image][text]`` or ``[image][text][pad]``.
-        A text holding the image placeholder (a converted VLM's ``<image>``, which tokenizes to
-        ``image_token_id``) keeps its own layout and BOS default instead: each placeholder becomes
-        ``n_image_tokens`` slots where it stands, as HF's processors expand it.
-        """
-        if not image:
-            return super().to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
-        return self._tokens_with_images(input, prepend_bos, padding_side, move_to_device)
-
-    def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
-        return HookedTransformer.to_tokens(self, text, prepend_bos, move_to_device=False, truncate=False)[0]
-
-    def to_str_tokens(self, input, prepend_bos=USE_DEFAULT_VALUE, padding_side=USE_DEFAULT_VALUE):
-        """TransformerLens's ``to_str_tokens``; image slots in token ids read ``<image_i>``.
-
-        Takes every input the parent takes (text, a list, token ids ``[pos]``/``[1, pos]``/one
-        element, numpy arrays) and a batch ``[batch, pos]`` of token ids (a list per row).
-        """
-        if isinstance(input, (Tensor, np.ndarray)):
-            ids = torch.as_tensor(input)
-            if ids.ndim == 2 and ids.shape[0] > 1:
-                return [self.to_str_tokens(row, prepend_bos, padding_side) for row in ids]
-            slots = self.image_mask(ids.reshape(-1))
-            if slots.any():
-                text = super().to_str_tokens(ids.reshape(-1).masked_fill(slots, 0), prepend_bos, padding_side)
-                names = iter(f"<image_{i}>" for i in range(int(slots.sum())))
-                return [next(names) if s else t for t, s in zip(text, slots.tolist())]
-        return super().to_str_tokens(input, prepend_bos, padding_side)
+    def _lm_to_str_tokens(self, input, prepend_bos, padding_side):
+        return HookedTransformer.to_str_tokens(self, input, prepend_bos, padding_side)
 
     def to_string(self, tokens):
         """TransformerLens's ``to_string``; image slots are left out of the decoded text."""
@@ -249,42 +217,9 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
                              "attribute), e.g. the target ids or the text tokens without image slots")
         return super().tokens_to_residual_directions(tokens)
 
-    @contextlib.contextmanager
-    def _bound(self, image_embed: Tensor):
-        previous, self.embed.image_embed = self.embed.image_embed, image_embed
-        try:
-            yield
-        finally:
-            self.embed.image_embed = previous
-
-    def _image_embed(self, images, image_features, image_embed) -> Float[Tensor, "batch patch d_model"]:
-        """The soft prompts for one call: embedded from images/features, or given (exactly one)."""
-        exactly_one(images=images, image_features=image_features, image_embed=image_embed)
-        if image_embed is None:
-            return self.embed_images(images, image_features)
-        expected = (self.n_image_tokens, self.cfg.d_model)
-        if image_embed.ndim != 3 or tuple(image_embed.shape[1:]) != expected:
-            raise ValueError(f"image_embed must be [batch, {expected[0]}, {expected[1]}] "
-                             f"(model.embed_images(...)), got {tuple(image_embed.shape)}")
-        return image_embed.to(self.W_E.device)
-
-    @contextlib.contextmanager
-    def bind_images(self, images: Images | None = None, image_features: Tensor | None = None,
-                    image_embed: Tensor | None = None):
-        """Within the block, calls given image-slot tokens but no images use these images.
-
-        For code that runs the model itself on tokens, e.g. ``transformer_lens.patching``::
-
-            tokens = model.to_tokens("A picture of", image=True).expand(len(corrupt_px), -1)
-            with model.bind_images(corrupt_px):
-                out = transformer_lens.patching.get_act_patch_resid_pre(model, tokens, clean_cache, metric)
-
-        The images are embedded once, on entry: ``hook_image_features``/``hook_image_embed`` run
-        then, not in each call inside the block. ``image_embed=`` binds soft prompts already made
-        by :meth:`embed_images` (no hook runs).
-        """
-        with self._bound(self._image_embed(images, image_features, image_embed)):
-            yield self
+    def _binding(self, source: tuple[str, Tensor]):
+        """Embed the source now; the slot embedding holds the soft prompts for the block."""
+        return rebound(self.embed, "image_embed", self._embed(source))
 
     # ---------------------------------------------------------------- running the model
     def forward(self, input, *args, images: Images | None = None,
@@ -302,16 +237,16 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         """
         if images is None and image_features is None and image_embed is None:
             return super().forward(input, *args, **kwargs)
-        image_embed = self._image_embed(images, image_features, image_embed)
+        source = self._source(images, image_features, image_embed)
         # Name the parent's arguments, however given: to_tokens(image=True) decides the BOS (none before
         # leading image slots unless asked for; a placeholder prompt keeps the tokenizer's default).
         bound = _PARENT_FORWARD.bind(self, input, *args, **kwargs).arguments
         del bound["self"]
-        bound["input"] = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
+        bound["input"] = self._image_tokens(input, source[1].shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                             bound.get("padding_side", USE_DEFAULT_VALUE))
         # the tokens are made: the parent must read a leading pad as a BOS only where one stands (BOS layout)
         bound["prepend_bos"] = bool(self._bos_before_slots(bound["input"]).any())
-        with self._bound(image_embed):
+        with self._binding(source):
             return super().forward(**bound)
 
     def kv_cache(self, batch: int):
@@ -351,23 +286,16 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         check_generation_args(bound)
         if images is None and image_features is None and image_embed is None:
             return super().generate(**bound)
-        with torch.no_grad():
-            image_embed = self._image_embed(images, image_features, image_embed)
-        tokens = self._image_tokens(input, image_embed.shape[0], bound.get("prepend_bos", USE_DEFAULT_VALUE),
-                                    bound.get("padding_side", USE_DEFAULT_VALUE))
-        bound["prepend_bos"] = bool(self._bos_before_slots(tokens).any())  # as in forward
-        self._check_length(tokens.shape[1] + max_new_tokens)
-        decode = bound.get("return_type", "input") in ("input", "str")
-        if decode:
-            bound["return_type"] = "tokens"
-        bound["input"] = tokens
-        with self._bound(image_embed):
-            out = self._generate_lean(tokens, bound)
-            if out is None:
-                out = super().generate(**bound)
-        if not decode:
-            return out
-        return [self.tokenizer.decode(row[~self.image_mask(row)], skip_special_tokens=True) for row in out]
+        source = self._source(images, image_features, image_embed)
+
+        def run(tokens: Tensor, options: dict) -> Tensor:
+            options["prepend_bos"] = bool(self._bos_before_slots(tokens).any())  # as in forward
+            options["input"] = tokens
+            out = self._generate_lean(tokens, options)
+            return HookedTransformer.generate(self, **options) if out is None else out
+
+        return self._generate_with_images(input, max_new_tokens, bound.get("prepend_bos", USE_DEFAULT_VALUE),
+                                          bound.get("padding_side", USE_DEFAULT_VALUE), bound, source, run)
 
     def _generate_lean(self, tokens: Tensor, bound: dict) -> Tensor | None:
         """``generate``'s tokens from the lean KV-cached loop (:mod:`tl_multimodal.models._fast_generation`),

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from tl_multimodal._validate import check_int, check_ints
 from tl_multimodal._io import atomic_save, check_finite, load_checkpoint
 
 KINDS = ("linear", "pooled", "mlp")
@@ -67,15 +68,15 @@ class ProjectionInfo:
             raise TypeError(f"bos must be True or False, got {self.bos!r}")
         if self.kind not in KINDS:
             raise ValueError(f"projection kind must be one of {KINDS}, got {self.kind!r}")
-        for name in ("d_img", "d_model"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if len(self.grid) != 2 or not all(isinstance(g, int) and g >= 1 for g in self.grid):
+        check_ints(d_img=self.d_img, d_model=self.d_model)
+        if len(self.grid) != 2:
             raise ValueError(f"grid must be (rows, cols) of positive ints, got {self.grid!r}")
+        check_ints(grid_rows=self.grid[0], grid_cols=self.grid[1])
         n_patches = self.grid[0] * self.grid[1]
         if self.kind == "pooled":
-            if not isinstance(self.n_tokens, int) or self.n_tokens < 1:
-                raise ValueError(f"a 'pooled' projection needs n_tokens (a positive int), got {self.n_tokens!r}")
+            if self.n_tokens is None:
+                raise ValueError("a 'pooled' projection needs n_tokens (a positive int), got None")
+            check_int(self.n_tokens, "n_tokens")
         elif self.n_tokens is None:
             self.n_tokens = n_patches
         elif self.n_tokens != n_patches:

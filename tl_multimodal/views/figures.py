@@ -1,20 +1,16 @@
-"""Matplotlib figures of the analyses (apart from the HTML views in :mod:`tl_multimodal.views.html`): a heatmap
-over its image, several units' heatmaps on one image, an ablation curve."""
+"""Matplotlib figures of the analyses (the HTML views are :mod:`tl_multimodal.views.heatmap_view` and
+:mod:`tl_multimodal.views.tokens`): a heatmap over its image, several units' heatmaps on one image, an
+ablation curve."""
 
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
-import numpy as np
-from jaxtyping import Float
-from PIL import Image
-from torch import Tensor
-
 from tl_multimodal.models.geometry import grid_to_image
-from tl_multimodal.analysis.heatmaps import activation_mask, plot_heatmap, unit_grid_activations  # noqa: F401 (plot_heatmap: re-exported)
-from tl_multimodal.analysis.units import as_units
-from tl_multimodal.views.html import display_image
+from tl_multimodal.analysis.heatmaps import activation_mask, plot_heatmap, unit_grid_activations
+from tl_multimodal.analysis.units import unit_label, unit_list
+from tl_multimodal.views.heatmap_view import display_image
 from tl_multimodal.models.protocol import VisionLM
 
 
@@ -42,15 +38,15 @@ def plot_unit_heatmaps(model: VisionLM, image, units, hook: str = "post", ncols:
     """
     import matplotlib.pyplot as plt
 
-    unit_list = [tuple(u) for u in as_units(model, units, batched=False, allow_empty=False).tolist()]
-    titles = [f"L{l}.{u}" for l, u in unit_list] if titles is None else list(titles)
-    if len(titles) != len(unit_list):
-        raise ValueError(f"{len(titles)} titles for {len(unit_list)} units")
+    pairs = unit_list(model, units)
+    titles = [unit_label(l, u) for l, u in pairs] if titles is None else list(titles)
+    if len(titles) != len(pairs):
+        raise ValueError(f"{len(titles)} titles for {len(pairs)} units")
     pil, geometry, pixels = display_image(model, image)
-    heatmaps = grid_to_image(unit_grid_activations(model, pixels, unit_list, hook)[0], geometry)
+    heatmaps = grid_to_image(unit_grid_activations(model, pixels, pairs, hook)[0], geometry)
     finite = heatmaps[heatmaps.isfinite()]
     lo, hi = (float(finite.min()), float(finite.max())) if shared_scale and len(finite) else (None, None)
-    n = len(unit_list) + 1
+    n = len(pairs) + 1
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols * 1.15, panel_size * nrows), squeeze=False)

@@ -4,7 +4,7 @@
 MLP unit at every image position (:func:`~tl_multimodal.analysis.attribution.attribute`), keeps the top ``k``
 units (:meth:`~tl_multimodal.analysis.attribution.Attribution.top_units`), decodes them through the
 unembedding (:func:`~tl_multimodal.analysis.decoding.decode_units`, the paper's interpretability filter) and
-draws each unit's activation over the image (:func:`~tl_multimodal.views.html.unit_heatmap_view`). The page
+draws each unit's activation over the image (:func:`~tl_multimodal.views.heatmap_view.unit_heatmap_view`). The page
 needs no network: images are inline base64 PNGs and there is no JavaScript.
 
     write_report(model, Image.open("dog.jpg"), "dog.html", n_units=10)
@@ -13,21 +13,22 @@ needs no network: images are inline base64 PNGs and there is no JavaScript.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from torch import Tensor
 
+from tl_multimodal._validate import check_int
 from tl_multimodal.analysis.attribution import Attribution, attribute
 from tl_multimodal.analysis.nouns import first_noun
 from tl_multimodal.analysis.decoding import UnitDecoding, decode_units
 from tl_multimodal.analysis.heatmaps import one_image
 from tl_multimodal.analysis.probe import Probe
-from tl_multimodal.views.html import unit_heatmap_view
+from tl_multimodal.analysis.units import unit_label
+from tl_multimodal.views.heatmap_view import unit_heatmap_view
+from tl_multimodal.views.html import png_data_uri
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
 _CSS = """
@@ -82,12 +83,6 @@ class UnitReport:
                 f"{int(self.decoding.interpretable.sum())} interpretable, {len(self.html) / 1e3:.0f} kB)")
 
 
-def _png_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A picture of", max_new_tokens: int = 20,
                  hook: str = "pre", heatmap_hook: str = "post", max_size: int = 224, *,
                  probe: Probe | None = None) -> UnitReport:
@@ -108,8 +103,7 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
     Returns:
         A :class:`UnitReport` (``.html`` is the page).
     """
-    if isinstance(n_units, bool) or not isinstance(n_units, int) or n_units < 1:
-        raise ValueError(f"n_units must be an int >= 1, got {n_units!r}")
+    check_int(n_units, "n_units")
     pil, pixels = one_image(model, image)
     emb = soft_prompts(model, pixels)
     attr = attribute(model, image_embed=emb, probe=probe, prompt=prompt, hook=hook, max_new_tokens=max_new_tokens)
@@ -134,8 +128,8 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
             f'<td class="num">{r}</td><td class="num">{layer}</td><td class="num">{unit}</td>'
             f'<td class="num">{score:.4g}</td><td class="num">{patch}</td>'
             f'<td class="tokens">{tok_html}</td><td>{"yes" if ok else "no"}</td>'
-            f'<td><img src="{_png_uri(panel)}" width="{panel.width}" height="{panel.height}" '
-            f'alt="L{layer}.{unit} heatmap"/></td></tr>')
+            f'<td><img src="{png_data_uri(panel)}" width="{panel.width}" height="{panel.height}" '
+            f'alt="{unit_label(layer, unit)} heatmap"/></td></tr>')
     n_ok = int(decoding.interpretable.sum())
     crop_note = ('<p class="muted crop">The darkened border is the part of the image the encoder\'s centre crop cut '
                  "away: the model never saw it, and the heatmaps leave it out.</p>"
@@ -144,7 +138,7 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
     body = f"""
 <h2>Multimodal units of one image</h2>
 <div style="display: flex; gap: 24px; align-items: flex-start;">
-<img src="{_png_uri(shown)}" width="{shown.width}" height="{shown.height}" alt="image"/>
+<img src="{png_data_uri(shown)}" width="{shown.width}" height="{shown.height}" alt="image"/>
 <div>
 <p><b>Caption</b> (greedy): <span class="caption">{html.escape(prompt)} {html.escape(caption.strip())}</span></p>
 <p><b>Target</b> <i>c</i>: <code class="target">{html.escape(repr(target))}</code>

@@ -1,0 +1,192 @@
+"""Units seen through tokens, as circuitsvis views (offline, :mod:`tl_multimodal.views.html`).
+
+* :func:`decoded_tokens_view` - the top tokens of units (a :class:`~tl_multimodal.analysis.decoding.UnitDecoding`),
+  coloured by probability (circuitsvis ``ColoredTokens``, one row per unit).
+* :func:`token_activations_view` - units' activations over an image-prefixed caption (circuitsvis
+  ``ColoredTokensMulti``).
+
+circuitsvis writes each token into the page as HTML, so tokens are HTML-escaped before they go in and
+image slots are labelled ``[img 0]``, ``[img 1]``, ... (plain text that shows as written).
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from tl_multimodal._validate import check_int
+from tl_multimodal.analysis.decoding import UnitDecoding
+from tl_multimodal.analysis.heatmaps import one_image
+from tl_multimodal.analysis.probe import Probe
+from tl_multimodal.analysis.units import mlp_act_name, mlp_hook, unit_label, unit_list
+from tl_multimodal.models.protocol import VisionLM, soft_prompts
+from tl_multimodal.views.html import HTMLView
+
+
+def label_image_slots(tokens: Sequence[str], image_slots: Sequence[bool] | Tensor) -> list[str]:
+    """``tokens`` with the image slots renamed ``[img 0]``, ``[img 1]``, ... in order (text tokens kept).
+
+    Args:
+        tokens: String tokens (``model.to_str_tokens(tokens)``).
+        image_slots: ``[pos]`` True where a token is an image slot (``model.image_mask(tokens)[0]``).
+    """
+    slots = [bool(x) for x in (image_slots.tolist() if isinstance(image_slots, Tensor) else image_slots)]
+    if len(slots) != len(tokens):
+        raise ValueError(f"image_slots has {len(slots)} entries for {len(tokens)} tokens")
+    n = iter(range(len(slots)))
+    return [f"[img {next(n)}]" if s else t for t, s in zip(tokens, slots)]
+
+
+def cv_tokens(tokens: Sequence[str], image_slots: Sequence[bool] | Tensor | None = None) -> list[str]:
+    """Tokens as circuitsvis must get them to show them: it writes each one into the page as HTML.
+
+    Text tokens are HTML-escaped (``"</b>"`` shows as written instead of vanishing as a tag); image
+    slots read ``[img 0]``, ``[img 1]``, ... (:func:`label_image_slots`).
+
+    Args:
+        tokens: String tokens.
+        image_slots: ``[pos]`` True where a token is an image slot (default: none is).
+    """
+    slots = [False] * len(tokens) if image_slots is None else image_slots
+    flags = [bool(x) for x in (slots.tolist() if isinstance(slots, Tensor) else slots)]
+    return [t if s else html.escape(t, quote=False) for t, s in zip(label_image_slots(tokens, flags), flags)]
+
+
+
+# ---------------------------------------------------------------------------------- (a) decoded tokens
+def decoded_tokens_view(decoding: UnitDecoding, n_tokens: int | None = None, title: str | None = None) -> HTMLView:
+    """The top tokens of each unit's output direction, coloured by their probability (circuitsvis).
+
+    One row per unit: its label (``L5.1021``, with a check mark when it passes the paper's
+    interpretability filter), then its top tokens as circuitsvis ``ColoredTokens`` (values: the
+    softmax probabilities, on a shared colour scale).
+
+    Args:
+        decoding: From :func:`~tl_multimodal.analysis.decoding.decode_units`.
+        n_tokens: Tokens shown per unit (default: all of ``decoding``'s).
+        title: Heading above the table.
+
+    Returns:
+        An :class:`HTMLView`.
+    """
+    if not isinstance(decoding, UnitDecoding):
+        raise ValueError(f"decoded_tokens_view takes a UnitDecoding (decode_units(...)), got {type(decoding).__name__}")
+    if len(decoding) == 0:
+        raise ValueError("the decoding holds no units")
+    n_k = decoding.token_ids.shape[1]
+    k = n_k if n_tokens is None else n_tokens
+    check_int(k, "n_tokens", maximum=n_k)
+    vmax = float(decoding.probs[:, :k].max())
+    elements = [("ColoredTokens", {"tokens": cv_tokens(toks[:k]), "values": probs[:k], "minValue": 0.0, "maxValue": vmax})
+                for toks, probs in zip(decoding.tokens, decoding.probs.tolist())]
+    labels = [unit_label(l, u) + (" \u2713" if ok else "") for l, u, ok in
+              zip(decoding.layer.tolist(), decoding.unit.tolist(), decoding.interpretable.tolist())]
+    title = title or f"Top {k} decoded tokens of {len(decoding)} units"
+
+    def layout(divs: list[str]) -> str:
+        rows = "\n".join(f'<tr><td style="padding: 0 8px; white-space: nowrap; font-family: monospace;">'
+                         f"{html.escape(label)}</td><td>{div}</td></tr>" for label, div in zip(labels, divs))
+        note = ("softmax(W_U^T W_out[layer][unit])" + (" through ln_final" if decoding.apply_ln else "")
+                + "; \u2713 = at least 7 of the top 10 are English words")
+        return (f"<div><h4 style='margin: 4px 0;'>{html.escape(title)}</h4>"
+                f"<div style='font-size: 80%; color: #555;'>{html.escape(note)}</div>"
+                f"<table style='border-collapse: collapse;'>{rows}</table></div>")
+
+    return HTMLView.from_circuitsvis(elements, layout, title)
+
+
+class TokenActivationsView(HTMLView):
+    """Units' activations over an image-prefixed text (circuitsvis ``ColoredTokensMulti``).
+
+    Attributes:
+        tokens: The string tokens, image slots as ``[img i]``.
+        values: ``[pos, n_units]`` the activations.
+        labels: ``L{layer}.{unit}`` per unit.
+        text: The text after the image slots.
+    """
+
+    def __init__(self, html: str, title: str, tokens: list[str], values: Tensor, labels: list[str], text: str,
+                 **parts):
+        super().__init__(html, title, **parts)
+        self.tokens, self.values, self.labels, self.text = tokens, values, labels, text
+
+    def to_dataframe(self):
+        """One row per position: position, token, then one column per unit."""
+        import pandas as pd
+
+        df = pd.DataFrame(self.values.numpy(), columns=self.labels)
+        df.insert(0, "token", self.tokens)
+        df.insert(0, "position", range(len(self.tokens)))
+        return df
+
+    def __repr__(self) -> str:
+        return f"TokenActivationsView({len(self.labels)} units over {len(self.tokens)} tokens: {self.text!r})"
+
+
+@torch.no_grad()
+def token_activations_view(model: VisionLM, image, units, text: str | None = None, prompt: str = "A picture of",
+                           hook: str = "post", max_new_tokens: int = 12, include_image: bool = True, *,
+                           probe: Probe | None = None, image_index: int = 0) -> TokenActivationsView:
+    """Activations of MLP units at every position of ``[image slots][text]`` (circuitsvis).
+
+    Args:
+        model: The vision LM.
+        image: One image (PIL, a path, an array, or a pixel tensor ``[channel, h, w]``).
+        units: ``(layer, unit)`` pairs (a list or an ``[n, 2]`` tensor); one button each in the view.
+        text: The text after the image; default: ``prompt`` followed by the model's own greedy
+            caption of the image (its generated tokens).
+        prompt: Prompt for the caption when ``text`` is None.
+        hook: The MLP hook read (``"post"``: the activation; ``"pre"``: what attribution scores).
+        max_new_tokens: Caption length when ``text`` is None.
+        include_image: Show the image positions too (labelled ``[img 0]`` ...), not only the text.
+        probe: Show row ``image_index`` of this probe (its tokens up to and including the target)
+            instead of ``text``; ``image`` is that row's image.
+        image_index: The probe row.
+
+    Returns:
+        A :class:`TokenActivationsView`.
+    """
+    pairs = unit_list(model, units)
+    short = mlp_hook(model, hook)
+    _, pixels = one_image(model, image)
+    emb = soft_prompts(model, pixels)
+    if probe is not None:
+        if text is not None:
+            raise ValueError("pass either text= or probe=, not both")
+        check_int(image_index, "image_index", minimum=-len(probe), maximum=len(probe) - 1)
+        row = probe[image_index]
+        tokens = torch.cat([row.tokens[:, :int(row.pred_pos[0]) + 1], row.target_ids[:, None]], 1).to(model.cfg.device)
+        text = model.tokenizer.decode(tokens[0][~model.image_mask(tokens)[0]].tolist())
+    else:
+        if text is None:  # the model's own tokens, not a re-tokenization of their text
+            tokens = model.generate(prompt, max_new_tokens, image_embed=emb, do_sample=False, verbose=False,
+                                    return_type="tokens")
+            text = model.tokenizer.decode(tokens[0][~model.image_mask(tokens)[0]].tolist())
+        else:
+            if not text.strip():
+                raise ValueError("text is empty")
+            tokens = model.to_tokens(text, image=True)
+    layers = sorted({l for l, _ in pairs})
+    names = [mlp_act_name(short, l) for l in layers]
+    _, cache = model.run_with_cache(tokens, image_embed=emb, names_filter=names, stop_at_layer=layers[-1] + 1)
+    values = torch.stack([cache[mlp_act_name(short, l)][0, :, u].float().cpu() for l, u in pairs], dim=1)
+    slots = model.image_mask(tokens)[0].cpu()
+    str_tokens = model.to_str_tokens(tokens)
+    if not include_image:
+        str_tokens = [t for t, s in zip(str_tokens, slots.tolist()) if not s]
+        values, slots = values[~slots], slots[~slots]
+    labels = [unit_label(l, u) for l, u in pairs]
+    title = f"{hook} of {', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''} over: {text}"
+
+    def layout(divs: list[str]) -> str:
+        return (f"<div><h4 style='margin: 4px 0;'>{html.escape(title)}</h4>"
+                "<div style='font-size: 80%; color: #555;'>hover a token for its values; pick a unit "
+                "with its button; [img i] = image position i (patch i of the encoder's grid, row by row)"
+                f"</div>{divs[0]}</div>")
+
+    element = ("ColoredTokensMulti", {"tokens": cv_tokens(str_tokens, slots), "values": values, "labels": labels})
+    return TokenActivationsView.from_circuitsvis([element], layout, title, values=values, labels=labels, text=text,
+                                                 tokens=label_image_slots(str_tokens, slots))
