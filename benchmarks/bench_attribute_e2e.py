@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import interleaved  # noqa: E402
 
 from tl_multimodal.analysis.attribution import attribute  # noqa: E402
-from tl_multimodal.training.data import load_coco_mini  # noqa: E402
+from tl_multimodal.data.sources import load_coco_mini  # noqa: E402
 import tl_multimodal  # noqa: E402
 
 

@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from tl_multimodal.training.data import load_coco_mini
+    from tl_multimodal.data.sources import load_coco_mini
     from tl_multimodal import load
     from tl_multimodal.pretrained.offline import load_hf_smollm2
 

@@ -64,7 +64,7 @@ def main() -> None:
     import torch
     from _timing import interleaved
 
-    from tl_multimodal.training.data import load_coco_mini
+    from tl_multimodal.data.sources import load_coco_mini
     from tl_multimodal.pretrained.load import load
     from tl_multimodal.training.features import encode_images
     from tl_multimodal.training.nll import _batch, _caption_ids, caption_token_nll

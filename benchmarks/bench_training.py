@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
-from tl_multimodal.training.data import load_coco_mini  # noqa: E402
+from tl_multimodal.data.sources import load_coco_mini  # noqa: E402
 import tl_multimodal  # noqa: E402
 from tl_multimodal.training.features import encode_images  # noqa: E402
 from tl_multimodal.training.nll import _batch, _caption_ids, caption_token_nll  # noqa: E402

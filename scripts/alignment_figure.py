@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import torch  # noqa: E402
 
 from tl_multimodal.analysis.alignment import alignment, soft_prompt_norms  # noqa: E402
-from tl_multimodal.training.data import load_coco_mini  # noqa: E402
+from tl_multimodal.data.sources import load_coco_mini  # noqa: E402
 import tl_multimodal  # noqa: E402
 from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION  # noqa: E402
 from tl_multimodal.training.features import encode_images  # noqa: E402

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from tl_multimodal.analysis.alignment import soft_prompt_norms  # noqa: E402
-from tl_multimodal.training.data import load_coco_mini  # noqa: E402
+from tl_multimodal.data.sources import load_coco_mini  # noqa: E402
 import tl_multimodal  # noqa: E402
 from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION  # noqa: E402
 from tl_multimodal.training.features import encode_images  # noqa: E402

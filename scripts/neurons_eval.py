@@ -56,7 +56,7 @@ def load_split(args):
     from tl_multimodal.models.projection import projection_id
     from tl_multimodal.pretrained.load import load
     from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION
-    from tl_multimodal.training.data import load_coco_mini
+    from tl_multimodal.data.sources import load_coco_mini
 
     ds = load_coco_mini(args.data_dir, args.split)
     if args.n_images is not None:
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     warnings.filterwarnings("ignore", category=UserWarning, module="tl_multimodal.analysis.attribution")
 
-    from tl_multimodal.evaluation.coco import load_coco
+    from tl_multimodal.data.coco import load_coco
     from tl_multimodal.evaluation.neurons import evaluate_neurons
 
     ds, images, projection, ident, model = load_split(args)

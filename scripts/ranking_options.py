@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="tl_multimodal.analysis.attribution")
 
     from tl_multimodal.analysis.attribution import attribute
-    from tl_multimodal.evaluation.coco import load_coco
+    from tl_multimodal.data.coco import load_coco
     from tl_multimodal.evaluation.controls import specificity_controls, unit_magnitudes
     from tl_multimodal.evaluation.neurons import coco_object_masks
     from tl_multimodal.analysis.nouns import first_noun

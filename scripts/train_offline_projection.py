@@ -25,9 +25,9 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 
 from tl_multimodal.training.augment import random_resized_crop_flip  # noqa: E402
-from tl_multimodal.evaluation.coco import instance_crops, load_coco  # noqa: E402
+from tl_multimodal.data.coco import instance_crops, load_coco  # noqa: E402
 from tl_multimodal.models.projection import projection_id  # noqa: E402
-from tl_multimodal.training.data import load_coco_mini  # noqa: E402
+from tl_multimodal.data.sources import load_coco_mini  # noqa: E402
 import tl_multimodal  # noqa: E402
 from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION  # noqa: E402
 from tl_multimodal.training.train import train_projection  # noqa: E402

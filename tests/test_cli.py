@@ -253,7 +253,7 @@ def test_train_command_is_the_library_call(tmp_path):
     import torch
 
     from tl_multimodal import ImageProjection, load_coco_mini
-    from tl_multimodal.training.data import open_dataset
+    from tl_multimodal.data.sources import open_dataset
     from tl_multimodal.training.train import train_projection
 
     build = _train_inputs(tmp_path)

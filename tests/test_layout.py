@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tl_multimodal"
-PRIVATE = {"_validate", "_io", "_compat"}  # top-level helpers any layer may use; they import nothing of ours
+PRIVATE = {"_validate", "_io", "_compat", "_config"}  # top-level helpers any layer may use; they import nothing of ours
 ALLOWED = {  # a subpackage -> the subpackages it may import (besides itself and PRIVATE)
+    "data": set(),
     "models": set(),
     "pretrained": {"models"},
     "analysis": {"models"},
-    "evaluation": {"analysis", "models"},
+    "evaluation": {"analysis", "data", "models"},
     "views": {"analysis", "models"},
-    "training": {"analysis", "models", "pretrained"},
+    "training": {"analysis", "data", "models", "pretrained"},
     "experiments": {"models"},
 }
 

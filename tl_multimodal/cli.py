@@ -228,7 +228,7 @@ def _progress(line: str) -> None:
 # ------------------------------------------------------------------------------------- commands
 def _sample_images() -> dict[str, object]:
     """scikit-image's bundled photos (no download): a cat, a coffee cup, an astronaut."""
-    from tl_multimodal.training.data import SKIMAGE_PHOTOS, sample_images
+    from tl_multimodal.data.sources import SKIMAGE_PHOTOS, sample_images
 
     return {f"skimage.data.{name}": image for name, image in zip(SKIMAGE_PHOTOS, sample_images(3).images)}
 
@@ -284,7 +284,7 @@ def _writable_folder(path: Path, option: str) -> None:
 
 def _train(args) -> None:
     """``tl-multimodal train``: every input checked, then the model loaded, then ``train_projection``."""
-    from tl_multimodal.training.data import CAPTION_KEYS, IMAGE_KEYS, find_column, open_dataset
+    from tl_multimodal.data.sources import CAPTION_KEYS, IMAGE_KEYS, find_column, open_dataset
 
     try:
         data = open_dataset(args.data, args.split)

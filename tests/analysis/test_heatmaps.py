@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from tl_multimodal.evaluation.coco import coco_category_mask, object_for_noun
+from tl_multimodal.data.coco import coco_category_mask, object_for_noun
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image, mask_to_input, upsample_grid
 from tl_multimodal.analysis.heatmaps import activation_mask, heatmap_ious, mask_iou, unit_grid_activations, unit_heatmap
 

@@ -70,7 +70,7 @@ def test_three_lines_end_with_the_oracle_nlls(eval_nll, model, folder, capsys, m
     assert len(lines) == 3 and "3 images, 5 captions" in out
     got = {name: float(line.split()[-1]) for name, line in lines.items()}
     with torch.no_grad():
-        from tl_multimodal.training.data import load_coco_mini
+        from tl_multimodal.data.sources import load_coco_mini
         feats = encode_images(model, load_coco_mini(folder, "val"), progress=False)
         owner = [i for i, caps in enumerate(CAPTIONS) for _ in caps]
         wrong = eval_nll.shuffled_pairing(torch.tensor(owner), 3).tolist()

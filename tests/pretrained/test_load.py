@@ -256,7 +256,7 @@ def offline_pair(backend):
 
 def test_offline_captions_like_the_direct_loader(offline_pair, backend):
     from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION
-    from tl_multimodal.training.data import sample_images
+    from tl_multimodal.data.sources import sample_images
 
     got, want = offline_pair
     assert type(got) is CLASS[backend] and not got.training

@@ -242,11 +242,25 @@ class AblationCurve:
         return pd.DataFrame(rows, columns=["k", "kind", "seed", "image", "p_before", "p_after", "rel_change"])
 
     def plot(self, ax=None):
-        """Mean relative change of p(c) vs k (log x), top-k against random
-        (:func:`~tl_multimodal.views.figures.plot_ablation_curve`)."""
-        from tl_multimodal.views.figures import plot_ablation_curve
+        """Mean relative change of p(c) vs k (log x), top-k against random (mean +- sd over seeds); the Figure."""
+        import matplotlib.pyplot as plt
 
-        return plot_ablation_curve(self, ax)
+        fig = ax.figure if ax is not None else plt.figure(figsize=(5, 3.5))
+        ax = ax if ax is not None else fig.add_subplot()
+        top = self.rel_change("top").mean(-1) * 100
+        rand = self.rel_change("random").mean(-1) * 100  # [k, seed]
+        ax.plot(self.ks, top, "o-", label="top-k attributed units")
+        ax.plot(self.ks, rand.mean(1), "s--", color="gray", label="random units, same layers")
+        if rand.shape[1] > 1:
+            ax.fill_between(self.ks, rand.mean(1) - rand.std(1), rand.mean(1) + rand.std(1),
+                            color="gray", alpha=0.25)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("units ablated (k)")
+        ax.set_ylabel("mean change in p(c) (%)")
+        ax.legend(frameon=False)
+        fig.tight_layout()
+        return fig
 
     def __repr__(self) -> str:
         top = self.rel_change("top").mean(-1)

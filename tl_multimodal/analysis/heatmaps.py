@@ -3,7 +3,7 @@
 A unit's activations at the image slots form the encoder's patch grid; :mod:`tl_multimodal.models.geometry`
 lays the grid over the original image through timm's resize/crop. Pixels cut away by the crop were
 never seen by the model: their heatmap value is NaN, and they are left out of percentiles and IoUs.
-Object masks come from :mod:`tl_multimodal.evaluation.coco`.
+Object masks come from :mod:`tl_multimodal.data.coco`.
 
     hm = unit_heatmap(model, pil_image, layer=5, unit=1234)
     obj = coco_category_mask(coco, image_id, "dog")
@@ -246,7 +246,7 @@ def heatmap_ious(model: VisionLM, images: Sequence[Image.Image], units, object_m
         units: ``[n, 2]`` for all images, or ``[batch, n, 2]`` (e.g. each image's top units, or
             ``patching.sample_matched_units`` of them as the baseline).
         object_masks: One ``[height, width]`` mask per image, in original pixels
-            (:func:`~tl_multimodal.evaluation.coco.coco_category_mask`).
+            (:func:`~tl_multimodal.data.coco.coco_category_mask`).
         q: Percentile of the activation mask (METHOD.md: 95).
         hook: MLP hook (see :func:`unit_grid_activations`).
         batch_size: Images per forward pass.

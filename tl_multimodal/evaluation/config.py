@@ -7,11 +7,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from tl_multimodal._config import Config
-from tl_multimodal._validate import check_int, check_ints
+from tl_multimodal._validate import check_int, check_ints, check_number
 
 
 def _set(config, name: str, value) -> None:
@@ -89,6 +88,4 @@ class EvalConfig(Config):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.prompt, str) or not isinstance(self.hook, str):
             raise TypeError("prompt and hook must be strings")
-        rtol = self.magnitude_rtol
-        if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not math.isfinite(rtol) or rtol < 0:
-            raise ValueError(f"magnitude_rtol must be a number >= 0, got {rtol!r}")
+        check_number(self.magnitude_rtol, "magnitude_rtol", minimum=0)

@@ -31,10 +31,10 @@ from torch import Tensor
 
 from tl_multimodal.analysis.ablation import AblationCurve, ablation_curve, sample_matched_units
 from tl_multimodal.analysis.attribution import attribute_dataset
-from tl_multimodal.evaluation.coco import coco_category_mask, object_for_noun
+from tl_multimodal.data.coco import coco_category_mask, object_for_noun
 from tl_multimodal.evaluation.config import EvalConfig
 from tl_multimodal.evaluation.controls import SpecificityControls, specificity_controls
-from tl_multimodal.analysis.decoding import decode_units, unit_texts
+from tl_multimodal.analysis.decoding import unit_texts
 from tl_multimodal.models.geometry import input_geometry, mask_to_input
 from tl_multimodal.analysis.heatmaps import heatmap_ious
 from tl_multimodal.analysis.nouns import first_noun
@@ -244,7 +244,7 @@ def heatmap_iou_test(model: VisionLM, images, units: Int[Tensor, "n_images n_uni
 
 def coco_object_masks(model: VisionLM, coco, image_ids: Sequence[int], nouns: Sequence[str | None], images: Sequence,
                       ) -> tuple[list[int], list[tuple[int, str, str]], list[Bool[Tensor, "h_in w_in"]]]:
-    """Each image's object (:func:`~tl_multimodal.evaluation.coco.object_for_noun`), its mask in the model-input frame.
+    """Each image's object (:func:`~tl_multimodal.data.coco.object_for_noun`), its mask in the model-input frame.
 
     Args:
         model: The vision LM (its encoder's data config gives the resize and crop).

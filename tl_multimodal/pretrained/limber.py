@@ -23,15 +23,12 @@ to LiMBeR's encoder (:data:`HUB_ENCODER`) and warn when no trained projection is
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tl_multimodal._compat import HookedTransformer
-from tl_multimodal.models._hub import HUB_ENCODER, UNTRAINED, hub_encoder, hub_projection  # noqa: F401
 from tl_multimodal.models.projection import ImageProjection, ProjectionInfo
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -35,12 +33,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tl_multimodal._io import atomic_write
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.models.projection import projection_id
 from tl_multimodal.pretrained.load import load
 from tl_multimodal.training._distributed import partial_state
 from tl_multimodal.training.config import RunConfig
-from tl_multimodal.training.data import IMAGE_KEYS, find_column, open_dataset
+from tl_multimodal.data.sources import IMAGE_KEYS, find_column, open_dataset
 
 #: Columns of every shard, in order. ``image_index``: position in the dataset; ``position``: the
 #: sequence position whose prediction is the target; ``y``: the target's logit there; ``rank``: the
@@ -113,17 +112,6 @@ def shard_name(start: int, stop: int) -> str:
     return f"part-{start:09d}-{stop:09d}.parquet"
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _manifest(config: RunConfig, model) -> dict:
     """What ``_run.json`` records: the run's settings, then the model's LM, encoder, layout and projection."""
     return {**config.to_dict(), "lm": model.cfg.model_name, "encoder": model.vision.model_name,
@@ -146,10 +134,8 @@ def _check_manifest(out: Path, settings: dict) -> None:
                              "use another --out or the same settings")
         if old == settings:
             return
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(settings, f, indent=1)
-    os.replace(tmp, path)  # every rank writes the same content, so racing ranks agree
+    # every rank writes the same content, so racing ranks agree
+    atomic_write(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
 
 def load_rows(out: str | Path):
@@ -286,7 +272,7 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
                                      f"(ids {ids}): {e}") from e
                 tables.append(_batch_table(attr, k, indices, ids))
                 bar.update(len(batch))
-            _write_atomic(pa.concat_tables(tables), path)
+            atomic_write(path, lambda f: pq.write_table(pa.concat_tables(tables), f))
             for stale in out.glob(f"part-{start:09d}-*.parquet"):  # a shorter last chunk of a smaller limit
                 if stale != path:
                     stale.unlink()

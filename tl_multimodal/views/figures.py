@@ -27,7 +27,7 @@ def plot_unit_heatmaps(model: VisionLM, image, units, hook: str = "post", ncols:
         ncols: Panels per row.
         q: Outline the pixels at or above this percentile (``None``: no outline).
         object_mask: An object mask in the image's frame, outlined in lime
-            (:func:`~tl_multimodal.evaluation.coco.coco_category_mask`).
+            (:func:`~tl_multimodal.data.coco.coco_category_mask`).
         titles: One title per unit (default ``L{layer}.{unit}``).
         panel_size: Inches per panel.
         shared_scale: One colour range for all units (their joint min..max), so colours compare across
@@ -59,28 +59,5 @@ def plot_unit_heatmaps(model: VisionLM, image, units, hook: str = "post", ncols:
                      title=t, ax=ax, vmin=lo, vmax=hi)
     for ax in axes[n:]:
         ax.set_axis_off()
-    fig.tight_layout()
-    return fig
-
-
-def plot_ablation_curve(curve, ax=None):
-    """An :class:`~tl_multimodal.analysis.ablation.AblationCurve`: mean relative change of p(c) vs k (log x), top-k
-    against random (mean ± sd over seeds). Returns the Figure."""
-    import matplotlib.pyplot as plt
-
-    fig = ax.figure if ax is not None else plt.figure(figsize=(5, 3.5))
-    ax = ax if ax is not None else fig.add_subplot()
-    top = curve.rel_change("top").mean(-1) * 100
-    rand = curve.rel_change("random").mean(-1) * 100  # [k, seed]
-    ax.plot(curve.ks, top, "o-", label="top-k attributed units")
-    ax.plot(curve.ks, rand.mean(1), "s--", color="gray", label="random units, same layers")
-    if rand.shape[1] > 1:
-        ax.fill_between(curve.ks, rand.mean(1) - rand.std(1), rand.mean(1) + rand.std(1),
-                        color="gray", alpha=0.25)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("units ablated (k)")
-    ax.set_ylabel("mean change in p(c) (%)")
-    ax.legend(frameon=False)
     fig.tight_layout()
     return fig

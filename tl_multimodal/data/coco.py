@@ -137,7 +137,7 @@ def instance_crops(coco, dataset, image_column: str = "image", min_size: int = 4
 
     Args:
         coco: A ``pycocotools.coco.COCO`` (:func:`load_coco`) annotating the rows' images.
-        dataset: A ``datasets.Dataset`` with ``image_id`` and an image column (:func:`~tl_multimodal.training.data.load_coco_mini`).
+        dataset: A ``datasets.Dataset`` with ``image_id`` and an image column (:func:`~tl_multimodal.data.sources.load_coco_mini`).
         image_column: The image column's name.
         min_size: Smallest box side (pixels) kept; crowd annotations are skipped.
         max_per_image: Most crops per image (the largest objects first); ``None`` for all.

@@ -1,4 +1,4 @@
-"""The demo-image helpers of ``tl_multimodal.training.data``: a COCO sample written by ``write_coco_sample`` reads back
+"""The demo-image helpers of ``tl_multimodal.data.sources``: a COCO sample written by ``write_coco_sample`` reads back
 through ``load_coco_mini`` / ``load_coco`` / ``coco_category_mask`` with the source annotations' captions and
 masks, and ``sample_images`` takes annotated images only (else scikit-image's photos)."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_multimodal.evaluation.coco import coco_category_mask, load_coco
-from tl_multimodal.training.data import SKIMAGE_PHOTOS, load_coco_mini, sample_images, write_coco_sample
+from tl_multimodal.data.coco import coco_category_mask, load_coco
+from tl_multimodal.data.sources import SKIMAGE_PHOTOS, load_coco_mini, sample_images, write_coco_sample
 
 
 def _jpeg(colour, size=(40, 30)) -> bytes:
@@ -90,6 +90,7 @@ def test_sample_images_without_data_are_scikit_images_photos():
     assert np.array_equal(np.asarray(s.images[0]), data.chelsea()) and np.array_equal(np.asarray(s.images[1]), data.coffee())
     with pytest.raises(ValueError, match=f"bundles {len(SKIMAGE_PHOTOS)}"):
         sample_images(len(SKIMAGE_PHOTOS) + 1)
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="n must be a positive int"):
+    for bad, error, message in ((0, ValueError, "n must be >= 1, got 0"), (-1, ValueError, "n must be >= 1, got -1"),
+                                (1.5, TypeError, "n must be an int, got float"), (True, TypeError, "n must be an int")):
+        with pytest.raises(error, match=message):
             sample_images(bad)

@@ -20,6 +20,8 @@ from typing import Mapping, Sequence
 
 import datasets
 
+from tl_multimodal._validate import check_int
+
 #: Column names tried in order when none is given: a ``datasets.Image`` column or webdataset keys.
 IMAGE_KEYS = ("image", "jpg", "jpeg", "png", "webp")
 #: The same for captions (``txt``: webdataset, e.g. img2dataset's output).
@@ -162,10 +164,10 @@ def sample_images(n: int, data_dir: str | Path | None = None, split: str = "dev"
         The images, their first captions, COCO ids and annotations (see :class:`SampleImages`).
 
     Raises:
-        ValueError: If ``n`` is not a positive int or there are fewer than ``n`` such images.
+        TypeError: If ``n`` is not an int.
+        ValueError: If ``n`` < 1 or there are fewer than ``n`` such images.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int(n, "n")
     if data_dir is None:
         if n > len(SKIMAGE_PHOTOS):
             raise ValueError(f"n={n} but scikit-image bundles {len(SKIMAGE_PHOTOS)} colour photos")
@@ -175,7 +177,7 @@ def sample_images(n: int, data_dir: str | Path | None = None, split: str = "dev"
         names = SKIMAGE_PHOTOS[:n]
         return SampleImages([Image.fromarray(getattr(data, name)()).convert("RGB") for name in names],
                             [None] * n, [None] * n, None, "scikit-image (" + ", ".join(names) + ")")
-    from tl_multimodal.evaluation.coco import load_coco
+    from tl_multimodal.data.coco import load_coco
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         coco = load_coco(data_dir)
@@ -202,7 +204,7 @@ def write_coco_sample(instances: dict, captions: dict, image_ids: list[int], des
         n_dev: How many images go to the ``dev`` split.
 
     Returns:
-        ``dest``, readable by :func:`load_coco_mini` and :func:`tl_multimodal.evaluation.coco.load_coco`.
+        ``dest``, readable by :func:`load_coco_mini` and :func:`tl_multimodal.data.coco.load_coco`.
     """
     infos = {i["id"]: i for i in instances["images"]}
     missing = [i for i in image_ids if i not in infos]

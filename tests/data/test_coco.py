@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_multimodal.evaluation.coco import instance_crops, load_coco
-from tl_multimodal.training.data import load_coco_mini
+from tl_multimodal.data.coco import instance_crops, load_coco
+from tl_multimodal.data.sources import load_coco_mini
 
 
 @pytest.fixture
