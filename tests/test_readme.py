@@ -155,3 +155,8 @@ def test_relative_links_point_at_files_and_headings_that_exist(name):
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target} (no heading #{anchor} in {dest.relative_to(REPO)})")
     assert not broken, f"{name}: broken links: {broken}"
+
+
+def test_every_document_with_python_blocks_runs_them():
+    """A python block added to any page of the docs is run by the tests above, not only shown."""
+    assert {name for name in DOCS if python_blocks(name)} <= set(RUNNABLE)
