@@ -61,7 +61,7 @@ def exactly_one(**values) -> str:
 # ---------------------------------------------------------------- what the parent HookedTransformer accepts
 def _is_bool(value) -> bool:
     """A Python, numpy or torch boolean (a 0-d ``torch.bool`` tensor too)."""
-    if isinstance(value, bool) or type(value).__name__ == "bool" and type(value).__module__ == "numpy":
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_") and type(value).__module__ == "numpy":
         return True
     return getattr(value, "dtype", None) is not None and str(value.dtype) == "torch.bool"
 
