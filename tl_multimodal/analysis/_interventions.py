@@ -8,6 +8,7 @@ activation patching the source run's cached activations.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +35,21 @@ def swap_hook(act: Tensor, hook, pos_mask: Bool[Tensor, "batch pos"], source: Te
     """
     where = pos_mask[:, :, None] if unit_mask is None else pos_mask[:, :, None] & unit_mask[:, None, :]
     return torch.where(where.to(act.device), source.to(act.device, act.dtype), act)
+
+
+def warn_if_training(model, what: str) -> None:
+    """Warn (``UserWarning``) when ``model`` runs a stochastic module in training mode (dropout with
+    ``p > 0``, e.g. the projection's; batch norm on batch statistics): an analysis then measures a
+    different random network on each pass, and its numbers vary from run to run. The analyses run
+    the model in the mode it is in (as TransformerLens does); ``model.eval()`` first makes them exact."""
+    live = sorted({f"{name or type(model).__name__} ({type(m).__name__})" for name, m in model.named_modules()
+                   if m.training and (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                                      or isinstance(m, torch.nn.modules.batchnorm._BatchNorm))})
+    if live:
+        more = f" and {len(live) - 3} more" if len(live) > 3 else ""
+        warnings.warn(f"{what}: the model is in training mode, with {', '.join(live[:3])}{more} active, so "
+                      "p(c) differs from run to run (and before/after differ by noise); call model.eval() first",
+                      UserWarning, stacklevel=3)
 
 
 def position_mask(model: VisionLM, probe: Probe, positions: Positions | None) -> Bool[Tensor, "batch pos"]:

@@ -27,10 +27,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_multimodal._validate import check_int
-from tl_multimodal.analysis._interventions import Positions, position_mask, probe_p, swap_hook, unit_masks
+from tl_multimodal._validate import check_int, check_integral
+from tl_multimodal.analysis._interventions import (Positions, position_mask, probe_p, swap_hook, unit_masks,
+                                                  warn_if_training)
 from tl_multimodal.analysis.probe import Probe, resolve_probe
-from tl_multimodal.analysis.units import UnitsLike, as_units, mlp_act_name, mlp_hook
+from tl_multimodal.analysis.units import UnitsLike, as_units, check_distinct, mlp_act_name, mlp_hook
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
 
@@ -53,6 +54,7 @@ def mean_unit_activations(model: VisionLM, images=None, hook: str = "post", per_
         batch_size: Images per forward pass.
     """
     short = mlp_hook(model, hook)
+    warn_if_training(model, "mean_unit_activations")
     emb = soft_prompts(model, images, image_features, image_embed)
     tokens = model.to_tokens("", image=True)
     mask = model.image_mask(tokens)[0]
@@ -173,11 +175,19 @@ def ablate_units(model: VisionLM, images, units: UnitsLike, target=None, prompt:
         positions: Positions to ablate at (ints or a slice, the same in every row); default each
             row's image slots.
         batch_size: Images per forward pass.
+
+    The model runs in the mode it is in: in training mode (the projection's dropout on) p(c) varies
+    from run to run, and a ``UserWarning`` says so; call ``model.eval()`` first.
+
+    Raises:
+        ValueError: A unit named twice (the set would be smaller than ``n_units`` says), a probe made
+            for the other sequence layout, or another bad argument (named).
     """
     short = mlp_hook(model, hook)
+    warn_if_training(model, "ablate_units")
     emb = soft_prompts(model, images, image_features, image_embed)
     probe = resolve_probe(model, len(emb), probe, target, prompt)
-    u = as_units(model, units)
+    u = check_distinct(as_units(model, units), "units")
     run = Ablator(model, emb, probe, short, positions, mode, mean_acts, batch_size)
     return AblationResult(p_before=run.p(None), p_after=run.p(u), target=probe.target_ids.clone(),
                           n_units=u.shape[-2], mode=mode)
@@ -289,15 +299,24 @@ def ablation_curve(model: VisionLM, images, ranked_units: UnitsLike, target=None
         n_random_seeds: Random draws per k; each draws, per image, as many units from each layer
             as the top-k set holds (:func:`sample_matched_units`).
         seed: Seed of the random draws.
+
+    Raises:
+        TypeError: A k that is not an int (``2.9`` is not truncated).
+        ValueError: A unit ranked twice (top-k would ablate fewer than k units), a k out of range,
+            or another bad argument (named). In training mode a ``UserWarning`` (see :func:`ablate_units`).
     """
     short = mlp_hook(model, hook)
+    warn_if_training(model, "ablation_curve")
     emb = soft_prompts(model, images, image_features, image_embed)
     probe = resolve_probe(model, len(emb), probe, target, prompt)
-    ranked = as_units(model, ranked_units)
-    ks = [int(k) for k in ks]
+    ranked = check_distinct(as_units(model, ranked_units), "ranked_units")
+    if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
+        raise TypeError(f"ks must be a sequence of ints, got {type(ks).__name__}")
+    ks = [check_integral(k, "ks", minimum=None) for k in ks]  # no silent int(2.9) == 2
     if not ks or min(ks) < 0 or max(ks) > ranked.shape[-2]:
         raise ValueError(f"ks must be in [0, {ranked.shape[-2]}] (the number of ranked units), got {ks}")
     check_int(n_random_seeds, "n_random_seeds")
+    seed = check_integral(seed, "seed", minimum=None)
     run = Ablator(model, emb, probe, short, None, mode, mean_acts, batch_size)
     gen = torch.Generator().manual_seed(seed)
     p_top, p_rand = [], []

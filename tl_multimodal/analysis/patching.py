@@ -28,10 +28,10 @@ from torch import Tensor
 from transformer_lens import patching as tl_patching
 from transformer_lens.ActivationCache import ActivationCache
 
-from tl_multimodal._validate import check_int
-from tl_multimodal.analysis._interventions import Positions, position_mask, swap_hook, unit_masks
+from tl_multimodal._validate import check_int, check_integral
+from tl_multimodal.analysis._interventions import Positions, position_mask, swap_hook, unit_masks, warn_if_training
 from tl_multimodal.analysis.probe import Probe, resolve_probe
-from tl_multimodal.analysis.units import UnitsLike, as_units, mlp_act_name, mlp_hook
+from tl_multimodal.analysis.units import UnitsLike, as_units, check_distinct, mlp_act_name, mlp_hook
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
 
@@ -65,6 +65,13 @@ def layer_neuron_patch_setter(corrupted_activation, index, clean_activation, pos
     return corrupted_activation
 
 
+def _ints(values, name: str) -> list[int]:
+    """A sequence of integers as Python ints (numpy and 0-d tensors too); a TypeError naming ``name`` otherwise."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
+    return [check_integral(v, name, minimum=None) for v in values]
+
+
 def get_act_patch_mlp_neuron(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache: ActivationCache,
                              patching_metric: Callable, layers: Sequence[int] | None = None,
                              positions: Sequence[int] | None = None, neurons: Sequence[int] | None = None,
@@ -84,9 +91,9 @@ def get_act_patch_mlp_neuron(model, corrupted_tokens: Int[Tensor, "batch pos"], 
     Returns:
         The metric per patch, ``[len(layers), len(positions), len(neurons)]``.
     """
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    positions = list(range(corrupted_tokens.shape[-1])) if positions is None else list(positions)
-    neurons = list(range(model.cfg.d_mlp)) if neurons is None else list(neurons)
+    layers = list(range(model.cfg.n_layers)) if layers is None else _ints(layers, "layers")
+    positions = list(range(corrupted_tokens.shape[-1])) if positions is None else _ints(positions, "positions")
+    neurons = list(range(model.cfg.d_mlp)) if neurons is None else _ints(neurons, "neurons")
     index_df = pd.DataFrame(list(itertools.product(layers, positions, neurons)), columns=["layer", "pos", "neuron"])
     out = tl_patching.generic_activation_patch(
         model, corrupted_tokens, clean_cache, patching_metric, patch_setter=layer_pos_neuron_patch_setter,
@@ -181,9 +188,14 @@ def patch_units(model: VisionLM, source_images, base_images, units: UnitsLike, t
         hook: The MLP hook patched (:func:`~tl_multimodal.analysis.units.mlp_hook`).
         positions: Positions patched; default each row's image slots.
         source_embed, base_embed: Soft prompts instead of ``source_images``/``base_images``.
+
+    Raises:
+        ValueError: A unit named twice, a probe made for the other sequence layout, or another bad
+            argument (named). In training mode a ``UserWarning`` (see ``ablate_units``).
     """
     short = mlp_hook(model, hook)
-    u = as_units(model, units)
+    warn_if_training(model, "patch_units")
+    u = check_distinct(as_units(model, units), "units")
     src, base = _pair(model, source_images, base_images, source_embed, base_embed)
     probe = resolve_probe(model, len(src), probe, target, prompt)
     masks = {mlp_act_name(short, layer): m for layer, m in unit_masks(u, len(src), model.cfg.d_mlp).items()}
@@ -206,6 +218,7 @@ def patch_resid(model: VisionLM, source_images, base_images, target=None, layer:
     if activation not in ("resid_pre", "resid_mid", "resid_post"):
         raise ValueError(f"activation must be resid_pre, resid_mid or resid_post, got {activation!r}")
     check_int(layer, "layer", minimum=0, maximum=model.cfg.n_layers - 1)
+    warn_if_training(model, "patch_resid")
     src, base = _pair(model, source_images, base_images, source_embed, base_embed)
     probe = resolve_probe(model, len(src), probe, target, prompt)
     return _patch(model, src, base, probe, {f"blocks.{layer}.hook_{activation}": None},
@@ -251,6 +264,7 @@ def unit_patch_sweep(model: VisionLM, source_images, base_images, units: UnitsLi
     ``model.bind_images(image_embed=base)`` with ``probe.metric``; one forward pass per unit.
     """
     short = mlp_hook(model, hook)
+    warn_if_training(model, "unit_patch_sweep")
     u = as_units(model, units, batched=False)
     src, base = _pair(model, source_images, base_images, source_embed, base_embed)
     probe = resolve_probe(model, len(src), probe, target, prompt)

@@ -16,6 +16,8 @@ explicit choice (``multi_token="first"``) or an error; special tokens map to the
 
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence
 
@@ -23,7 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_multimodal._validate import check_int
+from tl_multimodal._validate import check_int, check_integral, check_token_ids
 from tl_multimodal.models.protocol import VisionLM
 
 MultiToken = Literal["error", "first"]
@@ -45,6 +47,9 @@ class Probe:
         captions: The caption of each row (generated or given), or None.
         caption_spans: ``(start, length)`` of the caption tokens per row, when the whole caption is
             the target (``objective="caption_logprob"``); else None.
+        image_bos: The sequence layout of the model the probe was made for (``model.image_bos``:
+            ``[BOS][image][text]`` if True, ``[image][text]`` if False); a probe runs only on a model
+            of the same layout (:meth:`check_model`). ``None`` (a probe built by hand): not checked.
     """
 
     tokens: Int[Tensor, "batch pos"]
@@ -55,6 +60,7 @@ class Probe:
     prompts: list[str]
     captions: list[str] | None = None
     caption_spans: list[tuple[int, int]] | None = None
+    image_bos: bool | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -76,7 +82,8 @@ class Probe:
         width = max(width, int(self.image_mask[t].nonzero()[:, 1].max()) + 1)
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return Probe(self.tokens[t, :width], self.image_mask[t, :width], self.pred_pos[t], self.target_ids[t],
-                     pick(self.targets), pick(self.prompts), pick(self.captions), pick(self.caption_spans))
+                     pick(self.targets), pick(self.prompts), pick(self.captions), pick(self.caption_spans),
+                     self.image_bos)
 
     @property
     def image_positions(self) -> Int[Tensor, "batch n_image_tokens"]:
@@ -87,6 +94,22 @@ class Probe:
         """Raise a ValueError unless the probe has one row per image."""
         if len(self) != n_images:
             raise ValueError(f"the probe has {len(self)} rows but {n_images} images were given")
+
+    def check_model(self, model: VisionLM) -> None:
+        """Raise a ValueError unless the probe fits ``model``: made for its sequence layout (BOS before
+        the image or not), token ids in its vocabulary (or its image-slot id), targets in its vocabulary."""
+        bos = getattr(model, "image_bos", None)
+        if self.image_bos is not None and bos is not None and bool(bos) != self.image_bos:
+            layout = lambda b: "[BOS][image][text]" if b else "[image][text]"  # noqa: E731
+            raise ValueError(f"the probe was made for a model whose prompts read {layout(self.image_bos)}, "
+                             f"but this model's read {layout(bos)} (image_bos={bool(bos)}); make the probe "
+                             "with this model (make_probe, or attribute(...).probe)")
+        check_token_ids(self.tokens, model.cfg.d_vocab, model.image_token_id, name="the probe's tokens")
+        tids = self.target_ids
+        bad = (tids >= model.cfg.d_vocab) | (tids < -1) | ((tids == -1) & (self.caption_spans is None))
+        if bad.any():
+            raise ValueError(f"the probe's target ids {sorted(set(tids[bad].tolist()))} are outside the "
+                             f"vocabulary [0, {model.cfg.d_vocab})")
 
     def p(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch"]:
         """``p(c)`` per row: the softmax of ``logits[b, pred_pos[b]]`` at the target (float32)."""
@@ -118,13 +141,16 @@ class Probe:
         """Join probes of consecutive image batches (re-padded to the widest)."""
         if not parts:
             raise ValueError("nothing to concatenate")
+        layouts = {p.image_bos for p in parts}
+        if len(layouts) > 1:
+            raise ValueError(f"the probes were made for models of different layouts (image_bos {layouts})")
         width = max(p.tokens.shape[1] for p in parts)
         pad = lambda x, v: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=v)  # noqa: E731
         join = lambda name: None if getattr(parts[0], name) is None else \
             [x for p in parts for x in getattr(p, name)]  # noqa: E731
         return Probe(torch.cat([pad(p.tokens, 0) for p in parts]), torch.cat([pad(p.image_mask, False) for p in parts]),
                      torch.cat([p.pred_pos for p in parts]), torch.cat([p.target_ids for p in parts]),
-                     join("targets"), join("prompts"), join("captions"), join("caption_spans"))
+                     join("targets"), join("prompts"), join("captions"), join("caption_spans"), layouts.pop())
 
 
 def target_probability(logits: Float[Tensor, "batch pos d_vocab"], pred_pos: Int[Tensor, "batch"],
@@ -156,9 +182,14 @@ def target_id(model: VisionLM, target: Target, after: str = "", multi_token: Mul
     if multi_token not in ("error", "first"):
         raise ValueError(f"multi_token must be 'error' or 'first', got {multi_token!r}")
     if isinstance(target, Tensor):
-        if target.numel() != 1 or target.is_floating_point():
+        if target.numel() != 1 or target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(f"a target tensor must be one integer token id, got {tuple(target.shape)} {target.dtype}")
         target = int(target)
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        target = operator.index(target)  # numpy integers
+    if isinstance(target, (bytes, bytearray)):
+        raise TypeError(f"target must be a string or a token id, got bytes {target!r}; decode it first "
+                        f"(target={target.decode(errors='replace')!r})")
     if isinstance(target, bool) or not isinstance(target, (int, str)):
         raise TypeError(f"target must be a string or a token id, got {type(target).__name__}")
     if isinstance(target, int):
@@ -179,9 +210,15 @@ def target_id(model: VisionLM, target: Target, after: str = "", multi_token: Mul
     return ids[0]
 
 
-def _per_image(x, n: int, what: str) -> list:
-    if isinstance(x, (str, int)) or (isinstance(x, Tensor) and x.ndim == 0):
+def _per_image(x, n: int, what: str, arg: str) -> list:
+    """``x`` once per image: one value for all, or a sequence of ``n`` (``arg``: the argument's name)."""
+    if isinstance(x, (bytes, bytearray)):  # list(b"dog") would be three ints
+        raise TypeError(f"{arg} must be a string or a token id (or one per image), got bytes {x!r}; "
+                        f"decode it first ({arg}={x.decode(errors='replace')!r})")
+    if isinstance(x, (str, numbers.Integral)) or (isinstance(x, Tensor) and x.ndim == 0):
         return [x] * n
+    if not hasattr(x, "__iter__"):
+        raise TypeError(f"{arg} must be a string, a token id or one per image, got {type(x).__name__}")
     x = list(x)
     if len(x) != n:
         raise ValueError(f"{len(x)} {what} for {n} images")
@@ -207,7 +244,8 @@ def _assemble(model: VisionLM, rows: list[list[int]], tids: list[int], prompts: 
         raise ValueError(f"each row must hold {model.n_image_tokens} image slots, got {mask.sum(1).tolist()}")
     targets = [model.tokenizer.decode([t]) if t >= 0 else c for t, c in zip(tids, captions or [None] * len(tids))]
     pred = torch.tensor([len(r) - 1 if t >= 0 else -1 for r, t in zip(rows, tids)], dtype=torch.long)
-    return Probe(tokens, mask, pred, torch.tensor(tids, dtype=torch.long), targets, prompts, captions, spans)
+    return Probe(tokens, mask, pred, torch.tensor(tids, dtype=torch.long), targets, prompts, captions, spans,
+                 getattr(model, "image_bos", None))
 
 
 def noun_token(model: VisionLM, caption_ids: Sequence[int], noun_finder: NounFinder, image_index: int = 0,
@@ -257,7 +295,7 @@ def probe_from_caption_ids(model: VisionLM, prompt: str, caption_ids: Sequence[S
     prefix = image_prompt_ids(model, prompt)
     rows, tids, spans, texts = [], [], [], []
     for i, ids in enumerate(caption_ids):
-        ids = [int(t) for t in ids]
+        ids = [check_integral(t, f"caption_ids[{i}]", minimum=None) for t in ids]  # 2.9 is no token id
         if not ids:
             raise ValueError(f"the caption of image {i} is empty; pass target= or another caption")
         if any(not 0 <= t < model.cfg.d_vocab for t in ids):
@@ -296,9 +334,9 @@ def make_probe(model: VisionLM, n_images: int, target: Target | Sequence[Target]
     if (target is None) == (captions is None):
         raise ValueError("pass exactly one of target= and captions= (attribute() finds targets itself "
                          "from the model's own captions)")
-    prompts = _per_image(prompt, n_images, "prompts")
+    prompts = _per_image(prompt, n_images, "prompts", "prompt")
     if captions is not None:
-        caps = _per_image(captions, n_images, "captions")
+        caps = _per_image(captions, n_images, "captions", "captions")
         if any(not isinstance(c, str) for c in caps):
             raise TypeError("captions must be strings")
         if len(set(prompts)) != 1:
@@ -310,7 +348,7 @@ def make_probe(model: VisionLM, n_images: int, target: Target | Sequence[Target]
     if whole_caption:
         raise ValueError("whole_caption=True needs captions=, not target=")
     rows = [image_prompt_ids(model, p) for p in prompts]
-    tids = [target_id(model, t, p, multi_token) for t, p in zip(_per_image(target, n_images, "targets"), prompts)]
+    tids = [target_id(model, t, p, multi_token) for t, p in zip(_per_image(target, n_images, "targets", "target"), prompts)]
     if any(len(r) == 0 for r in rows):
         raise ValueError("nothing precedes the target")
     return _assemble(model, rows, tids, prompts)
@@ -325,6 +363,7 @@ def resolve_probe(model: VisionLM, n_images: int, probe: Probe | None, target, p
         if target is not None or prompt is not None:
             raise ValueError("pass either probe= or target=/prompt=, not both")
         probe.check_batch(n_images)
+        probe.check_model(model)
         return probe
     if target is None:
         raise ValueError("pass target= (a string or token id per image) or probe= (e.g. attr.probe)")

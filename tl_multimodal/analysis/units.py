@@ -3,6 +3,8 @@ validator (:func:`as_units`) and the one hook vocabulary (:func:`mlp_hook`) ever
 
 from __future__ import annotations
 
+import numbers
+from collections import Counter
 from typing import Sequence
 
 import torch
@@ -30,10 +32,15 @@ def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = 
         t = t.long()
     else:
         units = list(units)
-        rows = [tuple(units)] if units and isinstance(units[0], int) else [tuple(u) for u in units]
-        if any(len(r) != 2 for r in rows):
+        rows = [units] if units and _is_index(units[0]) else units
+        try:
+            t = torch.tensor(_int_lists(rows), dtype=torch.long)  # never torch.tensor(2.9, dtype=long) == 2
+        except ValueError:  # ragged
+            raise ValueError("units must be (layer, unit) pairs") from None
+        if t.ndim == 1 and t.numel() == 0:
+            t = t.reshape(0, 2)
+        if t.ndim < 2 or t.shape[-1] != 2:
             raise ValueError("units must be (layer, unit) pairs")
-        t = torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
     if t.ndim == 1 and t.numel() == 2:
         t = t[None]
     if t.ndim not in ((2, 3) if batched else (2,)) or t.shape[-1] != 2 or (t.shape[-2] == 0 and not allow_empty):
@@ -47,6 +54,40 @@ def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = 
     if ((unit < 0) | (unit >= model.cfg.d_mlp)).any():
         raise ValueError(f"unit indices out of range: must be in [0, {model.cfg.d_mlp}) (d_mlp)")
     return t
+
+
+def _is_index(value) -> bool:
+    """An integer (Python, numpy, or a 0-d integer tensor), not a bool and not a float."""
+    if isinstance(value, Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and type(value).__name__ != "bool"
+
+
+def _int_lists(x):
+    """Nested sequences of integers as nested lists of Python ints; a ``TypeError`` at a non-integer."""
+    if _is_index(x):
+        return int(x)
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        raise TypeError(f"units must be (layer, unit) pairs of ints, got {x!r} ({type(x).__name__})")
+    return [_int_lists(v) for v in x]
+
+
+def check_distinct(units: Int[Tensor, "... n 2"], name: str = "units") -> Int[Tensor, "... n 2"]:
+    """Refuse a unit set (``[n, 2]``, or ``[batch, n, 2]`` checked per image) that names a unit twice:
+    ablating or patching it once while counting it ``k`` times would mislabel the set's size.
+
+    Raises:
+        ValueError: naming the repeated units (and the image, per image).
+    """
+    rows = [units] if units.ndim == 2 else list(units)
+    for i, row in enumerate(rows):
+        counts = Counter(map(tuple, row.tolist()))
+        dup = [unit_label(*u) for u, c in counts.items() if c > 1]
+        if dup:
+            where = "" if units.ndim == 2 else f" (image {i})"
+            raise ValueError(f"{name} name units more than once{where}: {dup[:5]}{'...' if len(dup) > 5 else ''}; "
+                             "a unit set holds each (layer, unit) once")
+    return units
 
 
 _MLP_HOOKS = ("pre", "post", "pre_linear")

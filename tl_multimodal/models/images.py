@@ -4,15 +4,25 @@ Everything a user may call an image is normalised here, once, into either RGB PI
 originals, whose size heatmaps need) or the encoder's normalised pixel tensor. Problems are named
 with a ``ValueError``/``TypeError`` at the door instead of failing deep inside torch:
 
-* PIL images: EXIF orientation applied; 16-bit and 32-bit integer modes scaled to 8 bits (never
-  clipped); float mode ``F`` taken as [0, 1] or [0, 255]; palette, alpha and grey modes converted
-  to RGB; an empty (0x0) image refused.
-* Paths (``str`` or ``Path``): opened with PIL; a missing file or a non-image is named.
+* Pixel values follow one rule, read off the dtype, never guessed from the values: **integer images
+  are 0-255** (``uint8``; ``uint16`` and 16/32-bit PIL modes are 0-65535, scaled to 8 bits, never
+  clipped), ``bool`` images are 0/1, and **float images are [0, 1]**. A float image with a value
+  outside [0, 1] is refused (with how to convert it): a float array holding 0-255 values is
+  ``a.astype(np.uint8)`` or ``a / 255``, never read as such silently.
+* PIL images: EXIF orientation applied; 16-bit and 32-bit integer modes scaled to 8 bits; float mode
+  ``F`` is [0, 1] as above; palette, alpha and grey modes converted to RGB; an empty (0x0) image refused.
+* Paths (``str`` or ``Path``): opened with PIL; a missing file, a non-image, or a file declaring more
+  pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` allows (a decompression bomb) is named with its size.
 * numpy arrays: ``[h, w]``, ``[h, w, c]`` (c = 1, 3 or 4) or a batch ``[n, h, w, c]``; ``uint8``,
-  ``uint16`` (scaled), ``bool`` or floats in [0, 1].
+  ``uint16``, ``bool`` or floats in [0, 1].
 * Pixel tensors: ``[batch, c, h, w]`` or one ``[c, h, w]``, already normalised by the encoder's
-  transform (``model.preprocess``). A float tensor whose values look like raw 0-255 pixels is
-  refused with a pointer to ``preprocess``; float64/half/bfloat16 are converted to float32.
+  transform (``model.preprocess``); float64/half/bfloat16 are converted to float32. A float tensor
+  whose values look like raw 0-255 pixels is refused with a pointer to ``preprocess``. A tensor
+  straight from ``torchvision``'s ``ToTensor`` (resized but *not* normalised, values in [0, 1]) is
+  **not** detected: its values lie inside the range of normalised pixels too (a low-contrast image,
+  or an encoder whose transform has mean 0 and std 1, normalises into [0, 1]), so no rule tells the two
+  apart without guessing. Pass PIL images, paths or arrays (the door normalises them), or pixels from
+  ``model.preprocess``.
 """
 
 from __future__ import annotations
@@ -46,13 +56,34 @@ def _scale_to_uint8(a: np.ndarray, what: str) -> np.ndarray:
         if not np.isfinite(a).all():
             raise ValueError(f"{what} contains NaN or infinite values")
         lo, hi = float(a.min()), float(a.max())
-        if lo >= 0.0 and hi <= 1.0:
+        if lo >= 0.0 and hi <= 1.0:  # the one rule for floats: [0, 1], whatever the values look like
             return np.round(a * 255.0).astype(np.uint8)
-        if lo >= 0.0 and hi <= 255.0:
-            return np.round(a).astype(np.uint8)
-        raise ValueError(f"{what} is a float image with values in [{lo:.3g}, {hi:.3g}]; "
-                         "expected [0, 1] (or [0, 255])")
+        hint = ("pass 0-255 values as a.astype(np.uint8) or a / 255; clip a [0, 1] image that overshoots "
+                "with np.clip(a, 0, 1)"
+                if lo >= 0.0 and hi <= 255.0 else "rescale it into [0, 1] (or pass uint8 values in [0, 255])")
+        raise ValueError(f"{what} is a float image with values in [{lo:.3g}, {hi:.3g}]; expected [0, 1] "
+                         f"(float images are read as [0, 1], integer ones as [0, 255]): {hint}")
     raise ValueError(f"{what} has dtype {a.dtype}; expected uint8, uint16, bool or float")
+
+
+def _declared_size(path: Path, error: Exception) -> str:
+    """``"W x H pixels"`` as the file's header declares it (PNG, GIF, BMP), else PIL's pixel count."""
+    import re
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", head[16:24])
+        return f"{w} x {h} pixels"
+    if head[:4] in (b"GIF8",):
+        w, h = struct.unpack("<HH", head[6:10])
+        return f"{w} x {h} pixels"
+    if head[:2] == b"BM" and len(head) >= 26:
+        w, h = struct.unpack("<ii", head[18:26])
+        return f"{w} x {abs(h)} pixels"
+    m = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{m.group(1)} pixels" if m else "too many pixels"
 
 
 def to_pil(image: ImageLike, what: str = "image") -> Image.Image:
@@ -64,7 +95,8 @@ def to_pil(image: ImageLike, what: str = "image") -> Image.Image:
 
     Raises:
         FileNotFoundError: A path that does not exist.
-        ValueError: An empty image, a file that is not an image, or an array of the wrong shape.
+        ValueError: An empty image, a file that is not an image or declares too many pixels (a
+            decompression bomb), an array of the wrong shape, or a float image outside [0, 1].
         TypeError: Anything else.
     """
     if isinstance(image, (str, Path)):
@@ -75,6 +107,11 @@ def to_pil(image: ImageLike, what: str = "image") -> Image.Image:
             with Image.open(path) as im:
                 im.load()
                 image = im
+        except Image.DecompressionBombError as e:  # PIL refuses it on open, before reading any pixel
+            raise ValueError(f"{what}: {path} declares {_declared_size(path, e)}, more than PIL's limit of "
+                             f"{2 * Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS x 2): a corrupt or "
+                             "malicious file (a decompression bomb); if you trust it, raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS, or resize it first") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{what}: {path} is not an image PIL can read ({e})") from None
     if isinstance(image, np.ndarray):
@@ -133,7 +170,8 @@ def check_pixels(pixels: Tensor) -> Float[Tensor, "batch channel height width"]:
     """A pixel tensor as ``[batch, c, h, w]`` float32, checked to look normalised.
 
     ``[c, h, w]`` becomes a batch of one; float64/half/bfloat16 become float32. Shape and size
-    against the encoder are checked by the encoder itself.
+    against the encoder are checked by the encoder itself. Unnormalised ``ToTensor`` pixels (values
+    in [0, 1]) are not detected: normalised pixels can lie in [0, 1] too (see the module docstring).
 
     Raises:
         ValueError: Not 3-D/4-D, empty, an integer tensor, NaN/inf, or raw 0-255 values.

@@ -25,11 +25,11 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import lm_cross_entropy_loss
 
-from tl_multimodal._validate import check_int
+from tl_multimodal._validate import check_generation_options, check_int, check_token_ids
 from tl_multimodal._compat import (HAS_HOOKED_TRANSFORMER, USE_DEFAULT_VALUE, Embed, HookedTransformer,
                                   require_hooked_transformer)  # TL 4: stand-ins naming VisionBridge
 from tl_multimodal.models.encoders import VisionEncoder
-from tl_multimodal.models._frontend import ImageFrontEnd, check_generation_args, check_slots, rebound
+from tl_multimodal.models._frontend import ImageFrontEnd, check_slots, rebound
 from tl_multimodal.models.images import Images
 from tl_multimodal.models.projection import ImageProjection
 
@@ -46,39 +46,13 @@ class _ImageSlotEmbed(Embed):
         self.image_embed: Tensor | None = None  # set by HookedVisionPrefix for one call
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        check_token_ids(tokens, self.cfg.d_vocab, self.image_token_id)  # -1 would read W_E's last row
         slots = tokens == self.image_token_id
         if not slots.any():
             return super().forward(tokens)
         check_slots(slots, self.image_embed, self.image_token_id)
         embed = super().forward(tokens.masked_fill(slots, 0))
         return embed.masked_scatter(slots[..., None], self.image_embed.to(embed.dtype))
-
-
-def _lay_out_weights_as_linear(model: HookedTransformer) -> None:
-    """Store the LM's matrices in ``nn.Linear``'s memory layout (same shapes, same values).
-
-    TransformerLens 3.9 multiplies by ``W.T.contiguous()`` (gated MLP, unembedding) or a reshaped
-    ``W`` (attention Q/K/V/O), which copies every weight matrix on every forward pass: about 70%
-    of the CPU time of a one-token decoding step. With each parameter a transposed view of a
-    ``[out, in]`` tensor, those calls find the layout they want and copy nothing; the products are
-    the same kernels on the same memory (bit-identical results). Shapes, ``state_dict`` and hooks
-    are unchanged.
-    """
-    def relayout(param: torch.nn.Parameter, order: tuple[int, ...]) -> None:
-        inverse = tuple(order.index(i) for i in range(len(order)))
-        param.data = param.data.permute(order).contiguous().permute(inverse)
-
-    with torch.no_grad():
-        for block in model.blocks:
-            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):  # [head, d_model, d_head] -> [head, d_head, d_model]
-                if isinstance(block.attn._parameters.get(name), torch.nn.Parameter):
-                    relayout(block.attn._parameters[name], (0, 2, 1))
-            relayout(block.attn.W_O, (2, 0, 1))  # [head, d_head, d_model] -> [d_model, head, d_head]
-            if model.cfg.gated_mlp:
-                for name in ("W_in", "W_gate", "W_out"):
-                    if isinstance(block.mlp._parameters.get(name), torch.nn.Parameter):
-                        relayout(block.mlp._parameters[name], (1, 0))
-        relayout(model.unembed.W_U, (1, 0))
 
 
 class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
@@ -110,16 +84,18 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         if image_token_id is not None:
             check_int(image_token_id, "image_token_id", minimum=0, maximum=lm.cfg.d_vocab)
         cfg = copy.deepcopy(lm.cfg)
-        cfg.init_weights = False  # the weights come from `lm` below
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            super().__init__(cfg, tokenizer=lm.tokenizer, move_to_device=False)
+        cfg.init_weights = False  # the weights come from `lm` below: no random init to throw away
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                super().__init__(cfg, tokenizer=lm.tokenizer, move_to_device=False)
+        finally:  # model.cfg is the LM's config: HookedTransformer(model.cfg) initialises as HookedTransformer(lm.cfg)
+            cfg.init_weights = lm.cfg.init_weights
         self.image_token_id = cfg.d_vocab if image_token_id is None else image_token_id  # LLaVA: its <image> id
         self.embed = _ImageSlotEmbed(cfg, self.image_token_id)
         missing, unexpected = self.load_state_dict(lm.state_dict(), strict=False)
         if missing or unexpected:
             raise ValueError(f"could not copy the LM's weights: missing {missing}, unexpected {unexpected}")
-        _lay_out_weights_as_linear(self)
         self._attach_vision(encoder, projection, cfg.model_name, cfg.d_model)
         self.hook_image_features = HookPoint()  # [batch, patch, d_img]
         self.hook_image_embed = HookPoint()  # [batch, patch, d_model]
@@ -175,6 +151,52 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
     def n_params_projection(self) -> int:
         """Parameters of the image projection (the only trained part)."""
         return sum(p.numel() for p in self.projection.parameters())
+
+    # ---------------------------------------------------------------- the LM's weights alone
+    _IMAGE_SIDE = ("vision.", "projection.")
+
+    def lm_state_dict(self) -> dict[str, Tensor]:
+        """The language model's weights: ``state_dict()`` without the encoder's and the projection's keys.
+
+        It is a ``HookedTransformer`` state dict: ``HookedTransformer(model.cfg).load_state_dict(sd, strict=True)``
+        takes it.
+        """
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self._IMAGE_SIDE)}
+
+    def load_lm_state_dict(self, state_dict: dict, strict: bool = True):
+        """Load a ``HookedTransformer`` state dict (e.g. ``lm.state_dict()``) into the language model;
+        the encoder and the projection are kept as they are.
+
+        Args:
+            state_dict: The LM's weights, without ``vision.``/``projection.`` keys (those are refused:
+                use ``load_state_dict`` for a whole ``HookedVisionPrefix`` state dict).
+            strict: As for ``torch.nn.Module.load_state_dict``, over the LM's keys: every one must be
+                given, and nothing else.
+
+        Returns:
+            ``(missing_keys, unexpected_keys)`` of the LM, as torch returns them.
+        """
+        image_keys = [k for k in state_dict if k.startswith(self._IMAGE_SIDE)]
+        if image_keys:
+            raise ValueError(f"state_dict holds encoder/projection keys ({image_keys[:3]}...): it is not a "
+                             "HookedTransformer state dict; use model.load_state_dict for a whole model's")
+        missing, unexpected = super().load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.startswith(self._IMAGE_SIDE)]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading the LM's state_dict: missing keys {missing}, "
+                               f"unexpected keys {unexpected}")
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        """``torch.nn.Module.load_state_dict``; a strict load of a state dict with no encoder or projection
+        keys (a ``HookedTransformer``'s) names :meth:`load_lm_state_dict`, which loads it strictly into the LM."""
+        if strict and not any(k.startswith(self._IMAGE_SIDE) for k in state_dict):
+            missing = [k for k in self.state_dict() if k.startswith(self._IMAGE_SIDE) and k not in state_dict]
+            if missing:
+                raise RuntimeError(f"state_dict has no encoder or projection weights (missing {missing[:3]}...): "
+                                   "a HookedTransformer state dict loads into the language model with "
+                                   "model.load_lm_state_dict(state_dict) (strict over the LM's keys)")
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
     # ---------------------------------------------------------------- images -> soft prompts
     def load_projection(self, path) -> None:
@@ -283,7 +305,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
         bound = _PARENT_GENERATE.bind(self, input, max_new_tokens, *args, **kwargs).arguments
         del bound["self"]
         bound.update(bound.pop("generation_kwargs", {}))  # e.g. output_logits=True, passed on by name
-        check_generation_args(bound)
+        bound = check_generation_options(bound)  # what the parent accepts, as Python values
         if images is None and image_features is None and image_embed is None:
             return super().generate(**bound)
         source = self._source(images, image_features, image_embed)
@@ -294,7 +316,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
             out = self._generate_lean(tokens, options)
             return HookedTransformer.generate(self, **options) if out is None else out
 
-        return self._generate_with_images(input, max_new_tokens, bound.get("prepend_bos", USE_DEFAULT_VALUE),
+        return self._generate_with_images(input, bound["max_new_tokens"], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                           bound.get("padding_side", USE_DEFAULT_VALUE), bound, source, run)
 
     def _generate_lean(self, tokens: Tensor, bound: dict) -> Tensor | None:
