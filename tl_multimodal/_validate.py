@@ -9,14 +9,20 @@ import numbers
 
 
 def check_int(value, name: str, minimum: int | None = 1, maximum: int | None = None) -> int:
-    """``value`` as an ``int`` (bools refused), at least ``minimum`` and at most ``maximum`` (``None``: no bound).
+    """``value`` as a Python ``int``: anything that *is* an integer (``int``, numpy integers, one-element
+    integer tensors: what ``operator.index`` takes), at least ``minimum`` and at most ``maximum`` (``None``: no
+    bound). Bools and floats (``2.0`` included: nothing is truncated) are refused.
 
     Raises:
-        TypeError: ``value`` is not an int.
+        TypeError: ``value`` is not an integer.
         ValueError: ``value`` is below ``minimum`` or above ``maximum``.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if _is_bool(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
     if maximum is not None and minimum is not None and not minimum <= value <= maximum:
         raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
     if maximum is not None and value > maximum:
@@ -33,20 +39,23 @@ def check_ints(minimum: int | None = 1, **values) -> None:
 
 
 def check_number(value, name: str, minimum: float | None = None) -> float:
-    """``value`` as a finite real number (ints and numpy floats too, bools refused), at least ``minimum``
-    (``None``: no bound).
+    """``value`` as a finite real number (ints, numpy floats and one-element real tensors too, bools refused),
+    at least ``minimum`` (``None``: no bound); a Python ``float`` (an ``int`` stays an ``int``).
 
     Raises:
         TypeError: ``value`` is not a real number.
         ValueError: ``value`` is NaN, infinite or below ``minimum``.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not _is_bool(value) and not isinstance(value, numbers.Real) and hasattr(value, "numel") \
+            and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if minimum is not None and not (math.isfinite(value) and value >= minimum):
         raise ValueError(f"{name} must be finite and >= {minimum}, got {value}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
+    return value if isinstance(value, int) else float(value)
 
 
 def exactly_one(**values) -> str:
@@ -64,24 +73,6 @@ def _is_bool(value) -> bool:
     if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_") and type(value).__module__ == "numpy":
         return True
     return getattr(value, "dtype", None) is not None and str(value.dtype) == "torch.bool"
-
-
-def check_integral(value, name: str, minimum: int | None = 1, maximum: int | None = None) -> int:
-    """:func:`check_int` for anything that *is* an integer: ``int``, numpy integers and one-element
-    integer tensors (``operator.index`` accepts them), returned as a Python ``int``. Bools and floats
-    (``2.0`` included: nothing is truncated) are refused.
-
-    Raises:
-        TypeError: ``value`` is not an integer.
-        ValueError: ``value`` is below ``minimum`` or above ``maximum``.
-    """
-    if _is_bool(value):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    return check_int(value, name, minimum, maximum)
 
 
 def check_flag(value, name: str) -> bool:
@@ -103,16 +94,6 @@ def check_flag(value, name: str) -> bool:
     return bool(i)
 
 
-def check_real(value, name: str, minimum: float | None = None) -> float:
-    """:func:`check_number` that also takes a one-element real tensor, returned as a Python ``float``
-    (an ``int`` stays an ``int``)."""
-    if not _is_bool(value) and not isinstance(value, numbers.Real) and hasattr(value, "numel") \
-            and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    value = check_number(value, name, minimum)
-    return value if isinstance(value, int) else float(value)
-
-
 def check_generation_options(args: dict) -> dict:
     """The sampling arguments of ``generate``/``caption``, checked and as Python values: what
     ``HookedTransformer.generate`` accepts (numpy and torch integers, 0/1 flags, numpy floats, any
@@ -123,21 +104,21 @@ def check_generation_options(args: dict) -> dict:
     """
     out = dict(args)
     if "max_new_tokens" in out:
-        out["max_new_tokens"] = check_integral(out["max_new_tokens"], "max_new_tokens")
+        out["max_new_tokens"] = check_int(out["max_new_tokens"], "max_new_tokens")
     for name in ("do_sample", "stop_at_eos", "use_past_kv_cache", "verbose"):
         if name in out:
             out[name] = check_flag(out[name], name)
     if out.get("top_k") is not None:
-        out["top_k"] = check_integral(out["top_k"], "top_k")
+        out["top_k"] = check_int(out["top_k"], "top_k")
     if out.get("top_p") is not None:
         top_p = out["top_p"]
-        out["top_p"] = check_real(top_p, "top_p")
+        out["top_p"] = check_number(top_p, "top_p")
         if not 0 < out["top_p"] <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if "temperature" in out:
-        out["temperature"] = check_real(out["temperature"], "temperature", minimum=0)
+        out["temperature"] = check_number(out["temperature"], "temperature", minimum=0)
     if "freq_penalty" in out:
-        out["freq_penalty"] = check_real(out["freq_penalty"], "freq_penalty")
+        out["freq_penalty"] = check_number(out["freq_penalty"], "freq_penalty")
     return out
 
 

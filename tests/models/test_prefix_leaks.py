@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tl_multimodal import HookedVisionPrefix
-from tl_multimodal._validate import check_flag, check_generation_options, check_integral, check_real, check_token_ids
+from tl_multimodal._validate import check_flag, check_generation_options, check_int, check_number, check_token_ids
 
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -133,10 +133,10 @@ def test_generation_options_are_checked_and_made_python_values():
     ]:
         with pytest.raises(error, match=message):
             check_generation_options(args)
-    assert check_integral(torch.tensor([7]), "k") == 7 and check_flag(torch.tensor(True), "f") is True
-    assert check_real(torch.tensor(2), "x") == 2
+    assert check_int(torch.tensor([7]), "k") == 7 and check_flag(torch.tensor(True), "f") is True
+    assert check_number(torch.tensor(2), "x") == 2
     with pytest.raises(TypeError, match="k must be an int"):
-        check_integral(torch.tensor(True), "k")
+        check_int(torch.tensor(True), "k")
 
 
 # ------------------------------------------------------------------ case 13: the parent's state dict

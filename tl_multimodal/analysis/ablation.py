@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_multimodal._validate import check_int, check_integral
+from tl_multimodal._validate import check_int
 from tl_multimodal.analysis._interventions import (Positions, position_mask, probe_p, swap_hook, unit_masks,
                                                   warn_if_training)
 from tl_multimodal.analysis.probe import Probe, resolve_probe
@@ -312,11 +312,11 @@ def ablation_curve(model: VisionLM, images, ranked_units: UnitsLike, target=None
     ranked = check_distinct(as_units(model, ranked_units), "ranked_units")
     if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
         raise TypeError(f"ks must be a sequence of ints, got {type(ks).__name__}")
-    ks = [check_integral(k, "ks", minimum=None) for k in ks]  # no silent int(2.9) == 2
+    ks = [check_int(k, "ks", minimum=None) for k in ks]  # no silent int(2.9) == 2
     if not ks or min(ks) < 0 or max(ks) > ranked.shape[-2]:
         raise ValueError(f"ks must be in [0, {ranked.shape[-2]}] (the number of ranked units), got {ks}")
     check_int(n_random_seeds, "n_random_seeds")
-    seed = check_integral(seed, "seed", minimum=None)
+    seed = check_int(seed, "seed", minimum=None)
     run = Ablator(model, emb, probe, short, None, mode, mean_acts, batch_size)
     gen = torch.Generator().manual_seed(seed)
     p_top, p_rand = [], []

@@ -28,7 +28,7 @@ from torch import Tensor
 from transformer_lens import patching as tl_patching
 from transformer_lens.ActivationCache import ActivationCache
 
-from tl_multimodal._validate import check_int, check_integral
+from tl_multimodal._validate import check_int
 from tl_multimodal.analysis._interventions import Positions, position_mask, swap_hook, unit_masks, warn_if_training
 from tl_multimodal.analysis.probe import Probe, resolve_probe
 from tl_multimodal.analysis.units import UnitsLike, as_units, check_distinct, mlp_act_name, mlp_hook
@@ -69,7 +69,7 @@ def _ints(values, name: str) -> list[int]:
     """A sequence of integers as Python ints (numpy and 0-d tensors too); a TypeError naming ``name`` otherwise."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
-    return [check_integral(v, name, minimum=None) for v in values]
+    return [check_int(v, name, minimum=None) for v in values]
 
 
 def get_act_patch_mlp_neuron(model, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache: ActivationCache,

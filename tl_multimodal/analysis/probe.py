@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_multimodal._validate import check_int, check_integral, check_token_ids
+from tl_multimodal._validate import check_int, check_token_ids
 from tl_multimodal.models.protocol import VisionLM
 
 MultiToken = Literal["error", "first"]
@@ -295,7 +295,7 @@ def probe_from_caption_ids(model: VisionLM, prompt: str, caption_ids: Sequence[S
     prefix = image_prompt_ids(model, prompt)
     rows, tids, spans, texts = [], [], [], []
     for i, ids in enumerate(caption_ids):
-        ids = [check_integral(t, f"caption_ids[{i}]", minimum=None) for t in ids]  # 2.9 is no token id
+        ids = [check_int(t, f"caption_ids[{i}]", minimum=None) for t in ids]  # 2.9 is no token id
         if not ids:
             raise ValueError(f"the caption of image {i} is empty; pass target= or another caption")
         if any(not 0 <= t < model.cfg.d_vocab for t in ids):
