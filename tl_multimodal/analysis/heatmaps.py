@@ -85,6 +85,7 @@ def unit_grid_activations(model: VisionLM, images=None, units=None, hook: str = 
         mask = model.image_mask(tokens)
     else:
         probe.check_batch(len(emb))
+        probe.check_model(model)
         tokens, mask = probe.tokens.to(model.cfg.device), probe.image_mask
     layers = sorted(set(per_image[..., 0].flatten().tolist()))
     names = [mlp_act_name(short, layer) for layer in layers]

@@ -280,8 +280,9 @@ def specificity_controls(model: VisionLM, images, ranked: Int[Tensor, "n_images 
     if ranked.ndim != 3 or len(ranked) != n:
         raise ValueError(f"ranked must be [n_images={n}, n_units, 2], got {tuple(ranked.shape)}")
     probe.check_batch(n)
-    n_units = ranked.shape[1] if n_units is None else int(n_units)
-    ks = [int(k) for k in ks]
+    probe.check_model(model)
+    n_units = ranked.shape[1] if n_units is None else check_int(n_units, "n_units", minimum=None)
+    ks = [check_int(k, "ks", minimum=None) for k in ks]
     if not 1 <= n_units <= ranked.shape[1] or any(not 1 <= k <= ranked.shape[1] for k in ks):
         raise ValueError(f"n_units and ks must be in [1, {ranked.shape[1]}] (the ranked units), got "
                          f"n_units={n_units}, ks={ks}")
