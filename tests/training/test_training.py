@@ -35,8 +35,9 @@ TINY = dict(n_layers=2, d_model=64, n_heads=4, d_mlp=128, n_ctx=64, dtype=torch.
 
 @pytest.fixture(scope="module")
 def tiny_vlm(backend, gpt2_tokenizer, vit_encoder):
-    """The tiny LM behind the tiny ViT on each backend (``backend``), from the same HF weights."""
-    return build_vlm(backend, tiny_hf("gpt2", **TINY), gpt2_tokenizer, vit_encoder)
+    """The tiny LM behind the tiny ViT on each backend (``backend``), from the same HF weights; each model
+    has its own copy of the encoder (tests change its flags and modes and check they come back)."""
+    return build_vlm(backend, tiny_hf("gpt2", **TINY), gpt2_tokenizer, copy.deepcopy(vit_encoder))
 
 
 def make_colour_data() -> datasets.Dataset:
