@@ -30,11 +30,15 @@ ROOT = Path(__file__).parents[2]
 K = 5
 
 
-def build_tiny_vlm(backend: str, weights: str | None = None):
+def build_tiny_vlm(weights: str | None = None, backend: str | None = None):
     """A 2-layer GPT-2 LM (real GPT-2 tokenizer, seeded random weights, float64) behind a tiny ViT, on
-    ``backend`` (``"hooked"`` or ``"bridge"``, :func:`conftest.build_vlm`); or with ``weights``."""
+    ``backend`` (``"hooked"`` or ``"bridge"``, :func:`conftest.build_vlm`; default as ``load``'s
+    ``backend="auto"``: hooked where TransformerLens has HookedTransformer); or with ``weights``."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import build_vlm, tiny_hf
+    from conftest import HookedTransformer, build_vlm, tiny_hf
+
+    if backend is None:
+        backend = "bridge" if HookedTransformer is None else "hooked"
 
     tok = transformers.GPT2TokenizerFast.from_pretrained(ROOT / "tests" / "assets" / "gpt2_tokenizer")
     torch.manual_seed(0)
@@ -42,6 +46,7 @@ def build_tiny_vlm(backend: str, weights: str | None = None):
                                           embed_dim=64, depth=2, num_heads=2, num_classes=0), name="vit_tiny_32")
     hf = tiny_hf("gpt2", n_layers=2, d_model=32, n_heads=4, d_mlp=24, n_ctx=64, dtype=torch.float64, seed=0)
     model = build_vlm(backend, hf, tok, enc)
+    model.projection.float()  # as ImageProjection.load gives it (test_cli compares trained projections with saved ones)
     if weights is not None:
         model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()
@@ -54,7 +59,7 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def model(backend):
-    return build_tiny_vlm(backend)
+    return build_tiny_vlm(backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +242,7 @@ def test_command_line_one_process(backend, model, images, oracle, tmp_path):
     torch.save(model.state_dict(), weights)
     factory = tmp_path / "factory.py"
     factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests' / 'training')!r})\nfrom test_runner import build_tiny_vlm\n"
-                       f"def build():\n    return build_tiny_vlm({backend!r}, {str(weights)!r})\n")
+                       f"def build():\n    return build_tiny_vlm({str(weights)!r}, {backend!r})\n")
     s = run_attribute(build_parser().parse_args([
         "attribute", str(data), "--split", "dev", "--out", str(tmp_path / "out"), "--k", str(K),
         "--shard-size", "4", "--model", f"{factory}:build", "--no-progress"]))
@@ -261,7 +266,7 @@ def test_two_accelerate_processes_write_the_same_rows_as_one(backend, model, ima
     torch.save(model.state_dict(), weights)
     factory = tmp_path / "factory.py"
     factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests' / 'training')!r})\nfrom test_runner import build_tiny_vlm\n"
-                       f"def build():\n    return build_tiny_vlm({backend!r}, {str(weights)!r})\n")
+                       f"def build():\n    return build_tiny_vlm({str(weights)!r}, {backend!r})\n")
     args = ["attribute", str(data), "--split", "dev", "--k", str(K), "--shard-size", "2",
             "--model", f"{factory}:build", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
