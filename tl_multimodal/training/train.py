@@ -178,7 +178,9 @@ def train_projection(model: VisionLM, dataset: datasets.Dataset | Iterable[Mappi
     flags are restored.
 
     Args:
-        model: The model; only its projection is trained, everything else is frozen.
+        model: The vision LM (:class:`~tl_multimodal.models.protocol.VisionLM`: a HookedVisionPrefix or a
+            VisionBridge); only its projection is trained (in train mode: its dropout), everything else is
+            frozen and runs in eval mode (a bridge's HF dropout stays off).
         dataset: Rows with an image column (PIL or path) and a caption column (a string or a list of
             strings, one sampled per step): a ``datasets.Dataset`` (features encoded once, batches
             drawn at random), or a stream, i.e. any other iterable of dict rows such as
