@@ -1,31 +1,25 @@
 """tl_multimodal.analysis.alignment against hand-computed cosines: each image-caption pair is run alone through
-a tiny HookedVisionPrefix (no batching, no padding) and every measure is recomputed with explicit
-loops over tokens, pairs and held-out samples."""
+a tiny vision LM (no batching, no padding; each backend, GPT-2- and Llama-style) and every measure is
+recomputed with explicit loops over tokens, pairs and held-out samples."""
 
 import itertools
 import math
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from conftest import build_vlm, tiny_hf
 
-from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.analysis.alignment import Alignment, SoftPromptNorms, alignment, residuals, soft_prompt_norms
 
 # different lengths, so the batched run pads
 CAPTIONS = ["a dog on a red sofa", "two cats", "a man riding a horse on the beach at dawn", "a bus"]
 
 
-@pytest.fixture(scope="module", params=["gpt2_style", "llama_style"])
-def tiny(request, gpt2_tokenizer, vit_encoder):
-    torch.manual_seed(0)
-    cfg = dict(n_layers=3, d_model=32, d_head=8, n_heads=4, d_mlp=24, n_ctx=64, d_vocab=50257,
-               act_fn="gelu_new", normalization_type="LN", model_name="tiny", dtype=torch.float64)
-    if request.param == "llama_style":
-        cfg.update(act_fn="silu", normalization_type="RMS", gated_mlp=True, positional_embedding_type="rotary",
-                   rotary_dim=8, final_rms=True, original_architecture="LlamaForCausalLM")
-    lm = HookedTransformer(HookedTransformerConfig(**cfg), tokenizer=gpt2_tokenizer)
-    return HookedVisionPrefix(lm.eval(), vit_encoder).eval()
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request, backend, gpt2_tokenizer, vit_encoder):
+    """3 layers, d_model 32, float64, random weights (GPT-2- or Llama-style) on each backend."""
+    hf = tiny_hf(request.param, n_layers=3, d_model=32, n_heads=4, d_mlp=24, n_ctx=64, dtype=torch.float64)
+    return build_vlm(backend, hf, gpt2_tokenizer, vit_encoder).eval()
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +166,21 @@ def test_images_go_through_the_image_door(tiny, pixels):
         feats = tiny.vision(tiny.preprocess(pixels))
     from_feats = alignment(tiny, captions, image_features=feats)
     torch.testing.assert_close(from_pixels.to_dataframe().to_numpy(), from_feats.to_dataframe().to_numpy())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_both_backends_give_the_same_measures(kind, gpt2_tokenizer, vit_encoder, feats):
+    """Oracle: the other backend, on the same HF weights and projection."""
+    from conftest import HookedTransformer
+
+    if HookedTransformer is None:
+        pytest.skip("HookedVisionPrefix needs HookedTransformer, which TransformerLens 4 removed")
+    hf = tiny_hf(kind, n_layers=3, d_model=32, n_heads=4, d_mlp=24, n_ctx=64, dtype=torch.float64)
+    hooked, bridge = (build_vlm(b, hf, gpt2_tokenizer, vit_encoder) for b in ("hooked", "bridge"))
+    a, b = (alignment(m, CAPTIONS, image_features=feats, batch_size=3, exclude_image_tokens=(0,))
+            for m in (hooked, bridge))
+    np = pytest.importorskip("numpy")
+    np.testing.assert_allclose(b.to_dataframe().to_numpy(float), a.to_dataframe().to_numpy(float), rtol=1e-5, atol=1e-6)
+    n0, n1 = soft_prompt_norms(hooked, image_features=feats), soft_prompt_norms(bridge, image_features=feats)
+    torch.testing.assert_close(n1.image, n0.image)
+    torch.testing.assert_close(n1.text, n0.text)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_gpt2_vlm
+from conftest import build_vlm, tiny_hf
 
 from tl_multimodal.training.features import encode_images
 
@@ -27,8 +27,11 @@ def eval_nll():
 
 
 @pytest.fixture(scope="module")
-def model(gpt2_tokenizer, vit_encoder):
-    return tiny_gpt2_vlm(gpt2_tokenizer, vit_encoder, seed=7)
+def model(backend, gpt2_tokenizer, vit_encoder):
+    """A 2-layer GPT-2 (d_model 64, random weights) behind the tiny ViT, on each backend."""
+    hf = tiny_hf("gpt2", n_layers=2, d_model=64, n_heads=4, d_mlp=128, n_ctx=64, dtype=torch.float32, seed=7,
+                 init=0.1, widen=1.0)
+    return build_vlm(backend, hf, gpt2_tokenizer, vit_encoder)
 
 
 @pytest.fixture

@@ -4,6 +4,9 @@
 * EfficientNet-Lite0 carries real ImageNet weights: it recognises real photos from scikit-image.
 * The converted-model cache gives the same weights (bit for bit) and the same tokenizer as converting
   the GGUF file; a damaged cache entry is rebuilt with a warning; ``clear_cache`` deletes it.
+* The bridge backend's cache (the dequantised HF model) likewise: the second ``load_offline_bridge``
+  does not read the GGUF file and gives the same weights, tokens and logits; a changed GGUF file gets
+  a new entry. The HookedTransformer tests skip on TransformerLens 4.
 """
 
 import os
@@ -11,6 +14,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import copy  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
@@ -24,6 +29,11 @@ from tl_multimodal.pretrained.offline import (  # noqa: E402
     load_hf_smollm2,
     smollm2_gguf_path,
 )
+
+try:  # TransformerLens 3; TransformerLens 4 has no HookedTransformer (the hooked loader's tests skip)
+    from transformer_lens import HookedTransformer
+except ImportError:
+    HookedTransformer = None
 
 SENTENCES = [
     "The cat sat on the mat, and the dog slept by the fire.",
@@ -57,6 +67,8 @@ def smollm2(hf_smollm2, cache_root):
     ``load_smollm2`` only reads the HF weights (``load_state_dict`` copies them). This load writes
     the cache entry that the cache tests read.
     """
+    if HookedTransformer is None:
+        pytest.skip("load_smollm2 builds a HookedTransformer, which TransformerLens 4 removed")
     start = time.perf_counter()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(loading.CACHE_ENV, str(cache_root))
@@ -153,6 +165,95 @@ def test_file_sha256_matches_hashlib(tmp_path):
     assert loading.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     path.write_bytes(b"changed")  # a new size (and mtime) is hashed again, not served from the memo
     assert loading.file_sha256(path) == hashlib.sha256(b"changed").hexdigest()
+
+
+# ---------------------------------------------------------------------------- the bridge backend's cache
+def _oracle_copy(hf_smollm2):
+    """What ``load_hf_smollm2`` gives, as a fresh copy (the bridge wraps the HF model in place)."""
+    calls = []
+
+    def load(dtype=torch.float32):
+        calls.append(1)
+        return copy.deepcopy(hf_smollm2[0]), copy.deepcopy(hf_smollm2[1])
+
+    return load, calls
+
+
+def _assert_same_bridge(model, reference):
+    """Bit-identical HF weights, the same config, tokens and logits (text and image prompts)."""
+    ours, theirs = model.bridge.original_model.state_dict(), reference.bridge.original_model.state_dict()
+    assert ours.keys() == theirs.keys()
+    different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert not different, different
+    assert model.cfg.d_vocab == reference.cfg.d_vocab and model.cfg.n_layers == reference.cfg.n_layers
+    tok, ref = model.tokenizer, reference.tokenizer
+    assert tok.get_vocab() == ref.get_vocab() and tok.all_special_tokens == ref.all_special_tokens
+    assert (tok.bos_token, tok.eos_token_id, tok.pad_token_id) == (ref.bos_token, ref.eos_token_id, ref.pad_token_id)
+    texts = SENTENCES + ["", "<|im_start|>user\nHi there!<|im_end|>", "héllo wörld 😀"]
+    for text in texts:
+        assert model.to_str_tokens(text) == reference.to_str_tokens(text), text
+    tokens = model.to_tokens(SENTENCES)
+    assert torch.equal(tokens, reference.to_tokens(SENTENCES))
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), reference(tokens))
+        assert torch.equal(model("A picture of", images=pixels), reference("A picture of", images=pixels))
+
+
+def test_bridge_cache_is_written_once_and_read_next_time(hf_smollm2, tmp_path, monkeypatch):
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path))
+    load, calls = _oracle_copy(hf_smollm2)
+    monkeypatch.setattr(loading, "load_hf_smollm2", load)
+    converted = loading.load_offline_bridge()
+    assert calls == [1]
+    folder = loading.smollm2_hf_cache_path()
+    assert folder.parent.name.startswith("smollm2-") and folder.parent.parent == tmp_path
+    assert json.loads((folder / "tl_multimodal.json").read_text())["gguf_sha256"] == \
+        loading.file_sha256(smollm2_gguf_path())
+    assert not [p.name for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    monkeypatch.setattr(loading, "load_hf_smollm2", _gguf_not_read)
+    start = time.perf_counter()
+    cached = loading.load_offline_bridge()
+    print(f"\nload_offline_bridge from the cache: {time.perf_counter() - start:.1f}s")
+    _assert_same_bridge(cached, converted)
+    hf_model, tokenizer = hf_smollm2  # and the HF oracle itself
+    tokens = cached.to_tokens(SENTENCES[0], prepend_bos=False)  # the bridge's default prepends <|im_start|>
+    assert tokens[0].tolist() == tokenizer(SENTENCES[0]).input_ids
+    with torch.no_grad():  # the bridge runs the HF modules through its own components: as close as the hooked model
+        diff = (cached(tokens).double().log_softmax(-1) - hf_model(tokens).logits.double().log_softmax(-1)).abs().max()
+    print(f"SmolLM2 bridge (cached) vs HF: max |log-prob diff| = {diff:.2e}")
+    assert diff < 1e-3
+
+    (folder / "model.safetensors").write_bytes(b"not safetensors")  # damaged: rebuilt from the GGUF, with a warning
+    monkeypatch.setattr(loading, "load_hf_smollm2", load)
+    with pytest.warns(UserWarning, match="SmolLM2 cache .* cannot be read .*rebuilding it"):
+        rebuilt = loading.load_offline_bridge()
+    assert calls == [1, 1]
+    _assert_same_bridge(rebuilt, converted)
+    monkeypatch.setattr(loading, "load_hf_smollm2", _gguf_not_read)  # the entry was rewritten
+    _assert_same_bridge(loading.load_offline_bridge(), converted)
+
+
+def test_bridge_cache_follows_the_gguf_file(hf_smollm2, tmp_path, monkeypatch):
+    """Another GGUF file (other bytes) gets its own entry: the first load from it converts again."""
+    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    load, calls = _oracle_copy(hf_smollm2)
+    monkeypatch.setattr(loading, "load_hf_smollm2", load)
+    loading.load_offline_bridge(projection=False)
+    first = loading.smollm2_hf_cache_path()
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"another GGUF file")
+    monkeypatch.setattr(loading, "smollm2_gguf_path", lambda: other)
+    assert loading.smollm2_hf_cache_path() != first
+    loading.load_offline_bridge(projection=False)
+    assert calls == [1, 1] and loading.smollm2_hf_cache_path().is_dir() and first.is_dir()
+    stamp = loading.smollm2_hf_cache_path() / "tl_multimodal.json"
+    stamp.write_text(json.dumps({"format": loading._CACHE_FORMAT, "gguf_sha256": "0" * 64}))  # not this file's
+    with pytest.warns(UserWarning, match="is not a cache entry for this GGUF file"):
+        loading.load_offline_bridge(projection=False)
+    assert calls == [1, 1, 1]
+    assert loading.clear_cache() > 0 and not (tmp_path / "cache").exists()
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,7 @@ import timm
 import torch
 import transformers
 from PIL import Image
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-from tl_multimodal import HookedVisionPrefix, VisionEncoder, load_coco_mini
+from tl_multimodal import VisionEncoder, load_coco_mini
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.cli import build_parser
 from tl_multimodal.models.projection import projection_id
@@ -32,16 +30,23 @@ ROOT = Path(__file__).parents[2]
 K = 5
 
 
-def build_tiny_vlm(weights: str | None = None) -> HookedVisionPrefix:
-    """A 2-layer GPT-2-style LM (real GPT-2 tokenizer) behind a tiny ViT, seeded; or with ``weights``."""
-    torch.manual_seed(0)
+def build_tiny_vlm(weights: str | None = None, backend: str | None = None):
+    """A 2-layer GPT-2 LM (real GPT-2 tokenizer, seeded random weights, float64) behind a tiny ViT, on
+    ``backend`` (``"hooked"`` or ``"bridge"``, :func:`conftest.build_vlm`; default as ``load``'s
+    ``backend="auto"``: hooked where TransformerLens has HookedTransformer); or with ``weights``."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import HookedTransformer, build_vlm, tiny_hf
+
+    if backend is None:
+        backend = "bridge" if HookedTransformer is None else "hooked"
+
     tok = transformers.GPT2TokenizerFast.from_pretrained(ROOT / "tests" / "assets" / "gpt2_tokenizer")
-    lm = HookedTransformer(HookedTransformerConfig(
-        n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=24, n_ctx=64, d_vocab=50257, act_fn="gelu_new",
-        normalization_type="LN", model_name="tiny", dtype=torch.float64), tokenizer=tok)
+    torch.manual_seed(0)
     enc = VisionEncoder(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
                                           embed_dim=64, depth=2, num_heads=2, num_classes=0), name="vit_tiny_32")
-    model = HookedVisionPrefix(lm, enc)
+    hf = tiny_hf("gpt2", n_layers=2, d_model=32, n_heads=4, d_mlp=24, n_ctx=64, dtype=torch.float64, seed=0)
+    model = build_vlm(backend, hf, tok, enc)
+    model.projection.float()  # as ImageProjection.load gives it (test_cli compares trained projections with saved ones)
     if weights is not None:
         model.load_state_dict(torch.load(weights, weights_only=True))
     return model.eval()
@@ -53,8 +58,8 @@ def _images(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_tiny_vlm()
+def model(backend):
+    return build_tiny_vlm(backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -230,14 +235,14 @@ def test_webdataset_shards_give_the_same_rows(model, images, oracle, tmp_path):
     _assert_rows_equal(df.assign(image_id=df.image_id.astype(int)), oracle)
 
 
-def test_command_line_one_process(model, images, oracle, tmp_path):
+def test_command_line_one_process(backend, model, images, oracle, tmp_path):
     data = _coco_folder(tmp_path / "coco", images)
     assert len(open_dataset(data, "dev")) == len(load_coco_mini(data, "dev")) == 7
     weights = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), weights)
     factory = tmp_path / "factory.py"
     factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests' / 'training')!r})\nfrom test_runner import build_tiny_vlm\n"
-                       f"def build():\n    return build_tiny_vlm({str(weights)!r})\n")
+                       f"def build():\n    return build_tiny_vlm({str(weights)!r}, {backend!r})\n")
     s = run_attribute(build_parser().parse_args([
         "attribute", str(data), "--split", "dev", "--out", str(tmp_path / "out"), "--k", str(K),
         "--shard-size", "4", "--model", f"{factory}:build", "--no-progress"]))
@@ -252,7 +257,7 @@ def test_command_line_one_process(model, images, oracle, tmp_path):
         run_attribute(build_parser().parse_args(["attribute", "no/such/thing", "--out", str(tmp_path / "o2")]))
 
 
-def test_two_accelerate_processes_write_the_same_rows_as_one(model, images, tmp_path):
+def test_two_accelerate_processes_write_the_same_rows_as_one(backend, model, images, tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2 -m tl_multimodal attribute`` (torchrun, 2 CPU
     processes over gloo) and the acceptance command ``accelerate launch --cpu --num_processes 2 ...
     --limit 4`` (accelerate starts one process; it relaunches itself as two) vs ``python -m tl_multimodal``."""
@@ -261,7 +266,7 @@ def test_two_accelerate_processes_write_the_same_rows_as_one(model, images, tmp_
     torch.save(model.state_dict(), weights)
     factory = tmp_path / "factory.py"
     factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests' / 'training')!r})\nfrom test_runner import build_tiny_vlm\n"
-                       f"def build():\n    return build_tiny_vlm({str(weights)!r})\n")
+                       f"def build():\n    return build_tiny_vlm({str(weights)!r}, {backend!r})\n")
     args = ["attribute", str(data), "--split", "dev", "--k", str(K), "--shard-size", "2",
             "--model", f"{factory}:build", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from conftest import HookedTransformer, build_vlm, tiny_hf
 
-from conftest import tiny_gpt2_vlm
-
-from tl_multimodal import HookedVisionPrefix, ImageProjection
+from tl_multimodal import ImageProjection
 from tl_multimodal.training.augment import random_resized_crop_flip
 from tl_multimodal.training.config import TrainingConfig
 from tl_multimodal.training.features import encode_images
@@ -28,9 +26,18 @@ ASSETS = Path(__file__).parents[1] / "assets"
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20)}
 
 
+needs_hooked = pytest.mark.skipif(HookedTransformer is None,
+                                  reason="builds a HookedTransformer, which TransformerLens 4 removed")
+# The tiny LM every test trains on: 2 layers, d_model 64, n_ctx 64, GPT-2's vocabulary (random weights), float64
+# (runs that sum in another order, micro-batches or processes, then agree to ~1e-12, not to float32 noise)
+TINY = dict(n_layers=2, d_model=64, n_heads=4, d_mlp=128, n_ctx=64, dtype=torch.float64, seed=6, init=0.1, widen=1.0)
+
+
 @pytest.fixture(scope="module")
-def tiny_vlm(gpt2_tokenizer, vit_encoder):
-    return tiny_gpt2_vlm(gpt2_tokenizer, vit_encoder, seed=6)
+def tiny_vlm(backend, gpt2_tokenizer, vit_encoder):
+    """The tiny LM behind the tiny ViT on each backend (``backend``), from the same HF weights; each model
+    has its own copy of the encoder (tests change its flags and modes and check they come back)."""
+    return build_vlm(backend, tiny_hf("gpt2", **TINY), gpt2_tokenizer, copy.deepcopy(vit_encoder))
 
 
 def make_colour_data() -> datasets.Dataset:
@@ -63,7 +70,9 @@ def test_training_moves_only_the_projection_and_ties_captions_to_images(tiny_vlm
 
     saved = ImageProjection.load(tmp_path / "projection.pt")
     assert saved.info.training["steps"] == 100 and saved.info.training["dataset"] == "colours"
-    assert torch.equal(saved.linear.weight, tiny_vlm.projection.linear.weight)
+    assert torch.equal(torch.load(tmp_path / "projection.pt", weights_only=True)["state_dict"]["linear.weight"],
+                       tiny_vlm.projection.linear.weight)  # the file holds the weights as trained (float64)
+    assert torch.equal(saved.linear.weight, tiny_vlm.projection.linear.weight.float())  # loaded as float32
     assert [p.name for p in result.checkpoints] == ["projection_step50.pt", "projection_step100.pt", "projection.pt"]
 
 
@@ -90,15 +99,21 @@ def test_empty_caption_raises(tiny_vlm):
         train_projection(tiny_vlm, data, steps=1, batch_size=1, progress=False)
 
 
-def test_projection_for_another_model_is_refused(tiny_vlm, cnn_encoder, gpt2_tokenizer, tmp_path):
-    tiny_vlm.projection.save(tmp_path / "p.pt")
-    other_lm = HookedTransformer(tiny_vlm.cfg, tokenizer=gpt2_tokenizer)
-    other = HookedVisionPrefix(other_lm, cnn_encoder)
+@needs_hooked
+def test_projection_for_another_model_is_refused(cnn_encoder, gpt2_tokenizer, vit_encoder, tmp_path):
+    from transformer_lens import HookedTransformerConfig
+
+    from tl_multimodal import HookedVisionPrefix
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=64, d_head=16, n_heads=4, d_mlp=128, d_vocab=50257,
+                                  act_fn="gelu_new", normalization_type="LN", model_name="tiny-gpt2")
+    HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), vit_encoder).projection.save(tmp_path / "p.pt")
+    other = HookedVisionPrefix(HookedTransformer(cfg, tokenizer=gpt2_tokenizer), cnn_encoder)
     with pytest.raises(ValueError, match=r"another model; encoder: projection has 'vit_tiny_32'.*d_img"):
         other.load_projection(tmp_path / "p.pt")
-    bigger = HookedTransformerConfig(**{**tiny_vlm.cfg.to_dict(), "d_model": 32, "d_head": 8, "model_name": "x"})
+    bigger = HookedTransformerConfig(**{**cfg.to_dict(), "d_model": 32, "d_head": 8, "model_name": "x"})
     with pytest.raises(ValueError, match="lm: projection has 'tiny-gpt2', model has 'x'"):
-        HookedVisionPrefix(HookedTransformer(bigger, tokenizer=gpt2_tokenizer), tiny_vlm.vision,
+        HookedVisionPrefix(HookedTransformer(bigger, tokenizer=gpt2_tokenizer), vit_encoder,
                            ImageProjection.load(tmp_path / "p.pt"))
 
 
@@ -153,7 +168,7 @@ def test_the_saved_projection_records_the_config_it_was_trained_with(tiny_vlm, c
 
 # ---------------------------------------------------------------------------- the loss
 def test_caption_token_nll_equals_the_full_model_loss(tiny_vlm, colour_data):
-    """Oracle: HookedTransformer's own loss over all positions (unembedding everything), same batch."""
+    """Oracle: the model's own loss over all positions (unembedding everything), same batch."""
     feats = encode_images(tiny_vlm, colour_data, progress=False)
     texts = ["a red square", "a rather long green square caption with padding after others", "blue", "x y"]
     ids = [r[0] for r in _caption_ids(tiny_vlm, texts, "captions", tiny_vlm.n_image_tokens)]
@@ -182,6 +197,34 @@ def test_caption_token_nll_gradient_equals_the_full_model_loss(tiny_vlm, colour_
         grads.append(tiny_vlm.projection.linear.weight.grad.clone())
     tiny_vlm.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+@needs_hooked
+def test_both_backends_score_and_train_alike(gpt2_tokenizer, vit_encoder, colour_data):
+    """Oracle: the other backend. From the same HF weights (float64) and the same projection, caption_nll,
+    the per-step training losses (dropout on in the projection: the same masks) and the trained projection
+    agree between HookedVisionPrefix and VisionBridge (whose HF model has dropout: the frozen LM stays in
+    eval mode)."""
+    hf = tiny_hf("gpt2", **{**TINY, "dtype": torch.float64})
+    assert hf.config.resid_pdrop > 0  # the bridge's HF blocks would drop out in train mode
+    captions = [f"a {name} square" for name in COLOURS]
+    runs = {}
+    for backend in ("hooked", "bridge"):
+        model = build_vlm(backend, hf, gpt2_tokenizer, vit_encoder)
+        feats = encode_images(model, colour_data, progress=False)
+        before = caption_nll(model, captions, feats)
+        text_only = caption_nll(model, captions)
+        result = train_projection(model, colour_data, steps=6, batch_size=3, lr=3e-2, warmup=2, seed=1,
+                                  dev_dataset=colour_data, eval_every=3, progress=False)
+        runs[backend] = (before, text_only, result, caption_nll(model, captions, feats),
+                         {k: v.clone() for k, v in model.projection.state_dict().items()})
+    (b0, t0, r0, a0, p0), (b1, t1, r1, a1, p1) = runs["hooked"], runs["bridge"]
+    assert b1 == pytest.approx(b0, rel=1e-10) and t1 == pytest.approx(t0, rel=1e-10)
+    np.testing.assert_allclose(r1.train_losses, r0.train_losses, rtol=1e-9)
+    np.testing.assert_allclose([d for _, d in r1.dev_losses], [d for _, d in r0.dev_losses], rtol=1e-9)
+    assert a1 == pytest.approx(a0, rel=1e-9) and a0 < b0  # it learned, alike
+    for k in p0:
+        torch.testing.assert_close(p1[k], p0[k], rtol=1e-8, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------- bad input, before any work
@@ -380,7 +423,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_vlm, colo
     state = torch.load(tmp_path / "training_state.pt", weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["projection"].values())
     assert torch.equal(ImageProjection.load(tmp_path / "projection_step4.pt").linear.weight,
-                       state["projection"]["linear.weight"])
+                       state["projection"]["linear.weight"].float())  # the model is float64, a loaded projection float32
     assert not (tmp_path / "projection_step6.pt").exists()
 
 
@@ -517,16 +560,15 @@ import torch
 import transformers
 import timm
 sys.path[:0] = [{tests!r}, {conftest_dir!r}]
-from test_training import make_colour_data
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from tl_multimodal import HookedVisionPrefix, VisionEncoder
+from test_training import TINY, make_colour_data
+from conftest import build_vlm, tiny_hf
+from tl_multimodal import VisionEncoder
 from tl_multimodal.training.train import train_projection
 
 tok = transformers.GPT2TokenizerFast.from_pretrained({tokenizer!r})
-cfg = HookedTransformerConfig(**{cfg!r})
 vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2,
                         num_heads=2, num_classes=0)
-model = HookedVisionPrefix(HookedTransformer(cfg, tokenizer=tok), VisionEncoder(vit, name="vit_tiny_32")).eval()
+model = build_vlm({backend!r}, tiny_hf("gpt2", **TINY), tok, VisionEncoder(vit, name="vit_tiny_32"))
 model.load_state_dict(torch.load({weights!r}, weights_only=True))
 model.projection.dropout.p = 0.0
 init = {{k: v.clone() for k, v in model.projection.state_dict().items()}}
@@ -548,7 +590,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data, tmp_path):
+def test_accumulation_and_two_processes_train_as_one_batch(backend, tiny_vlm, colour_data, tmp_path):
     """Oracle: one process, one pass per global batch (and for a stream on 2 processes, the one-process
     run taking the same rows in order). Dropout off: masks are drawn per pass."""
     init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
@@ -564,13 +606,9 @@ def test_accumulation_and_two_processes_train_as_one_batch(tiny_vlm, colour_data
             runs[name] = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
         tiny_vlm.projection.load_state_dict(init)
         torch.save(tiny_vlm.state_dict(), tmp_path / "model.pt")
-        c = tiny_vlm.cfg
-        cfg = dict(n_layers=c.n_layers, d_model=c.d_model, n_ctx=c.n_ctx, d_head=c.d_head, n_heads=c.n_heads,
-                   d_mlp=c.d_mlp, d_vocab=c.d_vocab, act_fn=c.act_fn, normalization_type=c.normalization_type,
-                   model_name=c.model_name)
         script = tmp_path / "dp.py"
         script.write_text(_DP_SCRIPT.format(tests=str(Path(__file__).parent), conftest_dir=str(Path(__file__).parents[1]), tokenizer=str(ASSETS / "gpt2_tokenizer"),
-                                            cfg=cfg, weights=str(tmp_path / "model.pt"), kwargs=kw,
+                                            backend=backend, weights=str(tmp_path / "model.pt"), kwargs=kw,
                                             out=str(tmp_path / "dp.pt"), out_stream=str(tmp_path / "dp_stream.pt")))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -150,7 +150,7 @@ def soft_prompt_norms(model, images: Images | None = None,
     """Norms of the soft prompts ``model.embed_images(...)`` and of the text embeddings ``W_E``.
 
     Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix`.
+        model: A vision LM (:class:`~tl_multimodal.models.protocol.VisionLM`: HookedVisionPrefix or VisionBridge).
         images, image_features: As for ``model.embed_images`` (exactly one).
     """
     with torch.no_grad():
@@ -177,7 +177,7 @@ def residuals(model, captions: Sequence[str], images: Images | None = None,
     """The residual stream of each ``[image slots][caption]`` sequence, split by modality.
 
     Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix`.
+        model: A vision LM (:class:`~tl_multimodal.models.protocol.VisionLM`: HookedVisionPrefix or VisionBridge).
         captions: One caption per image.
         images, image_features: As for the model's forward (exactly one).
         batch_size: Sequences per forward pass.
@@ -260,7 +260,7 @@ def alignment(model, captions: Sequence[str], images: Images | None = None,
     own image. "Other" captions are the other captions of the set, read from their own sequences.
 
     Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix`.
+        model: A vision LM (:class:`~tl_multimodal.models.protocol.VisionLM`: HookedVisionPrefix or VisionBridge).
         captions: One caption per image (at least two images).
         images, image_features: As for the model's forward (exactly one).
         batch_size: Sequences per forward pass.

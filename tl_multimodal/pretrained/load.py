@@ -61,7 +61,7 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
         **kwargs: Passed on: to the LM loader (``HookedTransformer.from_pretrained`` /
             ``TransformerBridge.boot_transformers``; ``lm_name=`` for LiMBeR), to
             ``LlavaForConditionalGeneration.from_pretrained`` (and ``image_processor=``), to a factory,
-            ``model_name=`` for an in-memory causal LM, ``cache=`` for ``"offline"`` on the hooked backend.
+            ``model_name=`` for an in-memory causal LM, ``cache=`` for ``"offline"``.
 
     Returns:
         A :class:`~tl_multimodal.HookedVisionPrefix` or :class:`~tl_multimodal.VisionBridge` in eval mode.
@@ -220,8 +220,8 @@ def _offline(spec, backend, projection, encoder, tokenizer, kwargs):
     if backend == "hooked":
         _refuse(spec, **{name: value for name, value in kwargs.items() if name != "cache"})
         return load_offline(path, **kwargs)  # on cpu; load moves it
-    _refuse(spec, **kwargs)
-    return load_offline_bridge(False if path is None else path)
+    _refuse(spec, **{name: value for name, value in kwargs.items() if name != "cache"})
+    return load_offline_bridge(False if path is None else path, **kwargs)
 
 
 def _limber(spec, backend, projection, encoder, tokenizer, kwargs):

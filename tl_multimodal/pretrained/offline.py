@@ -20,8 +20,10 @@ Install the weight packages with::
 Dequantizing the GGUF and building its tokenizer take about two minutes of CPU, so the first
 :func:`load_smollm2` saves the converted TransformerLens weights and the tokenizer in a cache folder
 (``$TL_MULTIMODAL_CACHE``, else ``$XDG_CACHE_HOME/tl_multimodal``, else ``~/.cache/tl_multimodal``),
-keyed by the GGUF file's SHA-256; later loads read them in seconds. A cache entry that cannot be read
-is rebuilt with a warning; :func:`clear_cache` deletes the cache.
+keyed by the GGUF file's SHA-256; later loads read them in seconds. The bridge backend
+(:func:`load_offline_bridge`) caches the dequantised Hugging Face model and its tokenizer in the same
+entry (``hf/``, :func:`smollm2_hf_cache_path`). A cache entry that cannot be read is rebuilt with a
+warning; :func:`clear_cache` deletes the cache.
 """
 
 from __future__ import annotations
@@ -403,16 +405,111 @@ def load_offline(projection: str | pathlib.Path | None = SHIPPED_PROJECTION, dev
     return HookedVisionPrefix(lm, encoder, proj).to(device, print_details=False).eval()
 
 
-def load_offline_bridge(projection=None, device: str | torch.device = "cpu") -> "VisionBridge":
+def smollm2_hf_cache_path() -> pathlib.Path:
+    """The bridge backend's cache of the dequantised SmolLM2 (a folder in :func:`smollm2_cache_path`'s entry).
+
+    ``hf/`` holds the Hugging Face model as ``save_pretrained`` writes it (config, safetensors, float32),
+    its tokenizer, and ``tl_multimodal.json`` (the cache format and the GGUF's full SHA-256). It is
+    written in a temporary folder and renamed into place, so its presence marks a complete entry; the
+    entry's name carries the GGUF's hash, so a changed GGUF file gets a new entry.
+    """
+    return smollm2_cache_path() / "hf"
+
+
+_HF_STAMP = "tl_multimodal.json"
+
+
+def _save_hf_cache(folder: pathlib.Path, digest: str, hf_model, tokenizer) -> None:
+    """Write the dequantised HF model and its tokenizer to ``folder``, atomically (a renamed temporary folder)."""
+    import json
+
+    import copy
+
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".hf.", dir=folder.parent))
+    try:
+        # save_pretrained refuses a model loaded from GGUF (its quantizer is attached), so the dequantised
+        # weights are written as save_pretrained would: config.json and model.safetensors, a tied weight once
+        # (from_pretrained ties it again).
+        config = copy.deepcopy(hf_model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        state, seen = {}, set()
+        for name, tensor in hf_model.state_dict().items():
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.detach().to("cpu").contiguous()
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / _HF_STAMP).write_text(json.dumps({"format": _CACHE_FORMAT, "gguf_sha256": digest}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_hf_cache(folder: pathlib.Path, digest: str, dtype: torch.dtype):
+    """``(hf_model, tokenizer)`` from the bridge's cache folder, or ``None`` if there is none.
+
+    Raises:
+        ValueError: The folder does not belong to this GGUF file. A damaged folder raises whatever
+            ``from_pretrained`` raises; the caller rebuilds it on any error.
+    """
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not folder.is_dir():
+        return None
+    stamp = json.loads((folder / _HF_STAMP).read_text())
+    if stamp.get("format") != _CACHE_FORMAT or stamp.get("gguf_sha256") != digest:
+        raise ValueError(f"{folder} is not a cache entry for this GGUF file")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def _hf_smollm2(cache: bool, dtype: torch.dtype = torch.float32):
+    """``(hf_model, tokenizer)``: from the bridge's cache (:func:`smollm2_hf_cache_path`), else from the GGUF."""
+    folder = digest = None
+    if cache:
+        digest = file_sha256(smollm2_gguf_path())
+        folder = smollm2_hf_cache_path()
+        try:
+            found = _load_hf_cache(folder, digest, dtype)
+        except Exception as e:  # noqa: BLE001 -- a damaged folder can fail in many ways; all mean rebuild
+            warnings.warn(f"the SmolLM2 cache at {folder} cannot be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); rebuilding it", stacklevel=3)
+            found = None
+        if found is not None:
+            return found
+    hf_model, tokenizer = load_hf_smollm2(dtype=dtype)
+    if cache:
+        try:
+            _save_hf_cache(folder, digest, hf_model, tokenizer)
+        except OSError as e:  # a read-only or full disk must not stop the load
+            warnings.warn(f"could not write the SmolLM2 cache at {folder}: {e}", stacklevel=3)
+    return hf_model, tokenizer
+
+
+def load_offline_bridge(projection=None, device: str | torch.device = "cpu", cache: bool = True) -> "VisionBridge":
     """SmolLM2-135M behind EfficientNet-Lite0, as a :class:`VisionBridge` (no HookedTransformer needed).
 
     The same models and shipped projection as :func:`tl_multimodal.pretrained.offline.load_offline`, from
-    pip packages only, so it works offline and under TransformerLens 4.
+    pip packages only, so it works offline and under TransformerLens 4. The dequantised Hugging Face
+    model and its tokenizer are cached (:func:`smollm2_hf_cache_path`, next to the hooked backend's
+    converted weights; :func:`clear_cache` deletes both), so only the first load parses the GGUF file;
+    a cache entry that cannot be read is rebuilt with a warning.
 
     Args:
         projection: A projection checkpoint; defaults to the shipped one. Pass ``False`` for an
             untrained projection.
         device: Where to put the model.
+        cache: Read and write the cache; ``False`` always dequantises the GGUF file.
     """
     from tl_multimodal.models.bridge import VisionBridge
     from tl_multimodal.models.encoders import VisionEncoder
@@ -421,7 +518,15 @@ def load_offline_bridge(projection=None, device: str | torch.device = "cpu") -> 
     if projection is None:
         projection = SHIPPED_PROJECTION
     proj = ImageProjection.load(projection) if projection is not False else None
-    hf_model, tokenizer = load_hf_smollm2()
+    hf_model, tokenizer = _hf_smollm2(cache)
     encoder = VisionEncoder(load_efficientnet_lite0(), name="tf_efficientnet_lite0")
-    model = VisionBridge.from_hf(hf_model.to(device), tokenizer, encoder, proj, model_name=SMOLLM2_MODEL_NAME)
+    # As in load_smollm2: TransformerLens reloads a tokenizer that has a BOS token with add_bos_token=True
+    # (from the GGUF file: ~20 s, same tokenizer; from the cached folder: <|im_start|> before every text).
+    # SmolLM2 adds no BOS, so the reload is skipped (no bos_token while booting) and the token put back.
+    bos = tokenizer.bos_token
+    tokenizer.bos_token = None
+    try:
+        model = VisionBridge.from_hf(hf_model.to(device), tokenizer, encoder, proj, model_name=SMOLLM2_MODEL_NAME)
+    finally:
+        tokenizer.bos_token = bos
     return model.eval()

@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_multimodal._validate import check_int
-from tl_multimodal.models.prefix import HookedVisionPrefix
+from tl_multimodal.models.protocol import VisionLM
 from tl_multimodal.training.nll import _restoring
 
 
@@ -33,7 +33,7 @@ def _check_columns(dataset, what: str, *columns: str) -> None:
         raise ValueError(f"{what} has no column {', '.join(map(repr, missing))} "
                          f"(columns: {', '.join(dataset.column_names)})")
 
-def encode_images(model: HookedVisionPrefix, dataset: datasets.Dataset, image_column: str = "image",
+def encode_images(model: VisionLM, dataset: datasets.Dataset, image_column: str = "image",
                   batch_size: int = 32, progress: bool = True, cache: str | Path | None = None,
                   ) -> Float[Tensor, "n patch d_img"]:
     """Encoder features of every image of ``dataset`` (computed once, kept on the CPU).

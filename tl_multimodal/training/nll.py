@@ -15,7 +15,7 @@ from torch import Tensor
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from tl_multimodal._validate import check_int
-from tl_multimodal.models.prefix import HookedVisionPrefix
+from tl_multimodal.models.protocol import VisionLM
 
 
 @contextlib.contextmanager
@@ -36,7 +36,7 @@ def _problems(what: str, problems: list[str]) -> str:
     return f"{what}: {shown}"
 
 
-def _tokenize(model: HookedVisionPrefix, texts: list[str]) -> list[list[int]]:
+def _tokenize(model: VisionLM, texts: list[str]) -> list[list[int]]:
     """Token ids of each text as ``model.to_tokens(text, prepend_bos=False, truncate=False)`` gives them."""
     drop = 1 if model.cfg.tokenizer_prepends_bos else 0
     out = []
@@ -45,7 +45,7 @@ def _tokenize(model: HookedVisionPrefix, texts: list[str]) -> list[list[int]]:
     return out
 
 
-def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int,
+def _caption_ids(model: VisionLM, rows: list, what: str, n_start: int,
                  first: int = 0) -> list[list[list[int]]]:
     """Every caption of every row, checked and tokenized (+ end-of-text): ``ids[row][option]``.
 
@@ -85,7 +85,7 @@ def _caption_ids(model: HookedVisionPrefix, rows: list, what: str, n_start: int,
     return ids
 
 
-def _batch(model: HookedVisionPrefix, ids: list[list[int]], with_image: bool = True,
+def _batch(model: VisionLM, ids: list[list[int]], with_image: bool = True,
            ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Right-padded token rows ``[image slots | caption ids | pad]`` (after the LM's start token if the
     projection's layout has one; the start token alone in the image's place without image) and the
@@ -101,7 +101,47 @@ def _batch(model: HookedVisionPrefix, ids: list[list[int]], with_image: bool = T
     return tokens.to(model.cfg.device), mask.to(model.cfg.device)
 
 
-def caption_token_nll(model: HookedVisionPrefix, tokens: Int[Tensor, "batch pos"],
+class _ResidualReached(Exception):
+    """Raised by the final norm's pre-hook once it holds the residual stream (the rest is not run)."""
+
+
+def _final_norm(model) -> torch.nn.Module | None:
+    """The LM's final norm module, or None (a HookedTransformer without normalization has none)."""
+    if getattr(model.cfg, "normalization_type", "LN") is None:
+        return None
+    norm = getattr(model, "ln_final", None)
+    return norm if isinstance(norm, torch.nn.Module) else None
+
+
+def _final_residual(model, tokens: Int[Tensor, "batch pos"], **kwargs) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream after the last block (the final norm's input), for either backend.
+
+    ``stop_at_layer=n_layers`` gives it on a HookedTransformer, but a TransformerBridge runs the
+    HF model through to the logits whatever ``stop_at_layer`` says (it only stops *before* a
+    block). So the final norm's input is caught by a forward pre-hook, which then stops the
+    forward pass: neither backend runs the final norm or the unembedding over every position."""
+    norm = _final_norm(model)
+    if norm is None:
+        return model(tokens, stop_at_layer=model.cfg.n_layers, **kwargs)
+    caught = []
+
+    def catch(module, args):
+        caught.append(args[0])
+        raise _ResidualReached
+
+    handle = norm.register_forward_pre_hook(catch)
+    try:
+        model(tokens, **kwargs)
+    except _ResidualReached:
+        pass
+    finally:
+        handle.remove()
+    if len(caught) != 1:
+        raise RuntimeError(f"the final norm ran {len(caught)} times in one forward pass (expected once)")
+    return caught[0]
+
+
+def caption_token_nll(model: VisionLM, tokens: Int[Tensor, "batch pos"],
                       attention_mask: Int[Tensor, "batch pos"],
                       image_features: Float[Tensor, "batch patch d_img"] | None = None,
                       ) -> Float[Tensor, "n_target"]:
@@ -130,15 +170,16 @@ def caption_token_nll(model: HookedVisionPrefix, tokens: Int[Tensor, "batch pos"
     if not targets.any():
         raise ValueError("no caption token to predict: every position is an image slot or padding")
     kwargs = {} if image_features is None else {"image_features": image_features}
-    resid = model(tokens, attention_mask=attention_mask, stop_at_layer=model.cfg.n_layers, **kwargs)
+    resid = _final_residual(model, tokens, attention_mask=attention_mask, **kwargs)
     resid = resid[:, :-1][targets][None]  # [1, n_target, d_model]
-    if model.cfg.normalization_type is not None:
+    if _final_norm(model) is not None:
         resid = model.ln_final(resid)
-    logits = apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)[0]
+    softcap = getattr(model.cfg, "output_logits_soft_cap", -1.0)
+    logits = apply_softcap(model.unembed(resid), -1.0 if softcap is None else softcap)[0]
     return -logits.log_softmax(-1).gather(-1, tokens[:, 1:][targets][:, None])[:, 0]
 
 
-def caption_nll(model: HookedVisionPrefix, captions: list[str],
+def caption_nll(model: VisionLM, captions: list[str],
                 image_features: Float[Tensor, "batch patch d_img"] | None = None,
                 batch_size: int = 16) -> float:
     """Mean negative log-likelihood per caption token (end-of-text included), in nats.
@@ -173,7 +214,7 @@ def caption_nll(model: HookedVisionPrefix, captions: list[str],
     return _mean_nll(model, [r[0] for r in ids], image_features, batch_size)
 
 
-def _mean_nll(model: HookedVisionPrefix, ids: list[list[int]], image_features: Tensor | None,
+def _mean_nll(model: VisionLM, ids: list[list[int]], image_features: Tensor | None,
               batch_size: int) -> float:
     """:func:`caption_nll` of captions already checked and tokenized."""
     total, count = 0.0, 0

@@ -204,7 +204,7 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
     and the ``k`` units with the highest max-over-patches score, one row each.
 
     Args:
-        model: A :class:`~tl_multimodal.HookedVisionPrefix` (in eval mode).
+        model: A vision LM (:class:`~tl_multimodal.models.protocol.VisionLM`: HookedVisionPrefix or VisionBridge), in eval mode.
         data: A ``datasets.Dataset`` (random access: a process reads only its own chunks), or any
             iterable of dict rows (``datasets.IterableDataset``, ``webdataset``; every process reads
             the stream and keeps its chunks).
@@ -235,7 +235,7 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
     prompt, max_new_tokens, hook = config.prompt, config.max_new_tokens, config.hook
     image_column, id_column = config.image_column, config.id_column
     if not hasattr(model, "embed_images"):
-        raise TypeError("model must be a HookedVisionPrefix")
+        raise TypeError(f"model must be a vision LM (HookedVisionPrefix or VisionBridge), got {type(model).__name__}")
     rank, world_size = _process_state(rank, world_size)
     out = Path(out)
     if out.exists() and not out.is_dir():

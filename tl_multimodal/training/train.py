@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_multimodal._io import atomic_save, check_finite, load_checkpoint
-from tl_multimodal.models.prefix import HookedVisionPrefix
+from tl_multimodal.models.protocol import VisionLM
 from tl_multimodal.models.projection import projection_id
 from tl_multimodal.training._distributed import rank_and_world_size
 from tl_multimodal.training.config import TrainingConfig
@@ -167,7 +167,7 @@ def _is_stream(dataset) -> bool:
             and isinstance(dataset, Iterable))
 
 
-def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset | Iterable[Mapping],
+def train_projection(model: VisionLM, dataset: datasets.Dataset | Iterable[Mapping],
                      config: TrainingConfig | None = None, *, dev_dataset: datasets.Dataset | None = None,
                      **overrides) -> TrainingResult:
     """Train ``model.projection`` on image-caption pairs (LiMBeR's optimiser settings as defaults).
@@ -178,7 +178,9 @@ def train_projection(model: HookedVisionPrefix, dataset: datasets.Dataset | Iter
     flags are restored.
 
     Args:
-        model: The model; only its projection is trained, everything else is frozen.
+        model: The vision LM (:class:`~tl_multimodal.models.protocol.VisionLM`: a HookedVisionPrefix or a
+            VisionBridge); only its projection is trained (in train mode: its dropout), everything else is
+            frozen and runs in eval mode (a bridge's HF dropout stays off).
         dataset: Rows with an image column (PIL or path) and a caption column (a string or a list of
             strings, one sampled per step): a ``datasets.Dataset`` (features encoded once, batches
             drawn at random), or a stream, i.e. any other iterable of dict rows such as
@@ -340,8 +342,11 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config: T
     batch_size, grad_accum = config.batch_size, config.grad_accum
     bar = tqdm(range(result.steps + 1, steps + 1), desc="training projection", disable=not progress,
                initial=result.steps, total=steps)
-    model.train()
-    model.vision.eval()  # frozen: images encoded per step (a stream, augment) stay in eval mode
+    # Frozen LM and encoder in eval mode (a bridge runs the HF model, whose dropout would otherwise
+    # fire; images encoded per step, from a stream or augment, stay in eval mode); only the
+    # projection trains (its dropout).
+    model.eval()
+    model.projection.train()
     n_start = model.n_image_tokens + resume["bos"]
     for step in bar:
         if stream:  # every process reads every row (captions of the whole batch), encodes only its own
