@@ -529,4 +529,5 @@ def load_offline_bridge(projection=None, device: str | torch.device = "cpu", cac
         model = VisionBridge.from_hf(hf_model.to(device), tokenizer, encoder, proj, model_name=SMOLLM2_MODEL_NAME)
     finally:
         tokenizer.bos_token = bos
+    model.cfg.default_prepend_bos = False  # as HF and load_smollm2: SmolLM2 prepends no BOS to text
     return model.eval()
