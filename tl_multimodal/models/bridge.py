@@ -191,6 +191,10 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """The bridge's ``load_state_dict``, plus the ``vision.`` and ``projection.`` entries of :meth:`state_dict`.
 
+        Every key format the bridge's takes is taken (TransformerLens, raw and clean HF keys). A dict
+        without any ``vision.`` (or ``projection.``) key leaves that part as it is, so the LM-only
+        state dict of a plain bridge loads, ``strict`` included; a part given in part is checked.
+
         Raises:
             RuntimeError: ``strict`` and keys missing or unexpected (bridge or vision parts), named.
         """
@@ -205,6 +209,8 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
         result = super().load_state_dict(lm_state, strict=False, assign=assign)
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
         for name, part in parts.items():
+            if not part:
+                continue
             loaded = getattr(self, name).load_state_dict(part, strict=False, assign=assign)
             missing += [f"{name}.{k}" for k in loaded.missing_keys]
             unexpected += [f"{name}.{k}" for k in loaded.unexpected_keys]
