@@ -8,8 +8,9 @@ selected ones twice with pytest, offline:
 * unmodified (the reference), and
 * with this file loaded as a pytest plugin: ``TransformerBridge.boot_transformers``,
   ``boot_native``, ``boot_tl_legacy`` and ``build_bridge_from_module`` then return the bridge turned
-  into a ``VisionBridge`` (a tiny random ViT encoder, an untrained projection; the bridge's
-  train/eval mode kept, since VisionBridge's own default is eval). A bridge VisionBridge refuses
+  into a ``VisionBridge`` (a tiny random convolutional encoder, an untrained projection, both made
+  without touching the global RNG; the bridge's train/eval mode kept, since VisionBridge's own
+  default is eval). A bridge VisionBridge refuses
   (no token embedding, an embedding without a row per vocabulary id) is returned unchanged and
   counted as "not converted".
 
@@ -63,18 +64,29 @@ DEFAULT_TESTS = [
 
 # ---------------------------------------------------------------- the plugin (VisionBridge run only)
 def _tiny_encoder():
-    """A fresh 2x2-patch ViT with random weights (one per bridge, so no two bridges share modules)."""
-    import timm
+    """A fresh encoder of one 8x8-stride convolution (2x2 patches of 8 features on 16x16 images), one per
+    bridge so no two bridges share modules; its parameter names (``vision.model.conv.*``) collide
+    with none that TransformerLens's tests look for."""
+    from torch import nn
 
     from tl_multimodal.models.encoders import VisionEncoder
 
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
-                            embed_dim=16, depth=1, num_heads=2, num_classes=0)
-    return VisionEncoder(vit, name="suite_vit")
+    class TinyCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, kernel_size=8, stride=8)
+
+        def forward_features(self, images):
+            return self.conv(images)
+
+    config = dict(input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear",
+                  crop_pct=1.0, crop_mode="center")
+    return VisionEncoder(TinyCNN(), name="suite_cnn", data_config=config)
 
 
 def _to_vision_bridge(bridge):
     """``bridge`` as a VisionBridge in the bridge's train/eval mode, or unchanged if VisionBridge refuses it."""
+    import torch
     from transformer_lens.model_bridge import TransformerBridge
 
     from tl_multimodal.models.bridge import VisionBridge
@@ -82,11 +94,14 @@ def _to_vision_bridge(bridge):
     if not isinstance(bridge, TransformerBridge) or isinstance(bridge, VisionBridge):
         return bridge
     training = bridge.training
+    rng = torch.get_rng_state()  # the random encoder and projection leave the tests' RNG as it was
     try:
         model = VisionBridge(bridge, _tiny_encoder())
     except (TypeError, ValueError, AttributeError) as e:
         _record(f"refused {type(e).__name__}: {e}".replace("\n", " ")[:300])
         return bridge
+    finally:
+        torch.set_rng_state(rng)
     _record("converted")
     return model.train(training)
 
