@@ -370,16 +370,19 @@ def _plain_and_vision(gpt2_tokenizer, vit_encoder, kind="gpt2"):
 def test_it_is_the_bridge_it_was_made_from_in_eval_mode(gpt2_tokenizer, vit_encoder):
     bridge = TransformerBridge.boot_transformers("tiny", hf_model=_tiny_hf("gpt2").train(), tokenizer=gpt2_tokenizer)
     assert bridge.training
-    vb = VisionBridge(bridge, vit_encoder)
+    encoder = copy.deepcopy(vit_encoder)
+    vb = VisionBridge(bridge, encoder)
     assert vb is bridge and isinstance(vb, TransformerBridge) and vb.bridge is vb
     assert not any(m.training for m in [*vb.modules(), *vb.original_model.modules()]), "eval mode, all of it"
-    assert vb._modules["vision"] is vit_encoder and "projection" in vb._modules
+    assert vb._modules["vision"] is encoder and "projection" in vb._modules
     assert {"hook_image_features", "hook_image_embed"} <= set(vb.hook_dict)
     other = copy.copy(gpt2_tokenizer)
     vb.tokenizer = other  # attribute writes land on the bridge: it is the bridge
     assert vb.tokenizer is other and vb.__dict__.get("tokenizer") is None
     assert vb.cpu() is vb and vb.train() is vb and vb.training and vb.original_model.training
     assert not vb.vision.model.training, "the frozen encoder stays in eval mode"
+    assert vb.to(torch.float64) is vb and vb.cfg.dtype == torch.float64, "the bridge's own to()"
+    assert {p.dtype for p in vb.parameters()} == {torch.float64}, "the vision parts move with it"
 
 
 def test_without_images_it_is_exactly_the_plain_bridge(gpt2_tokenizer, vit_encoder):
