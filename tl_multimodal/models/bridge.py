@@ -80,7 +80,7 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
 
     Raises:
         TypeError: ``bridge`` is not a ``TransformerBridge``.
-        ValueError: A bad ``image_token_id``, an embedding without a row per ``cfg.d_vocab`` id, a
+        ValueError: No token embedding, a bad ``image_token_id``, an embedding without a row per ``cfg.d_vocab`` id, a
             projection made for another encoder or LM, or a bridge that is already a VisionBridge.
             The bridge is left untouched.
     """
@@ -94,7 +94,10 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
         cfg = bridge.cfg
         if image_token_id is not None:  # the VLM's image placeholder, a real token
             check_int(image_token_id, "image_token_id", minimum=0, maximum=cfg.d_vocab - 1)
-        rows = bridge.embed.original_component.num_embeddings
+        embedding = getattr(getattr(bridge, "embed", None), "original_component", None)
+        if not hasattr(embedding, "num_embeddings"):
+            raise ValueError("the bridge has no token embedding (embed) to put image slots in")
+        rows = embedding.num_embeddings
         if image_token_id is None and rows != cfg.d_vocab:
             raise ValueError(f"the LM's input embedding has {rows} rows but cfg.d_vocab is "
                              f"{cfg.d_vocab}; image slots (id d_vocab) need them equal")
@@ -117,6 +120,9 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
         # Registered by the bridge's __setattr__, so run_with_cache / run_with_hooks / hooks() know them by name.
         self.hook_image_features = HookPoint()  # [batch, patch, d_img]
         self.hook_image_embed = HookPoint()  # [batch, patch, d_model]
+        driver = getattr(self, "_driver", None)  # TransformerLens 4: the hooks the backend declares it fires
+        if getattr(driver, "supported_hook_points", None):
+            driver.supported_hook_points = driver.supported_hook_points | {"hook_image_features", "hook_image_embed"}
         self._bound: Any = None  # the soft prompts (or what makes them) for the running call
         self._slots: Tensor | None = None
         embedding = self.embed.original_component
