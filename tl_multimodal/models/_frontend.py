@@ -6,6 +6,7 @@ part once: the encoder and projection (checked to fit each other and the LM), th
 (``preprocess``), ``embed_images`` with its two hooks (``hook_image_features``, ``hook_image_embed``),
 the checks of precomputed features and soft prompts, the image-slot mask, and the parts of the LM's
 entry points that concern images: ``to_tokens(..., image=True)``, ``to_str_tokens`` naming image slots,
+``to_string`` leaving them out, ``tokens_to_residual_directions`` refusing them (``cache.logit_attrs``),
 ``bind_images`` and ``generate`` with images. Each backend supplies only what differs: how its LM
 tokenizes (``_lm_to_tokens``, ``_lm_to_str_tokens``) and where a call's soft prompts are bound
 (``_binding``).
