@@ -13,14 +13,22 @@ from tl_multimodal.pretrained import offline as loading
 from tl_multimodal.cli import _sample_images
 from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION, SMOLLM2_MODEL_NAME, _hooked_config
 
+from transformer_lens.model_bridge import TransformerBridge
+
 try:
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 except ImportError:  # TransformerLens 4
     HookedTransformer = None
 
+try:  # TransformerLens 4's analysis tools
+    from transformer_lens.tools.analysis import JacobianLens, direct_logit_attribution, logit_lens
+except ImportError:  # TransformerLens 3
+    logit_lens = None
+
 PROMPT = "A picture of"
 needs_hooked_transformer = pytest.mark.skipif(HookedTransformer is None, reason="TransformerLens 4 has no HookedTransformer")
+needs_tl4_tools = pytest.mark.skipif(logit_lens is None, reason="TransformerLens 3 has no transformer_lens.tools.analysis")
 
 
 def _widen(model, factor=4.0):
@@ -261,7 +269,7 @@ def test_mismatches_raise(models, pixels, cnn_encoder):
     with pytest.raises(ValueError, match="longer than n_ctx=128"):
         vb(" dog" * 120, images=pixels[:1])
     with pytest.raises(ValueError, match="encoder: projection has 'vit_tiny_32', model has 'tf_efficientnet_lite0'"):
-        VisionBridge(vb.bridge, cnn_encoder, vb.projection)
+        VisionBridge(vb, cnn_encoder, vb.projection)
     with pytest.raises(TypeError, match="TransformerBridge"):
         VisionBridge(torch.nn.Linear(2, 2), cnn_encoder)
 
@@ -347,3 +355,124 @@ def test_smollm2_bridge_captions_the_sample_images_like_hooked_vision_prefix(smo
     kwargs = dict(images=vb.preprocess(images), do_sample=False, return_type="tokens", verbose=False)
     assert torch.equal(vb.generate(PROMPT, 12, **kwargs), hooked.generate(PROMPT, 12, **kwargs))
     assert vb.caption(images, max_new_tokens=12) == hooked.caption(images, max_new_tokens=12)
+
+
+# ------------------------------------------------------------------ a VisionBridge is a TransformerBridge
+def _plain_and_vision(gpt2_tokenizer, vit_encoder, kind="gpt2"):
+    """A plain bridge and a VisionBridge over two identical copies of one tiny HF model (in training
+    mode, as a fresh HF model is), and the HF model."""
+    hf = _tiny_hf(kind).train()
+    plain = TransformerBridge.boot_transformers("tiny", hf_model=copy.deepcopy(hf), tokenizer=gpt2_tokenizer)
+    torch.manual_seed(3)
+    return plain.eval(), VisionBridge.from_hf(copy.deepcopy(hf), gpt2_tokenizer, vit_encoder, model_name="tiny")
+
+
+def test_it_is_the_bridge_it_was_made_from_in_eval_mode(gpt2_tokenizer, vit_encoder):
+    bridge = TransformerBridge.boot_transformers("tiny", hf_model=_tiny_hf("gpt2").train(), tokenizer=gpt2_tokenizer)
+    assert bridge.training
+    encoder = copy.deepcopy(vit_encoder)
+    vb = VisionBridge(bridge, encoder)
+    assert vb is bridge and isinstance(vb, TransformerBridge) and vb.bridge is vb
+    assert not any(m.training for m in [*vb.modules(), *vb.original_model.modules()]), "eval mode, all of it"
+    assert vb._modules["vision"] is encoder and "projection" in vb._modules
+    assert {"hook_image_features", "hook_image_embed"} <= set(vb.hook_dict)
+    other = copy.copy(gpt2_tokenizer)
+    vb.tokenizer = other  # attribute writes land on the bridge: it is the bridge
+    assert vb.tokenizer is other and vb.__dict__.get("tokenizer") is None
+    assert vb.cpu() is vb and vb.train() is vb and vb.training and vb.original_model.training
+    assert not vb.vision.model.training, "the frozen encoder stays in eval mode"
+    assert vb.to(torch.float64) is vb and vb.cfg.dtype == torch.float64, "the bridge's own to()"
+    assert {p.dtype for p in vb.parameters()} == {torch.float64}, "the vision parts move with it"
+
+
+def test_without_images_it_is_exactly_the_plain_bridge(gpt2_tokenizer, vit_encoder):
+    plain, vb = _plain_and_vision(gpt2_tokenizer, vit_encoder)
+    assert str(vb) == str(plain)
+    tokens = plain.to_tokens(["Hello world", "A dog on a red sofa"])
+    with torch.no_grad():
+        assert torch.equal(vb(tokens), plain(tokens))
+        assert torch.equal(vb(tokens, return_type="loss"), plain(tokens, return_type="loss"))
+        (_, cache), (_, plain_cache) = vb.run_with_cache(tokens), plain.run_with_cache(tokens)
+    assert set(cache.keys()) == set(plain_cache.keys())
+    assert all(torch.equal(cache[k], plain_cache[k]) for k in plain_cache.keys())
+    state, plain_state = vb.state_dict(), plain.state_dict()
+    lm_keys = [k for k in state if not k.startswith(("vision.", "projection."))]
+    assert lm_keys == list(plain_state), "the bridge's TransformerLens-format keys, in its order, first"
+    assert all(torch.equal(state[k], plain_state[k]) for k in lm_keys)
+    assert set(state) - set(lm_keys) == {f"vision.{k}" for k in vb.vision.state_dict()} | {
+        f"projection.{k}" for k in vb.projection.state_dict()}
+
+
+def test_state_dict_round_trip_holds_the_vision_parts(gpt2_tokenizer, vit_encoder, pixels):
+    _, vb = _plain_and_vision(gpt2_tokenizer, vit_encoder)
+    saved = {k: v.clone() for k, v in vb.state_dict().items()}
+    with torch.no_grad():
+        expected = vb(PROMPT, images=pixels)
+        for p in vb.parameters():
+            p.add_(1.0)
+        assert not torch.allclose(vb(PROMPT, images=pixels), expected)
+        result = vb.load_state_dict(saved)
+        assert not result.missing_keys and not result.unexpected_keys
+        assert all(torch.equal(v, saved[k]) for k, v in vb.state_dict().items())
+        assert torch.equal(vb(PROMPT, images=pixels), expected)
+    lm_only = {k: v for k, v in saved.items() if not k.startswith(("vision.", "projection."))}
+    vb.load_state_dict(lm_only)  # a plain bridge's state dict loads strictly, vision parts untouched
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: 'projection.linear.bias'"):
+        vb.load_state_dict({k: v for k, v in saved.items() if k != "projection.linear.bias"})
+    with pytest.raises(RuntimeError, match="Unexpected key.*'vision.bogus'"):
+        vb.load_state_dict({**saved, "vision.bogus": torch.zeros(1)})
+
+
+def test_parameters_are_the_bridges_then_the_encoders_and_projections(gpt2_tokenizer, vit_encoder):
+    plain, vb = _plain_and_vision(gpt2_tokenizer, vit_encoder)
+    names = [n for n, _ in vb.named_parameters()]
+    vision = [f"vision.{n}" for n, _ in vb.vision.named_parameters()] + [
+        f"projection.{n}" for n, _ in vb.projection.named_parameters()]
+    assert names == [n for n, _ in plain.named_parameters()] + vision
+    assert [id(p) for p in vb.parameters()] == [id(p) for _, p in vb.named_parameters()]
+    assert [id(p) for p in vb.parameters()][:len(names) - len(vision)] == [id(p) for p in vb.original_model.parameters()]
+
+
+def test_a_refused_bridge_is_left_plain_and_a_vision_bridge_is_not_made_twice(gpt2_tokenizer, vit_encoder, cnn_encoder):
+    bridge = TransformerBridge.boot_transformers("tiny", hf_model=_tiny_hf("gpt2"), tokenizer=gpt2_tokenizer)
+    projection = ImageProjection.load(SHIPPED_PROJECTION)  # made for EfficientNet-Lite0 and SmolLM2
+    with pytest.raises(ValueError, match="encoder: projection has"):
+        VisionBridge(bridge, vit_encoder, projection)
+    assert type(bridge) is TransformerBridge and "vision" not in bridge._modules
+    vb = VisionBridge(bridge, vit_encoder)
+    with pytest.raises(ValueError, match="already a VisionBridge"):
+        VisionBridge(vb, vit_encoder)
+    clone = copy.deepcopy(vb)  # deepcopy and pickle rebuild it without arguments
+    assert type(clone) is VisionBridge and clone.vision is not vb.vision
+
+
+@torch.no_grad()
+def test_image_slots_get_names_or_a_clear_error(models, pixels):
+    _, vb = models
+    tokens = vb.to_tokens(["A picture of", "A very small picture of a"], image=True, padding_side="right")
+    _, cache = vb.run_with_cache(tokens, images=pixels[:2])
+    resid = cache["blocks.1.hook_resid_post"][None, :, -1]  # [component, batch, d_model]
+    with pytest.raises(ValueError, match="image slots .* no unembedding direction"):
+        cache.logit_attrs(resid, tokens=tokens[:, 0], pos_slice=-1)
+    with pytest.raises(ValueError, match="image slots"):
+        vb.tokens_to_residual_directions(vb.image_token_id)
+    answers = tokens[:, -1]  # text tokens are fine
+    assert cache.logit_attrs(resid, tokens=answers, pos_slice=-1).shape == (1, 2)
+    slots = [f"<image_{i}>" for i in range(vb.n_image_tokens)]
+    assert vb.to_str_tokens(tokens)[0][:vb.n_image_tokens] == slots
+    assert vb.to_str_tokens(tokens[0].numpy())[:vb.n_image_tokens] == slots
+    assert vb.to_string(tokens[0]) == "A picture of" + "<|endoftext|>" * int((tokens[0] == 50256).sum())
+
+
+@needs_tl4_tools
+def test_transformer_lens_tools_take_it_and_keep_their_checks(gpt2_tokenizer, vit_encoder):
+    plain, vb = _plain_and_vision(gpt2_tokenizer, vit_encoder)
+    # eval mode by default: logit_lens runs (it refuses training mode), as on the plain bridge
+    assert torch.equal(logit_lens(vb, "Hello world").values, logit_lens(plain, "Hello world").values)
+    for model in (plain, vb):  # DLA's safety check holds (a non-identity final norm, no compatibility mode)
+        with pytest.raises(ValueError, match="DLA on a TransformerBridge requires compatibility mode"):
+            direct_logit_attribution(model, "Hello world", answer_tokens=" there")
+    prompts = ["Hello world, this is", "A dog on a red sofa"]  # JacobianLens takes bridges only
+    kwargs = dict(corpus="test", source_layers=[0], dim_batch=64, show_progress=False, skip_first_positions=0)
+    assert torch.allclose(JacobianLens.fit(vb, prompts, **kwargs).jacobians[0],
+                          JacobianLens.fit(plain, prompts, **kwargs).jacobians[0])

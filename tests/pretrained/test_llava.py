@@ -252,7 +252,7 @@ def test_chat_prompt_generation_and_bad_image_token_id(llava, hf_llava, processo
     assert got.tolist() == want.tolist()
     with pytest.raises(ValueError, match=r"image_token_id must be in \[0, "):
         if isinstance(llava, VisionBridge):
-            VisionBridge(llava.bridge, llava.vision, llava.projection, image_token_id=VOCAB + 1)
+            VisionBridge(llava, llava.vision, llava.projection, image_token_id=VOCAB + 1)
         else:
             HookedVisionPrefix(HookedTransformer(llava.cfg), llava.vision, llava.projection, image_token_id=VOCAB + 1)
 

@@ -6,6 +6,7 @@ part once: the encoder and projection (checked to fit each other and the LM), th
 (``preprocess``), ``embed_images`` with its two hooks (``hook_image_features``, ``hook_image_embed``),
 the checks of precomputed features and soft prompts, the image-slot mask, and the parts of the LM's
 entry points that concern images: ``to_tokens(..., image=True)``, ``to_str_tokens`` naming image slots,
+``to_string`` leaving them out, ``tokens_to_residual_directions`` refusing them (``cache.logit_attrs``),
 ``bind_images`` and ``generate`` with images. Each backend supplies only what differs: how its LM
 tokenizes (``_lm_to_tokens``, ``_lm_to_str_tokens``) and where a call's soft prompts are bound
 (``_binding``).
@@ -198,6 +199,29 @@ class ImageFrontEnd:
                 names = iter(f"<image_{i}>" for i in range(int(slots.sum())))
                 return [next(names) if s else t for t, s in zip(text, slots.tolist())]
         return self._lm_to_str_tokens(input, prepend_bos, padding_side)
+
+    def to_string(self, tokens):
+        """TransformerLens's ``to_string``; image slots are left out of the decoded text."""
+        ids = tokens if isinstance(tokens, Tensor) else torch.tensor(tokens)
+        if ids.ndim == 2 and self.image_mask(ids).any():
+            return [self.to_string(row) for row in ids]
+        if ids.ndim <= 1 and self.image_mask(ids).any():
+            return super().to_string(ids[~self.image_mask(ids)])
+        return super().to_string(tokens)
+
+    def tokens_to_residual_directions(self, tokens):
+        """TransformerLens's ``tokens_to_residual_directions``, refusing image slots by name.
+
+        An image slot is not a vocabulary entry and has no unembedding direction, so
+        ``cache.logit_attrs(..., tokens=...)`` needs the *answer* tokens (text ids), e.g.
+        ``tokens[:, 1:][~model.image_mask(tokens[:, 1:])]`` or the target ids.
+        """
+        if isinstance(tokens, int) and tokens == self.image_token_id or (
+                isinstance(tokens, Tensor) and self.image_mask(tokens).any()):
+            raise ValueError(f"tokens hold image slots (id {self.image_token_id}), which have no "
+                             "unembedding direction; pass text token ids (the answers whose logits you "
+                             "attribute), e.g. the target ids or the text tokens without image slots")
+        return super().tokens_to_residual_directions(tokens)
 
     def _text_ids(self, text: str, prepend_bos) -> Int[Tensor, "pos"]:
         """One text's token ids from the LM's own ``to_tokens`` (BOS as asked, untruncated, on CPU)."""

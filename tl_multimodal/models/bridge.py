@@ -1,4 +1,4 @@
-"""VisionBridge: images as soft prompts in any LM wrapped by TransformerLens's ``TransformerBridge``.
+"""VisionBridge: images as soft prompts in any LM that TransformerLens's ``TransformerBridge`` runs.
 
 The same model as :class:`~tl_multimodal.models.prefix.HookedVisionPrefix` (a frozen vision encoder,
 ``hook_image_features``, a LiMBeR projection, ``hook_image_embed``, image slots = token id
@@ -11,21 +11,41 @@ projected image tokens there), so tokens with image slots flow through every bri
 
     bridge = TransformerBridge.boot_transformers("gpt2")
     model = VisionBridge(bridge, VisionEncoder.from_timm("beit_base_patch16_224"), projection)
+    assert model is bridge and isinstance(model, TransformerBridge)
     logits, cache = model.run_with_cache("A picture of", images=pixels)
     model.caption(pil_images)
 
-Everything not defined here (``cfg``, ``tokenizer``, ``W_U``, ``W_out``, ``blocks``, ``hooks``,
-``hook_dict``, ...) is the wrapped bridge's.
+Design: a VisionBridge *is* the ``TransformerBridge`` it is made from. ``VisionBridge`` subclasses
+``TransformerBridge``, and ``VisionBridge(bridge, ...)`` turns the booted bridge into one in place
+(``__new__`` checks the arguments, then reassigns the object's class; ``__init__`` adds the encoder,
+the projection, the two image hook points and the embedding hooks). No weight is copied and
+nothing is wrapped: every TransformerLens tool gets the bridge itself, with the bridge's own
+``state_dict``, ``train``, ``to``, ``__getattr__``/``__setattr__``, ``__str__``, ``isinstance``
+checks and safety checks, and without images it computes exactly what the bridge did. What it
+adds to the bridge's behaviour:
+
+* eval mode after construction, the encoder and projection included (analyses refuse training mode);
+* ``state_dict()`` is the bridge's TransformerLens-format dict followed by the encoder's and the
+  projection's entries under ``vision.`` and ``projection.``; ``load_state_dict`` takes them back;
+  ``parameters()``/``named_parameters()`` are the bridge's followed by the encoder's and the
+  projection's;
+* ``loss_fn`` never predicts an image slot; ``to_str_tokens``/``to_string`` name or drop image
+  slots; ``tokens_to_residual_directions`` (``cache.logit_attrs``) refuses them by name.
+
+The booted bridge is used up: afterwards it is the VisionBridge (``model.bridge`` is ``model``,
+for code written when this class wrapped the bridge).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
 
 from tl_multimodal._validate import check_int
 from tl_multimodal.models.encoders import VisionEncoder
@@ -33,63 +53,90 @@ from tl_multimodal.models._frontend import ImageFrontEnd, check_slots, rebound
 from tl_multimodal.models.images import Images
 from tl_multimodal.models.projection import ImageProjection
 
+_VISION_PARTS = ("vision", "projection")  # the submodules kept apart from the bridge's own state
 
-class VisionBridge(ImageFrontEnd, nn.Module):
+
+class VisionBridge(ImageFrontEnd, TransformerBridge):
     """A ``TransformerBridge`` LM with a frozen vision encoder and a LiMBeR projection in front.
 
+    ``VisionBridge(bridge, encoder, projection)`` returns ``bridge`` itself, now a VisionBridge
+    (see the module docstring).
+
     Args:
-        bridge: The text LM as a ``TransformerBridge`` (e.g. ``TransformerBridge.boot_transformers``).
-            It is used in place: two hook points (``hook_image_features``, ``hook_image_embed``)
-            are added to it and its input embedding learns to fill image slots. Calls without
-            image slots run exactly as before.
+        bridge: The text LM as a ``TransformerBridge`` (e.g. ``TransformerBridge.boot_transformers``),
+            not yet a VisionBridge. It becomes the VisionBridge: two hook points
+            (``hook_image_features``, ``hook_image_embed``) are added, its input embedding learns to
+            fill image slots, and it is put in eval mode. Calls without image slots run exactly as before.
         encoder: The frozen vision encoder.
         projection: A trained :class:`ImageProjection`; ``None`` makes a fresh (untrained) one.
         image_token_id: The id of image slots; default ``cfg.d_vocab`` (never a real token). A
             bridged VLM uses its own image-placeholder id (:func:`tl_multimodal.pretrained.llava.llava_bridge`).
 
     Attributes:
-        bridge: The wrapped ``TransformerBridge``.
         vision: The :class:`VisionEncoder`.
         projection: The :class:`ImageProjection`.
         n_image_tokens: Soft-prompt positions per image (= the encoder's patches).
         image_token_id: The id that marks an image slot in a token tensor (``cfg.d_vocab``).
+
+    Raises:
+        TypeError: ``bridge`` is not a ``TransformerBridge``.
+        ValueError: No token embedding, a bad ``image_token_id``, an embedding without a row per ``cfg.d_vocab`` id, a
+            projection made for another encoder or LM, or a bridge that is already a VisionBridge.
+            The bridge is left untouched.
     """
 
-    def __init__(self, bridge, encoder: VisionEncoder, projection: ImageProjection | None = None, *,
-                 image_token_id: int | None = None):
-        super().__init__()
-        if not hasattr(bridge, "adapter") or not hasattr(bridge, "original_model"):
+    def __new__(cls, bridge=None, encoder: VisionEncoder | None = None, projection: ImageProjection | None = None,
+                *, image_token_id: int | None = None):
+        if bridge is None:  # copy.deepcopy and pickle make an empty instance, then fill its __dict__
+            return super().__new__(cls)
+        if not isinstance(bridge, TransformerBridge):
             raise TypeError(f"bridge must be a transformer_lens TransformerBridge, got {type(bridge).__name__}")
         cfg = bridge.cfg
         if image_token_id is not None:  # the VLM's image placeholder, a real token
             check_int(image_token_id, "image_token_id", minimum=0, maximum=cfg.d_vocab - 1)
-        self.bridge = bridge
-        self.image_token_id = cfg.d_vocab if image_token_id is None else image_token_id
-        embedding = bridge.embed.original_component
-        if image_token_id is None and embedding.num_embeddings != cfg.d_vocab:
-            raise ValueError(f"the LM's input embedding has {embedding.num_embeddings} rows but cfg.d_vocab is "
+        embedding = getattr(getattr(bridge, "embed", None), "original_component", None)
+        if not hasattr(embedding, "num_embeddings"):
+            raise ValueError("the bridge has no token embedding (embed) to put image slots in")
+        rows = embedding.num_embeddings
+        if image_token_id is None and rows != cfg.d_vocab:
+            raise ValueError(f"the LM's input embedding has {rows} rows but cfg.d_vocab is "
                              f"{cfg.d_vocab}; image slots (id d_vocab) need them equal")
+        if projection is not None:
+            projection.check_fits(encoder.model_name, encoder.d_img, encoder.grid, cfg.model_name, cfg.d_model)
+        if isinstance(bridge, VisionBridge):
+            raise ValueError("this bridge is already a VisionBridge; boot a fresh TransformerBridge")
+        bridge.__class__ = cls if type(bridge) is TransformerBridge else _vision_class(cls, type(bridge))
+        return bridge
+
+    def __init__(self, bridge, encoder: VisionEncoder, projection: ImageProjection | None = None, *,
+                 image_token_id: int | None = None):
+        # ``self`` is ``bridge``, its class already reassigned by __new__; the bridge's own
+        # __init__ ran when it was booted and must not run again.
+        cfg = self.cfg
+        self.image_token_id = cfg.d_vocab if image_token_id is None else image_token_id
         self._attach_vision(encoder, projection, cfg.model_name, cfg.d_model)
-        if getattr(bridge, "_vision_bridge_wired", False):
-            raise ValueError("this bridge already feeds a VisionBridge; boot a fresh TransformerBridge")
         self.projection.to(self._device)
         self.vision.to(self._device)
-        # On the bridge, so its run_with_cache / run_with_hooks / hooks() know them by name.
-        bridge.hook_image_features = HookPoint()  # [batch, patch, d_img]
-        bridge.hook_image_embed = HookPoint()  # [batch, patch, d_model]
+        # Registered by the bridge's __setattr__, so run_with_cache / run_with_hooks / hooks() know them by name.
+        self.hook_image_features = HookPoint()  # [batch, patch, d_img]
+        self.hook_image_embed = HookPoint()  # [batch, patch, d_model]
+        driver = getattr(self, "_driver", None)  # TransformerLens 4: the hooks the backend declares it fires
+        if getattr(driver, "supported_hook_points", None):
+            driver.supported_hook_points = driver.supported_hook_points | {"hook_image_features", "hook_image_embed"}
         self._bound: Any = None  # the soft prompts (or what makes them) for the running call
         self._slots: Tensor | None = None
+        embedding = self.embed.original_component
         embedding.register_forward_pre_hook(self._mask_slots)
         embedding.register_forward_hook(self._fill_slots)
-        for block in getattr(bridge, "blocks", []):
+        for block in getattr(self, "blocks", []):
             if hasattr(block, "attn"):
                 block.attn.register_forward_pre_hook(_kv_cache_by_its_old_name, with_kwargs=True)
-        bridge._vision_bridge_wired = True
+        self.eval()
 
     @classmethod
     def from_hf(cls, hf_model, tokenizer, encoder: VisionEncoder, projection: ImageProjection | None = None,
                 model_name: str | None = None) -> "VisionBridge":
-        """Wrap an in-memory Hugging Face causal LM (no download).
+        """Bridge an in-memory Hugging Face causal LM (no download).
 
         Args:
             hf_model: E.g. a ``LlamaForCausalLM`` or ``GPT2LMHeadModel``.
@@ -99,8 +146,6 @@ class VisionBridge(ImageFrontEnd, nn.Module):
             model_name: The LM's name as recorded in projection checkpoints; defaults to
                 ``hf_model.config.name_or_path``.
         """
-        from transformer_lens.model_bridge import TransformerBridge
-
         name = model_name or hf_model.config.name_or_path or type(hf_model).__name__
         return cls(TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer),
                    encoder, projection)
@@ -118,33 +163,78 @@ class VisionBridge(ImageFrontEnd, nn.Module):
                 untrained one and warns (``UserWarning``); ``"untrained"`` builds one without warning.
             **boot_kwargs: Passed to ``TransformerBridge.boot_transformers``.
         """
-        from transformer_lens.model_bridge import TransformerBridge
-
         from tl_multimodal.models._hub import hub_encoder, hub_projection
 
         proj = hub_projection(projection, "VisionBridge.from_pretrained")  # before any download
         bridge = TransformerBridge.boot_transformers(model_name, **boot_kwargs)
         return cls(bridge, hub_encoder(encoder), proj)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            bridge = self.__dict__["_modules"].get("bridge")
-            if bridge is None:
-                raise
-            return getattr(bridge, name)
+    @property
+    def bridge(self) -> "VisionBridge":
+        """The model itself (this class used to wrap the bridge; the name stays for old code)."""
+        return self
 
     @property
     def _device(self) -> torch.device:
-        return self.bridge.embed.original_component.weight.device
+        return self.embed.original_component.weight.device
 
-    def to(self, *args, **kwargs) -> "VisionBridge":
-        """Move the bridge (keeping its ``cfg.device`` right), the encoder and the projection."""
-        self.bridge.to(*args, **kwargs)
-        self.vision.to(*args, **kwargs)
-        self.projection.to(*args, **kwargs)
-        return self
+    # ---------------------------------------------------------------- the vision parts in PyTorch's views
+    def state_dict(self, destination=None, prefix="", keep_vars=False):
+        """The bridge's ``state_dict`` followed by the encoder's and projection's under ``vision.`` /
+        ``projection.``.
+
+        A plain call gives the bridge's TransformerLens-format keys (``blocks.0.attn.q.weight``, ...)
+        and then the vision parts; with ``destination`` or ``prefix`` (the model nested in another
+        module) the bridge's recursive ``nn.Module`` keys, which hold the vision parts already.
+        """
+        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if destination is None and not prefix:
+            for name in _VISION_PARTS:
+                for key, value in getattr(self, name).state_dict(keep_vars=keep_vars).items():
+                    state[f"{name}.{key}"] = value
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The bridge's ``load_state_dict``, plus the ``vision.`` and ``projection.`` entries of :meth:`state_dict`.
+
+        Every key format the bridge's takes is taken (TransformerLens, raw and clean HF keys). A dict
+        without any ``vision.`` (or ``projection.``) key leaves that part as it is, so the LM-only
+        state dict of a plain bridge loads, ``strict`` included; a part given in part is checked.
+
+        Raises:
+            RuntimeError: ``strict`` and keys missing or unexpected (bridge or vision parts), named.
+        """
+        parts = {name: {} for name in _VISION_PARTS}
+        lm_state = {}
+        for key, value in state_dict.items():
+            head, _, rest = key.partition(".")
+            if head in parts and rest:
+                parts[head][rest] = value
+            else:
+                lm_state[key] = value
+        result = super().load_state_dict(lm_state, strict=False, assign=assign)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        for name, part in parts.items():
+            if not part:
+                continue
+            loaded = getattr(self, name).load_state_dict(part, strict=False, assign=assign)
+            missing += [f"{name}.{k}" for k in loaded.missing_keys]
+            unexpected += [f"{name}.{k}" for k in loaded.unexpected_keys]
+        if strict and (missing or unexpected):
+            errors = ([f"Unexpected key(s) in state_dict: {', '.join(map(repr, sorted(unexpected)))}"] if unexpected else []) + \
+                     ([f"Missing key(s) in state_dict: {', '.join(map(repr, missing))}"] if missing else [])
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors))
+        return type(result)(missing_keys=missing, unexpected_keys=unexpected)
+
+    def parameters(self, recurse: bool = True):
+        """The bridge's ``parameters()`` (the HF model's), then the encoder's and the projection's."""
+        return itertools.chain(super().parameters(recurse), *(getattr(self, n).parameters(recurse) for n in _VISION_PARTS))
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """The bridge's ``named_parameters()``, then the encoder's and projection's (``vision.``, ``projection.``)."""
+        return itertools.chain(super().named_parameters(prefix, recurse, remove_duplicate), *(
+            getattr(self, n).named_parameters(f"{prefix}.{n}" if prefix else n, recurse, remove_duplicate)
+            for n in _VISION_PARTS))
 
     # ---------------------------------------------------------------- image slots in the embedding
     def _binding(self, source: tuple[str, Tensor]):
@@ -175,10 +265,10 @@ class VisionBridge(ImageFrontEnd, nn.Module):
     # ---------------------------------------------------------------- tokens with image slots
     def _lm_to_tokens(self, input, prepend_bos, padding_side, move_to_device: bool, truncate: bool,
                       ) -> Int[Tensor, "batch pos"]:
-        return self.bridge.to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
+        return super(ImageFrontEnd, self).to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
 
     def _lm_to_str_tokens(self, input, prepend_bos, padding_side):
-        return self.bridge.to_str_tokens(input, prepend_bos, padding_side)
+        return super(ImageFrontEnd, self).to_str_tokens(input, prepend_bos, padding_side)
 
     def _padding_mask(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
         """The attention mask of left-padded rows. LiMBeR rows (``[pad][BOS][image][text]``): positions
@@ -235,26 +325,26 @@ class VisionBridge(ImageFrontEnd, nn.Module):
                 ``return_type="loss"``/``"both"`` use :meth:`loss_fn` (text tokens only).
         """
         if images is None and image_features is None and image_embed is None:
-            return self.bridge(input, *args, **kwargs)
+            return super().forward(input, *args, **kwargs)
         return_type = kwargs.get("return_type", "logits")
         if args or return_type not in ("loss", "both"):
-            return self._run(self.bridge.forward, input, args, kwargs, images, image_features, image_embed)
+            return self._run(super().forward, input, args, kwargs, images, image_features, image_embed)
         per_token = kwargs.pop("loss_per_token", False)
         source, tokens = self._prepare(input, kwargs, images, image_features, image_embed)
         with self._binding(source):
-            logits = self.bridge.forward(tokens, **{**kwargs, "return_type": "logits"})
+            logits = super().forward(tokens, **{**kwargs, "return_type": "logits"})
         loss = self.loss_fn(logits, tokens, kwargs.get("attention_mask"), per_token=per_token)
         return loss if return_type == "loss" else (logits, loss)
 
     def run_with_cache(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
                        image_embed: Tensor | None = None, **kwargs):
         """The bridge's ``run_with_cache`` with images (``hook_image_*`` are cached too)."""
-        return self._run(self.bridge.run_with_cache, input, args, kwargs, images, image_features, image_embed)
+        return self._run(super().run_with_cache, input, args, kwargs, images, image_features, image_embed)
 
     def run_with_hooks(self, input, *args, images: Images | None = None, image_features: Tensor | None = None,
                        image_embed: Tensor | None = None, **kwargs):
         """The bridge's ``run_with_hooks`` with images (hooks on ``hook_image_*`` run too)."""
-        return self._run(self.bridge.run_with_hooks, input, args, kwargs, images, image_features, image_embed)
+        return self._run(super().run_with_hooks, input, args, kwargs, images, image_features, image_embed)
 
     def kv_cache(self, batch: int) -> None:
         """None: the analyses' cached steps pass TransformerLens's own KV cache (``past_kv_cache=``,
@@ -263,7 +353,10 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         return None
 
     def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
-        """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only)."""
+        """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only);
+        tokens without image slots get the bridge's own ``loss_fn``."""
+        if not self.image_mask(tokens).any():
+            return super().loss_fn(logits, tokens, attention_mask, per_token)
         tokens = tokens.to(logits.device)
         targets = ~self.image_mask(tokens[:, 1:])
         if attention_mask is not None:
@@ -282,13 +375,14 @@ class VisionBridge(ImageFrontEnd, nn.Module):
         """
         kwargs["use_past_kv_cache"] = use_past_kv_cache
         if images is None and image_features is None and image_embed is None:
-            return self.bridge.generate(input, max_new_tokens, *args, **kwargs)
+            return super().generate(input, max_new_tokens, *args, **kwargs)
         source = self._source(images, image_features, image_embed)
+        generate = super().generate
 
         def run(tokens: Tensor, options: dict) -> Tensor:
             self._mask_padding(tokens, options)
             with torch.no_grad():
-                return self.bridge.generate(tokens, max_new_tokens, *args, **options)
+                return generate(tokens, max_new_tokens, *args, **options)
 
         return self._generate_with_images(input, max_new_tokens, kwargs.pop("prepend_bos", None),
                                           kwargs.pop("padding_side", None), kwargs, source, run)
@@ -304,3 +398,13 @@ def _kv_cache_by_its_old_name(module: nn.Module, args: tuple, kwargs: dict) -> t
     if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None:
         return args, {**kwargs, "past_key_values": kwargs["cache"]}
     return None
+
+
+_VISION_CLASSES: dict[type, type] = {}
+
+
+def _vision_class(cls: type, base: type) -> type:
+    """``cls`` on top of ``base``, a subclass of ``TransformerBridge`` (made once per subclass)."""
+    if base not in _VISION_CLASSES:
+        _VISION_CLASSES[base] = type(f"{cls.__name__}[{base.__name__}]", (cls, base), {"__module__": cls.__module__})
+    return _VISION_CLASSES[base]

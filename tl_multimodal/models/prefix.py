@@ -216,29 +216,6 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
     def _lm_to_str_tokens(self, input, prepend_bos, padding_side):
         return HookedTransformer.to_str_tokens(self, input, prepend_bos, padding_side)
 
-    def to_string(self, tokens):
-        """TransformerLens's ``to_string``; image slots are left out of the decoded text."""
-        ids = tokens if isinstance(tokens, Tensor) else torch.tensor(tokens)
-        if ids.ndim == 2 and self.image_mask(ids).any():
-            return [self.to_string(row) for row in ids]
-        if ids.ndim <= 1 and self.image_mask(ids).any():
-            return super().to_string(ids[~self.image_mask(ids)])
-        return super().to_string(tokens)
-
-    def tokens_to_residual_directions(self, tokens):
-        """TransformerLens's ``tokens_to_residual_directions``, refusing image slots by name.
-
-        An image slot is not a vocabulary entry and has no unembedding direction, so
-        ``cache.logit_attrs(..., tokens=...)`` needs the *answer* tokens (text ids), e.g.
-        ``tokens[:, 1:][~model.image_mask(tokens[:, 1:])]`` or the target ids.
-        """
-        if isinstance(tokens, int) and tokens == self.image_token_id or (
-                isinstance(tokens, Tensor) and self.image_mask(tokens).any()):
-            raise ValueError(f"tokens hold image slots (id {self.image_token_id}), which have no "
-                             "unembedding direction; pass text token ids (the answers whose logits you "
-                             "attribute), e.g. the target ids or the text tokens without image slots")
-        return super().tokens_to_residual_directions(tokens)
-
     def _binding(self, source: tuple[str, Tensor]):
         """Embed the source now; the slot embedding holds the soft prompts for the block."""
         return rebound(self.embed, "image_embed", self._embed(source))
