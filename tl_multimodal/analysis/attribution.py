@@ -486,6 +486,7 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
         warnings.warn("the model is in train mode (projection dropout is active); call model.eval()")
     if probe is not None:
         probe.check_batch(n)
+        probe.check_model(model)
         if objective == "caption_logprob" and probe.caption_spans is None:
             raise ValueError("objective='caption_logprob' needs a probe made with whole_caption=True")
     elif target is not None:

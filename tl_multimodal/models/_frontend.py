@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tl_multimodal._validate import check_int, check_number, exactly_one
+from tl_multimodal._validate import check_generation_options, check_int, check_token_ids, exactly_one
 from tl_multimodal._compat import USE_DEFAULT_VALUE
 from tl_multimodal.models.images import Images, to_pixels
 from tl_multimodal.models.projection import ImageProjection, ProjectionInfo
@@ -270,6 +270,7 @@ class ImageFrontEnd:
             raise TypeError(f"{what} must be a string, a list of strings or a token tensor with image slots "
                             f"(integer ids from model.to_tokens(text, image=True)), got {type(input).__name__}")
         tokens = input if input.ndim == 2 else input[None]
+        check_token_ids(tokens, self.cfg.d_vocab, self.image_token_id, name=what)
         if not self.image_mask(tokens).any():
             raise ValueError("token tensor has no image slots; build it with "
                              "model.to_tokens(text, image=True)")
@@ -361,16 +362,15 @@ class ImageFrontEnd:
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string (shared by all images), got {type(prompt).__name__}; "
                             "for one prompt per image call model.generate(prompts, images=...)")
-        check_int(batch_size, "batch_size")
-        check_generation_args(dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                   temperature=temperature, top_k=top_k, top_p=top_p))
+        batch_size = check_int(batch_size, "batch_size")
+        options = check_generation_options(dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                temperature=temperature, top_k=top_k, top_p=top_p))
+        max_new_tokens = options.pop("max_new_tokens")
         images = self.preprocess(images)
         n_prompt = self.to_tokens(prompt, image=True).shape[1]
         captions = []
         for chunk in images.split(batch_size):
-            out = self.generate(prompt, max_new_tokens, images=chunk, do_sample=do_sample,
-                                temperature=temperature, top_k=top_k, top_p=top_p,
-                                return_type="tokens", verbose=False)
+            out = self.generate(prompt, max_new_tokens, images=chunk, **options, return_type="tokens", verbose=False)
             captions += [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True).strip() for row in out]
         return captions
 
@@ -397,20 +397,3 @@ def check_slots(slots: Bool[Tensor, "batch pos"], image_embed: Tensor | None, im
         raise ValueError(f"got {batch} images of {n_patch} patches for tokens of batch "
                          f"{slots.shape[0]} with {n_slots.tolist()} image slots per row; each row "
                          f"needs one image's {n_patch} slots (one image per prompt)")
-
-
-def check_generation_args(args: dict) -> None:
-    """Name the first bad sampling argument among those given to ``generate``/``caption``."""
-    if "max_new_tokens" in args:
-        check_int(args["max_new_tokens"], "max_new_tokens")
-    for name in ("do_sample", "stop_at_eos", "use_past_kv_cache", "verbose"):
-        if name in args and not isinstance(args[name], bool):
-            raise TypeError(f"{name} must be True or False, got {args[name]!r}")
-    if args.get("top_k") is not None:
-        check_int(args["top_k"], "top_k")
-    top_p = args.get("top_p")
-    if top_p is not None and not 0 < check_number(top_p, "top_p") <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    for name in ("temperature", "freq_penalty"):  # temperature 0 is greedy, as in TransformerLens
-        if name in args:
-            check_number(args[name], name, minimum=0)

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
-from tl_multimodal._validate import check_int
+from tl_multimodal._validate import check_generation_options, check_int, check_token_ids
 from tl_multimodal.models.encoders import VisionEncoder
 from tl_multimodal.models._frontend import ImageFrontEnd, check_slots, rebound
 from tl_multimodal.models.images import Images
@@ -245,6 +245,7 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
 
     def _mask_slots(self, module: nn.Module, args: tuple) -> tuple | None:
         tokens = args[0]
+        check_token_ids(tokens, self.cfg.d_vocab, self.image_token_id)
         slots = tokens == self.image_token_id
         if not slots.any():
             self._slots = None
@@ -373,7 +374,9 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
         With the KV cache (default, as in TransformerLens) the image is read once, by the first
         step; ``use_past_kv_cache=False`` runs a full forward pass per step (same tokens, slower).
         """
-        kwargs["use_past_kv_cache"] = use_past_kv_cache
+        kwargs = check_generation_options({"max_new_tokens": max_new_tokens, **kwargs,
+                                           "use_past_kv_cache": use_past_kv_cache})
+        max_new_tokens = kwargs.pop("max_new_tokens")
         if images is None and image_features is None and image_embed is None:
             return super().generate(input, max_new_tokens, *args, **kwargs)
         source = self._source(images, image_features, image_embed)
