@@ -14,15 +14,32 @@ import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-try:  # TransformerLens 3; TransformerLens 4 has no HookedTransformer (only the bridge tests run there)
+try:  # TransformerLens 3; TransformerLens 4 has no HookedTransformer (the HookedVisionPrefix tests skip there)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 except ImportError:
-    HookedTransformer = None
+    HookedTransformer = HookedTransformerConfig = None
 
 from tl_multimodal import HookedVisionPrefix, VisionBridge, VisionEncoder  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
+
+# ------------------------------------------------------------------ TransformerLens 3 only
+HAS_HOOKED_TRANSFORMER = HookedTransformer is not None
+#: The reasons a test skips on TransformerLens 4, one per kind of test (``make test`` reports them with -rs).
+NO_HOOKED_TRANSFORMER = "HookedTransformer needs TransformerLens 3 (TransformerLens 4 removed it)"
+NO_HOOKED_PREFIX = "HookedVisionPrefix needs HookedTransformer, which TransformerLens 4 removed"
+NO_CROSS_BACKEND = ("compares HookedVisionPrefix with VisionBridge: only TransformerLens 3 has both "
+                    "(TransformerLens 4 removed HookedTransformer)")
+#: Marks a test that builds a HookedTransformer or HookedVisionPrefix: it skips on TransformerLens 4.
+needs_hooked_transformer = pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason=NO_HOOKED_TRANSFORMER)
+needs_hooked_prefix = pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason=NO_HOOKED_PREFIX)
+
+
+def skip_module_without_hooked_transformer(reason: str = NO_HOOKED_TRANSFORMER) -> None:
+    """Skip the calling test module on TransformerLens 4 (call it before importing HookedTransformer)."""
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip(reason, allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +48,10 @@ def gpt2_tokenizer():
 
 
 def tiny_gpt2_vlm(tokenizer, encoder, seed: int) -> "HookedVisionPrefix":
-    """A 2-layer GPT-2-style LM (d_model 64, random seeded weights) behind ``encoder``: for tests that train."""
+    """A 2-layer GPT-2-style LM (d_model 64, random seeded weights) behind ``encoder``: for tests that train
+    (skips the calling test on TransformerLens 4)."""
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip(NO_HOOKED_PREFIX)
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=64, d_head=16, n_heads=4, d_mlp=128,
                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LN", model_name="tiny-gpt2")
@@ -49,7 +69,7 @@ def hf_gpt2():
 def gpt2_small(hf_gpt2, gpt2_tokenizer):
     """GPT-2 small as a HookedTransformer with the same weights as ``hf_gpt2`` (no processing)."""
     if HookedTransformer is None:
-        pytest.skip("HookedTransformer needs TransformerLens 3")
+        pytest.skip(NO_HOOKED_TRANSFORMER)
     cfg = HookedTransformerConfig(
         n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257,
         act_fn="gelu_new", normalization_type="LN", model_name="gpt2", eps=1e-5,
@@ -64,7 +84,7 @@ def gpt2_small(hf_gpt2, gpt2_tokenizer):
 def tiny_llama(gpt2_tokenizer):
     """A Llama-style model (RMSNorm, rotary, grouped-query attention, gated MLP): HF and hooked."""
     if HookedTransformer is None:
-        pytest.skip("HookedTransformer needs TransformerLens 3")
+        pytest.skip(NO_HOOKED_TRANSFORMER)
     torch.manual_seed(5)
     hf_cfg = transformers.LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -112,6 +132,8 @@ def pixels():
 @pytest.fixture(scope="session")
 def small_vlm(gpt2_tokenizer, vit_encoder):
     """2 layers, GPT-2's tokenizer and vocabulary (random weights), the tiny ViT (32x32 images, 4x4 grid)."""
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip(NO_HOOKED_PREFIX)
     torch.manual_seed(3)
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257, n_ctx=64,
                                   act_fn="gelu", normalization_type="LN", model_name="tiny")
@@ -152,7 +174,7 @@ def backend(request):
     """The model class a parametrised test builds (:func:`build_vlm`): ``"hooked"``
     (HookedVisionPrefix, TransformerLens 3 only) or ``"bridge"`` (VisionBridge)."""
     if request.param == "hooked" and HookedTransformer is None:
-        pytest.skip("HookedVisionPrefix needs HookedTransformer, which TransformerLens 4 removed")
+        pytest.skip(NO_HOOKED_PREFIX)
     return request.param
 
 
