@@ -227,6 +227,18 @@ def vlm_on(backend, request, hf_gpt2, gpt2_tokenizer, vit_encoder):
     return build_vlm("bridge", hf_gpt2, gpt2_tokenizer, vit_encoder)
 
 
+def gpt2_small_vlm(backend: str, request, encoder, projection=None):
+    """GPT-2 small (``hf_gpt2``'s weights) behind ``encoder`` on ``backend``, with ``projection`` (default: an
+    untrained one): a HookedVisionPrefix on ``gpt2_small`` (shared, not copied) or a VisionBridge over a copy
+    of ``hf_gpt2``. For a test that builds its own model around another encoder or projection."""
+    import copy
+
+    if backend == "hooked":
+        return HookedVisionPrefix(request.getfixturevalue("gpt2_small"), encoder, projection).eval()
+    hf, tok = request.getfixturevalue("hf_gpt2"), request.getfixturevalue("gpt2_tokenizer")
+    return VisionBridge.from_hf(copy.deepcopy(hf), tok, encoder, projection, model_name="gpt2").eval()
+
+
 def hf_mlp(hf, layer: int) -> dict:
     """A tiny HF model's MLP weights of one layer in TransformerLens's layout (views, editable in place):
     ``W_in``/``W_gate`` ``[d_model, d_mlp]``, ``W_out`` ``[d_mlp, d_model]``, and ``b_out`` (or None)."""
