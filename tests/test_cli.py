@@ -170,10 +170,9 @@ def offline_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cli_cache")
 
 
-def test_caption_end_to_end_with_the_offline_model(files, offline_cache, monkeypatch):
-    """Cold cache, then warm: one progress line each, captions equal to ``model.caption`` on the same files."""
-    from tl_multimodal import load
-
+def test_caption_end_to_end_with_the_offline_model(files, offline_cache, offline_model):
+    """Cold cache, then warm: one progress line each, captions equal to ``model.caption`` on the same files
+    (``offline_model``: the session's ``load("offline")``, the installed TransformerLens's default backend)."""
     env = _env(TL_MULTIMODAL_CACHE=str(offline_cache))
     argv = ["caption", str(files / "good"), str(files / "good" / "sub" / "*.png"), "--max-new-tokens", "5"]
     cold, warm = run(*argv, runner=False, env=env), run(*argv, runner=False, env=env)
@@ -186,10 +185,8 @@ def test_caption_end_to_end_with_the_offline_model(files, offline_cache, monkeyp
     assert "(from the cache)" in warm.stderr and "de-quantizing" not in warm.stderr
     assert cold.stdout == warm.stdout
 
-    monkeypatch.setenv("TL_MULTIMODAL_CACHE", str(offline_cache))
-    model = load("offline")
     paths = [files / "good" / "a.jpg", files / "good" / "b.png", files / "good" / "sub" / "c.png"]
-    captions = model.caption(paths, max_new_tokens=5)
+    captions = offline_model.caption(paths, max_new_tokens=5)
     assert cold.stdout.splitlines() == [f"{p}: A picture of {c}" for p, c in zip(paths, captions)]
 
 
