@@ -22,12 +22,16 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
 NEEDS = re.compile(r"#\s*needs:\s*(.+)")
 NEVER_HERE = {"internet", "gpu"}
 KNOWN = NEVER_HERE | {"coco_mini"}
-# Known VisionBridge bugs that a block hits where the bridge is the default model (TransformerLens 4): a block
-# containing the key skips there with the bug as its reason (and the blocks after it still run).
+# What a block cannot do where the bridge is the default model (TransformerLens 4): known VisionBridge bugs, and
+# HookedTransformer-only features. A block containing the key skips there with the reason (the blocks after it
+# still run).
 BRIDGE_BUGS = {
     "train_projection(model": "train_projection on a VisionBridge fails in the final RMSNorm (RuntimeError: the size "
                               "of tensor a (576) must match the size of tensor b (49152)): tl_multimodal/training's "
                               "bridge path, being fixed with the training/NLL port",
+    # not a bug: a feature of HookedTransformer (TransformerLens 3 only)
+    "ViTWithLMBlocks(": "ViTWithLMBlocks copies HookedTransformer blocks: TransformerLens 3 only (TransformerLens 4 "
+                        "removed HookedTransformer)",
 }
 
 
