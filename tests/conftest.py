@@ -1,7 +1,11 @@
 """Shared, session-scoped fixtures: GPT-2 small (real config and tokenizer, random weights), small
 timm encoders, and the HookedVisionPrefix built from them; the ``backend`` fixture and
 :func:`build_vlm`, which make the same tiny vision LM as a HookedVisionPrefix or a VisionBridge from
-one HF model. Everything runs offline."""
+one HF model (``small_vlm_on``, ``vlm_on``, :func:`gpt2_small_vlm`: the shared models on either backend);
+the offline model once per backend for the whole session (``offline_hooked``, ``offline_bridge``,
+``offline_model``); and the TransformerLens 4 skips (``HAS_HOOKED_TRANSFORMER``, ``needs_hooked_transformer``,
+``needs_hooked_prefix``, ``needs_both_backends``, :func:`skip_module_without_hooked_transformer`), each with
+its reason. Everything runs offline."""
 
 import os
 
