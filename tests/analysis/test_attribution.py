@@ -365,8 +365,7 @@ def test_bad_input_gets_clear_errors(tiny_vlm, backend, feats):
         attribute(tiny_vlm, image_features=feats, target="dog", probe=attr.probe)
 
 
-@needs_hooked_transformer
-def test_gpt2_small_one_backward_pass(vlm, pixels):
+def test_gpt2_small_one_backward_pass(vlm_on, pixels):
     """GPT-2 small: every layer x patch x unit from one backward; no parameter gradients."""
     backward_calls, forward_calls = [], []
 
@@ -374,12 +373,12 @@ def test_gpt2_small_one_backward_pass(vlm, pixels):
         forward_calls.append(1)
         resid.register_hook(lambda g: backward_calls.append(1))
 
-    with vlm.hooks(fwd_hooks=[("blocks.11.hook_resid_post", count)]):
-        attr = attribute(vlm, pixels, captions=["a dog on a sofa", "the big cat", "three red apples"])
+    with vlm_on.hooks(fwd_hooks=[("blocks.11.hook_resid_post", count)]):
+        attr = attribute(vlm_on, pixels, captions=["a dog on a sofa", "the big cat", "three red apples"])
     assert isinstance(attr, Attribution)
     assert attr.scores.shape == (3, 12, 16, 3072) and attr.scores.device.type == "cpu"
     assert attr.targets == [" dog", " cat", " apples"]
     assert len(forward_calls) == 1 and len(backward_calls) == 1
-    assert all(p.grad is None for p in vlm.parameters())
+    assert all(p.grad is None for p in vlm_on.parameters())
     assert torch.isfinite(attr.scores).all() and attr.scores.abs().sum() > 0
     assert "3 images x 12 layers" in repr(attr)

@@ -232,28 +232,28 @@ def test_object_for_noun(tmp_path):
     assert object_for_noun(coco, 2, "bus") is None  # no annotations
 
 
-def test_unit_grids_match_the_cache(vlm, pixels):
+def test_unit_grids_match_the_cache(vlm_on, pixels):
     units = torch.tensor([[0, 5], [3, 100], [11, 3071]])
-    grids = unit_grid_activations(vlm, pixels, units)
-    assert grids.shape == (3, 3, 4, 4) and vlm.vision.grid == (4, 4)
+    grids = unit_grid_activations(vlm_on, pixels, units)
+    assert grids.shape == (3, 3, 4, 4) and vlm_on.vision.grid == (4, 4)
     with torch.no_grad():
-        _, cache = vlm.run_with_cache("A picture of a", images=pixels)  # with a prompt: same image activations
+        _, cache = vlm_on.run_with_cache("A picture of a", images=pixels)  # with a prompt: same image activations
     for i, (layer, k) in enumerate(units.tolist()):
-        ref = cache[f"blocks.{layer}.mlp.hook_post"][:, vlm.image_positions, k].reshape(3, 4, 4)
+        ref = cache[f"blocks.{layer}.mlp.hook_post"][:, vlm_on.image_positions, k].reshape(3, 4, 4)
         torch.testing.assert_close(grids[:, i], ref, rtol=1e-4, atol=1e-5)
     per_image = torch.stack([units, units.flip(0), units[[1, 0, 2]]])
-    g2 = unit_grid_activations(vlm, pixels, per_image, hook="hook_pre")
+    g2 = unit_grid_activations(vlm_on, pixels, per_image, hook="hook_pre")
     torch.testing.assert_close(g2[1, 0], cache["blocks.11.mlp.hook_pre"][1, :16, 3071].reshape(4, 4),
                                rtol=1e-4, atol=1e-5)
 
 
-def test_unit_heatmap_on_a_pil_image(vlm):
+def test_unit_heatmap_on_a_pil_image(vlm_on):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
-    hm = unit_heatmap(vlm, image, layer=2, unit=7)
+    hm = unit_heatmap(vlm_on, image, layer=2, unit=7)
     assert hm.heatmap.shape == (50, 70) and hm.grid.shape == (4, 4)
-    geo = CropGeometry.from_data_config(vlm.vision.data_config, image.size)
-    torch.testing.assert_close(hm.grid, unit_grid_activations(vlm, vlm.preprocess(image), [(2, 7)])[0, 0])
+    geo = CropGeometry.from_data_config(vlm_on.vision.data_config, image.size)
+    torch.testing.assert_close(hm.grid, unit_grid_activations(vlm_on, vlm_on.preprocess(image), [(2, 7)])[0, 0])
     assert geo.resized == (49, 35) and geo.crop == (8, 2, 32, 32)  # 70x50: short side -> floor(32/0.9) = 35
     x0, y0, x1, y1 = geo.box  # outside the crop box the heatmap is NaN
     inside = torch.zeros(50, 70, dtype=torch.bool)
@@ -267,6 +267,6 @@ def test_unit_heatmap_on_a_pil_image(vlm):
     assert 0 <= hm.iou(obj) <= 1
     assert isinstance(hm.plot(obj), matplotlib.figure.Figure)
     assert len(hm.to_dataframe()) == 16 and repr(hm).startswith("UnitHeatmap(L2.7, 4x4 grid on a 70x50 image")
-    res = heatmap_ious(vlm, [image, image], [(2, 7), (5, 1)], [obj, obj])
+    res = heatmap_ious(vlm_on, [image, image], [(2, 7), (5, 1)], [obj, obj])
     assert res.iou.shape == (2, 2) and res.iou[0, 0].item() == pytest.approx(hm.iou(obj))
     assert len(res.to_dataframe()) == 4

@@ -18,12 +18,12 @@ from tl_multimodal.analysis.probe import make_probe
 PROMPT = "A picture of a"
 
 
-def test_unit_magnitudes_are_the_cache_max_over_image_slots(small_vlm, pixels):
-    mag = unit_magnitudes(small_vlm, pixels, batch_size=2)
-    tokens = small_vlm.to_tokens(PROMPT, image=True).expand(3, -1)
+def test_unit_magnitudes_are_the_cache_max_over_image_slots(small_vlm_on, pixels):
+    mag = unit_magnitudes(small_vlm_on, pixels, batch_size=2)
+    tokens = small_vlm_on.to_tokens(PROMPT, image=True).expand(3, -1)
     with torch.no_grad():
-        _, cache = small_vlm.run_with_cache(tokens, images=pixels)
-    slots = small_vlm.image_mask(tokens)[0]
+        _, cache = small_vlm_on.run_with_cache(tokens, images=pixels)
+    slots = small_vlm_on.image_mask(tokens)[0]
     want = torch.stack([cache[f"blocks.{l}.mlp.hook_post"][:, slots].abs().amax(1) for l in range(2)], 1)
     assert mag.shape == (3, 2, 64)
     torch.testing.assert_close(mag, want)
@@ -82,22 +82,22 @@ def _bag_of_letters(texts):
 
 
 @pytest.fixture(scope="module")
-def controls(small_vlm, pixels):
+def controls(small_vlm_on, pixels):
     gen = torch.Generator().manual_seed(0)
     ranked = torch.stack([torch.stack([torch.randint(2, (8,), generator=gen),
                                        torch.randperm(64, generator=gen)[:8]], 1) for _ in range(3)])
-    probe = make_probe(small_vlm, 3, [" dog", " cat", " dog"], PROMPT)
+    probe = make_probe(small_vlm_on, 3, [" dog", " cat", " dog"], PROMPT)
     refs = [["a dog on grass", "a brown dog"], ["a red bus"], ["two cats", "a cat asleep"]]
     masks = [np.zeros((32, 32), bool), None, np.zeros((32, 32), bool)]
     masks[0][4:20, 8:30], masks[2][:10] = True, True
-    ctl = specificity_controls(small_vlm, pixels, ranked, probe, ks=(2, 8), n_units=5, n_draws=2, rtol=0.5,
+    ctl = specificity_controls(small_vlm_on, pixels, ranked, probe, ks=(2, 8), n_units=5, n_draws=2, rtol=0.5,
                                embed=_bag_of_letters, reference_captions=refs, object_masks=masks, seed=3, n_boot=200)
     return ctl, ranked, probe, refs, masks
 
 
-def test_control_sets_are_what_they_claim(small_vlm, pixels, controls):
+def test_control_sets_are_what_they_claim(small_vlm_on, pixels, controls):
     ctl, ranked, probe, _, _ = controls
-    mag = unit_magnitudes(small_vlm, pixels)
+    mag = unit_magnitudes(small_vlm_on, pixels)
     assert torch.equal(ctl.units[("own", 8)][0], ranked)
     for d in range(2):  # other image: a donor with another target; its own top units
         donors = ctl.donors[d]
@@ -114,17 +114,17 @@ def test_control_sets_are_what_they_claim(small_vlm, pixels, controls):
     assert ctl.magnitude_within == 1
 
 
-def test_measures_equal_the_single_set_functions(small_vlm, pixels, controls):
+def test_measures_equal_the_single_set_functions(small_vlm_on, pixels, controls):
     ctl, ranked, probe, refs, masks = controls
     for k in (2, 8):
         for arm in ARMS:
             sets = ctl.units[(arm, k)]
-            want = np.mean([ablate_units(small_vlm, pixels, u, probe=probe).rel_change.numpy() for u in sets], 0)
+            want = np.mean([ablate_units(small_vlm_on, pixels, u, probe=probe).rel_change.numpy() for u in sets], 0)
             np.testing.assert_allclose(ctl.values[(f"ablation k={k}", arm)], want, rtol=1e-5, atol=1e-7)
     for arm in ARMS:  # decoded similarity by hand: interpretable units' texts vs the image's captions
         per_draw = []
         for u in ctl.units[(arm, 5)]:
-            dec = decode_units(small_vlm, u.reshape(-1, 2), n_tokens=10)
+            dec = decode_units(small_vlm_on, u.reshape(-1, 2), n_tokens=10)
             row = []
             for i in range(3):
                 t = [" ".join(clean_token(x) for x in dec.tokens[i * 5 + r]) for r in range(5)
@@ -134,7 +134,7 @@ def test_measures_equal_the_single_set_functions(small_vlm, pixels, controls):
         with np.errstate(all="ignore"):
             want = np.array([np.nanmean(c) if np.isfinite(c).any() else np.nan for c in np.array(per_draw).T])
         np.testing.assert_allclose(ctl.values[("decoded similarity", arm)], want, rtol=1e-6)
-        ious = [heatmap_ious(small_vlm, pixels[[0, 2]], u[[0, 2]], [masks[0], masks[2]]).iou.nanmean(1).numpy()
+        ious = [heatmap_ious(small_vlm_on, pixels[[0, 2]], u[[0, 2]], [masks[0], masks[2]]).iou.nanmean(1).numpy()
                 for u in ctl.units[(arm, 5)]]
         got = ctl.values[("heatmap IoU", arm)]
         assert np.isnan(got[1])  # no mask
@@ -153,7 +153,7 @@ def test_table_intervals_and_gaps(controls):
             assert r.low <= r.mean <= r.high
         if r.arm != "own":
             gap = ctl.values[(r.measure, "own")] - v
-            assert r.gap == pytest.approx(np.nanmean(gap))
+            assert r.gap == pytest.approx(np.nanmean(gap.astype(float)))  # in float64, as the table
             if np.isfinite(gap).sum() >= 2:
                 assert r.gap_low <= r.gap <= r.gap_high
         else:
@@ -162,20 +162,20 @@ def test_table_intervals_and_gaps(controls):
     assert "magnitude-matched units" in text and "ablation k=8" in text and "[" in text
 
 
-def test_bad_input(small_vlm, pixels, controls):
+def test_bad_input(small_vlm_on, pixels, controls):
     _, ranked, probe, refs, _ = controls
     with pytest.raises(ValueError, match="n_units and ks must be in"):
-        specificity_controls(small_vlm, pixels, ranked, probe, ks=(9,))
+        specificity_controls(small_vlm_on, pixels, ranked, probe, ks=(9,))
     with pytest.raises(ValueError, match="embed and reference_captions together"):
-        specificity_controls(small_vlm, pixels, ranked, probe, ks=(2,), embed=_bag_of_letters)
+        specificity_controls(small_vlm_on, pixels, ranked, probe, ks=(2,), embed=_bag_of_letters)
     with pytest.raises(ValueError, match="n_draws must be"):
-        specificity_controls(small_vlm, pixels, ranked, probe, ks=(2,), n_draws=0)
+        specificity_controls(small_vlm_on, pixels, ranked, probe, ks=(2,), n_draws=0)
     with pytest.raises(ValueError, match="2 object masks for 3 images"):
-        specificity_controls(small_vlm, pixels, ranked, probe, ks=(2,), object_masks=[None, None])
-    probe = make_probe(small_vlm, 3, [" dog", " dog", " cat"], PROMPT)  # images 0 and 1: only image 2 to draw
-    one = specificity_controls(small_vlm, pixels, ranked, probe, ks=(2,), n_draws=2)
+        specificity_controls(small_vlm_on, pixels, ranked, probe, ks=(2,), object_masks=[None, None])
+    probe = make_probe(small_vlm_on, 3, [" dog", " dog", " cat"], PROMPT)  # images 0 and 1: only image 2 to draw
+    one = specificity_controls(small_vlm_on, pixels, ranked, probe, ks=(2,), n_draws=2)
     assert (one.donors[:, :2] == 2).all() and set(one.donors[:, 2].tolist()) <= {0, 1}
-    same = specificity_controls(small_vlm, pixels, ranked, make_probe(small_vlm, 3, " dog", PROMPT), ks=(2,))
+    same = specificity_controls(small_vlm_on, pixels, ranked, make_probe(small_vlm_on, 3, " dog", PROMPT), ks=(2,))
     assert np.isnan(same.values[("ablation k=2", "other_image")]).all() and (same.donors == -1).all()
     assert np.isfinite(same.values[("ablation k=2", "random")]).all()
     assert same.to_dataframe().set_index("arm").loc["other_image", "n_images"] == 0

@@ -53,7 +53,6 @@ def test_bad_input():
 
 
 # ------------------------------------------------------------------ measurements on a tiny model
-import copy  # noqa: E402
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -69,14 +68,20 @@ PROMPT, TARGET = "A picture of a", [3290, 5044, 2415]
 WORDS = [" house", " water", " green", " table", " people", " small", " river", " night", " light", " stone"]
 
 
-def test_unit_texts_keep_the_planted_word_unit(small_vlm, gpt2_tokenizer):
-    m = copy.deepcopy(small_vlm)
+def test_unit_texts_keep_the_planted_word_unit(backend, gpt2_tokenizer, vit_encoder):
+    from conftest import build_vlm, hf_mlp, tiny_hf
+
+    hf = tiny_hf("gpt2", n_layers=2, d_model=32, n_heads=4, d_mlp=64, dtype=torch.float32, seed=3)  # small_vlm_on's
     ids = [gpt2_tokenizer.encode(w)[0] for w in WORDS]
     with torch.no_grad():  # unit (1, 7) writes e_0; only the 10 word tokens read e_0 (in rank order)
-        m.W_U[0] = 0.0
-        m.W_U[0, ids] = torch.linspace(100, 50, 10)
-        m.W_out[1, 7] = 0.0
-        m.W_out[1, 7, 0] = 1.0
+        W_U = hf.lm_head.weight.T  # [d_model, d_vocab], a view (the unembedding is not tied)
+        W_U[0] = 0.0
+        W_U[0, ids] = torch.linspace(100, 50, 10)
+        W_out = hf_mlp(hf, 1)["W_out"]
+        W_out[7] = 0.0
+        W_out[7, 0] = 1.0
+    m = build_vlm(backend, hf, gpt2_tokenizer, vit_encoder)
+    assert m.W_out[1, 7, 0] == 1.0 and m.W_U[0, ids[0]] == 100.0  # the plant is in the model either way
     units = torch.tensor([[[0, 3], [1, 7], [1, 2]], [[1, 7], [0, 1], [0, 0]]])
     texts, interp = unit_texts(m, units)
     planted = " ".join(clean_token(w) for w in WORDS)
@@ -87,20 +92,20 @@ def test_unit_texts_keep_the_planted_word_unit(small_vlm, gpt2_tokenizer):
         unit_texts(m, units[0])
 
 
-def test_ablation_summary_from_ablate_units(small_vlm, pixels):
+def test_ablation_summary_from_ablate_units(small_vlm_on, pixels):
     ranked = torch.tensor([[0, 5], [1, 3], [0, 9], [1, 40], [1, 30], [0, 47]])
-    curve = ablation_curve(small_vlm, pixels, ranked, TARGET, prompt=PROMPT, ks=[2, 5], n_random_seeds=3, seed=4)
+    curve = ablation_curve(small_vlm_on, pixels, ranked, TARGET, prompt=PROMPT, ks=[2, 5], n_random_seeds=3, seed=4)
     s = summarize_ablation(curve)
     assert isinstance(s, AblationSummary) and s.ks == [2, 5] and (s.n_images, s.n_draws) == (3, 3)
     rel = lambda r: ((r.p_after - r.p_before) / r.p_before).mean().item()  # noqa: E731
     g = torch.Generator().manual_seed(4)
     for i, k in enumerate([2, 5]):
-        assert s.top[i] == pytest.approx(rel(ablate_units(small_vlm, pixels, ranked[:k], TARGET, PROMPT)), rel=1e-5)
-        draws = [rel(ablate_units(small_vlm, pixels, sample_matched_units(ranked[:k], 64, g), TARGET, PROMPT))
+        assert s.top[i] == pytest.approx(rel(ablate_units(small_vlm_on, pixels, ranked[:k], TARGET, PROMPT)), rel=1e-5)
+        draws = [rel(ablate_units(small_vlm_on, pixels, sample_matched_units(ranked[:k], 64, g), TARGET, PROMPT))
                  for _ in range(3)]
         assert s.random[i] == pytest.approx(np.mean(draws), rel=1e-5, abs=1e-7)
         assert s.random_sd[i] == pytest.approx(np.std(draws), rel=1e-4, abs=1e-7)
-    p_before = ablate_units(small_vlm, pixels, ranked[:1], TARGET, PROMPT).p_before
+    p_before = ablate_units(small_vlm_on, pixels, ranked[:1], TARGET, PROMPT).p_before
     assert s.p_before == pytest.approx(p_before.mean().item())
     assert list(s.to_dataframe().columns) == ["k", "top", "random", "random_sd"] and "k=5" in repr(s)
     with pytest.raises(TypeError, match="AblationCurve"):
@@ -124,13 +129,13 @@ def _mean_bounds(bounds):
     return lo.mean(), hi.mean()
 
 
-def test_heatmap_iou_test_by_hand(small_vlm, pixels):
+def test_heatmap_iou_test_by_hand(small_vlm_on, pixels):
     units = torch.tensor([[[0, 5], [1, 3]], [[1, 9], [1, 60]], [[0, 2], [0, 8]]])
     objs = [np.zeros((32, 32), bool) for _ in range(3)]
     objs[0][4:20, 8:30], objs[1][16:, :16], objs[2][:10, :] = True, True, True
-    res = heatmap_iou_test(small_vlm, pixels, units, objs, n_random_seeds=2, seed=3)
+    res = heatmap_iou_test(small_vlm_on, pixels, units, objs, n_random_seeds=2, seed=3)
     with torch.no_grad():
-        _, cache = small_vlm.run_with_cache(PROMPT, images=pixels)
+        _, cache = small_vlm_on.run_with_cache(PROMPT, images=pixels)
     top = [_mean_bounds([_iou_bounds(cache, i, l, u, objs[i]) for l, u in units[i].tolist()]) for i in range(3)]
     g = torch.Generator().manual_seed(3)
     draws = [sample_matched_units(units, 64, g) for _ in range(2)]
@@ -144,15 +149,15 @@ def test_heatmap_iou_test_by_hand(small_vlm, pixels):
     assert (res.wilcoxon_W, res.wilcoxon_p) == pytest.approx((w.statistic, w.pvalue))
     assert isinstance(res, IoUTest) and res.mean_top == pytest.approx(np.mean(top)) and "IoUTest(3 images" in repr(res)
     assert isinstance(res.to_dataframe(), pd.DataFrame) and len(res.to_dataframe()) == 3
-    one = heatmap_iou_test(small_vlm, pixels[:1], units[:1], objs[:1], n_random_seeds=1)
+    one = heatmap_iou_test(small_vlm_on, pixels[:1], units[:1], objs[:1], n_random_seeds=1)
     assert np.isnan(one.wilcoxon_p) and one.top[0] == pytest.approx(top[0], rel=1e-6)
     with pytest.raises(ValueError, match="units for 2 images, 3 images"):
-        heatmap_iou_test(small_vlm, pixels, units[:2], objs)
+        heatmap_iou_test(small_vlm_on, pixels, units[:2], objs)
     with pytest.raises(ValueError, match="n_random_seeds"):
-        heatmap_iou_test(small_vlm, pixels, units, objs, n_random_seeds=0)
+        heatmap_iou_test(small_vlm_on, pixels, units, objs, n_random_seeds=0)
 
 
-def test_coco_object_masks_pick_the_noun_and_crop_like_timm(small_vlm, tmp_path):
+def test_coco_object_masks_pick_the_noun_and_crop_like_timm(small_vlm_on, tmp_path):
     import json
 
     import timm
@@ -168,16 +173,16 @@ def test_coco_object_masks_pick_the_noun_and_crop_like_timm(small_vlm, tmp_path)
     (tmp_path / "i.json").write_text(json.dumps(ann))
     coco = COCO(str(tmp_path / "i.json"))
     images = [Image.new("RGB", (48, 40)) for _ in range(2)]
-    kept, cats, masks = coco_object_masks(small_vlm, coco, [1, 2], ["woman", None], images)
+    kept, cats, masks = coco_object_masks(small_vlm_on, coco, [1, 2], ["woman", None], images)
     assert kept == [0] and cats == [(1, "person", "noun")]  # image 2 has no annotation
     # oracle: the person's mask drawn as an image, through timm's own eval transform
     im = Image.new("L", (48, 40), 0)
     im.paste(255, (10, 8, 30, 30))
-    seen = timm.data.create_transform(**small_vlm.vision.data_config | {"mean": (0,) * 3, "std": (1,) * 3})(
+    seen = timm.data.create_transform(**small_vlm_on.vision.data_config | {"mean": (0,) * 3, "std": (1,) * 3})(
         im.convert("RGB"))[0] > 0.5
     assert masks[0].shape == seen.shape and (masks[0] != seen).float().mean() < 0.05
     with pytest.raises(ValueError, match="2 image_ids, 1 nouns"):
-        coco_object_masks(small_vlm, coco, [1, 2], ["x"], images)
+        coco_object_masks(small_vlm_on, coco, [1, 2], ["x"], images)
 
 
 def _bag_of_letters(texts):
@@ -205,7 +210,7 @@ def test_eval_config_round_trips_and_unknown_settings_are_named():
         config.replace(n_units=0)
 
 
-def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
+def test_evaluate_neurons_is_its_parts(small_vlm_on, tmp_path):
     import json
 
     from PIL import Image
@@ -227,15 +232,15 @@ def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
     coco = COCO(str(tmp_path / "i.json"))
     kw = dict(n_units=4, ks=(5, 2), max_new_tokens=3, n_perm=50, ablation_seeds=2, iou_seeds=2, seed=1, batch_size=2,
               control_ks=(5,), control_draws=1)
-    ev = evaluate_neurons(small_vlm, images, refs, _bag_of_letters, coco=coco, image_ids=[11, 12, 13], **kw)
+    ev = evaluate_neurons(small_vlm_on, images, refs, _bag_of_letters, coco=coco, image_ids=[11, 12, 13], **kw)
     assert isinstance(ev, NeuronsEval) and ev.top_units.shape == (3, 4, 2) and ev.ablation.ks == [2, 5]
     assert ev.config == EvalConfig(**kw) and ev.config.ks == (2, 5)
     # the parts, called by hand
-    res = attribute_dataset(small_vlm, [images[:2], images[2:]], n_units=5, prompt="A picture of", batch_size=2,
+    res = attribute_dataset(small_vlm_on, [images[:2], images[2:]], n_units=5, prompt="A picture of", batch_size=2,
                             max_new_tokens=3, until="caption", hook="post", over_patches="sum", normalize="layer")
     ranked = res.top_units.units_per_image()
     assert torch.equal(ev.top_units, ranked[:, :4]) and ev.captions == res.captions and ev.targets == res.targets
-    texts, interp = unit_texts(small_vlm, ranked[:, :4])
+    texts, interp = unit_texts(small_vlm_on, ranked[:, :4])
     assert torch.equal(ev.interpretable, interp)
     r = np.random.default_rng(1)
     as_mat = lambda ts: _bag_of_letters(ts) if ts else np.zeros((0, 27))  # noqa: E731
@@ -243,15 +248,15 @@ def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
     assert ev.text_similarity.to_dict() == pytest.approx(ref.to_dict(), nan_ok=True)
     own = text_similarity_test([as_mat([c]) for c in res.captions], [as_mat(c) for c in refs], rng=r, n_perm=50)
     assert ev.own_captions.to_dict() == pytest.approx(own.to_dict(), nan_ok=True)
-    curve = ablation_curve(small_vlm, images, ranked, ks=[2, 5], probe=res.probe, n_random_seeds=2, seed=1)
+    curve = ablation_curve(small_vlm_on, images, ranked, ks=[2, 5], probe=res.probe, n_random_seeds=2, seed=1)
     assert ev.ablation.top == pytest.approx(summarize_ablation(curve).top, rel=1e-5)
     assert ev.iou_images == [0, 1] and [c[1] for c in ev.iou_objects] == ["bus", "bus"]
-    kept, _, masks = coco_object_masks(small_vlm, coco, [11, 12], [None, None], images[:2])
-    iou = heatmap_iou_test(small_vlm, small_vlm.preprocess(images[:2]), ranked[:2, :4], masks, n_random_seeds=2, seed=1)
+    kept, _, masks = coco_object_masks(small_vlm_on, coco, [11, 12], [None, None], images[:2])
+    iou = heatmap_iou_test(small_vlm_on, small_vlm_on.preprocess(images[:2]), ranked[:2, :4], masks, n_random_seeds=2, seed=1)
     np.testing.assert_allclose(ev.heatmap_iou.top, iou.top, rtol=1e-5)
     from tl_multimodal.evaluation.controls import specificity_controls
 
-    ctl = specificity_controls(small_vlm, small_vlm.preprocess(images), ranked, res.probe, ks=(5,),
+    ctl = specificity_controls(small_vlm_on, small_vlm_on.preprocess(images), ranked, res.probe, ks=(5,),
                                n_units=4, n_draws=1, embed=_bag_of_letters, reference_captions=refs,
                                object_masks=[masks[0], masks[1], None], seed=1)
     for key, v in ctl.values.items():
@@ -262,9 +267,9 @@ def test_evaluate_neurons_is_its_parts(small_vlm, tmp_path):
     assert d["config"] == EvalConfig(**kw).to_dict() and d["config"]["ks"] == [2, 5]
     df = ev.to_dataframe()
     assert len(df) == 3 and np.isnan(df["iou_top"][2]) and "NeuronsEval(3 images" in repr(ev)
-    no_coco = evaluate_neurons(small_vlm, images[:1], refs[:1], _bag_of_letters, **kw)
+    no_coco = evaluate_neurons(small_vlm_on, images[:1], refs[:1], _bag_of_letters, **kw)
     assert no_coco.heatmap_iou is None and no_coco.to_dict()["heatmap_iou"] == {"n_images": 0}
     with pytest.raises(ValueError, match="2 reference caption sets for 3 images"):
-        evaluate_neurons(small_vlm, images, refs[:2], _bag_of_letters)
+        evaluate_neurons(small_vlm_on, images, refs[:2], _bag_of_letters)
     with pytest.raises(ValueError, match="coco and image_ids"):
-        evaluate_neurons(small_vlm, images, refs, _bag_of_letters, coco=coco)
+        evaluate_neurons(small_vlm_on, images, refs, _bag_of_letters, coco=coco)

@@ -12,7 +12,13 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from conftest import HAS_HOOKED_TRANSFORMER
+
+if HAS_HOOKED_TRANSFORMER:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+else:  # TransformerLens 4: the tests with an LM skip; the plain-ViT baseline and the measures run
+    HookedTransformer = HookedTransformerConfig = None
 
 from tl_multimodal.experiments.lm_blocks import (ViTWithLMBlocks, frozen_position_free_block, mask_correlation, norm_peakiness,
                                     patch_coverage, token_norm_map, token_norm_maps)
@@ -24,7 +30,10 @@ PATCH = 8
 N_TOKENS = (IMG // PATCH) ** 2 + 1  # patches + CLS
 
 
-def _lm(kind: str) -> HookedTransformer:
+def _lm(kind: str) -> "HookedTransformer":
+    if not HAS_HOOKED_TRANSFORMER:
+        pytest.skip("ViTWithLMBlocks copies HookedTransformer blocks: TransformerLens 3 only "
+                    "(TransformerLens 4 removed HookedTransformer)")
     common = dict(d_model=D_LM, n_layers=2, n_heads=4, d_head=16, d_mlp=128, n_ctx=64,
                   d_vocab=97, seed=0)
     if kind == "gpt2":
@@ -55,17 +64,17 @@ def _vit(seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture(scope="session")
-def gpt2_lm() -> HookedTransformer:
+def gpt2_lm() -> "HookedTransformer":
     return _lm("gpt2")
 
 
 @pytest.fixture(scope="session")
-def llama_lm() -> HookedTransformer:
+def llama_lm() -> "HookedTransformer":
     return _lm("llama")
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])
-def lm(request, gpt2_lm, llama_lm) -> HookedTransformer:
+def lm(request, gpt2_lm, llama_lm) -> "HookedTransformer":
     return {"gpt2": gpt2_lm, "llama": llama_lm}[request.param]
 
 

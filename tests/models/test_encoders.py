@@ -115,14 +115,15 @@ def test_bad_settings_are_named(hf_towers):
         enc(torch.zeros(1, 3, 64, 64))
 
 
-def test_heatmap_through_an_hf_clip_encoder_covers_the_center_crop(hf_towers, gpt2_small):
+def test_heatmap_through_an_hf_clip_encoder_covers_the_center_crop(hf_towers, backend, request):
     """CLIP's shortest-edge resize + center crop: on a 48x32 image the model sees the middle 32x32
     (after resizing the short side 32 -> 32), so the heatmap is NaN on the 8-pixel bands cut away,
     and its grid equals the unit's activations read off the cache at the image positions."""
-    from tl_multimodal import HookedVisionPrefix
     from tl_multimodal.analysis.heatmaps import unit_heatmap
 
-    model = HookedVisionPrefix(gpt2_small, HFVisionEncoder(hf_towers["clip"][0])).eval()
+    from conftest import gpt2_small_vlm
+
+    model = gpt2_small_vlm(backend, request, HFVisionEncoder(hf_towers["clip"][0]))
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 48, 3), np.uint8))
     hm = unit_heatmap(model, image, layer=1, unit=7)
     assert hm.heatmap.shape == (32, 48) and hm.geometry.crop == (8, 0, 32, 32)

@@ -5,10 +5,16 @@ back to TransformerLens."""
 
 import pytest
 import torch
-from transformer_lens.utilities import get_attention_mask
 
-from tl_multimodal import HookedVisionPrefix
-from tl_multimodal.models._fast_generation import generate_tokens, hooks_attached, why_not_fast
+from conftest import skip_module_without_hooked_transformer
+
+skip_module_without_hooked_transformer("the lean generation loop is HookedVisionPrefix's (HookedTransformer, "
+                                       "TransformerLens 3 only; TransformerLens 4 removed it)")
+
+from transformer_lens.utilities import get_attention_mask  # noqa: E402
+
+from tl_multimodal import HookedVisionPrefix  # noqa: E402
+from tl_multimodal.models._fast_generation import generate_tokens, hooks_attached, why_not_fast  # noqa: E402
 
 PROMPTS = ["A picture of", "A very small picture of a", "Two"]
 N_NEW = 8

@@ -10,11 +10,15 @@ import inspect
 import pytest
 import torch
 import transformers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_multimodal import HookedVisionPrefix
+from conftest import ASSETS, skip_module_without_hooked_transformer
 
-from conftest import ASSETS
+skip_module_without_hooked_transformer("HookedVisionPrefix against its parent HookedTransformer: TransformerLens 3 "
+                                       "only (TransformerLens 4 removed HookedTransformer)")
+
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+
+from tl_multimodal import HookedVisionPrefix  # noqa: E402
 
 PROMPTS = ["Hello world", "A much longer sentence about a small dog on a red sofa"]
 

@@ -8,7 +8,6 @@ import transformers
 from torch import nn
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from tl_multimodal import HookedVisionPrefix
 from tl_multimodal.pretrained.offline import SHIPPED_PROJECTION
 from tl_multimodal.models.projection import ImageProjection, ProjectionInfo, projection_id
 
@@ -168,11 +167,13 @@ def test_projection_id_is_one_identity_for_the_file_and_the_module(tmp_path):
     assert projection_id(proj) != before
 
 
-def test_pooled_projection_in_the_model_gives_k_image_tokens(gpt2_small, vit_encoder, pixels):
+def test_pooled_projection_in_the_model_gives_k_image_tokens(backend, request, vit_encoder, pixels):
     """A pooled projector makes n_image_tokens = k, whatever the grid; logits follow the embeddings."""
+    from conftest import gpt2_small_vlm
+
     info = ProjectionInfo(encoder=vit_encoder.model_name, d_img=vit_encoder.d_img, grid=vit_encoder.grid,
                           lm="gpt2", d_model=768, kind="pooled", n_tokens=2)
-    model = HookedVisionPrefix(gpt2_small, vit_encoder, ImageProjection(info)).eval()
+    model = gpt2_small_vlm(backend, request, vit_encoder, ImageProjection(info))
     assert model.n_image_tokens == 2
     tokens = model.to_tokens("A picture of", image=True)
     assert model.image_mask(tokens).sum() == 2

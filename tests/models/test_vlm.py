@@ -24,9 +24,9 @@ matplotlib.use("Agg")
 
 
 @pytest.fixture
-def count_encoder(small_vlm):
+def count_encoder(small_vlm_on):
     calls = []
-    handle = small_vlm.vision.register_forward_hook(lambda mod, inp, out: calls.append(len(inp[0])))
+    handle = small_vlm_on.vision.register_forward_hook(lambda mod, inp, out: calls.append(len(inp[0])))
     yield calls
     handle.remove()
 
@@ -36,9 +36,9 @@ def _pil(seed: int) -> Image.Image:
     return Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy())
 
 
-def test_the_model_is_a_vision_lm(small_vlm):
-    assert isinstance(small_vlm, VisionLM)
-    assert not isinstance(small_vlm.vision, VisionLM)
+def test_the_model_is_a_vision_lm(small_vlm_on):
+    assert isinstance(small_vlm_on, VisionLM)
+    assert not isinstance(small_vlm_on.vision, VisionLM)
 
 
 CALLS = {
@@ -70,35 +70,35 @@ ONE_IMAGE = {
 
 
 @pytest.mark.parametrize("name", list(CALLS))
-def test_one_encoder_pass_per_call(small_vlm, pixels, count_encoder, name):
+def test_one_encoder_pass_per_call(small_vlm_on, pixels, count_encoder, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # random captions may have no noun
-        CALLS[name](small_vlm, pixels)
+        CALLS[name](small_vlm_on, pixels)
     assert count_encoder == [3]
 
 
 @pytest.mark.parametrize("name", list(PAIRED))
-def test_one_encoder_pass_per_image_batch_when_patching(small_vlm, pixels, count_encoder, name):
-    PAIRED[name](small_vlm, pixels, pixels.flip(0))
+def test_one_encoder_pass_per_image_batch_when_patching(small_vlm_on, pixels, count_encoder, name):
+    PAIRED[name](small_vlm_on, pixels, pixels.flip(0))
     assert count_encoder == [3, 3]  # the source batch, then the base batch
 
 
 @pytest.mark.parametrize("name", list(ONE_IMAGE))
-def test_one_encoder_pass_per_single_image_call(small_vlm, count_encoder, name):
+def test_one_encoder_pass_per_single_image_call(small_vlm_on, count_encoder, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        ONE_IMAGE[name](small_vlm, _pil(0))
+        ONE_IMAGE[name](small_vlm_on, _pil(0))
     assert count_encoder == [1]
 
 
-def test_soft_prompts_door(small_vlm, pixels, count_encoder):
-    emb = soft_prompts(small_vlm, pixels)
-    torch.testing.assert_close(emb, small_vlm.embed_images(pixels))
+def test_soft_prompts_door(small_vlm_on, pixels, count_encoder):
+    emb = soft_prompts(small_vlm_on, pixels)
+    torch.testing.assert_close(emb, small_vlm_on.embed_images(pixels))
     assert count_encoder == [3, 3]
-    assert soft_prompts(small_vlm, image_embed=emb) is not None and count_encoder == [3, 3]
-    res = ablate_units(small_vlm, None, [(0, 1)], "dog", image_embed=emb)
-    torch.testing.assert_close(res.p_after, ablate_units(small_vlm, pixels, [(0, 1)], "dog").p_after)
+    assert soft_prompts(small_vlm_on, image_embed=emb) is not None and count_encoder == [3, 3]
+    res = ablate_units(small_vlm_on, None, [(0, 1)], "dog", image_embed=emb)
+    torch.testing.assert_close(res.p_after, ablate_units(small_vlm_on, pixels, [(0, 1)], "dog").p_after)
     with pytest.raises(ValueError, match="exactly one of images="):
-        soft_prompts(small_vlm, pixels, image_embed=emb)
+        soft_prompts(small_vlm_on, pixels, image_embed=emb)
     with pytest.raises(ValueError, match=r"image_embed must be \[batch, 16, 32\]"):
-        soft_prompts(small_vlm, image_embed=emb[:, :3])
+        soft_prompts(small_vlm_on, image_embed=emb[:, :3])

@@ -14,6 +14,8 @@ from tl_multimodal.models.encoders import HFVisionEncoder
 from tl_multimodal.models._hub import HUB_ENCODER, hub_encoder, hub_projection
 from tl_multimodal.pretrained.limber import LIMBER_CONFIGS, assemble_limber, load_limber
 
+from conftest import needs_hooked_prefix
+
 
 @pytest.fixture(scope="module")
 def tiny_beit():
@@ -124,7 +126,7 @@ def test_hub_projection_warns_unless_trained_or_untrained_on_purpose(vit_encoder
         hub_projection(str(tmp_path / "proj.ckpt"))
 
 
-@pytest.mark.parametrize("cls", [HookedVisionPrefix, VisionBridge])
+@pytest.mark.parametrize("cls", [pytest.param(HookedVisionPrefix, marks=needs_hooked_prefix), VisionBridge])
 def test_from_pretrained_warns_before_any_download(cls):
     """The warning (and a bad projection's error) comes first: offline, the LM load fails after it."""
     with pytest.warns(UserWarning, match=f"{cls.__name__}.from_pretrained: no projection given"):

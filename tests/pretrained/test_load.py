@@ -236,9 +236,10 @@ def test_limber_assembles_on_the_bridge_too(backend, tmp_path):
 
 # ------------------------------------------------------------------ the real offline model
 @pytest.fixture(scope="module")
-def offline_pair(backend):
-    """``(load("offline"), the direct loader's model)`` of one backend. The bridge's SmolLM2 comes from
-    the GGUF file, read once here (each model wraps its own copy)."""
+def offline_pair(backend, request):
+    """``(load("offline"), the direct loader's model)`` of one backend; ``load("offline")`` is the session's
+    (conftest's ``offline_hooked`` / ``offline_bridge``). The direct loader's bridge wraps a copy of
+    SmolLM2 read from the GGUF file here."""
     pytest.importorskip("gguf")
     from tl_multimodal.pretrained import offline as loading
 
@@ -247,11 +248,8 @@ def offline_pair(backend):
     except ImportError as e:
         pytest.skip(str(e))
     if backend == "hooked":
-        return load("offline", backend="hooked"), loading.load_offline(loading.SHIPPED_PROJECTION)
-    hf, tok = loading.load_hf_smollm2()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loading, "load_hf_smollm2", lambda dtype=torch.float32: (copy.deepcopy(hf), tok))
-        return load("offline", backend="bridge"), loading.load_offline_bridge()
+        return request.getfixturevalue("offline_hooked"), loading.load_offline(loading.SHIPPED_PROJECTION)
+    return request.getfixturevalue("offline_bridge"), loading.load_offline_bridge()
 
 
 def test_offline_captions_like_the_direct_loader(offline_pair, backend):

@@ -29,27 +29,27 @@ def photo():
 
 
 @pytest.fixture(scope="module")
-def oracle(vlm, photo):
+def oracle(vlm_on, photo):
     """The attribution module itself, on the same image (greedy caption, first noun)."""
-    return attribute(vlm, [photo])
+    return attribute(vlm_on, [photo])
 
 
 @pytest.fixture(scope="module")
-def written(vlm, photo, tmp_path_factory):
-    path = write_report(vlm, photo, tmp_path_factory.mktemp("report") / "sub" / "report.html", n_units=K)
+def written(vlm_on, photo, tmp_path_factory):
+    path = write_report(vlm_on, photo, tmp_path_factory.mktemp("report") / "sub" / "report.html", n_units=K)
     return path, path.read_text(encoding="utf-8")
 
 
-def test_report_rows_are_the_attribution_top_units(vlm, photo, written):
+def test_report_rows_are_the_attribution_top_units(vlm_on, photo, written):
     path, page = written
     assert path.is_file() and path.name == "report.html"
-    oracle = attribute(vlm, [photo]).top_units(K)
+    oracle = attribute(vlm_on, [photo]).top_units(K)
     rows = ROW.findall(page)
     assert len(rows) == K
     assert [int(r[0]) for r in rows] == list(range(K))
     assert [(int(l), int(u)) for _, l, u, _ in rows] == list(zip(oracle.layer.tolist(), oracle.unit.tolist()))
     # each row shows its decoded tokens, its filter verdict and one heatmap
-    dec = decode_units(vlm, oracle.units(), n_tokens=10)
+    dec = decode_units(vlm_on, oracle.units(), n_tokens=10)
     for (_, _, _, cells), toks, ok in zip(rows, dec.tokens, dec.interpretable.tolist()):
         assert all(html.escape(repr(t)) in cells for t in toks)
         assert (">yes<" if ok else ">no<") in cells
@@ -75,20 +75,20 @@ def test_report_is_self_contained(written):
         assert im.format == "PNG" and min(im.size) > 0
 
 
-def test_report_bad_input(vlm, photo, tmp_path):
+def test_report_bad_input(vlm_on, photo, tmp_path):
     with pytest.raises(ValueError, match="n_units must be"):
-        write_report(vlm, photo, tmp_path / "r.html", n_units=0)
+        write_report(vlm_on, photo, tmp_path / "r.html", n_units=0)
     with pytest.raises(FileNotFoundError, match="missing.png is not a file"):  # the image door's error
-        write_report(vlm, tmp_path / "missing.png", tmp_path / "r.html")
+        write_report(vlm_on, tmp_path / "missing.png", tmp_path / "r.html")
     assert main(["report", str(tmp_path / "missing.png")]) == 3  # the CLI: a one-line error, exit code 3 (input file)
 
 
-def test_report_explains_the_darkened_border_when_the_crop_cuts(vlm, photo, written):
+def test_report_explains_the_darkened_border_when_the_crop_cuts(vlm_on, photo, written):
     import torch
 
     from tl_multimodal.models.geometry import CropGeometry, grid_to_image
 
-    geo = CropGeometry.from_data_config(vlm.vision.data_config, photo.size)
-    cut = not torch.isfinite(grid_to_image(torch.zeros(vlm.vision.grid), geo)).all()
+    geo = CropGeometry.from_data_config(vlm_on.vision.data_config, photo.size)
+    cut = not torch.isfinite(grid_to_image(torch.zeros(vlm_on.vision.grid), geo)).all()
     assert cut  # the fixture's non-square photo loses its sides to the centre crop
     assert '<p class="muted crop">The darkened border' in written[1]

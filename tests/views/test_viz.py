@@ -91,8 +91,8 @@ def test_render_rejects_nothing():
 
 
 # ---------------------------------------------------------------------------------- (a) decoded tokens
-def test_decoded_tokens_view_shows_each_units_tokens(small_vlm, tmp_path):
-    dec = decode_units(small_vlm, [(0, 3), (1, 60)], n_tokens=10)
+def test_decoded_tokens_view_shows_each_units_tokens(small_vlm_on, tmp_path):
+    dec = decode_units(small_vlm_on, [(0, 3), (1, 60)], n_tokens=10)
     view = decoded_tokens_view(dec, n_tokens=5)
     calls = _render_calls(view.html)
     assert [name for name, _ in calls] == ["ColoredTokens", "ColoredTokens"]
@@ -112,15 +112,15 @@ def test_decoded_tokens_view_shows_each_units_tokens(small_vlm, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- (b) activations over tokens
-def test_token_activations_view_matches_the_cache(small_vlm, pixels):
+def test_token_activations_view_matches_the_cache(small_vlm_on, pixels):
     units = [(1, 5), (0, 63)]
-    view = token_activations_view(small_vlm, pixels[0], units, text="A picture of a dog")
-    tokens = small_vlm.to_tokens("A picture of a dog", image=True)
-    _, cache = small_vlm.run_with_cache(tokens, images=pixels[:1])
+    view = token_activations_view(small_vlm_on, pixels[0], units, text="A picture of a dog")
+    tokens = small_vlm_on.to_tokens("A picture of a dog", image=True)
+    _, cache = small_vlm_on.run_with_cache(tokens, images=pixels[:1])
     expected = torch.stack([cache["blocks.1.mlp.hook_post"][0, :, 5], cache["blocks.0.mlp.hook_post"][0, :, 63]], 1)
     ((name, props),) = _render_calls(view.html)
     assert name == "ColoredTokensMulti" and props["labels"] == ["L1.5", "L0.63"]
-    n_img = small_vlm.n_image_tokens
+    n_img = small_vlm_on.n_image_tokens
     assert props["tokens"][:n_img] == [f"[img {i}]" for i in range(n_img)]  # visible text, not HTML tags
     assert "".join(props["tokens"][n_img:]) == "A picture of a dog"
     assert view.tokens[:n_img] == props["tokens"][:n_img]
@@ -128,17 +128,17 @@ def test_token_activations_view_matches_the_cache(small_vlm, pixels):
     assert not CDN.search(view.html)
     assert list(view.to_dataframe().columns) == ["position", "token", "L1.5", "L0.63"]
 
-    text_only = token_activations_view(small_vlm, pixels[0], units, text="A picture of a dog", include_image=False)
+    text_only = token_activations_view(small_vlm_on, pixels[0], units, text="A picture of a dog", include_image=False)
     assert "".join(text_only.tokens) == "A picture of a dog"
     torch.testing.assert_close(text_only.values, expected[n_img:].float())
 
 
-def test_token_activations_view_labels_every_position_as_visible_text(small_vlm, pixels):
+def test_token_activations_view_labels_every_position_as_visible_text(small_vlm_on, pixels):
     """circuitsvis puts each token into the page as HTML: no token may hold markup, image slots included."""
     text = "a <b>dog</b> & a cat"
-    view = token_activations_view(small_vlm, pixels[0], [(0, 1)], text=text)
+    view = token_activations_view(small_vlm_on, pixels[0], [(0, 1)], text=text)
     ((_, props),) = _render_calls(view.html)
-    n_img = small_vlm.n_image_tokens
+    n_img = small_vlm_on.n_image_tokens
     tags = re.compile(r"<[A-Za-z/!]")
     assert not any(tags.search(t) for t in props["tokens"])
     assert props["tokens"][:n_img] == [f"[img {i}]" for i in range(n_img)]
@@ -154,21 +154,21 @@ def test_cv_tokens():
         cv_tokens(["a", "b"], [True])
 
 
-def test_token_activations_view_captions_by_default(small_vlm, pixels):
-    view = token_activations_view(small_vlm, pixels[1], [(0, 1)], max_new_tokens=3)
-    out = small_vlm.generate("A picture of", 3, images=pixels[1:2], do_sample=False, return_type="tokens",
+def test_token_activations_view_captions_by_default(small_vlm_on, pixels):
+    view = token_activations_view(small_vlm_on, pixels[1], [(0, 1)], max_new_tokens=3)
+    out = small_vlm_on.generate("A picture of", 3, images=pixels[1:2], do_sample=False, return_type="tokens",
                              verbose=False)
-    assert view.text == small_vlm.tokenizer.decode(out[0, small_vlm.n_image_tokens:].tolist())
+    assert view.text == small_vlm_on.tokenizer.decode(out[0, small_vlm_on.n_image_tokens:].tolist())
     assert view.text.startswith("A picture of") and len(view.tokens) == out.shape[1]
 
 
-def test_token_activations_view_bad_input(small_vlm, pixels):
+def test_token_activations_view_bad_input(small_vlm_on, pixels):
     with pytest.raises(ValueError, match="out of range"):
-        token_activations_view(small_vlm, pixels[0], [(2, 0)], text="a")
+        token_activations_view(small_vlm_on, pixels[0], [(2, 0)], text="a")
     with pytest.raises(ValueError, match="one image"):
-        token_activations_view(small_vlm, pixels, [(0, 0)], text="a")
+        token_activations_view(small_vlm_on, pixels, [(0, 0)], text="a")
     with pytest.raises(ValueError, match="unknown hook .hook_nope."):
-        token_activations_view(small_vlm, pixels[0], [(0, 0)], text="a", hook="hook_nope")
+        token_activations_view(small_vlm_on, pixels[0], [(0, 0)], text="a", hook="hook_nope")
 
 
 # ---------------------------------------------------------------------------------- (c) heatmaps
@@ -209,12 +209,12 @@ def test_patch_heatmap_over_a_cropped_image():
     assert (over[~finite] == 0).all()  # black image dimmed where the model saw nothing
 
 
-def test_unit_heatmap_view_matches_cache_grid(small_vlm, pixels, tmp_path):
+def test_unit_heatmap_view_matches_cache_grid(small_vlm_on, pixels, tmp_path):
     units = [(0, 7), (1, 2)]
-    view = unit_heatmap_view(small_vlm, pixels[2], units, alpha=1.0, max_size=None)
-    _, cache = small_vlm.run_with_cache("", images=pixels[2:3])
+    view = unit_heatmap_view(small_vlm_on, pixels[2], units, alpha=1.0, max_size=None)
+    _, cache = small_vlm_on.run_with_cache("", images=pixels[2:3])
     for i, (l, u) in enumerate(units):
-        grid = cache[f"blocks.{l}.mlp.hook_post"][0, small_vlm.image_positions, u].reshape(4, 4)
+        grid = cache[f"blocks.{l}.mlp.hook_post"][0, small_vlm_on.image_positions, u].reshape(4, 4)
         torch.testing.assert_close(view.grids[i], grid)
         torch.testing.assert_close(view.heatmaps[i], grid_to_image(grid, CropGeometry.identity((32, 32))))
         decoded = _invert_colormap(_pngs(view.html)[i + 1])  # panel 0 is the plain image
@@ -230,10 +230,10 @@ def test_unit_heatmap_view_matches_cache_grid(small_vlm, pixels, tmp_path):
     assert "<img" in view.save(tmp_path / "h.html").read_text()
 
 
-def test_unit_heatmap_view_on_pil_image_uses_timm_geometry(small_vlm):
+def test_unit_heatmap_view_on_pil_image_uses_timm_geometry(small_vlm_on):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
-    view = unit_heatmap_view(small_vlm, image, [(1, 9)], max_size=None)
-    geo = CropGeometry.from_data_config(small_vlm.vision.data_config, image.size)
+    view = unit_heatmap_view(small_vlm_on, image, [(1, 9)], max_size=None)
+    geo = CropGeometry.from_data_config(small_vlm_on.vision.data_config, image.size)
     torch.testing.assert_close(view.heatmaps[0], grid_to_image(view.grids[0], geo), equal_nan=True)
     assert view.heatmaps.shape == (1, 48, 64)
 
@@ -249,17 +249,17 @@ def test_overlay_and_view_bad_input():
         patch_heatmap_view(None, torch.zeros(2, 2))
 
 
-def test_plot_unit_heatmaps(small_vlm, pixels):
-    fig = plot_unit_heatmaps(small_vlm, pixels[0], [(0, 1), (0, 2), (1, 3)], ncols=2)
+def test_plot_unit_heatmaps(small_vlm_on, pixels):
+    fig = plot_unit_heatmaps(small_vlm_on, pixels[0], [(0, 1), (0, 2), (1, 3)], ncols=2)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["image", "L0.1", "L0.2", "L1.3"]
     import matplotlib.pyplot as plt
 
     units = [(0, 1), (0, 2), (1, 3)]
-    grids = unit_heatmap_view(small_vlm, pixels[0], units).heatmaps  # the oracle: the same upsampled grids
+    grids = unit_heatmap_view(small_vlm_on, pixels[0], units).heatmaps  # the oracle: the same upsampled grids
     own = [im.get_clim() for ax in fig.axes for im in ax.get_images()[-1:] if ax.get_title().startswith("L")]
     assert own == [pytest.approx((float(g.nan_to_num(np.inf).min()), float(g.nan_to_num(-np.inf).max()))) for g in grids]
-    shared = plot_unit_heatmaps(small_vlm, pixels[0], units, shared_scale=True)
+    shared = plot_unit_heatmaps(small_vlm_on, pixels[0], units, shared_scale=True)
     clims = [im.get_clim() for ax in shared.axes for im in ax.get_images()[-1:] if ax.get_title().startswith("L")]
     assert clims == [pytest.approx((float(grids.nan_to_num(np.inf).min()), float(grids.nan_to_num(-np.inf).max())))] * 3
     plt.close(fig)
@@ -319,12 +319,12 @@ def test_crop_is_explained_only_where_it_shows():
 
 
 # ---------------------------------------------------------------------------------- several views, one bundle
-def test_four_saved_views_share_one_bundle(small_vlm, pixels, tmp_path):
+def test_four_saved_views_share_one_bundle(small_vlm_on, pixels, tmp_path):
     units = [(0, 3), (1, 60)]
-    views = [decoded_tokens_view(decode_units(small_vlm, units, n_tokens=10)),
-             token_activations_view(small_vlm, pixels[0], units, text="A picture of a dog"),
-             token_activations_view(small_vlm, pixels[1], units, text="a cat"),
-             unit_heatmap_view(small_vlm, pixels[0], units)]
+    views = [decoded_tokens_view(decode_units(small_vlm_on, units, n_tokens=10)),
+             token_activations_view(small_vlm_on, pixels[0], units, text="A picture of a dog"),
+             token_activations_view(small_vlm_on, pixels[1], units, text="a cat"),
+             unit_heatmap_view(small_vlm_on, pixels[0], units)]
     alone = sum(v.save(tmp_path / f"v{i}.html").stat().st_size for i, v in enumerate(views))
     assert alone > 3 * len(circuitsvis_bundle())  # each circuitsvis view inlines the bundle
     path = save_views(tmp_path / "page.html", views, title="four views")

@@ -12,8 +12,10 @@ and :mod:`~tl_multimodal.pretrained.llava` and the model classes' constructors; 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 
@@ -201,8 +203,9 @@ def _move(model, device, dtype):
             continue
         if _backend_of(model) == "hooked":
             model.to(target, print_details=False)  # HookedTransformer.to: also its cfg
-        else:
-            model.to(target)
+        else:  # TransformerBridge.to prints "Moving model to device: ..." (VisionBridge.to takes no print_details)
+            with contextlib.redirect_stdout(io.StringIO()):
+                model.to(target)
     return model
 
 
