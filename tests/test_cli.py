@@ -187,11 +187,6 @@ def test_caption_end_to_end_with_the_offline_model(files, offline_cache, offline
     paths = [files / "good" / "a.jpg", files / "good" / "b.png", files / "good" / "sub" / "c.png"]
     captions = offline_model.caption(paths, max_new_tokens=5)
     assert cold.stdout.splitlines() == [f"{p}: A picture of {c}" for p, c in zip(paths, captions)]
-    from conftest import HAS_HOOKED_TRANSFORMER
-
-    if not HAS_HOOKED_TRANSFORMER:
-        pytest.skip("the offline VisionBridge (the CLI's model on TransformerLens 4) converts the GGUF file on every "
-                    "load: no conversion cache yet (tl_multimodal/pretrained/offline.py, being added)")
     assert "(from the cache)" in warm.stderr and "de-quantizing" not in warm.stderr
 
 

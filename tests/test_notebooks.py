@@ -28,12 +28,6 @@ def _script(name):
 
 run_notebooks, set_repo_url = _script("run_notebooks"), _script("set_repo_url")
 
-# With the COCO sample, these notebooks score captions (caption_nll) or train the projection (train_projection),
-# which on a VisionBridge (the model on TransformerLens 4) fail in the final RMSNorm: skipped there with the bug.
-NEEDS_BRIDGE_TRAINING = {"offline": "caption_nll", "quickstart": "train_projection"}
-BRIDGE_TRAINING_BUG = ("{} on a VisionBridge fails in the final RMSNorm (RuntimeError: the size of tensor a (576) "
-                       "must match the size of tensor b (49152)): tl_multimodal/training's bridge path, being fixed "
-                       "with the training/NLL port")
 
 
 def test_the_three_demos_exist():
@@ -130,10 +124,6 @@ def _run_copy(path, tmp_path, **parameters):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_offline(path, tmp_path):
-    from conftest import HAS_HOOKED_TRANSFORMER
-
-    if not HAS_HOOKED_TRANSFORMER and COCO_MINI.is_dir() and path.stem in NEEDS_BRIDGE_TRAINING:
-        pytest.skip(BRIDGE_TRAINING_BUG.format(NEEDS_BRIDGE_TRAINING[path.stem]))
     data = {"DATA_DIR": str(COCO_MINI)} if COCO_MINI.is_dir() else {}   # else the notebooks fall back on their own
     nb = _run_copy(path, tmp_path, **data)
     assert run_notebooks.check_outputs(nb) == []

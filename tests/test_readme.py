@@ -26,9 +26,6 @@ KNOWN = NEVER_HERE | {"coco_mini"}
 # HookedTransformer-only features. A block containing the key skips there with the reason (the blocks after it
 # still run).
 BRIDGE_BUGS = {
-    "train_projection(model": "train_projection on a VisionBridge fails in the final RMSNorm (RuntimeError: the size "
-                              "of tensor a (576) must match the size of tensor b (49152)): tl_multimodal/training's "
-                              "bridge path, being fixed with the training/NLL port",
     # not a bug: a feature of HookedTransformer (TransformerLens 3 only)
     "ViTWithLMBlocks(": "ViTWithLMBlocks copies HookedTransformer blocks: TransformerLens 3 only (TransformerLens 4 "
                         "removed HookedTransformer)",
