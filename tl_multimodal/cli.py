@@ -181,7 +181,7 @@ def _open_model(args, *, untrained: bool = False, quiet: bool = False):
         import torch
 
         from tl_multimodal.pretrained import offline as loading
-        from tl_multimodal.pretrained.load import load, spec_kind
+        from tl_multimodal.pretrained.load import load, resolve_backend, spec_kind
     except ImportError as e:
         raise CLIError(f"cannot import the model code ({e})", EXIT_MODEL) from None
     device = getattr(args, "device", None)
@@ -201,7 +201,10 @@ def _open_model(args, *, untrained: bool = False, quiet: bool = False):
     if kind == "offline":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        cached = (loading.smollm2_cache_path() / "weights.pt").is_file()
+        try:
+            cached = loading.is_cached(resolve_backend(args.backend, kind))
+        except (ValueError, ImportError) as e:
+            raise CLIError(f"--backend: {e}", EXIT_USAGE) from None
         note = ("from the cache" if cached else
                 f"first run: converting the GGUF file takes about 2 min, then it is cached in {loading.cache_dir()}")
         line = f"Loading SmolLM2-135M + EfficientNet-Lite0{where} ({note}) ..."

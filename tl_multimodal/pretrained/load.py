@@ -76,7 +76,7 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     kind = spec_kind(spec, encoder=encoder)
-    chosen = _backend(backend, kind)
+    chosen = resolve_backend(backend, kind)
     if dtype is not None and kind in ("limber", "lm", "llava"):
         kwargs.setdefault("dtype", dtype)  # a hub LM loads in it at once (not float32 first)
     if kind == "model":
@@ -152,7 +152,13 @@ def _check_backend(model, spec, backend: str) -> None:
                          f"(backend {built!r}); pass backend={built!r} or 'auto'")
 
 
-def _backend(backend: str, kind: str) -> str:
+def resolve_backend(backend: str, kind: str) -> str:
+    """The backend ``load`` builds for ``backend`` (``"auto"`` resolved) and a spec of ``kind`` (:func:`spec_kind`).
+
+    Raises:
+        ValueError: an unknown backend.
+        ImportError: ``"hooked"`` where TransformerLens has no ``HookedTransformer`` (4.x).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend == "hooked" and not HAS_HOOKED_TRANSFORMER:

@@ -252,6 +252,17 @@ def _load_cache(entry: pathlib.Path, digest: str):
     return SimpleNamespace(**saved["hf_config"]), saved["state_dict"], tokenizer
 
 
+def _read_cache(where, read):
+    """``read()``: a cache entry, or ``None`` (with a warning) when the one at ``where`` is damaged or was
+    written for another GGUF file, so that the caller rebuilds it."""
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001 -- a damaged entry can fail in many ways; all mean rebuild
+        warnings.warn(f"the SmolLM2 cache at {where} cannot be read ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); rebuilding it", stacklevel=4)
+        return None
+
+
 def _convert_smollm2(cache: bool):
     """``(hf_config, float32 state dict, tokenizer)``: from the cache, else converted from the GGUF."""
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
@@ -260,12 +271,7 @@ def _convert_smollm2(cache: bool):
     if cache:
         digest = file_sha256(smollm2_gguf_path())
         entry = smollm2_cache_path()
-        try:
-            found = _load_cache(entry, digest)
-        except Exception as e:  # noqa: BLE001 -- a damaged file can fail in many ways; all mean rebuild
-            warnings.warn(f"the SmolLM2 cache at {entry} cannot be read ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); rebuilding it", stacklevel=3)
-            found = None
+        found = _read_cache(entry, lambda: _load_cache(entry, digest))
         if found is not None:
             return found
     hf_model, tokenizer = load_hf_smollm2(dtype=torch.float32)
@@ -419,6 +425,14 @@ def smollm2_hf_cache_path() -> pathlib.Path:
 _HF_STAMP = "tl_multimodal.json"
 
 
+def is_cached(backend: str) -> bool:
+    """Whether loading the offline model on ``backend`` (``"hooked"`` or ``"bridge"``) reads the cache: a
+    complete entry exists for the installed GGUF file (it is still checked when read)."""
+    if backend == "hooked":
+        return (smollm2_cache_path() / "weights.pt").is_file()
+    return (smollm2_hf_cache_path() / _HF_STAMP).is_file()
+
+
 def _save_hf_cache(folder: pathlib.Path, digest: str, hf_model, tokenizer) -> None:
     """Write the dequantised HF model and its tokenizer to ``folder``, atomically (a renamed temporary folder)."""
     import json
@@ -479,12 +493,7 @@ def _hf_smollm2(cache: bool, dtype: torch.dtype = torch.float32):
     if cache:
         digest = file_sha256(smollm2_gguf_path())
         folder = smollm2_hf_cache_path()
-        try:
-            found = _load_hf_cache(folder, digest, dtype)
-        except Exception as e:  # noqa: BLE001 -- a damaged folder can fail in many ways; all mean rebuild
-            warnings.warn(f"the SmolLM2 cache at {folder} cannot be read ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); rebuilding it", stacklevel=3)
-            found = None
+        found = _read_cache(folder, lambda: _load_hf_cache(folder, digest, dtype))
         if found is not None:
             return found
     hf_model, tokenizer = load_hf_smollm2(dtype=dtype)
