@@ -109,3 +109,20 @@ def test_check_finite_names_each_bad_tensor():
     with pytest.raises(ValueError, match=r"projection holds NaN or infinite values in b, c$"):
         check_finite({"a": torch.ones(2), "b": torch.tensor([float("nan")]), "c": torch.tensor([float("inf")])},
                      "projection")
+
+
+def test_atomic_folder_replaces_all_or_nothing(tmp_path):
+    target = tmp_path / "entry"
+    checkpoints.atomic_folder(target, lambda d: (d / "a.txt").write_text("one"))
+    assert [p.name for p in target.iterdir()] == ["a.txt"]
+
+    def fail(d):
+        (d / "b.txt").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        checkpoints.atomic_folder(target, fail)
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and (target / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]  # no temporary folder left
+    checkpoints.atomic_folder(target, lambda d: (d / "c.txt").write_text("two"))
+    assert [p.name for p in target.iterdir()] == ["c.txt"]  # the old content is gone, not merged

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
@@ -41,6 +42,29 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_folder(path: str | Path, fill: Callable[[Path], object]) -> Path:
+    """Make the folder ``path`` all or nothing: ``fill(tmp)`` fills a temporary folder beside it, which then
+    replaces ``path`` (an older ``path`` is removed first). An exception leaves no temporary folder behind.
+
+    Args:
+        path: The folder to (re)make; its parent is created if missing.
+        fill: Writes the folder's content into the folder it gets.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        fill(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

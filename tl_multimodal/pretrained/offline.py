@@ -34,7 +34,6 @@ import importlib.util
 import os
 import pathlib
 import shutil
-import tempfile
 import warnings
 from collections import OrderedDict
 from types import SimpleNamespace
@@ -215,17 +214,11 @@ def clear_cache() -> int:
 
 def _save_cache(entry: pathlib.Path, digest: str, hf_config, state_dict, tokenizer) -> None:
     """Write a cache entry: the tokenizer folder first (renamed into place), then ``weights.pt``."""
-    from tl_multimodal._io import atomic_save
+    from tl_multimodal._io import atomic_folder, atomic_save
 
     entry.mkdir(parents=True, exist_ok=True)
     (entry / "weights.pt").unlink(missing_ok=True)  # the entry is incomplete until rewritten
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=entry))
-    try:
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(entry / "tokenizer", ignore_errors=True)
-        os.replace(tmp, entry / "tokenizer")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_folder(entry / "tokenizer", tokenizer.save_pretrained)
     config = {name: getattr(hf_config, name) for name in _CONFIG_FIELDS if hasattr(hf_config, name)}
     atomic_save({"format": _CACHE_FORMAT, "gguf_sha256": digest, "hf_config": config,
                  "state_dict": state_dict}, entry / "weights.pt")
@@ -435,15 +428,14 @@ def is_cached(backend: str) -> bool:
 
 def _save_hf_cache(folder: pathlib.Path, digest: str, hf_model, tokenizer) -> None:
     """Write the dequantised HF model and its tokenizer to ``folder``, atomically (a renamed temporary folder)."""
-    import json
-
     import copy
+    import json
 
     from safetensors.torch import save_file
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".hf.", dir=folder.parent))
-    try:
+    from tl_multimodal._io import atomic_folder
+
+    def fill(tmp: pathlib.Path) -> None:
         # save_pretrained refuses a model loaded from GGUF (its quantizer is attached), so the dequantised
         # weights are written as save_pretrained would: config.json and model.safetensors, a tied weight once
         # (from_pretrained ties it again).
@@ -460,10 +452,8 @@ def _save_hf_cache(folder: pathlib.Path, digest: str, hf_model, tokenizer) -> No
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / _HF_STAMP).write_text(json.dumps({"format": _CACHE_FORMAT, "gguf_sha256": digest}))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_folder(folder, fill)
 
 
 def _load_hf_cache(folder: pathlib.Path, digest: str, dtype: torch.dtype):
