@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="only the first N images")
     att.add_argument("-o", "--out", type=Path, required=True, metavar="DIR",
                      help="output folder of Parquet shards (a rerun skips finished shards)")
+    att.add_argument("--restart", action="store_true",
+                     help="delete the run in --out (its shards and _run.json) and start over; without it a rerun "
+                          "resumes, and one with other data or settings is refused")
     att.add_argument("--k", type=_positive_int, default=100, help="top units kept per image")
     att.add_argument("--shard-size", type=_positive_int, default=64, metavar="N", help="images per shard")
     att.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward/backward pass")

@@ -127,7 +127,8 @@ def test_stopped_run_resumes_without_recomputing_finished_shards(model, images, 
     with pytest.raises(ValueError, match=r"images 4\.\.4 \(ids \[1004\]\)"):
         run_attribution(model, broken, tmp_path, k=K, shard_size=3, batch_size=1, rank=0, world_size=1,
                         progress=False)
-    assert [p.name for p in tmp_path.iterdir() if p.name != "_run.json"] == [shard_name(0, 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_part-000000000-000000003.json", "_run.json",
+                                                          shard_name(0, 3)]
     first = tmp_path / shard_name(0, 3)
     stamp = first.stat().st_mtime_ns
     written = []
@@ -151,12 +152,12 @@ def test_limit_then_a_larger_limit_and_other_settings(model, dataset, oracle, tm
     assert sorted(p.name for p in tmp_path.glob("part-*")) == [shard_name(0, 2), shard_name(2, 4), shard_name(4, 6),
                                                                 shard_name(6, 7)]
     _assert_rows_equal(load_rows(tmp_path), oracle)
-    with pytest.raises(ValueError, match="other settings.*'shard_size': \\(2, 3\\)"):
+    with pytest.raises(ValueError, match=r"another run \(shard_size: 2 -> 3\); .*restart=True \(--restart\)"):
         run_attribution(model, dataset, tmp_path, k=K, shard_size=3, rank=0, world_size=1, progress=False)
     (tmp_path / shard_name(2, 3)).write_bytes((tmp_path / shard_name(2, 4)).read_bytes())
     with pytest.raises(ValueError, match="overlap"):
         load_rows(tmp_path)
-    with pytest.raises(ValueError, match="other settings.*'k': \\(5, 6\\)"):
+    with pytest.raises(ValueError, match=r"another run \(k: 5 -> 6\)"):
         run_attribution(model, dataset, tmp_path, k=6, shard_size=2, rank=0, world_size=1, progress=False)
 
 
@@ -164,12 +165,14 @@ def test_run_json_records_the_config_and_names_what_differs(model, dataset, tmp_
     config = RunConfig(k=K, shard_size=1, limit=1, prompt="A photo of")
     run_attribution(model, dataset, tmp_path, config, rank=0, world_size=1, progress=False)
     record = json.loads((tmp_path / "_run.json").read_text())
-    assert {k: record[k] for k in RunConfig.names()} == config.to_dict()
-    assert record["projection_id"] == projection_id(model.projection) and record["bos"] is False
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("data_source", "split", "limit")}
+    assert record == {**settings, "data": {"source": None, "split": None, "limit": 1}, "lm": "tiny",
+                      "encoder": "vit_tiny_32", "bos": False, "n_image_tokens": 16,
+                      "projection_id": projection_id(model.projection)}
     again = run_attribution(model, dataset, tmp_path, config, batch_size=1, rank=0, world_size=1, progress=False)
     assert again.shards_skipped == 1  # batch_size does not change the rows
-    with pytest.raises(ValueError, match=r"other settings \({'prompt': \('A photo of', 'A picture of'\), "
-                                         r"'data_source': \(None, 'coco'\)}"):
+    with pytest.raises(ValueError, match=r"another run \(prompt: 'A photo of' -> 'A picture of'; "
+                                         r"data.source: None -> 'coco'\)"):
         run_attribution(model, dataset, tmp_path, config, prompt="A picture of", data_source="coco", rank=0,
                         world_size=1)
     with pytest.raises(TypeError, match="unknown RunConfig setting kk; the settings are: k, shard_size"):
@@ -207,13 +210,14 @@ def test_bad_input_is_named(model, dataset, tmp_path):
         load(f"{tmp_path / 'nope.py'}:build")
 
 
-def _coco_folder(root: Path, images) -> Path:
+def _coco_folder(root: Path, images, splits=None) -> Path:
+    """``images`` as a coco_mini-style folder, ids 1000, 1001, ...; ``splits``: each image's (default all dev)."""
     (root / "images").mkdir(parents=True)
     lines = []
     for i, im in enumerate(images):
         im.save(root / "images" / f"{1000 + i}.png")
         lines.append(json.dumps({"file_name": f"images/{1000 + i}.png", "image_id": 1000 + i,
-                                 "split": "dev", "captions": ["a photo"]}))
+                                 "split": "dev" if splits is None else splits[i], "captions": ["a photo"]}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
@@ -249,10 +253,12 @@ def test_command_line_one_process(backend, model, images, oracle, tmp_path):
     assert (s.rank, s.world_size, s.images) == (0, 1, 7)
     _assert_rows_equal(load_rows(tmp_path / "out"), oracle)
     record = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert record["data"] == {"source": str(data.resolve()), "split": "dev", "limit": None}
     assert RunConfig.from_dict({k: v for k, v in record.items() if k in RunConfig.names()}) == RunConfig(
-        k=K, shard_size=4, data_source=str(data.resolve()), split="dev", model_spec=f"{factory}:build")
-    assert {k: record[k] for k in ("lm", "encoder", "bos", "projection_id")} == {
-        "lm": "tiny", "encoder": "vit_tiny_32", "bos": False, "projection_id": projection_id(model.projection)}
+        k=K, shard_size=4, model_spec=f"{factory}:build")
+    assert {k: record[k] for k in ("lm", "encoder", "bos", "n_image_tokens", "projection_id")} == {
+        "lm": "tiny", "encoder": "vit_tiny_32", "bos": False, "n_image_tokens": 16,
+        "projection_id": projection_id(model.projection)}
     with pytest.raises(ValueError, match="--split"):
         run_attribute(build_parser().parse_args(["attribute", "no/such/thing", "--out", str(tmp_path / "o2")]))
 
@@ -313,3 +319,119 @@ def test_accelerate_cpu_without_a_process_count_fails_loudly(monkeypatch, tmp_pa
     assert not (tmp_path / "out").exists()
     with pytest.raises(RuntimeError, match="started only ONE process"):
         partial_state()
+
+
+# ---------------------------------------------------------------------------- fingerprints and damaged shards
+def _factory(tmp_path: Path, model, backend: str) -> str:
+    """A ``--model`` factory rebuilding ``model`` from its saved weights."""
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    factory = tmp_path / "factory.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests' / 'training')!r})\nfrom test_runner import "
+                       f"build_tiny_vlm\ndef build():\n    return build_tiny_vlm({str(weights)!r}, {backend!r})\n")
+    return f"{factory}:build"
+
+
+def _subset(oracle: dict, image_indices: list[int]) -> dict:
+    """The oracle's rows of the images ``image_indices``, in that order, numbered from 0 and with ids from 1000
+    as in a folder of those images alone."""
+    where = [np.flatnonzero(oracle["image_index"] == i) for i in image_indices]
+    rows = {c: np.concatenate([v[w] for w in where]) for c, v in oracle.items()}
+    rows["image_index"] = np.repeat(np.arange(len(where)), [len(w) for w in where])
+    rows["image_id"] = 1000 + rows["image_index"]
+    return rows
+
+
+def test_a_rerun_on_other_data_split_or_limit_never_returns_the_old_rows(backend, model, images, oracle, tmp_path):
+    """The acceptance case: a finished --out rerun with another --split, another DATA folder or a smaller
+    --limit is refused, naming the field (old -> new), and leaves the old run whole; --restart gives exactly
+    the new run's rows (oracle: one ``attribute`` call over all the images)."""
+    data = _coco_folder(tmp_path / "coco", images, splits=["dev"] * 4 + ["train"] * 3)
+    other = _coco_folder(tmp_path / "other", images[::-1])
+    out = tmp_path / "out"
+    spec = _factory(tmp_path, model, backend)
+
+    def run(*args):
+        return run_attribute(build_parser().parse_args(["attribute", *args, "--out", str(out), "--k", str(K),
+                                                        "--shard-size", "2", "--model", spec, "--no-progress"]))
+
+    run(str(data), "--split", "dev")
+    _assert_rows_equal(load_rows(out), _subset(oracle, [0, 1, 2, 3]))
+    refusals = {("--split", "train"): r"data.split: 'dev' -> 'train'",
+                ("--split", "dev", "--limit", "3"): r"data.limit: None -> 3",
+                (): r"data.split: 'dev' -> None"}
+    for args, message in refusals.items():
+        with pytest.raises(ValueError, match=r"holds shards of another run \(" + message + r"\); .*--restart"):
+            run(str(data), *args)
+    with pytest.raises(ValueError, match=f"data.source: '{data.resolve()}' -> '{other.resolve()}'"):
+        run(str(other), "--split", "dev")
+    _assert_rows_equal(load_rows(out), _subset(oracle, [0, 1, 2, 3]))  # the refused runs changed nothing
+
+    s = run(str(data), "--split", "train", "--restart")
+    assert (s.shards_written, s.shards_skipped) == (2, 0)
+    _assert_rows_equal(load_rows(out), _subset(oracle, [4, 5, 6]) | {"image_id": np.repeat([1004, 1005, 1006], K)})
+
+    run(str(other), "--split", "dev", "--restart", "--limit", "5")  # the issue's --limit 10 then --limit 6
+    with pytest.raises(ValueError, match=r"data.limit: 5 -> 3"):
+        run(str(other), "--split", "dev", "--limit", "3")
+    s = run(str(other), "--split", "dev", "--limit", "3", "--restart")
+    assert sorted(p.name for p in out.glob("part-*")) == [shard_name(0, 2), shard_name(2, 3)]
+    _assert_rows_equal(load_rows(out), _subset(oracle, [6, 5, 4]))  # other's images 0, 1, 2 are images 6, 5, 4
+    s = run(str(other), "--split", "dev", "--limit", "6")  # a larger limit extends the run
+    assert (s.shards_skipped, s.shards_written) == (1, 2)
+    assert load_rows(out).image_index.unique().tolist() == list(range(6))
+
+
+def test_the_library_refuses_other_rows_in_a_finished_folder(model, dataset, images, tmp_path):
+    """Without a recorded source (the caller passes rows), the image ids each shard was made from tell
+    another dataset of the same size; ``restart=True`` starts over, sparing files that are not the run's."""
+    kw = dict(k=K, shard_size=4, rank=0, world_size=1, progress=False)
+    run_attribution(model, dataset, tmp_path, **kw)
+    shuffled = dataset.select([1, 0, 2, 3, 4, 5, 6])
+    with pytest.raises(ValueError, match=f"shard {tmp_path / shard_name(0, 4)} was made from other images"):
+        run_attribution(model, shuffled, tmp_path, **kw)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / ".part-000000000-000000004.parquet.x1.tmp").write_bytes(b"left by a killed run")
+    s = run_attribution(model, shuffled, tmp_path, restart=True, **kw)
+    assert (s.shards_written, s.shards_skipped) == (2, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "_part-000000000-000000004.json", "_part-000000004-000000007.json", "_run.json", "notes.txt",
+        shard_name(0, 4), shard_name(4, 7)]
+    assert load_rows(tmp_path).image_id.unique().tolist() == [1001, 1000, 1002, 1003, 1004, 1005, 1006]
+    with pytest.raises(TypeError, match="restart must be True or False"):
+        run_attribution(model, dataset, tmp_path, restart="yes", **kw)
+    (tmp_path / "_run.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"_run.json is damaged .*restart=True"):
+        run_attribution(model, dataset, tmp_path, **kw)
+
+
+def test_damaged_shards_are_recomputed_on_resume_and_named_by_load_rows(model, dataset, oracle, tmp_path):
+    """Each shard's record (rows, bytes, SHA-256) is checked on resume: a truncated, a zeroed and an
+    unrecorded shard are recomputed (with a warning), the intact one kept; load_rows names a damaged file
+    instead of failing inside pyarrow."""
+    kw = dict(k=K, shard_size=2, rank=0, world_size=1, progress=False)
+    run_attribution(model, dataset, tmp_path, **kw)
+    shards = [tmp_path / shard_name(a, min(a + 2, 7)) for a in range(0, 7, 2)]
+    record = json.loads((tmp_path / "_part-000000000-000000002.json").read_text())
+    assert record["rows"] == 2 * K and record["bytes"] == shards[0].stat().st_size
+    content = shards[0].read_bytes()
+    shards[0].write_bytes(content[: len(content) // 2])                   # truncated
+    shards[1].write_bytes(bytes(shards[1].stat().st_size))                # zeroed, same size
+    (tmp_path / "_part-000000004-000000006.json").unlink()                # no record (killed before it)
+    stamp = shards[3].stat().st_mtime_ns
+    with pytest.raises(ValueError, match=f"shard {shards[0]} is {len(content) // 2} bytes, its record says "
+                                         f"{len(content)} .*rerun the same command"):
+        load_rows(tmp_path)
+    shards[0].write_bytes(content[: len(content) // 2])
+    (tmp_path / "_part-000000000-000000002.json").unlink()
+    with pytest.raises(ValueError, match=f"shard {shards[0]} is not a readable Parquet file"):
+        load_rows(tmp_path)
+    with pytest.warns(UserWarning) as caught:
+        s = run_attribution(model, dataset, tmp_path, **kw)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 3 and all("recomputing it" in m for m in messages)
+    assert "does not match the SHA-256" in messages[1] and messages[0].count("has no record") == 1
+    assert (s.shards_written, s.shards_recomputed, s.shards_skipped, s.images) == (3, 3, 1, 6)
+    assert "3 of them damaged and recomputed" in repr(s)
+    assert shards[3].stat().st_mtime_ns == stamp
+    _assert_rows_equal(load_rows(tmp_path), oracle)

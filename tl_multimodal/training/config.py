@@ -153,8 +153,9 @@ class RunConfig(Config):
 
     ``_run.json`` records them with the model's LM, encoder, layout and :func:`projection_id
     <tl_multimodal.models.projection.projection_id>`; a run into the same folder with other values
-    is refused, but for :attr:`FREE` fields: ``batch_size`` (it does not change the rows) and
-    ``limit`` (a larger one extends the run).
+    is refused (``data_source``, ``split`` and ``limit`` under its ``data`` key), but for :attr:`FREE`
+    fields: ``batch_size`` (it does not change the rows) and a larger ``limit`` (it extends the run; a
+    smaller one is refused: the finished shards past it would stay).
 
     Attributes:
         k: Units kept per image.

@@ -4,8 +4,11 @@
 The dataset is cut into fixed chunks of ``shard_size`` images (``[0, s)``, ``[s, 2s)``, ...); chunk
 ``i`` belongs to process ``i % world_size``, so the union of the rows does not depend on how many
 processes ran. Each chunk becomes one file ``part-{start:09d}-{stop:09d}.parquet``, written to a
-temporary file and renamed (a crash never leaves a partial shard), and a run started again skips the
-chunks whose file exists. Memory holds one batch of attribution scores and one chunk of top-``k``
+temporary file and renamed (a crash never leaves a partial shard), with a record of its rows, checksum
+and image ids beside it (:mod:`~tl_multimodal.training._run_files`); a run started again skips the
+chunks whose file matches its record and recomputes the others. ``_run.json`` fingerprints the run
+(settings, data, model, layout, projection): a rerun with another one is refused, naming what differs,
+or starts over with ``restart=True``. Memory holds one batch of attribution scores and one chunk of top-``k``
 rows at a time, whatever the dataset size.
 
     run_attribution(model, load_coco_mini("../shared/data/coco_mini", "dev"), "runs/attr", k=100)
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -34,10 +38,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tl_multimodal._io import atomic_write
+from tl_multimodal._validate import check_flag
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.models.projection import projection_id
 from tl_multimodal.pretrained.load import load
 from tl_multimodal.training._distributed import partial_state
+from tl_multimodal.training._run_files import (clear_run, differences, ids_digest, read_shard, remove_shard,
+                                               shard_problem, write_record)
 from tl_multimodal.training.config import RunConfig
 from tl_multimodal.data.sources import IMAGE_KEYS, find_column, open_dataset
 
@@ -58,9 +65,11 @@ class RunSummary:
         out: The output folder.
         rank, world_size: This process and the number of processes.
         shards_written: Shards this process computed now.
-        shards_skipped: This process's shards that already existed (resumed).
+        shards_skipped: This process's shards that already existed and matched their records (resumed).
         images: Images attributed now.
         rows: Rows written now.
+        shards_recomputed: Of ``shards_written``, those that existed but did not match their
+            records (truncated, damaged, or without a record) and were computed again.
     """
 
     out: Path
@@ -70,10 +79,13 @@ class RunSummary:
     shards_skipped: int
     images: int
     rows: int
+    shards_recomputed: int = 0
 
     def __repr__(self) -> str:
+        again = f", {self.shards_recomputed} of them damaged and recomputed" if self.shards_recomputed else ""
         return (f"RunSummary(rank {self.rank}/{self.world_size}: {self.shards_written} shards written "
-                f"({self.images} images, {self.rows} rows), {self.shards_skipped} already done, out={str(self.out)!r})")
+                f"({self.images} images, {self.rows} rows){again}, {self.shards_skipped} already done, "
+                f"out={str(self.out)!r})")
 
     def to_dataframe(self):
         """One row with the summary's fields."""
@@ -98,12 +110,16 @@ def _chunks(data, shard_size: int, limit: int | None) -> Iterator[tuple[int, int
         start += len(chunk)
 
 
-def _image_id(row: dict, index: int, id_column: str | None):
-    if id_column is not None:
-        if id_column not in row:
-            raise ValueError(f"id_column {id_column!r} is not in the dataset (columns: {sorted(row)})")
-        return row[id_column]
-    return next((row[key] for key in _ID_KEYS if key in row), index)
+def _chunk_ids(rows, start: int, id_column: str | None) -> list:
+    """The image ids of a chunk's rows (a ``datasets.Dataset``: its id column alone, no image decoded)."""
+    names = getattr(rows, "column_names", None)
+    columns = sorted(names if names is not None else rows[0]) if len(rows) else []
+    key = id_column if id_column is not None else next((k for k in _ID_KEYS if k in columns), None)
+    if key is None:
+        return list(range(start, start + len(rows)))
+    if key not in columns:
+        raise ValueError(f"id_column {id_column!r} is not in the dataset (columns: {columns})")
+    return list(rows[key]) if names is not None else [r[key] for r in rows]
 
 
 # ---------------------------------------------------------------------------- files
@@ -113,25 +129,46 @@ def shard_name(start: int, stop: int) -> str:
 
 
 def _manifest(config: RunConfig, model) -> dict:
-    """What ``_run.json`` records: the run's settings, then the model's LM, encoder, layout and projection."""
-    return {**config.to_dict(), "lm": model.cfg.model_name, "encoder": model.vision.model_name,
-            "bos": bool(model.image_bos), "projection_id": projection_id(model.projection)}
+    """What ``_run.json`` records, the run's fingerprint: its settings; ``data``: ``source`` (an absolute
+    folder, a webdataset pattern or a hub name; ``None`` when the caller passed rows), ``split`` and
+    ``limit``; then the model's LM, encoder, layout (``bos``, ``n_image_tokens``) and projection id."""
+    settings = config.to_dict()
+    source = settings.pop("data_source")
+    data = {"source": None if source is None else _where(source), "split": settings.pop("split"),
+            "limit": settings.pop("limit")}
+    return {**settings, "data": data, "lm": model.cfg.model_name, "encoder": model.vision.model_name,
+            "bos": bool(model.image_bos), "n_image_tokens": int(model.n_image_tokens),
+            "projection_id": projection_id(model.projection)}
+
+
+def _allowed(field: str, old, new) -> bool:
+    """Whether a rerun may change ``field``: ``batch_size`` (the rows do not depend on it), and a
+    ``data.limit`` that grows (the run extends; a smaller one would leave finished shards past it)."""
+    if field in RunConfig.FREE:
+        return True
+    return field == "data.limit" and "limit" in RunConfig.FREE and (new is None or old is not None and new >= old)
 
 
 def _check_manifest(out: Path, settings: dict) -> None:
-    """Record the run's settings in ``out/_run.json``, or refuse to mix shards made with other ones.
+    """Record the run's fingerprint in ``out/_run.json``, or refuse to mix shards made with another one.
 
-    Every recorded key is compared but :attr:`RunConfig.FREE` ones (a rerun may change them; the
-    record then holds the latest run's); the error names each one that differs, with its old and new value.
+    Every recorded field is compared but those :func:`_allowed` to change (the record then holds the
+    latest run's); the error names each one that differs as ``field: old -> new``.
     """
     path = out / MANIFEST
     if path.exists():
-        old = json.loads(path.read_text())
-        keys = [k for k in {**old, **settings} if k not in RunConfig.FREE]
-        changed = {k: (old.get(k), settings.get(k)) for k in keys if old.get(k) != settings.get(k)}
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except ValueError as e:
+            raise ValueError(f"{path} is damaged ({e}); restart=True (--restart) deletes the run in {out} "
+                             "and starts over") from None
+        changed = [f"{field}: {a!r} -> {b!r}" for field, a, b in differences(old, settings)
+                   if not _allowed(field, a, b)]
         if changed:
-            raise ValueError(f"{out} holds shards of a run with other settings ({changed}, as (old, new)); "
-                             "use another --out or the same settings")
+            raise ValueError(f"{out} holds shards of another run ({'; '.join(changed)}); use the same settings, "
+                             "another out folder, or restart=True (--restart) to delete them and start over")
         if old == settings:
             return
     # every rank writes the same content, so racing ranks agree
@@ -140,7 +177,13 @@ def _check_manifest(out: Path, settings: dict) -> None:
 
 def load_rows(out: str | Path):
     """Every row of a run's shards as one DataFrame (columns :data:`SCHEMA_COLUMNS`), sorted by
-    image_index and rank."""
+    image_index and rank.
+
+    Raises:
+        FileNotFoundError: ``out`` holds no shard.
+        ValueError: Shards that overlap, or a shard that does not match its record or cannot be read
+            (named: rerunning the run recomputes it).
+    """
     out = Path(out)
     files = sorted(out.glob("part-*.parquet"))
     if not files:
@@ -149,7 +192,7 @@ def load_rows(out: str | Path):
     for (a, f_a), (b, f_b) in zip(zip(ranges, files), zip(ranges[1:], files[1:])):
         if b[0] < a[1]:
             raise ValueError(f"shards {f_a.name} and {f_b.name} overlap (files of another run in {out}?)")
-    df = pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    df = pa.concat_tables([read_shard(f) for f in files]).to_pandas()
     return df.sort_values(["image_index", "rank"], ignore_index=True)
 
 
@@ -196,7 +239,8 @@ def _process_state(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def run_attribution(model, data, out: str | Path, config: RunConfig | None = None, *, rank: int | None = None,
                     world_size: int | None = None, progress: bool = True,
-                    on_shard: Callable[[Path], None] | None = None, **overrides) -> RunSummary:
+                    on_shard: Callable[[Path], None] | None = None, restart: bool = False,
+                    **overrides) -> RunSummary:
     """Attribute every image of ``data`` and write each image's top ``k`` units to Parquet shards.
 
     For every image: the model's greedy caption, its first noun as the target, the attribution of
@@ -208,10 +252,14 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
         data: A ``datasets.Dataset`` (random access: a process reads only its own chunks), or any
             iterable of dict rows (``datasets.IterableDataset``, ``webdataset``; every process reads
             the stream and keeps its chunks).
-        out: Output folder (created). Shards already there are skipped. Its ``_run.json`` records
-            ``config.to_dict()`` with the model's ``lm``, ``encoder``, ``bos`` layout and
-            ``projection_id`` (:func:`~tl_multimodal.models.projection.projection_id`); a folder
-            whose record differs (in any field but ``batch_size``) is refused, the fields named.
+        out: Output folder (created). Shards already there are kept if they match the records
+            written with them (row count, size, SHA-256, image ids); a damaged one is recomputed,
+            with a warning. Its ``_run.json`` records the run's fingerprint: the settings of
+            ``config``, ``data`` (``{"source": ..., "split": ..., "limit": ...}``), the model's
+            ``lm``, ``encoder``, layout (``bos``, ``n_image_tokens``) and ``projection_id``
+            (:func:`~tl_multimodal.models.projection.projection_id`); a folder whose record differs
+            is refused, each field named as ``field: old -> new`` (but ``batch_size``, and a larger
+            ``limit``, which extends the run).
         config: The settings (:class:`~tl_multimodal.training.config.RunConfig`: ``k``,
             ``shard_size``, ``batch_size``, ``limit``, ``prompt``, ``max_new_tokens``, ``hook``,
             ``image_column``, ``id_column``, and where the data and model came from); default all
@@ -220,6 +268,9 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
             ``accelerate.PartialState()`` (1 process when not launched by ``accelerate``).
         progress: Show a progress bar (one per process).
         on_shard: Called with each shard's path once it is written.
+        restart: Delete the run in ``out`` (its shards, their records, ``_run.json``; nothing else)
+            and start over. With several processes rank 0 deletes it and the others wait for it
+            (under a ``torch.distributed`` process group; called one rank after another, rank 0 first).
         **overrides: :class:`~tl_multimodal.training.config.RunConfig` fields replacing those of
             ``config`` (``k=10, limit=8``).
 
@@ -228,7 +279,8 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
 
     Raises:
         TypeError: An override that is not a setting (the settings are named), or not a model.
-        ValueError: A bad setting, or ``out`` holding shards of a run with other settings.
+        ValueError: A bad setting; ``out`` holding shards of a run with another fingerprint, or a
+            shard made from other images than the data has at its rows.
     """
     config = RunConfig.resolve(config, overrides)
     k, shard_size, batch_size, limit = config.k, config.shard_size, config.batch_size, config.limit
@@ -236,34 +288,50 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
     image_column, id_column = config.image_column, config.id_column
     if not hasattr(model, "embed_images"):
         raise TypeError(f"model must be a vision LM (HookedVisionPrefix or VisionBridge), got {type(model).__name__}")
+    restart = check_flag(restart, "restart")
     rank, world_size = _process_state(rank, world_size)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, _manifest(config, model))
+    settings = _manifest(config, model)
+    first = rank == 0 or not restart  # with restart, rank 0 clears the folder and the others wait for it
+    if first:
+        if restart:
+            clear_run(out, MANIFEST)
+        _check_manifest(out, settings)
+    if restart:
+        _wait_for_ranks(world_size)
+        if not first:
+            _check_manifest(out, settings)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=_images_of_rank(data, limit, shard_size, rank, world_size), unit="img", position=rank,
                desc=f"attribute rank {rank}/{world_size}", disable=not progress)
-    written = skipped = n_images = n_rows = 0
+    written = skipped = recomputed = n_images = n_rows = 0
     try:
         for i, (start, stop, rows) in enumerate(_chunks(data, shard_size, limit)):
             if i % world_size != rank:
                 continue
             path = out / shard_name(start, stop)
+            chunk = rows()
+            chunk_ids = _chunk_ids(chunk, start, id_column)
             if path.exists():
-                skipped += 1
-                bar.update(stop - start)
-                continue
+                problem = shard_problem(path, ids_digest(chunk_ids))
+                if problem is None:
+                    skipped += 1
+                    bar.update(stop - start)
+                    continue
+                warnings.warn(f"shard {path} {problem}: recomputing it", stacklevel=2)
+                recomputed += 1
             tables = []
-            batches = iter(rows())
+            batches = iter(chunk)
             for b_start in range(start, stop, batch_size):
                 batch = list(itertools.islice(batches, batch_size))
                 indices = list(range(b_start, b_start + len(batch)))
                 key = find_column(batch[0], IMAGE_KEYS, image_column, "image_column")
-                ids = [_image_id(r, j, id_column) for r, j in zip(batch, indices)]
+                ids = chunk_ids[b_start - start:b_start - start + len(batch)]
                 try:
                     attr = attribute(model, [r[key] for r in batch], prompt=prompt, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size, hook=hook)
@@ -272,24 +340,40 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
                                      f"(ids {ids}): {e}") from e
                 tables.append(_batch_table(attr, k, indices, ids))
                 bar.update(len(batch))
-            atomic_write(path, lambda f: pq.write_table(pa.concat_tables(tables), f))
+            table = pa.concat_tables(tables)
+            atomic_write(path, lambda f: pq.write_table(table, f))
+            write_record(path, table.num_rows, ids_digest(chunk_ids))
             for stale in out.glob(f"part-{start:09d}-*.parquet"):  # a shorter last chunk of a smaller limit
                 if stale != path:
-                    stale.unlink()
+                    remove_shard(stale)
             written += 1
             n_images += stop - start
-            n_rows += sum(t.num_rows for t in tables)
+            n_rows += table.num_rows
             if on_shard is not None:
                 on_shard(path)
     finally:
         bar.close()
-    return RunSummary(out, rank, world_size, written, skipped, n_images, n_rows)
+    return RunSummary(out, rank, world_size, written, skipped, n_images, n_rows, recomputed)
+
+
+def _wait_for_ranks(world_size: int) -> None:
+    """A barrier across the processes of a ``torch.distributed`` group (nothing without one)."""
+    import torch.distributed as dist
+
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 # ---------------------------------------------------------------------------- command line
 def _where(source) -> str:
-    """A local file or folder as its absolute path (a rerun from elsewhere records the same), else as given."""
-    return str(Path(source).resolve()) if Path(source).exists() else str(source)
+    """A local file or folder, or a webdataset pattern in a local folder, as an absolute path (a rerun
+    from elsewhere records the same); anything else (a hub name) as given."""
+    path = Path(source)
+    if path.exists():
+        return str(path.resolve())
+    if ".tar" in path.name and path.parent.is_dir():
+        return str(path.parent.resolve() / path.name)
+    return str(source)
 
 
 def run_attribute(args: argparse.Namespace) -> RunSummary:
@@ -304,7 +388,8 @@ def run_attribute(args: argparse.Namespace) -> RunSummary:
                        split=args.split, model_spec=args.model,
                        projection_file=None if args.projection is None else _where(args.projection))
     summary = run_attribution(model, data, args.out, config, rank=state.process_index,
-                              world_size=state.num_processes, progress=not args.no_progress)
+                              world_size=state.num_processes, progress=not args.no_progress,
+                              restart=getattr(args, "restart", False))
     print(summary, flush=True)
     state.wait_for_everyone()
     if state.is_main_process:
