@@ -284,6 +284,14 @@ def test_two_accelerate_processes_write_the_same_rows_as_one(backend, model, ima
                          timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "rank 0/2: 2 shards written" in two.stdout and "rank 1/2: 1 shards written" in two.stdout, two.stdout
+    first = load_rows(tmp_path / "two")
+    again = subprocess.run([*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tl_multimodal", *args,
+                            "--limit", "6", "--out", str(tmp_path / "two"), "--restart"], env=env, capture_output=True,
+                           text=True, timeout=600)  # rank 0 deletes the run, rank 1 waits, both write theirs again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "rank 0/2: 2 shards written" in again.stdout and "rank 1/2: 1 shards written" in again.stdout, again.stdout
+    assert load_rows(tmp_path / "two").equals(first)
     cpu = subprocess.run([*accelerate, "--cpu", "--num_processes", "2", "-m", "tl_multimodal", *args, "--limit", "4",
                           "--out", str(tmp_path / "cpu")], env=env, capture_output=True, text=True, timeout=600)
     assert cpu.returncode == 0, cpu.stderr[-3000:]

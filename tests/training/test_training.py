@@ -427,6 +427,59 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_vlm, colo
     assert not (tmp_path / "projection_step6.pt").exists()
 
 
+def test_resume_refuses_other_data_encoder_lm_and_edited_states(backend, tiny_vlm, colour_data, gpt2_tokenizer,
+                                                                 tmp_path):
+    """A state records what it was made from: other images or captions (the same number of rows), an
+    encoder of the same shape with other weights, an LM of another width, and a state edited by hand are
+    each refused, the message saying what differs."""
+    kw = dict(steps=4, batch_size=2, progress=False)
+    init = {k: v.clone() for k, v in tiny_vlm.projection.state_dict().items()}
+    train_projection(tiny_vlm, colour_data, steps=2, batch_size=2, checkpoint_dir=tmp_path, progress=False)
+    tiny_vlm.projection.load_state_dict(init)
+    state_file = tmp_path / "training_state.pt"
+    good = torch.load(state_file, weights_only=True)
+    assert good["config"]["lm"] == "tiny (d_model 64)" and good["config"]["encoder"].startswith("vit_tiny_32 (weights ")
+
+    other_images = colour_data.map(lambda row, i: {"image": row["image"].rotate(90) if i == 0 else row["image"]},
+                                   with_indices=True)
+    other_captions = colour_data.map(lambda row, i: {"captions": ["a square"] if i == 3 else row["captions"]},
+                                     with_indices=True)
+    for data, what in ((other_images, "images"), (other_captions, "captions")):
+        with pytest.raises(ValueError, match=f"other settings; {what} \\(a hash of the {what}\\): checkpoint has"):
+            train_projection(tiny_vlm, data, resume_from=tmp_path, **kw)
+
+    other_encoder = copy.deepcopy(tiny_vlm)
+    with torch.no_grad():
+        next(other_encoder.vision.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match=r"encoder \(name and weights\): checkpoint has 'vit_tiny_32 \(weights \w+\)'"):
+        train_projection(other_encoder, colour_data, resume_from=tmp_path, **kw)
+    del other_encoder
+
+    narrow = build_vlm(backend, tiny_hf("gpt2", **{**TINY, "d_model": 32}), gpt2_tokenizer, tiny_vlm.vision)
+    with pytest.raises(ValueError, match=r"lm \(name and width\): checkpoint has 'tiny \(d_model 64\)', "
+                                         r"this call 'tiny \(d_model 32\)'"):
+        train_projection(narrow, colour_data, resume_from=tmp_path, **kw)
+    old = {**good, "config": {k: v for k, v in good["config"].items() if k not in ("lm", "encoder", "images",
+                                                                                   "captions")}}
+    torch.save(old, state_file)  # a state written before the identities: the projection's shapes still tell
+    with pytest.raises(ValueError, match=r"holds a projection for another encoder or LM width \(linear.weight: "
+                                         r"\[64, 64\] in the state, \[32, 64\] in this model; linear.bias"):
+        train_projection(narrow, colour_data, resume_from=tmp_path, **kw)
+
+    for edit, match in (({"step": -5}, "step is -5, not a whole number >= 0"),
+                        ({"step": 1}, "train_losses, scheduler do not agree with its step 1"),
+                        ({"order": [0, 9]}, "order does not agree"),
+                        ({"stream": {"epoch": 0, "position": 3}}, "stream does not agree"),
+                        ({"projection": {"linear.weight": "x"}}, "projection is not a dict of tensors")):
+        torch.save({**good, **edit}, state_file)
+        with pytest.raises(ValueError, match=f"resume_from='{state_file}' is not a valid training state: {match}"):
+            train_projection(tiny_vlm, colour_data, resume_from=tmp_path, **kw)
+    torch.save(good, state_file)
+    assert train_projection(tiny_vlm, colour_data, steps=2, batch_size=2, resume_from=tmp_path,
+                            progress=False).steps == 2  # the good state resumes (at its last step: no step runs)
+    tiny_vlm.projection.load_state_dict(init)
+
+
 def test_resume_refuses_other_settings_and_other_files(tiny_vlm, colour_data, tmp_path, no_step):
     import tl_multimodal.training.train as training
     state = {"format": training._STATE_FORMAT, "step": 2, "projection": tiny_vlm.projection.state_dict(),
@@ -519,7 +572,17 @@ def test_an_interrupted_stream_resumes_where_it_stopped(tiny_vlm, tmp_path):
     with _fail_at(tiny_vlm, 5), pytest.raises(Boom):
         train_projection(tiny_vlm, stream(), checkpoint_dir=tmp_path / "cut", **kw)
     state = torch.load(tmp_path / "cut" / "training_state.pt", weights_only=True)
-    assert state["step"] == 4 and state["stream"] == {"epoch": 2, "position": 4}
+    assert state["step"] == 4 and {k: state["stream"][k] for k in ("epoch", "position")} == {"epoch": 2, "position": 4}
+    recaptioned = _one_caption_data().map(lambda row, i: {"captions": "a colour" if i == 1 else row["captions"]},
+                                          with_indices=True)  # epoch 2's 4 rows read again: the 2nd differs
+    with pytest.raises(ValueError, match="first 4 rows of epoch 2 of the training stream are not those the training "
+                                         "state read"):
+        train_projection(tiny_vlm, wds.WebDataset(_write_shards(tmp_path / "other", recaptioned, 2), shardshuffle=False,
+                                                  nodesplitter=None, empty_check=False).decode("pil"),
+                         checkpoint_dir=tmp_path / "cut", resume_from=tmp_path / "cut", **kw)
+    with pytest.raises(ValueError, match="the training stream has 3 rows in epoch 2, but the training state had read 4"):
+        train_projection(tiny_vlm, [{"png": r["image"], "txt": r["captions"]} for r in _one_caption_data()][:3],
+                         checkpoint_dir=tmp_path / "cut", resume_from=tmp_path / "cut", **kw)
     resumed = train_projection(tiny_vlm, stream(), checkpoint_dir=tmp_path / "cut", resume_from=tmp_path / "cut", **kw)
     for k, v in expected.items():
         assert torch.equal(tiny_vlm.projection.state_dict()[k], v), k
@@ -546,8 +609,23 @@ def test_feature_cache_is_written_once_and_reused(tiny_vlm, colour_data, tmp_pat
     assert len(calls) == n_encoder_passes == 2  # the second read skips the encoder
     assert torch.equal(first, direct) and torch.equal(second, direct)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "f.npy"]
-    with pytest.raises(ValueError, match=r"f.npy was written for .*'n_images': 4.*'n_images': 2"):
+    with pytest.raises(ValueError, match=r"f.npy was written for other data or another encoder \(images: .*; "
+                                         r"n_images: 4 there, 2 here; shape: .*; delete it"):
         encode_images(tiny_vlm, colour_data.select([0, 1]), progress=False, cache=tmp_path / "f.npy")
+    flipped = colour_data.map(lambda row: {"image": row["image"].transpose(0)})  # the same count, other images
+    with pytest.raises(ValueError, match=r"f.npy was written for other data or another encoder \(images: '\w+' "
+                                         r"there, '\w+' here\)"):
+        encode_images(tiny_vlm, flipped, progress=False, cache=tmp_path / "f.npy")
+    good = (tmp_path / "f.npy").read_bytes()
+    for garbage, match in ((b"not an array at all", "is not a readable .npy file"),
+                           (good[:200], "is not a readable .npy file"),
+                           (None, r"holds a float64 array of shape \[4, 16, 64\], its record says float32")):
+        if garbage is None:
+            np.save(tmp_path / "f.npy", np.zeros((4, 16, 64)))
+        else:
+            (tmp_path / "f.npy").write_bytes(garbage)
+        with pytest.raises(ValueError, match=f"feature cache {tmp_path / 'f.npy'} {match}.*delete it"):
+            encode_images(tiny_vlm, colour_data, progress=False, cache=tmp_path / "f.npy")
     with pytest.raises(ValueError, match=r"cache must be a .npy file"):
         encode_images(tiny_vlm, colour_data, progress=False, cache=tmp_path / "f.bin")
 

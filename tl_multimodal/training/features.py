@@ -18,8 +18,10 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_multimodal._io import atomic_write
 from tl_multimodal._validate import check_int
 from tl_multimodal.models.protocol import VisionLM
+from tl_multimodal.training._fingerprint import encoder_identity, images_id
 from tl_multimodal.training.nll import _restoring
 
 
@@ -45,9 +47,11 @@ def encode_images(model: VisionLM, dataset: datasets.Dataset, image_column: str 
         batch_size: Images per encoder pass.
         progress: Show a progress bar.
         cache: A ``.npy`` file for the features instead of RAM: written once (atomically, with a
-            ``.json`` record of encoder and row count beside it), then memory-mapped, so a run
-            reads only the rows it draws and later runs on the same data skip the encoder. You
-            pair the file with its dataset; a record for another encoder or row count is refused.
+            ``.json`` record beside it of the encoder (name and weights), the images (a hash, as
+            stored) and the shape), then memory-mapped, so a run reads only the rows it draws and
+            later runs on the same data skip the encoder. A record for another encoder, other
+            images or another row count is refused (the fields named), and so is a file that is not
+            the ``.npy`` array its record describes.
 
     Returns:
         ``[n, patch, d_img]`` float32 features (memory-mapped, copy-on-write, with ``cache``).
@@ -76,8 +80,8 @@ def _cached_features(model, dataset, image_column, batch_size, progress, path: P
     """:func:`encode_images` through the on-disk cache ``path`` (rank 0 writes it, others wait)."""
     if path.suffix != ".npy":
         raise ValueError(f"cache must be a .npy file, got {str(path)!r}")
-    record = {"encoder": model.vision.model_name, "n_images": len(dataset),
-              "shape": [len(dataset), model.n_image_tokens, model.vision.d_img]}
+    record = {"encoder": encoder_identity(model), "images": images_id(dataset, image_column),
+              "n_images": len(dataset), "shape": [len(dataset), model.n_image_tokens, model.vision.d_img]}
     meta = path.with_suffix(".json")
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank == 0 and not path.exists():
@@ -91,14 +95,27 @@ def _cached_features(model, dataset, image_column, batch_size, progress, path: P
                 start += len(chunk)
             out.flush()
             del out
-            meta.write_text(json.dumps(record))
+            atomic_write(meta, lambda f: f.write(json.dumps(record).encode()))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    have = json.loads(meta.read_text()) if meta.exists() else None
+    fix = "delete it (and its .json record) to encode the images again, or name another file"
+    try:
+        have = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"feature cache {path} has no readable record {meta} ({e}); {fix}") from None
     if have != record:
-        raise ValueError(f"feature cache {path} was written for {have} (from {meta}), not for this data "
-                         f"and encoder {record}; delete it or name another file")
-    return torch.from_numpy(np.load(path, mmap_mode="c"))
+        differ = [f"{k}: {have.get(k)!r} there, {v!r} here" for k, v in record.items()
+                  if not isinstance(have, dict) or have.get(k) != v]
+        raise ValueError(f"feature cache {path} was written for other data or another encoder "
+                         f"({'; '.join(differ)}; from {meta}); {fix}")
+    try:
+        features = np.load(path, mmap_mode="c")
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"feature cache {path} is not a readable .npy file ({e}); {fix}") from None
+    if features.dtype != np.float32 or list(features.shape) != record["shape"]:
+        raise ValueError(f"feature cache {path} holds a {features.dtype} array of shape {list(features.shape)}, "
+                         f"its record says float32 {record['shape']}; {fix}")
+    return torch.from_numpy(features)

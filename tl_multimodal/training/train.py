@@ -16,6 +16,7 @@ atomically (:mod:`tl_multimodal._io`) and resumes from it bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -35,6 +36,7 @@ from tl_multimodal._io import atomic_save, check_finite, load_checkpoint
 from tl_multimodal.models.protocol import VisionLM
 from tl_multimodal.models.projection import projection_id
 from tl_multimodal.training._distributed import rank_and_world_size
+from tl_multimodal.training._fingerprint import captions_id, encoder_identity, images_id, update_row
 from tl_multimodal.training.config import TrainingConfig
 from tl_multimodal.training.features import _check_columns, _encode_batch, encode_images
 from tl_multimodal.training.nll import _batch, _caption_ids, _mean_nll, _restoring, caption_token_nll
@@ -46,6 +48,11 @@ _RESUME_KEYS = ("batch_size", "lr", "warmup", "weight_decay", "clip", "seed", "n
                 "processes", "shuffle", "bos", "augment")
 # what states written before these keys ran with (streams always shuffled; no BOS; no augmentation)
 _RESUME_DEFAULTS = {"shuffle": True, "bos": False, "augment": None}
+# what a resumed run must have been made from, compared where the state records it (older states do not):
+# the images and captions of a datasets.Dataset (a stream checks the rows it skips instead), the encoder
+# (name and weights) and the LM (name and width)
+_IDENTITY_KEYS = {"images": "a hash of the images", "captions": "a hash of the captions",
+                  "encoder": "name and weights", "lm": "name and width"}
 
 
 @dataclass
@@ -102,8 +109,9 @@ def _set_rng_states(rng: random.Random, states: dict, rank: int) -> None:
         torch.cuda.set_rng_state_all(states["ranks"][rank]["cuda"])
 
 
-def _load_state(path: str | Path, resume: dict, steps: int) -> dict:
-    """A training state written by :func:`train_projection`, checked against this run's settings."""
+def _load_state(path: str | Path, resume: dict, steps: int, projection: torch.nn.Module) -> dict:
+    """A training state written by :func:`train_projection`, checked against this run's settings and the
+    model's ``projection``."""
     path = Path(path)
     if path.is_dir():
         path = path / STATE_FILE
@@ -114,30 +122,85 @@ def _load_state(path: str | Path, resume: dict, steps: int) -> dict:
     have = {**_RESUME_DEFAULTS, **state["config"]}
     differ = [f"{k}: checkpoint has {have.get(k)!r}, this call {resume[k]!r}"
               for k in _RESUME_KEYS if have.get(k) != resume[k]]
+    differ += [f"{k} ({what}): checkpoint has {have[k]!r}, this call {resume[k]!r}"
+               for k, what in _IDENTITY_KEYS.items() if k in have and have[k] != resume[k]]
     if differ:
         raise ValueError(f"resume_from={str(path)!r} was written by a run with other settings; " + "; ".join(differ))
-    if state["step"] > steps:
-        raise ValueError(f"resume_from={str(path)!r} is at step {state['step']}, past steps={steps}")
-    check_finite(state["projection"], f"projection in {path}")
+    _check_state(state, path, steps, resume)
+    mine = {k: list(v.shape) for k, v in projection.state_dict().items()}
+    theirs = {k: list(v.shape) for k, v in state["projection"].items()}
+    if mine != theirs:
+        shapes = [f"{k}: {theirs.get(k)} in the state, {mine.get(k)} in this model"
+                  for k in dict.fromkeys([*theirs, *mine]) if theirs.get(k) != mine.get(k)]
+        raise ValueError(f"resume_from={str(path)!r} holds a projection for another encoder or LM width "
+                         f"({'; '.join(shapes)})")
     return state
+
+
+def _check_state(state: dict, path: Path, steps: int, resume: dict) -> None:
+    """Refuse a state whose fields are not what :func:`train_projection` writes (an edited or damaged file)."""
+    where = f"resume_from={str(path)!r}"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{where} is not a valid training state: step is {step!r}, not a whole number >= 0")
+    if step > steps:
+        raise ValueError(f"{where} is at step {step}, past steps={steps}")
+    losses, order, stream = state.get("train_losses"), state.get("order"), state.get("stream")
+    n_images = resume["n_images"]
+    problems = {
+        "train_losses": isinstance(losses, list) and len(losses) == step,
+        "scheduler": isinstance(state.get("scheduler"), dict) and state["scheduler"].get("last_epoch") == step,
+        "optimizer": isinstance(state.get("optimizer"), dict),
+        "rng": isinstance(state.get("rng"), dict) and len(state["rng"].get("ranks", ())) == resume["processes"],
+        "order": isinstance(order, list) and (n_images is None and not order or n_images is not None and all(
+            isinstance(i, int) and 0 <= i < n_images for i in order)),
+        "stream": stream is None if n_images is not None else isinstance(stream, dict) and all(
+            isinstance(stream.get(k), int) and stream[k] >= 0 for k in ("epoch", "position")),
+    }
+    bad = [name for name, ok in problems.items() if not ok]
+    if bad:
+        raise ValueError(f"{where} is not a valid training state: {', '.join(bad)} "
+                         f"{'does' if len(bad) == 1 else 'do'} not agree with its step {step} and settings")
+    projection = state.get("projection")
+    if not isinstance(projection, dict) or not all(isinstance(v, Tensor) for v in projection.values()):
+        raise ValueError(f"{where} is not a valid training state: its projection is not a dict of tensors")
+    check_finite(projection, f"projection in {path}")
 
 
 class _Stream:
     """The rows of an iterable dataset in order, epoch after epoch, from a saved ``(epoch, position)``.
 
     Nothing but the rows taken is held. On resume the first ``position`` rows of the epoch are read
-    and dropped (a stream cannot seek). A ``datasets.IterableDataset`` gets ``set_epoch`` (from epoch 1
-    on it reorders its shards and reseeds its shuffle buffer, reproducibly).
+    and dropped (a stream cannot seek), and checked against ``digest``, the running SHA-256 of the
+    epoch's rows (images and captions) the state recorded: another stream is refused. A
+    ``datasets.IterableDataset`` gets ``set_epoch`` (from epoch 1 on it reorders its shards and
+    reseeds its shuffle buffer, reproducibly).
     """
 
-    def __init__(self, data: Iterable[Mapping], epoch: int = 0, position: int = 0):
-        self.data, self.epoch, self.position = data, epoch, position
+    def __init__(self, data: Iterable[Mapping], image_column: str, caption_column: str, epoch: int = 0,
+                 position: int = 0, digest: str | None = None):
+        self.data, self.columns, self.epoch, self.position = data, (image_column, caption_column), epoch, 0
         self._rows = self._open()
+        for _ in range(position):
+            row = next(self._rows, None)
+            if row is None:
+                raise ValueError(f"the training stream has {self.position} rows in epoch {epoch}, but the training "
+                                 f"state had read {position} of them: it was written on another stream")
+            self._add(row)
+        if digest is not None and self._digest.hexdigest()[:16] != digest:
+            raise ValueError(f"the first {position} rows of epoch {epoch} of the training stream are not those the "
+                             "training state read (other images or captions): it was written on another stream")
 
     def _open(self):
         if hasattr(self.data, "set_epoch"):
             self.data.set_epoch(self.epoch)
-        return itertools.islice(iter(self.data), self.position, None)
+        self._digest = hashlib.sha256()
+        return iter(self.data)
+
+    def _add(self, row) -> None:
+        if isinstance(row, Mapping):
+            update_row(self._digest, row.get(self.columns[0]), row.get(self.columns[1]))
+        self.position += 1
 
     def take(self, n: int) -> list[tuple[int, int, Mapping]]:
         """The next ``n`` rows as ``(epoch, position in the epoch, row)``, going on to the next epoch as needed."""
@@ -155,11 +218,11 @@ class _Stream:
                 raise TypeError(f"the training stream must give dict rows, got {type(row).__name__} "
                                 f"at row {self.position} of epoch {self.epoch}")
             rows.append((self.epoch, self.position, row))
-            self.position += 1
+            self._add(row)
         return rows
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "digest": self._digest.hexdigest()[:16]}
 
 
 def _is_stream(dataset) -> bool:
@@ -248,7 +311,15 @@ def train_projection(model: VisionLM, dataset: datasets.Dataset | Iterable[Mappi
               "weight_decay": config.weight_decay, "clip": config.clip, "seed": config.seed,
               "n_images": None if stream else len(captions), "grad_accum": config.grad_accum, "processes": world,
               "shuffle": config.shuffle, "bos": layout, "augment": config.augment_name}
-    state = _load_state(config.resume_from, resume, config.steps) if config.resume_from is not None else None
+    if config.checkpoint_dir is not None or config.resume_from is not None:  # what the state is made from
+        resume.update(images=None if stream else images_id(dataset, image_column),
+                      captions=None if stream else captions_id(dataset[caption_column]),
+                      encoder=encoder_identity(model), lm=f"{model.cfg.model_name} (d_model {model.cfg.d_model})")
+    state = None
+    if config.resume_from is not None:
+        state = _load_state(config.resume_from, resume, config.steps, model.projection)
+    rows = _Stream(dataset, image_column, caption_column, **(state["stream"] if state is not None else {})) \
+        if stream else None
     init = state.get("init_projection") if state is not None else projection_id(model.projection)
     model.projection.info.bos = layout  # every check passed: the projection learns this layout
     if config.checkpoint_dir is not None:
@@ -262,16 +333,16 @@ def train_projection(model: VisionLM, dataset: datasets.Dataset | Iterable[Mappi
     if model.W_E.device != device:
         model.to(device)
     with _restoring(model):
-        return _train(model, dataset, captions, dev_dataset, dev_captions, state, config, resume, init=init,
-                      device=device, mixed_precision=mixed_precision, progress=config.progress and rank == 0,
-                      rank=rank, world=world)
+        return _train(model, rows if stream else dataset, captions, dev_dataset, dev_captions, state, config, resume,
+                      init=init, device=device, mixed_precision=mixed_precision,
+                      progress=config.progress and rank == 0, rank=rank, world=world)
 
 
 def _train(model, dataset, captions, dev_dataset, dev_captions, state, config: TrainingConfig, resume: dict, *,
            init, device, mixed_precision, progress, rank, world):
     """The loop of :func:`train_projection`, its inputs checked; the caller restores the model.
 
-    ``captions`` is None for a stream (``dataset`` then is any iterable of rows). A stream, or
+    ``captions`` is None for a stream (``dataset`` then is its :class:`_Stream`). A stream, or
     ``augment``, encodes each step's images as it goes; else the features are encoded once.
     ``resume`` holds the settings a resumed run must share (saved in the state)."""
     steps, eval_every, checkpoint_every = config.steps, config.eval_every, config.checkpoint_every
@@ -301,7 +372,7 @@ def _train(model, dataset, captions, dev_dataset, dev_captions, state, config: T
         result.train_losses = list(state["train_losses"])
         result.dev_losses = [tuple(d) for d in state["dev_losses"]]
         result.steps = state["step"]
-    rows = _Stream(dataset, **(state["stream"] if state is not None else {})) if stream else None
+    rows = dataset if stream else None
 
     def record() -> dict:  # the training record saved with the projection
         last = result.train_losses[-100:]
