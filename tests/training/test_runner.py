@@ -390,11 +390,16 @@ def test_a_rerun_on_other_data_split_or_limit_never_returns_the_old_rows(backend
     assert load_rows(out).image_index.unique().tolist() == list(range(6))
 
 
-def test_the_library_refuses_other_rows_in_a_finished_folder(model, dataset, images, tmp_path):
+def test_the_library_refuses_other_rows_in_a_finished_folder(model, dataset, images, tmp_path, monkeypatch):
     """Without a recorded source (the caller passes rows), the image ids each shard was made from tell
-    another dataset of the same size; ``restart=True`` starts over, sparing files that are not the run's."""
+    another dataset of the same size; the other layout is refused; ``restart=True`` starts over, sparing
+    files that are not the run's."""
     kw = dict(k=K, shard_size=4, rank=0, world_size=1, progress=False)
     run_attribution(model, dataset, tmp_path, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(model.projection.info, "bos", True)  # [BOS][image][text] instead of [image][text]
+        with pytest.raises(ValueError, match=r"another run \(bos: False -> True; projection_id: '\w+' -> '\w+'\)"):
+            run_attribution(model, dataset, tmp_path, **kw)
     shuffled = dataset.select([1, 0, 2, 3, 4, 5, 6])
     with pytest.raises(ValueError, match=f"shard {tmp_path / shard_name(0, 4)} was made from other images"):
         run_attribution(model, shuffled, tmp_path, **kw)
