@@ -8,8 +8,8 @@ temporary file and renamed (a crash never leaves a partial shard), with a record
 and image ids beside it (:mod:`~tl_multimodal.training._run_files`); a run started again skips the
 chunks whose file matches its record and recomputes the others. ``_run.json`` fingerprints the run
 (settings, data, model, layout, projection): a rerun with another one is refused, naming what differs,
-or starts over with ``restart=True``. Memory holds one batch of attribution scores and one chunk of top-``k``
-rows at a time, whatever the dataset size.
+or starts over with ``restart=True``. Memory holds one batch of attribution scores and one chunk of
+top-``k`` rows at a time, whatever the dataset size.
 
     run_attribution(model, load_coco_mini("../shared/data/coco_mini", "dev"), "runs/attr", k=100)
     rows = load_rows("runs/attr")     # image_index, image_id, caption, target, ..., layer, unit, score
@@ -343,7 +343,7 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
             table = pa.concat_tables(tables)
             atomic_write(path, lambda f: pq.write_table(table, f))
             write_record(path, table.num_rows, ids_digest(chunk_ids))
-            for stale in out.glob(f"part-{start:09d}-*.parquet"):  # a shorter last chunk of a smaller limit
+            for stale in out.glob(f"part-{start:09d}-*.parquet"):  # the shorter last chunk of a smaller limit
                 if stale != path:
                     remove_shard(stale)
             written += 1

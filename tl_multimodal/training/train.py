@@ -17,7 +17,6 @@ atomically (:mod:`tl_multimodal._io`) and resumes from it bit for bit.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import os
 import random
