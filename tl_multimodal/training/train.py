@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_multimodal._io import atomic_save, check_finite, load_checkpoint
+from tl_multimodal._io import atomic_save, check_finite, check_writable_folder, load_checkpoint
+from tl_multimodal.data.sources import rows_naming_bad_images
 from tl_multimodal.models.protocol import VisionLM
 from tl_multimodal.models.projection import projection_id
 from tl_multimodal.training._distributed import rank_and_world_size
@@ -137,7 +138,7 @@ class _Stream:
     def _open(self):
         if hasattr(self.data, "set_epoch"):
             self.data.set_epoch(self.epoch)
-        return itertools.islice(iter(self.data), self.position, None)
+        return itertools.islice(rows_naming_bad_images(iter(self.data)), self.position, None)
 
     def take(self, n: int) -> list[tuple[int, int, Mapping]]:
         """The next ``n`` rows as ``(epoch, position in the epoch, row)``, going on to the next epoch as needed."""
@@ -250,9 +251,9 @@ def train_projection(model: VisionLM, dataset: datasets.Dataset | Iterable[Mappi
               "shuffle": config.shuffle, "bos": layout, "augment": config.augment_name}
     state = _load_state(config.resume_from, resume, config.steps) if config.resume_from is not None else None
     init = state.get("init_projection") if state is not None else projection_id(model.projection)
+    if config.checkpoint_dir is not None:  # a folder that cannot be written fails now, not at the first checkpoint
+        check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
     model.projection.info.bos = layout  # every check passed: the projection learns this layout
-    if config.checkpoint_dir is not None:
-        Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
 
     device = config.device
     if device is None:
