@@ -525,7 +525,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``tl-multimodal``; returns the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # `--help | head -1`
+        return _closed_pipe()
     prog = f"tl-multimodal {args.command}"
     if getattr(args, "distributed", False):  # `accelerate launch --cpu --num_processes N`: start the N processes
         from tl_multimodal.training._distributed import relaunch_cpu_processes
@@ -549,13 +552,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # e.g. `tl-multimodal caption | head -1`: stop quietly
-        try:  # the interpreter's last flush at exit must not fail again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return EXIT_PIPE
+    except BrokenPipeError:  # e.g. `tl-multimodal caption | head -1`
+        return _closed_pipe()
     return 0
+
+
+def _closed_pipe() -> int:
+    """Stop quietly when stdout's reader has gone: later writes (the interpreter's last flush) go nowhere."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (captured output)
+        pass
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":
