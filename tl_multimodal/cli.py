@@ -336,7 +336,7 @@ def _writable_folder(path: Path, option: str) -> None:
     parent = path
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):  # root too: read-only mounts, chattr +i
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise CLIError(f"{option} {path}: {parent} is not a writable folder", EXIT_OUTPUT)
 
 

@@ -230,6 +230,8 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
     Raises:
         TypeError: An override that is not a setting (the settings are named), or not a model.
         ValueError: A bad setting, or ``out`` holding shards of a run with other settings.
+        ImageReadError: An image cannot be decoded (a ``ValueError`` naming its row and file); the shards
+            finished before it are kept.
     """
     config = RunConfig.resolve(config, overrides)
     k, shard_size, batch_size, limit = config.k, config.shard_size, config.batch_size, config.limit

@@ -217,6 +217,7 @@ def train_projection(model: VisionLM, dataset: datasets.Dataset | Iterable[Mappi
     Raises:
         TypeError: An override that is not a setting (the settings are named).
         TypeError, ValueError: Bad settings or rows (each row named), before any work.
+        ImageReadError: An image cannot be decoded (a ``ValueError`` naming its row and file).
         FloatingPointError: The loss or gradient became NaN/infinite; the message names the last
             training state written (a good one, to resume from with a lower ``lr``).
     """
