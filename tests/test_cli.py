@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from tl_multimodal import cli
+from test_io import immutable  # noqa: F401  (a fixture: a folder chattr +i makes unwritable, even for root)
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs main(argv); exit code 99 if torch got imported on the way.
@@ -34,7 +35,7 @@ def run(*args: str, runner: bool = True, env: dict | None = None) -> subprocess.
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """good/ (two images, a text file, sub/ with one image), a text file, a fake .jpg, bad/ (a truncated
-    PNG) and an empty folder."""
+    PNG), an empty folder and coco/ (a coco_mini-style folder of 4 images, split dev, the third a truncated JPEG)."""
     root = tmp_path_factory.mktemp("cli_inputs")
     rng = np.random.default_rng(0)
     (root / "good" / "sub").mkdir(parents=True)
@@ -48,6 +49,24 @@ def files(tmp_path_factory):
     (root / "bad").mkdir()
     (root / "bad" / "cut.png").write_bytes(png[: len(png) // 2])
     (root / "empty").mkdir()
+    _coco_folder(root / "coco", n=4, damaged=2)
+    return root
+
+
+def _coco_folder(root: Path, n: int, damaged: int | None = None) -> Path:
+    """A coco_mini-style folder of ``n`` random JPEGs (split dev); image ``damaged`` cut to half its bytes."""
+    import json
+
+    rng = np.random.default_rng(2)
+    (root / "images").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
+    if damaged is not None:
+        jpeg = root / "images" / f"{damaged}.jpg"
+        jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
+    (root / "metadata.jsonl").write_text("".join(json.dumps(
+        {"file_name": f"images/{i}.jpg", "image_id": i, "split": "dev", "captions": [f"picture {i}"]}) + "\n"
+        for i in range(n)))
     return root
 
 
@@ -103,6 +122,11 @@ def test_every_option_has_help_and_shows_its_default():
     (["caption", "--device", "gpu"], "--device: expected cpu, cuda, cuda:N, mps or xpu, got 'gpu'"),
     (["report", "x.png", "--k", "0"], "--k: expected a whole number >= 1, got 0"),
     (["report"], "the following arguments are required: IMAGE"),
+    (["train", "d", "--out", "o", "--warmup", "-5"], "--warmup: expected a whole number >= 0, got -5"),
+    (["train", "d", "--out", "o", "--lr", "nan"], "--lr: expected a finite number > 0, got nan"),
+    (["train", "d", "--out", "o", "--seed", "-1"], "--seed: expected a whole number from 0 to 4294967295, got -1"),
+    (["caption", "--seed", str(2**32)], "--seed: expected a whole number from 0 to 4294967295, got 4294967296"),
+    (["attribute", "d", "--out", "o", "--limit", "0"], "--limit: expected a whole number >= 1, got 0"),
 ])
 def test_option_errors_are_one_line_exit_2(argv, message):
     result = run(*argv)
@@ -128,6 +152,21 @@ def test_option_errors_are_one_line_exit_2(argv, message):
     (["report", "{root}/good/a.jpg", "-o", "{root}/good/sub"], "--out {root}/good/sub is a folder", cli.EXIT_OUTPUT),
     (["report", "{root}/good/a.jpg", "--out", "{root}/notes.txt/r.html"], "{root}/notes.txt is not a folder",
      cli.EXIT_OUTPUT),
+    (["attribute", "{root}/nowhere", "--out", "{root}/o"], "{root}/nowhere does not exist", cli.EXIT_INPUT),
+    (["attribute", "{root}/good/a.jpg", "--out", "{root}/o"], "{root}/good/a.jpg is a file; DATA must be",
+     cli.EXIT_INPUT),
+    (["attribute", "{root}/good", "--out", "{root}/o"], "{root}/good/metadata.jsonl not found", cli.EXIT_INPUT),
+    (["attribute", "{root}/coco", "--split", "train", "--out", "{root}/o"], "split 'train' not in", cli.EXIT_INPUT),
+    (["attribute", "{root}/coco", "--out", "{root}/o", "--image-column", "img"],
+     "--image-column 'img' is not in the dataset", cli.EXIT_INPUT),
+    (["attribute", "{root}/coco", "--out", "{root}/notes.txt"], "--out {root}/notes.txt is a file, not a folder",
+     cli.EXIT_OUTPUT),
+    (["attribute", "{root}/coco", "--out", "{root}/notes.txt/runs"], "{root}/notes.txt is not a writable folder",
+     cli.EXIT_OUTPUT),
+    (["attribute", "{root}/coco", "--out", "{root}/o", "--projection", "{root}/none.pt"],
+     "--projection {root}/none.pt does not exist", cli.EXIT_INPUT),
+    (["train", "{root}/nowhere", "--out", "{root}/o"], "{root}/nowhere does not exist", cli.EXIT_INPUT),
+    (["train", "nowhere", "--out", "{root}/o"], "as a hub dataset name it needs a split (--split)", cli.EXIT_INPUT),
 ])
 def test_bad_files_fail_before_the_model_loads(files, argv, message, code):
     result = run(*[a.format(root=files) for a in argv])
@@ -290,7 +329,8 @@ def test_train_command_checks_its_inputs_before_the_model_loads(tmp_path, capsys
     (tmp_path / "state" / "training_state.pt").write_bytes(b"x")
     coco, tar = str(tmp_path / "coco"), str(tmp_path / "shards" / "00000.tar")
     cases = [
-        ([str(tmp_path / "nowhere")], "a hub dataset needs --split", cli.EXIT_INPUT),
+        ([str(tmp_path / "nowhere")], f"{tmp_path / 'nowhere'} does not exist", cli.EXIT_INPUT),
+        (["owner/name"], "owner/name is no local folder or file; as a hub dataset name it needs a split", cli.EXIT_INPUT),
         ([coco, "--split", "val"], "split 'val' not in", cli.EXIT_INPUT),
         ([str(tmp_path / "shards" / "9.tar")], "shards/9.tar does not exist", cli.EXIT_INPUT),
         ([tar, "--caption-column", "caps"], "--caption-column 'caps' is not in the dataset", cli.EXIT_INPUT),
@@ -310,3 +350,97 @@ def test_train_command_checks_its_inputs_before_the_model_loads(tmp_path, capsys
     assert cli.main(["train", coco, "--split", "train", "--out", str(tmp_path / "out"), "--model",
                      "no_such_module:build"]) == cli.EXIT_MODEL
     assert "cannot load the model 'no_such_module:build'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- attribute, train: one-line errors
+def _last_error(capsys, command: str) -> str:
+    """The one error line the command printed (after its progress lines, if the model loaded)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith(f"tl-multimodal {command}: error: "), err
+    return last
+
+
+def test_webdataset_patterns_name_the_missing_shards(files, tmp_path, capsys):
+    """(webdataset imports torch, so these run here: ``--model`` names no module, so a check that came after
+    loading the model would give exit 5.)"""
+    import webdataset as wds
+
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "1.tar")) as sink:
+        sink.write({"__key__": "0000", "png": Image.new("RGB", (8, 8)), "txt": "black"})
+    for command in ("attribute", "train"):
+        for pattern, message in [(f"{tmp_path}/shards/{{2..4}}.tar",
+                                  f"webdataset pattern '{tmp_path}/shards/{{2..4}}.tar' matches no file (none of its 3"),
+                                 (f"{tmp_path}/shards/{{0..2}}.tar", f"webdataset shard {tmp_path}/shards/0.tar does not "
+                                  "exist (2 of the 3 shards"),
+                                 (f"{tmp_path}/none/0.tar", f"webdataset shard {tmp_path}/none/0.tar does not exist")]:
+            argv = [command, pattern, "--out", str(tmp_path / "out"), "--model", "no_such_module:build"]
+            assert cli.main(argv) == cli.EXIT_INPUT, argv
+            assert message in _last_error(capsys, command)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_out_is_refused_before_the_model_loads(files, immutable):
+    for argv in (["attribute", str(files / "coco")], ["train", str(files / "coco"), "--split", "dev"]):
+        for out in (immutable, immutable / "runs"):
+            result = run(*argv, "--out", str(out))
+            assert result.returncode == cli.EXIT_OUTPUT, result.stderr  # 99 would mean torch was imported
+            assert result.stderr == f"tl-multimodal {argv[0]}: error: --out {out}: {immutable} is not a writable folder\n"
+
+
+def test_attribute_names_a_bad_model_before_any_work(files, tmp_path, capsys):
+    for spec, code, message in [("ofline", cli.EXIT_USAGE, "--model: unknown model spec 'ofline'"),
+                                ("no_such_module:build", cli.EXIT_MODEL,
+                                 "cannot load the model 'no_such_module:build': No module named 'no_such_module'")]:
+        assert cli.main(["attribute", str(files / "coco"), "--out", str(tmp_path / "out"), "--model", spec]) == code
+        assert message in _last_error(capsys, "attribute")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_image_stops_attribute_and_train_naming_its_file(files, tmp_path, capsys):
+    """The rule: an image that cannot be decoded stops the command (exit 3) naming its row and file; nothing is
+    skipped. ``attribute`` keeps the shard finished before it (images 0-1; image 2 is the damaged one)."""
+    _train_inputs(tmp_path)
+    coco, damaged = files / "coco", files / "coco" / "images" / "2.jpg"
+    model = ["--model", f"{tmp_path / 'factory.py'}:build", "--no-progress"]
+    out = tmp_path / "attr"
+    assert cli.main(["attribute", str(coco), "--out", str(out), "--shard-size", "2", "--k", "3", *model]) == cli.EXIT_INPUT
+    assert f"image 2 (file {damaged}) cannot be read: image file is truncated" in _last_error(capsys, "attribute")
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-000000000-000000002.parquet"]
+    assert cli.main(["train", str(coco), "--out", str(tmp_path / "p"), "--steps", "1", "--batch-size", "2",
+                     *model]) == cli.EXIT_INPUT
+    assert f"image 2 (file {damaged}) cannot be read: image file is truncated" in _last_error(capsys, "train")
+    assert not (tmp_path / "p" / "projection.pt").exists()
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "bad.tar")) as sink:  # the same in a stream: the key and the shard
+        for i in range(3):
+            sink.write({"__key__": f"{i:04d}", "jpg": (coco / "images" / f"{i}.jpg").read_bytes(), "txt": "a picture"})
+    for command, extra in [("attribute", ["--shard-size", "2", "--k", "3"]), ("train", ["--steps", "2", "--batch-size", "2"])]:
+        assert cli.main([command, str(tmp_path / "bad.tar"), "--out", str(tmp_path / f"{command}_tar"), *extra,
+                         *model]) == cli.EXIT_INPUT
+        assert f"image 2 (key '0002' of {tmp_path / 'bad.tar'}) cannot be read: " in _last_error(capsys, command)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(cli.CLIError, match="nowhere does not exist") as e:
+        cli.main(["--debug", "attribute", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert isinstance(e.value.__context__, FileNotFoundError)  # the library's error it replaced
+    assert e.value.code == cli.EXIT_INPUT
+
+
+@pytest.mark.parametrize("argv", [["cache"], ["--help"]])
+def test_a_closed_output_pipe_ends_quietly(argv, tmp_path):
+    """``tl-multimodal ... | head``: the reader is gone before the first line (its end closed at once)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run([sys.executable, "-m", "tl_multimodal", *argv], stdout=write, stderr=subprocess.PIPE,
+                                text=True, env=_env(TL_MULTIMODAL_CACHE=str(tmp_path / "cache")), cwd=REPO, timeout=600)
+    finally:
+        os.close(write)
+    assert result.stderr == ""
+    assert result.returncode == (cli.EXIT_PIPE if argv == ["cache"] else 0)  # argparse's help ignores the pipe

@@ -126,3 +126,147 @@ def test_atomic_folder_replaces_all_or_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]  # no temporary folder left
     checkpoints.atomic_folder(target, lambda d: (d / "c.txt").write_text("two"))
     assert [p.name for p in target.iterdir()] == ["c.txt"]  # the old content is gone, not merged
+
+
+# ---------------------------------------------------------------------------- failures name the target
+def _chattr(path, flag: str) -> bool:
+    """``chattr FLAG path``; False where chattr is missing or the file system refuses it."""
+    import shutil
+    import subprocess
+
+    return shutil.which("chattr") is not None and subprocess.run(["chattr", flag, str(path)],
+                                                                  capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def immutable(tmp_path):
+    """A folder nothing can be written in, even by root (``chattr +i``); skips where chattr does not work."""
+    folder = tmp_path / "immutable"
+    folder.mkdir()
+    if not _chattr(folder, "+i"):
+        pytest.skip("chattr +i does not work here (root ignores chmod, so nothing else makes a folder unwritable)")
+    yield folder
+    _chattr(folder, "-i")
+
+
+def _assert_names_target(error, target):
+    message = str(error.value)
+    assert message.endswith(f": {str(target)!r}") and ".tmp" not in message, message
+
+
+def test_save_errors_name_the_target_not_the_temporary_file(tmp_path_factory, good, monkeypatch):
+    tmp_path = tmp_path_factory.mktemp("other")  # not `good`'s folder, which must hold only its checkpoint
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    for target, error in [(tmp_path / "a_file" / "ckpt.pt", NotADirectoryError),  # a file where the folder is
+                          (tmp_path / "missing" / "ckpt.pt", FileNotFoundError),
+                          (tmp_path / "a_folder", IsADirectoryError)]:  # the rename onto a folder fails
+        with pytest.raises(error) as e:
+            atomic_save({"w": torch.ones(2)}, target)
+        _assert_names_target(e, target)
+    path, obj = good
+
+    def disk_full(o, f, *args, **kwargs):  # an OSError without a file name, as a full disk gives
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        atomic_save({"w": torch.ones(2)}, path)
+    _assert_names_target(e, path)
+    monkeypatch.undo()
+    _assert_loads(path, obj)
+    with pytest.raises(OSError) as e:  # atomic_folder, too
+        checkpoints.atomic_folder(tmp_path / "a_file" / "entry", lambda d: None)
+    assert ".tmp" not in str(e.value) and "a_file" in str(e.value)
+
+
+def test_save_into_an_immutable_folder_names_the_target(immutable):
+    with pytest.raises(PermissionError) as e:
+        atomic_save({"w": torch.ones(2)}, immutable / "ckpt.pt")
+    _assert_names_target(e, immutable / "ckpt.pt")
+    with pytest.raises(ValueError, match=rf"checkpoint_dir='{immutable}' is not a writable folder"):
+        checkpoints.check_writable_folder(immutable, "checkpoint_dir")
+
+
+def test_check_writable_folder(tmp_path):
+    assert checkpoints.check_writable_folder(tmp_path / "a" / "b", "out") == tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir() and not any((tmp_path / "a" / "b").iterdir())  # its probe is gone
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=rf"out='{tmp_path / 'f'}' is a file, not a folder"):
+        checkpoints.check_writable_folder(tmp_path / "f", "out")
+    with pytest.raises(ValueError, match="out=.*f/sub' is not a writable folder"):
+        checkpoints.check_writable_folder(tmp_path / "f" / "sub", "out")
+
+
+# ---------------------------------------------------------------------------- temporaries of killed writers
+_KILLED_WRITER = """
+import os, signal, sys
+from tl_multimodal._io import atomic_folder, atomic_write
+
+def write(f):
+    f.write(b"half of it")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def fill(d):
+    (d / "half.txt").write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+from pathlib import Path
+target = Path(sys.argv[1])
+atomic_folder(target, fill) if sys.argv[2] == "folder" else atomic_write(target, write)
+"""
+
+
+def _killed_writer(target, kind: str) -> tuple[int, list]:
+    """Run a process killed (SIGKILL) half-way through writing ``target``; its pid and what it left."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target), kind], stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, stderr
+    left = [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.")]
+    assert [p.name for p in left] == [f".{target.name}.{proc.pid}-{p.name.split('-')[-1]}" for p in left] != []
+    return proc.pid, left
+
+
+def _age(path, seconds: float) -> None:
+    when = os.stat(path).st_mtime - seconds
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.utime(p, (when, when))
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_save(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    pid, [left] = _killed_writer(target, "file")
+    assert not target.exists() and left.read_bytes() == b"half of it"
+    # not ours: another target's, another pattern; ours but fresh (its writer may be on another machine);
+    # ours but from a live process (this one's parent)
+    others = [tmp_path / f".other.pt.{pid}-abcdefgh.tmp", tmp_path / ".ckpt.pt.notes.tmp",
+              tmp_path / f".ckpt.pt.{os.getppid()}-abcdefgh.tmp"]
+    for p in others:
+        p.write_bytes(b"x")
+        _age(p, 2 * checkpoints.STALE_AFTER_S)
+    atomic_save({"w": torch.ones(2), "step": 1}, target)
+    assert left.exists()  # fresh: kept
+    _age(left, checkpoints.STALE_AFTER_S + 1)
+    atomic_save({"w": torch.ones(2), "step": 2}, target)
+    assert not left.exists() and load_checkpoint(target)["step"] == 2
+    assert all(p.exists() for p in others)
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_call(tmp_path):
+    target = tmp_path / "entry"
+    _, [left] = _killed_writer(target, "folder")
+    assert (left / "half.txt").read_text() == "half"
+    _age(left, checkpoints.STALE_AFTER_S + 1)
+    os.utime(left / "half.txt")  # something in it changed just now: still fresh
+    checkpoints.atomic_folder(target, lambda d: (d / "a.txt").write_text("one"))
+    assert left.exists()
+    _age(left, checkpoints.STALE_AFTER_S + 1)
+    checkpoints.atomic_folder(target, lambda d: (d / "a.txt").write_text("two"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"] and (target / "a.txt").read_text() == "two"

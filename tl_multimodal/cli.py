@@ -12,7 +12,8 @@ examples:
   tl-multimodal cache --clear                   # delete the converted-model cache
 
 exit codes: 0 ok, 1 the command failed, 2 bad option, 3 bad input file, 4 bad output path,
-5 the model could not be loaded, 130 interrupted.
+5 the model could not be loaded, 130 interrupted, 141 the output pipe was closed (e.g. by head).
+Errors are one line; `tl-multimodal --debug COMMAND ...` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 # must answer at once. Each command imports what it needs when it runs.
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT, EXIT_MODEL, EXIT_INTERRUPTED = 1, 2, 3, 4, 5, 130
+EXIT_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a program its pipe reader left
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$")
 _GLOB_CHARS = set("*?[")
 _HUB_ENCODER = "microsoft/beit-large-patch16-224-pt22k"  # models._hub.HUB_ENCODER (importing it imports torch)
@@ -67,6 +69,25 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
+
+
+def _int_from(minimum: int, maximum: int | None = None):
+    """An argparse type: a whole number in ``[minimum, maximum]``."""
+    bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+_nonnegative_int, _seed = _int_from(0), _int_from(0, 2**32 - 1)
 
 
 def _positive_float(text: str) -> float:
@@ -268,10 +289,44 @@ def _report(args) -> None:
     print(out)
 
 
+def _open_data(args):
+    """``DATA`` and ``--split`` opened (exit 3 if missing or unreadable), with its first row (exit 3 if none)."""
+    from tl_multimodal.data.sources import open_dataset, rows_naming_bad_images
+
+    try:
+        data = open_dataset(args.data, args.split)
+        first = next(rows_naming_bad_images(data, data), None)  # a damaged first image is named
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise CLIError(f"{e}" if str(args.data) in str(e) else f"{args.data}: {e}", EXIT_INPUT) from None
+    if first is None:
+        raise CLIError(f"{args.data} has no rows" + (f" in split {args.split!r}" if args.split else ""), EXIT_INPUT)
+    return data, first
+
+
 def _attribute(args) -> None:
+    """``tl-multimodal attribute``: DATA, --out and --projection checked, then the model loaded, then the run
+    (an image that cannot be read stops it, naming the file: exit 3; the shards written so far are kept)."""
+    from tl_multimodal.data.sources import IMAGE_KEYS, ImageReadError, find_column
+
+    data, first = _open_data(args)
+    try:
+        find_column(first, IMAGE_KEYS, args.image_column, "--image-column")
+        if args.id_column is not None:
+            find_column(first, (), args.id_column, "--id-column")
+    except ValueError as e:
+        raise CLIError(f"{args.data}: {e}", EXIT_INPUT) from None
+    _writable_folder(args.out, "--out")
+    _check_file(args.projection, "--projection")
+    from tl_multimodal.training._distributed import partial_state
     from tl_multimodal.training.runner import run_attribute  # torch, pyarrow: only when the command runs
 
-    run_attribute(args)
+    state = partial_state()
+    args.device = str(state.device)  # each process on its own device, as accelerate assigns it
+    model = _open_model(args, quiet=not state.is_main_process)
+    try:
+        run_attribute(args, data=data, model=model)
+    except ImageReadError as e:
+        raise CLIError(f"{args.data}: {e} (fix or remove it)", EXIT_INPUT) from e
 
 
 def _writable_folder(path: Path, option: str) -> None:
@@ -287,19 +342,13 @@ def _writable_folder(path: Path, option: str) -> None:
 
 def _train(args) -> None:
     """``tl-multimodal train``: every input checked, then the model loaded, then ``train_projection``."""
-    from tl_multimodal.data.sources import CAPTION_KEYS, IMAGE_KEYS, find_column, open_dataset
+    from tl_multimodal.data.sources import CAPTION_KEYS, IMAGE_KEYS, ImageReadError, find_column
 
-    try:
-        data = open_dataset(args.data, args.split)
-    except (FileNotFoundError, ValueError) as e:
-        raise CLIError(str(e), EXIT_INPUT) from None
+    data, first = _open_data(args)
     import datasets
 
     stream = not isinstance(data, datasets.Dataset)
     try:
-        first = next(iter(data), None)
-        if first is None:
-            raise CLIError(f"{args.data} has no rows" + (f" in split {args.split!r}" if args.split else ""), EXIT_INPUT)
         image_column = find_column(first, IMAGE_KEYS, args.image_column, "--image-column")
         caption_column = find_column(first, CAPTION_KEYS, args.caption_column, "--caption-column")
     except ValueError as e:
@@ -330,12 +379,15 @@ def _train(args) -> None:
     if args.feature_cache is not None:
         name = f"{Path(args.data).resolve().name}-{args.split or 'all'}-{model.vision.model_name.replace('/', '_')}"
         cache = args.feature_cache / f"{name}.npy"
-    result = train_projection(model, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              warmup=args.warmup, grad_accum=args.grad_accum, checkpoint_dir=args.out,
-                              checkpoint_every=args.checkpoint_every, resume_from=args.out if args.resume else None,
-                              feature_cache=cache, image_column=image_column, caption_column=caption_column,
-                              device=args.device, seed=args.seed, progress=not args.no_progress,
-                              dataset_name=f"{args.data}" + (f" ({args.split})" if args.split else ""))
+    try:
+        result = train_projection(model, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                  warmup=args.warmup, grad_accum=args.grad_accum, checkpoint_dir=args.out,
+                                  checkpoint_every=args.checkpoint_every, resume_from=args.out if args.resume else None,
+                                  feature_cache=cache, image_column=image_column, caption_column=caption_column,
+                                  device=args.device, seed=args.seed, progress=not args.no_progress,
+                                  dataset_name=f"{args.data}" + (f" ({args.split})" if args.split else ""))
+    except ImageReadError as e:
+        raise CLIError(f"{args.data}: {e} (fix or remove it)", EXIT_INPUT) from e
     if rank == 0:
         from tl_multimodal.models.projection import projection_id
 
@@ -383,6 +435,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``tl-multimodal`` parser; a new command is one more ``sub.add_parser`` with ``run=``."""
     parser = _Parser(prog="tl-multimodal", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     cap = sub.add_parser("caption", help="caption images", formatter_class=_Formatter,
@@ -393,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(cap)
     cap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     cap.add_argument("--temperature", type=_positive_float, default=1.0, help="with --sample: softmax temperature")
-    cap.add_argument("--seed", type=int, default=0, help="random seed (for --sample)")
+    cap.add_argument("--seed", type=_seed, default=0, help="random seed (for --sample)")
     cap.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per generation batch")
     cap.set_defaults(run=_caption)
 
@@ -446,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=_positive_int, default=15_000, help="optimizer steps")
     tr.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="rows per step (all processes)")
     tr.add_argument("--lr", type=_positive_float, default=8e-4, help="AdamW learning rate")
-    tr.add_argument("--warmup", type=int, default=100, metavar="N", help="linear warmup steps")
+    tr.add_argument("--warmup", type=_nonnegative_int, default=100, metavar="N", help="linear warmup steps")
     tr.add_argument("--grad-accum", type=_positive_int, default=1, metavar="N", help="micro-batches per step")
     tr.add_argument("--checkpoint-every", type=_positive_int, default=1000, metavar="N", help="steps between checkpoints")
     tr.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
@@ -455,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", type=_device, default=None,
                     help="where to train (default: cuda when present, one GPU per process, else cpu)")
     tr.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="torch CPU threads")
-    tr.add_argument("--seed", type=int, default=0, help="seeds caption sampling, batch order and dropout")
+    tr.add_argument("--seed", type=_seed, default=0, help="seeds caption sampling, batch order and dropout")
     tr.add_argument("--image-column", default=None, help="the image column (default: found by name)")
     tr.add_argument("--caption-column", default=None, help="the caption column (default: captions, caption, txt, text)")
     _load_options(tr, "projection checkpoint to start from (default: an untrained one; a LLaVA's or a "
@@ -475,7 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``tl-multimodal``; returns the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except BrokenPipeError:  # `--help | head -1`
+        return _closed_pipe()
     prog = f"tl-multimodal {args.command}"
     if getattr(args, "distributed", False):  # `accelerate launch --cpu --num_processes N`: start the N processes
         from tl_multimodal.training._distributed import relaunch_cpu_processes
@@ -489,16 +545,28 @@ def main(argv: list[str] | None = None) -> int:
             return code
     try:
         args.run(args)
-    except CLIError as e:
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except (CLIError, ValueError, TypeError) as e:  # the library names bad input with ValueError/TypeError
+        if args.debug:
+            e.__suppress_context__ = False  # the error a CLIError replaced, too
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return e.code
+        return e.code if isinstance(e, CLIError) else EXIT_FAILED
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, TypeError) as e:  # the library names bad input with these
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    except BrokenPipeError:  # e.g. `tl-multimodal caption | head -1`
+        return _closed_pipe()
     return 0
+
+
+def _closed_pipe() -> int:
+    """Stop quietly when stdout's reader has gone: later writes (the interpreter's last flush) go nowhere."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (captured output)
+        pass
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":

@@ -259,8 +259,10 @@ def test_command_line_one_process(backend, model, images, oracle, tmp_path):
     assert {k: record[k] for k in ("lm", "encoder", "bos", "n_image_tokens", "projection_id")} == {
         "lm": "tiny", "encoder": "vit_tiny_32", "bos": False, "n_image_tokens": 16,
         "projection_id": projection_id(model.projection)}
-    with pytest.raises(ValueError, match="--split"):
+    with pytest.raises(FileNotFoundError, match="no/such/thing does not exist"):
         run_attribute(build_parser().parse_args(["attribute", "no/such/thing", "--out", str(tmp_path / "o2")]))
+    with pytest.raises(ValueError, match="--split"):  # `name` or `owner/name`: a hub dataset
+        run_attribute(build_parser().parse_args(["attribute", "no_such_thing", "--out", str(tmp_path / "o2")]))
 
 
 def test_two_accelerate_processes_write_the_same_rows_as_one(backend, model, images, tmp_path):

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import datasets
 
@@ -78,16 +80,88 @@ def open_dataset(data: str | Path, split: str | None = None):
             import webdataset as wds
         except ImportError:
             raise ImportError("reading webdataset shards needs `pip install webdataset`") from None
-        if "{" not in text and not path.is_file():
-            raise FileNotFoundError(f"webdataset shard {path} does not exist")
+        _check_shards(text)
         # every rank reads the whole stream in order (the runner and training split it), so no node splitting
         return wds.WebDataset(text, shardshuffle=False, nodesplitter=None, empty_check=False).decode("pil")
     if path.exists():
         raise ValueError(f"{data} is a file; DATA must be a coco_mini-style folder, webdataset .tar shards "
                          "or a hub dataset name")
+    if not _HUB_NAME.fullmatch(text) or (text.count("/") == 1 and Path(text.split("/")[0]).is_dir()):
+        raise FileNotFoundError(f"{data} does not exist (DATA: a coco_mini-style folder, webdataset .tar shards "
+                                "or a hub dataset name)")
     if split is None:
-        raise ValueError("a hub dataset needs --split")
+        raise ValueError(f"{data} is no local folder or file; as a hub dataset name it needs a split (--split)")
     return datasets.load_dataset(text, split=split, streaming=True)
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # `name` or `owner/name`; anything else is a local path
+
+
+def _check_shards(pattern: str) -> None:
+    """Raise ``FileNotFoundError`` naming the local shards of ``pattern`` (a path or a brace pattern) that do
+    not exist; URLs and ``pipe:`` commands are left to webdataset."""
+    if "://" in pattern or pattern.startswith("pipe:"):
+        return
+    from braceexpand import braceexpand  # webdataset's own dependency
+
+    paths = list(braceexpand(pattern))
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing == paths and len(paths) > 1:
+        raise FileNotFoundError(f"webdataset pattern {pattern!r} matches no file (none of its {len(paths)} shards, "
+                                f"{paths[0]} ... {paths[-1]}, exists)")
+    if missing:
+        raise FileNotFoundError(f"webdataset shard {missing[0]} does not exist" +
+                                (f" ({len(missing)} of the {len(paths)} shards of {pattern!r} are missing)"
+                                 if len(paths) > 1 else ""))
+
+
+class ImageReadError(ValueError):
+    """An image of a dataset could not be read (a missing file, truncated or damaged data, a decompression
+    bomb); the message names the row and, where the dataset knows it, the file or the shard and key."""
+
+
+def _where(data, index: int, error: BaseException) -> str:
+    """Where row ``index`` of ``data`` comes from: its image file, or a webdataset shard and key."""
+    wds_error = getattr(sys.modules.get("webdataset.autodecode"), "DecodingError", None)
+    if wds_error is not None and isinstance(error, wds_error):
+        return f"key {error.key!r} of {error.url}"
+    if isinstance(data, datasets.Dataset):
+        for name, feature in data.features.items():
+            if isinstance(feature, datasets.Image):
+                raw = data.select([index]).cast_column(name, datasets.Image(decode=False))[0][name]
+                if raw and raw.get("path"):
+                    return f"file {raw['path']}"
+    return "of the stream"
+
+
+def rows_naming_bad_images(rows: Iterable[Mapping], data=None, start: int = 0) -> Iterator[Mapping]:
+    """``rows`` one by one; an image that cannot be decoded as its row is read raises :class:`ImageReadError`
+    naming the row (``start`` + its position in ``rows``) and its file, instead of PIL's message without it.
+
+    Args:
+        rows: Rows read from ``data`` from row ``start`` on (decoding as they are read).
+        data: The dataset the rows come from (a ``datasets.Dataset`` gives the file names).
+        start: The index in ``data`` of the first row.
+
+    Raises:
+        ImageReadError: A row's image is missing, truncated, damaged or too large for PIL.
+    """
+    from PIL import Image
+
+    bad = (OSError, Image.DecompressionBombError)
+    index, rows = start, iter(rows)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            cause = e if isinstance(e, bad) else e.__cause__  # webdataset wraps the error
+            if not isinstance(cause, bad):
+                raise
+            raise ImageReadError(f"image {index} ({_where(data, index, e)}) cannot be read: {cause}") from e
+        yield row
+        index += 1
 
 
 def find_column(row: Mapping, candidates: Sequence[str], given: str | None, option: str) -> str:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from tl_multimodal._io import atomic_write
 from tl_multimodal._validate import check_int
+from tl_multimodal.data.sources import rows_naming_bad_images
 from tl_multimodal.models.protocol import VisionLM
 from tl_multimodal.training._fingerprint import encoder_identity, images_id
 from tl_multimodal.training.nll import _restoring
@@ -73,7 +74,18 @@ def _encode(model, dataset, image_column, batch_size, progress):
     with _restoring(model):
         model.eval()
         for start in tqdm(range(0, len(dataset), batch_size), desc="encoding images", disable=not progress):
-            yield _encode_batch(model, dataset[start:start + batch_size][image_column]).cpu()
+            yield _encode_batch(model, _images(dataset, start, start + batch_size, image_column)).cpu()
+
+
+def _images(dataset, start: int, stop: int, image_column: str) -> list:
+    """The decoded images of rows ``[start, stop)``; one that cannot be read raises ``ImageReadError`` naming it."""
+    try:
+        return dataset[start:stop][image_column]
+    except Exception:
+        rows = dataset.select(range(start, min(stop, len(dataset))))
+        for _ in rows_naming_bad_images(rows, dataset, start):  # raises, naming the row and its file
+            pass
+        raise
 
 
 def _cached_features(model, dataset, image_column, batch_size, progress, path: Path) -> Tensor:

@@ -46,7 +46,7 @@ from tl_multimodal.training._distributed import partial_state
 from tl_multimodal.training._run_files import (clear_run, differences, ids_digest, read_shard, remove_shard,
                                                shard_problem, write_record)
 from tl_multimodal.training.config import RunConfig
-from tl_multimodal.data.sources import IMAGE_KEYS, find_column, open_dataset
+from tl_multimodal.data.sources import IMAGE_KEYS, find_column, open_dataset, rows_naming_bad_images
 
 #: Columns of every shard, in order. ``image_index``: position in the dataset; ``position``: the
 #: sequence position whose prediction is the target; ``y``: the target's logit there; ``rank``: the
@@ -96,14 +96,15 @@ class RunSummary:
 
 # ---------------------------------------------------------------------------- data
 def _chunks(data, shard_size: int, limit: int | None) -> Iterator[tuple[int, int, Callable[[], Iterable[dict]]]]:
-    """``(start, stop, rows)`` for each chunk; ``rows()`` gives the chunk's rows (decoded lazily)."""
+    """``(start, stop, rows)`` for each chunk; ``rows()`` gives the chunk's rows (decoded lazily; an image that
+    cannot be read stops the run with an ``ImageReadError`` naming it and its file)."""
     if hasattr(data, "select") and hasattr(data, "__len__"):  # map-style datasets.Dataset: random access
         n = len(data) if limit is None else min(len(data), limit)
         for start in range(0, n, shard_size):
             stop = min(start + shard_size, n)
-            yield start, stop, lambda a=start, b=stop: data.select(range(a, b))
+            yield start, stop, lambda a=start, b=stop: rows_naming_bad_images(data.select(range(a, b)), data, a)
         return
-    rows = iter(data) if limit is None else itertools.islice(data, limit)
+    rows = rows_naming_bad_images(iter(data) if limit is None else itertools.islice(data, limit))
     start = 0
     while chunk := list(itertools.islice(rows, shard_size)):
         yield start, start + len(chunk), lambda c=chunk: c
@@ -281,6 +282,8 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
         TypeError: An override that is not a setting (the settings are named), or not a model.
         ValueError: A bad setting; ``out`` holding shards of a run with another fingerprint, or a
             shard made from other images than the data has at its rows.
+        ImageReadError: An image cannot be decoded (a ``ValueError`` naming its row and file); the shards
+            finished before it are kept.
     """
     config = RunConfig.resolve(config, overrides)
     k, shard_size, batch_size, limit = config.k, config.shard_size, config.batch_size, config.limit
@@ -376,12 +379,15 @@ def _where(source) -> str:
     return str(source)
 
 
-def run_attribute(args: argparse.Namespace) -> RunSummary:
-    """Run the ``attribute`` command from parsed arguments (one process of an ``accelerate launch``)."""
+def run_attribute(args: argparse.Namespace, *, data=None, model=None) -> RunSummary:
+    """Run the ``attribute`` command from parsed arguments (one process of an ``accelerate launch``);
+    ``data`` and ``model``, where the caller opened them already, are ``args.data`` and ``args.model``."""
     state = partial_state()
-    data = open_dataset(args.data, args.split)
-    model = load(args.model, backend=args.backend, projection=args.projection,
-                 encoder=args.encoder, device=state.device)
+    if data is None:
+        data = open_dataset(args.data, args.split)
+    if model is None:
+        model = load(args.model, backend=args.backend, projection=args.projection,
+                     encoder=args.encoder, device=state.device)
     config = RunConfig(k=args.k, shard_size=args.shard_size, batch_size=args.batch_size, limit=args.limit,
                        prompt=args.prompt, max_new_tokens=args.max_new_tokens, hook=args.hook,
                        image_column=args.image_column, id_column=args.id_column, data_source=_where(args.data),

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_multimodal._io import atomic_save, check_finite, load_checkpoint
+from tl_multimodal._io import atomic_save, check_finite, check_writable_folder, load_checkpoint
+from tl_multimodal.data.sources import rows_naming_bad_images
 from tl_multimodal.models.protocol import VisionLM
 from tl_multimodal.models.projection import projection_id
 from tl_multimodal.training._distributed import rank_and_world_size
@@ -194,7 +195,7 @@ class _Stream:
         if hasattr(self.data, "set_epoch"):
             self.data.set_epoch(self.epoch)
         self._digest = hashlib.sha256()
-        return iter(self.data)
+        return rows_naming_bad_images(iter(self.data))
 
     def _add(self, row) -> None:
         if isinstance(row, Mapping):
@@ -278,6 +279,7 @@ def train_projection(model: VisionLM, dataset: datasets.Dataset | Iterable[Mappi
     Raises:
         TypeError: An override that is not a setting (the settings are named).
         TypeError, ValueError: Bad settings or rows (each row named), before any work.
+        ImageReadError: An image cannot be decoded (a ``ValueError`` naming its row and file).
         FloatingPointError: The loss or gradient became NaN/infinite; the message names the last
             training state written (a good one, to resume from with a lower ``lr``).
     """
@@ -320,9 +322,9 @@ def train_projection(model: VisionLM, dataset: datasets.Dataset | Iterable[Mappi
     rows = _Stream(dataset, image_column, caption_column, **(state["stream"] if state is not None else {})) \
         if stream else None
     init = state.get("init_projection") if state is not None else projection_id(model.projection)
+    if config.checkpoint_dir is not None:  # a folder that cannot be written fails now, not at the first checkpoint
+        check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
     model.projection.info.bos = layout  # every check passed: the projection learns this layout
-    if config.checkpoint_dir is not None:
-        Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
 
     device = config.device
     if device is None:
