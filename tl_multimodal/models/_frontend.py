@@ -325,7 +325,17 @@ class ImageFrontEnd:
         """``generate`` with images, for both backends: the prompt's tokens with image slots (checked to
         fit ``n_ctx`` with the new tokens), the soft prompts embedded once (no gradients) and bound
         while ``run(tokens, options)`` generates token ids, and for ``return_type`` ``"input"``/``"str"``
-        (``options`` is changed to ``"tokens"`` for ``run``) the texts without the image slots."""
+        (``options`` is changed to ``"tokens"`` for ``run``) the texts without the image slots.
+
+        Prompts given as text are left-padded (new tokens follow each row's last token, at the positions
+        it has alone), whatever the tokenizer's side; ``padding_side="right"`` with prompts of different
+        lengths is refused."""
+        if padding_side == "right" and isinstance(input, (list, tuple)) and len({
+                self._image_tokens(t, 1, prepend_bos).shape[1] for t in input if isinstance(t, str)}) > 1:
+            raise ValueError("padding_side='right' with prompts of different lengths: generation continues each "
+                             "row after its last token, so rows are left-padded (leave padding_side out, or 'left')")
+        if not isinstance(input, Tensor):
+            padding_side = "left"
         tokens = self._image_tokens(input, source[1].shape[0], prepend_bos, padding_side)
         self._check_length(tokens.shape[1] + max_new_tokens)
         decode = options.get("return_type", "input") in ("input", "str")
