@@ -289,6 +289,9 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
 
         def run(tokens: Tensor, options: dict) -> Tensor:
             options["prepend_bos"] = bool(self._bos_before_slots(tokens).any())  # as in forward
+            tok = self.tokenizer
+            if self.image_token_id < self.cfg.d_vocab and tok is not None and tok.pad_token_id == tok.bos_token_id:
+                options["prepend_bos"] = True  # a placeholder prompt opens with the BOS: the last leading pad id
             options["input"] = tokens
             if not isinstance(input, Tensor):  # rows made from text are left-padded (_generate_with_images)
                 options["padding_side"] = "left"
