@@ -15,6 +15,7 @@ tokenizes (``_lm_to_tokens``, ``_lm_to_str_tokens``) and where a call's soft pro
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -58,13 +59,33 @@ class ImageFrontEnd:
         self.projection = proj.to(self._device).train(self.training)
         self.n_image_tokens = proj.n_tokens
 
+    def to(self, *args, **kwargs):
+        """The LM's ``to`` (device and/or dtype; TransformerLens updates ``cfg``), all or nothing: if the
+        move fails (e.g. ``"cuda"`` on a machine without a GPU, or out of memory half way), every
+        parameter and buffer is put back where it was, in its dtype, ``cfg`` is restored, and the
+        error is raised."""
+        cfg = dict(vars(self.cfg))
+        tensors = [t for t in itertools.chain(torch.nn.Module.parameters(self), torch.nn.Module.buffers(self))]
+        where = [(t.device, t.dtype) for t in tensors]
+        try:
+            return super().to(*args, **kwargs)
+        except BaseException:
+            with torch.no_grad():
+                for t, (device, dtype) in zip(tensors, where):
+                    if (t.device, t.dtype) != (device, dtype):
+                        t.data = t.data.to(device, dtype)
+            vars(self.cfg).clear()
+            vars(self.cfg).update(cfg)
+            raise
+
     def preprocess(self, images: Images) -> Float[Tensor, "batch channel height width"]:
-        """Any image input -> the encoder's normalised pixel tensor, on the model's device.
+        """Any image input -> the encoder's normalised pixel tensor, on the model's device, in the
+        encoder's dtype (float32 unless the model was moved to half precision).
 
         Takes PIL images of any mode, paths, numpy arrays, lists or tuples of them, or pixel tensors
         (checked: shape, size, NaNs, normalised values); see :mod:`tl_multimodal.models.images`.
         """
-        return to_pixels(self.vision, images).to(self._device)
+        return to_pixels(self.vision, images).to(self._device, next(self.vision.parameters()).dtype)
 
     def embed_images(self, images: Images | None = None,
                      image_features: Float[Tensor, "batch patch d_img"] | None = None,
