@@ -150,8 +150,8 @@ def test_what_it_does_not_take_goes_to_transformer_lens(model, pixels):
     mask[-1, -1] = 0  # a trailing pad: TransformerLens reads it differently
     with model.bind_images(pixels):
         assert generate_tokens(model, tokens, mask, N_NEW) is None
-    right = _generate(model, PROMPTS, pixels, lean=True, do_sample=False, padding_side="right")
-    assert torch.equal(right, _generate(model, PROMPTS, pixels, lean=False, do_sample=False, padding_side="right"))
+    right = _generate(model, tokens, pixels, lean=True, do_sample=False, padding_side="right")
+    assert torch.equal(right, _generate(model, tokens, pixels, lean=False, do_sample=False, padding_side="right"))
 
 
 def _tiny_lm(tokenizer, **cfg):

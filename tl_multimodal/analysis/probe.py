@@ -195,19 +195,31 @@ def target_id(model: VisionLM, target: Target, after: str = "", multi_token: Mul
     if isinstance(target, int):
         if not 0 <= target < model.cfg.d_vocab:
             raise ValueError(f"target token id {target} is outside the vocabulary [0, {model.cfg.d_vocab})")
+        _check_not_image_token(model, target, [target])
         return target
     if not target.strip():
         raise ValueError(f"target {target!r} is an empty string")
     tok = model.tokenizer
     if target in tok.all_special_tokens:
-        return tok.convert_tokens_to_ids(target)
+        special = tok.convert_tokens_to_ids(target)
+        _check_not_image_token(model, target, [special])
+        return special
     needs_space = after and not after[-1].isspace() and not target[0].isspace()
     ids = _text_ids(model, " " + target if needs_space else target)
+    _check_not_image_token(model, target, ids)
     if len(ids) > 1 and multi_token == "error":
         pieces = [tok.decode([i]) for i in ids]
         raise ValueError(f"target {target!r} is {len(ids)} tokens {pieces}; pass a single token, its id, "
                          "or multi_token='first' to use the first sub-token")
     return ids[0]
+
+
+def _check_not_image_token(model: VisionLM, target, ids: list[int], what: str = "target") -> None:
+    """Refuse a target (or caption: ``what``) whose ids hold the image token (a VLM's ``<image>``): a target
+    is text the model predicts, and that id marks where the image's soft prompts go."""
+    if model.image_token_id in ids:
+        raise ValueError(f"{what} {target!r} holds the image token (id {model.image_token_id}), which marks "
+                         f"the image slots rather than text the model predicts; pass text without it")
 
 
 def _per_image(x, n: int, what: str, arg: str) -> list:
@@ -344,6 +356,8 @@ def make_probe(model: VisionLM, n_images: int, target: Target | Sequence[Target]
         p = prompts[0]
         sep = "" if not p or p[-1].isspace() else " "
         ids = [_text_ids(model, sep + c.lstrip()) if c.strip() else [] for c in caps]
+        for c, i in zip(caps, ids):
+            _check_not_image_token(model, c, i, "caption")
         return probe_from_caption_ids(model, p, ids, noun_finder, whole_caption, caps)
     if whole_caption:
         raise ValueError("whole_caption=True needs captions=, not target=")

@@ -15,6 +15,7 @@ tokenizes (``_lm_to_tokens``, ``_lm_to_str_tokens``) and where a call's soft pro
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -58,13 +59,33 @@ class ImageFrontEnd:
         self.projection = proj.to(self._device).train(self.training)
         self.n_image_tokens = proj.n_tokens
 
+    def to(self, *args, **kwargs):
+        """The LM's ``to`` (device and/or dtype; TransformerLens updates ``cfg``), all or nothing: if the
+        move fails (e.g. ``"cuda"`` on a machine without a GPU, or out of memory half way), every
+        parameter and buffer is put back where it was, in its dtype, ``cfg`` is restored, and the
+        error is raised."""
+        cfg = dict(vars(self.cfg))
+        tensors = [t for t in itertools.chain(torch.nn.Module.parameters(self), torch.nn.Module.buffers(self))]
+        where = [(t.device, t.dtype) for t in tensors]
+        try:
+            return super().to(*args, **kwargs)
+        except BaseException:
+            with torch.no_grad():
+                for t, (device, dtype) in zip(tensors, where):
+                    if (t.device, t.dtype) != (device, dtype):
+                        t.data = t.data.to(device, dtype)
+            vars(self.cfg).clear()
+            vars(self.cfg).update(cfg)
+            raise
+
     def preprocess(self, images: Images) -> Float[Tensor, "batch channel height width"]:
-        """Any image input -> the encoder's normalised pixel tensor, on the model's device.
+        """Any image input -> the encoder's normalised pixel tensor, on the model's device, in the
+        encoder's dtype (float32 unless the model was moved to half precision).
 
         Takes PIL images of any mode, paths, numpy arrays, lists or tuples of them, or pixel tensors
         (checked: shape, size, NaNs, normalised values); see :mod:`tl_multimodal.models.images`.
         """
-        return to_pixels(self.vision, images).to(self._device)
+        return to_pixels(self.vision, images).to(self._device, next(self.vision.parameters()).dtype)
 
     def embed_images(self, images: Images | None = None,
                      image_features: Float[Tensor, "batch patch d_img"] | None = None,
@@ -179,6 +200,7 @@ class ImageFrontEnd:
         ``image_token_id``) keeps its own layout and BOS default instead: each placeholder becomes
         ``n_image_tokens`` slots where it stands, as HF's processors expand it.
         """
+        self._needs_tokenizer("to_tokens")
         if not image:
             return self._lm_to_tokens(input, prepend_bos, padding_side, move_to_device, truncate)
         return self._tokens_with_images(input, prepend_bos, padding_side, move_to_device)
@@ -189,6 +211,7 @@ class ImageFrontEnd:
         Takes every input the LM's takes (text, a list, token ids ``[pos]``/``[1, pos]``/one
         element, numpy arrays) and a batch ``[batch, pos]`` of token ids (a list per row).
         """
+        self._needs_tokenizer("to_str_tokens")
         if isinstance(input, (Tensor, np.ndarray)):
             ids = torch.as_tensor(input)
             if ids.ndim == 2 and ids.shape[0] > 1:
@@ -202,6 +225,7 @@ class ImageFrontEnd:
 
     def to_string(self, tokens):
         """TransformerLens's ``to_string``; image slots are left out of the decoded text."""
+        self._needs_tokenizer("to_string")
         ids = tokens if isinstance(tokens, Tensor) else torch.tensor(tokens)
         if ids.ndim == 2 and self.image_mask(ids).any():
             return [self.to_string(row) for row in ids]
@@ -284,10 +308,18 @@ class ImageFrontEnd:
         (``projection.info.bos``), which ``to_tokens(text, image=True)`` follows by default."""
         return self.projection.info.bos
 
+    def _needs_tokenizer(self, what: str):
+        """The tokenizer; a clear error naming ``what`` where the model has none (token-ids mode)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, and this model has none (it was built without "
+                             "tokenizer=, so it takes token ids only: pass integer token tensors, or build it "
+                             "with tokenizer=...)")
+        return self.tokenizer
+
     @property
     def start_token_id(self) -> int:
         """The token that opens a sequence: the tokenizer's BOS, else its end-of-text token."""
-        tok = self.tokenizer
+        tok = self._needs_tokenizer("start_token_id")
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if start is None:
             raise ValueError("the tokenizer has neither a BOS nor an end-of-text token to open a sequence with")
@@ -301,7 +333,10 @@ class ImageFrontEnd:
 
     def _bos_before_slots(self, tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos_minus_1"]:
         """True at a start token right before an image slot (the BOS layout). When the pad token is the
-        start token (GPT-2), a left pad and a BOS look alike: the projection's layout decides."""
+        start token (GPT-2), a left pad and a BOS look alike: the projection's layout decides. Without a
+        tokenizer (token ids only) no token is known as a start or pad token: none."""
+        if self.tokenizer is None:
+            return torch.zeros_like(tokens[:, :-1], dtype=torch.bool)
         bos = (tokens[:, :-1] == self.start_token_id) & self.image_mask(tokens[:, 1:])
         if self.tokenizer.pad_token_id == self.start_token_id and not self.image_bos:
             bos[:] = False
@@ -325,11 +360,25 @@ class ImageFrontEnd:
         """``generate`` with images, for both backends: the prompt's tokens with image slots (checked to
         fit ``n_ctx`` with the new tokens), the soft prompts embedded once (no gradients) and bound
         while ``run(tokens, options)`` generates token ids, and for ``return_type`` ``"input"``/``"str"``
-        (``options`` is changed to ``"tokens"`` for ``run``) the texts without the image slots."""
+        (``options`` is changed to ``"tokens"`` for ``run``; ``"input"`` with token input gives tokens, as in
+        TransformerLens) the texts without the image slots.
+
+        Prompts given as text are left-padded (new tokens follow each row's last token, at the positions
+        it has alone), whatever the tokenizer's side; ``padding_side="right"`` with prompts of different
+        lengths is refused."""
+        if padding_side == "right" and isinstance(input, (list, tuple)) and len({
+                self._image_tokens(t, 1, prepend_bos).shape[1] for t in input if isinstance(t, str)}) > 1:
+            raise ValueError("padding_side='right' with prompts of different lengths: generation continues each "
+                             "row after its last token, so rows are left-padded (leave padding_side out, or 'left')")
+        if not isinstance(input, Tensor):
+            padding_side = "left"
         tokens = self._image_tokens(input, source[1].shape[0], prepend_bos, padding_side)
         self._check_length(tokens.shape[1] + max_new_tokens)
-        decode = options.get("return_type", "input") in ("input", "str")
+        return_type = options.get("return_type", "input")
+        decode = return_type == "str" or (return_type == "input" and not isinstance(input, Tensor))
         if decode:
+            self._needs_tokenizer("generate(return_type='str')")
+        if return_type in ("input", "str"):
             options["return_type"] = "tokens"
         with torch.no_grad():
             source = ("image_embed", self._embed(source))

@@ -133,7 +133,7 @@ class VisionEncoder(_FrozenEncoder):
     def forward(self, images: Float[Tensor, "batch channel h w"]) -> Float[Tensor, "batch patch d_img"]:
         """Encode preprocessed images into ``[batch, patch, d_img]`` features (row-major grid)."""
         self.check_images(images)
-        feats = self.model.forward_features(images)
+        feats = self.model.forward_features(images.to(next(self.model.parameters()).dtype))  # pixels follow the weights
         if feats.ndim == 4:
             return feats.flatten(2).transpose(1, 2)
         return feats[:, self._n_prefix:]

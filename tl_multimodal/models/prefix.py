@@ -289,9 +289,20 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
 
         def run(tokens: Tensor, options: dict) -> Tensor:
             options["prepend_bos"] = bool(self._bos_before_slots(tokens).any())  # as in forward
+            tok = self.tokenizer
+            if self.image_token_id < self.cfg.d_vocab and tok is not None and tok.pad_token_id == tok.bos_token_id:
+                options["prepend_bos"] = True  # a placeholder prompt opens with the BOS: the last leading pad id
             options["input"] = tokens
+            if not isinstance(input, Tensor):  # rows made from text are left-padded (_generate_with_images)
+                options["padding_side"] = "left"
             out = self._generate_lean(tokens, options)
-            return HookedTransformer.generate(self, **options) if out is None else out
+            if out is not None:
+                return out
+            side = options.get("padding_side")
+            if self.tokenizer is None or side not in ("left", "right"):
+                return HookedTransformer.generate(self, **options)
+            with rebound(self.tokenizer, "padding_side", side):  # TransformerLens reads token input's padding there
+                return HookedTransformer.generate(self, **options)
 
         return self._generate_with_images(input, bound["max_new_tokens"], bound.get("prepend_bos", USE_DEFAULT_VALUE),
                                           bound.get("padding_side", USE_DEFAULT_VALUE), bound, source, run)
@@ -311,7 +322,7 @@ class HookedVisionPrefix(ImageFrontEnd, HookedTransformer):
             return None
         side = None if a["padding_side"] in (USE_DEFAULT_VALUE, None) else a["padding_side"]
         mask = (torch.ones_like(tokens) if self.tokenizer is None else  # as TransformerLens computes it
-                get_attention_mask(self.tokenizer, tokens, False, padding_side=side))
+                get_attention_mask(self.tokenizer, tokens, bool(a["prepend_bos"]), padding_side=side))
         return fast_generation.generate_tokens(
             self, tokens, mask, a["max_new_tokens"], stop_at_eos=a["stop_at_eos"], eos_token_id=a["eos_token_id"],
             do_sample=a["do_sample"], top_k=a["top_k"], top_p=a["top_p"], temperature=a["temperature"])

@@ -73,7 +73,8 @@ def from_llava(model_or_name, image_processor=None, tokenizer=None, **hf_kwargs)
         image_processor: The model's HF image processor (default: the name's; for a loaded model,
             the vision tower's default processor at its image size).
         tokenizer: The model's tokenizer (default: the name's; ``None`` for a loaded model means
-            token-tensor input only).
+            token-tensor input only: ``forward`` and ``generate`` take token ids, ``generate`` with
+            ``eos_token_id=`` or ``stop_at_eos=False``; text methods raise a ``ValueError``).
         **hf_kwargs: Passed to ``from_pretrained`` when a name is given (``dtype``, ``revision``, ...).
 
     The converted model holds its own copy of the weights (the HF model may be deleted after), and
@@ -174,17 +175,25 @@ def llava_bridge(model_or_name, image_processor=None, tokenizer=None, **hf_kwarg
     Args:
         model_or_name: A loaded ``LlavaForConditionalGeneration`` (used in place: the bridge wraps
             it), or a hub name (needs internet).
-        image_processor, tokenizer: As for :func:`~tl_multimodal.pretrained.llava.from_llava`.
+        image_processor, tokenizer: As for :func:`~tl_multimodal.pretrained.llava.from_llava`, but a
+            loaded model needs its tokenizer here (the bridge has no token-ids-only mode).
         **hf_kwargs: Passed to ``from_pretrained`` when a name is given.
 
     Returns:
         The model in eval mode: ``model(input_ids, images=pixel_values)`` gives HF's logits.
+
+    Raises:
+        ValueError: A loaded model without ``tokenizer`` (nothing is fetched from the hub).
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     hf, name, image_processor, tokenizer = load_llava(model_or_name, image_processor, tokenizer, **hf_kwargs)
     lm_name = name.split("/")[-1]
     encoder, projection, image_token = llava_vision(hf, name, image_processor, lm_name, copy_tower=True)
+    if tokenizer is None:  # TransformerLens's bridge would fetch one from the hub by the model's name
+        raise ValueError("llava_bridge of a loaded LLaVA model needs its tokenizer (tokenizer=...): the bridge "
+                         "cannot run without one; for token ids alone use from_llava (HookedVisionPrefix, "
+                         "TransformerLens 3)")
     if not hf.config.architectures:  # an in-memory model has none; the bridge picks its adapter by it
         hf.config.architectures = [type(hf).__name__]
     bridge = TransformerBridge.boot_transformers(lm_name, hf_model=hf, tokenizer=tokenizer)

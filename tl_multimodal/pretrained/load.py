@@ -59,7 +59,8 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
             in it (passed to its loader as ``dtype=``).
         encoder: The vision encoder of an LM hub name or an in-memory causal LM: a HF or timm model
             name, or (in-memory causal LM) a :class:`~tl_multimodal.VisionEncoder`.
-        tokenizer: The tokenizer of an in-memory HF model (LLaVA: optional).
+        tokenizer: The tokenizer of an in-memory HF model (LLaVA: optional on the hooked backend, for
+            token ids only; the bridge needs it).
         **kwargs: Passed on: to the LM loader (``HookedTransformer.from_pretrained`` /
             ``TransformerBridge.boot_transformers``; ``lm_name=`` for LiMBeR), to
             ``LlavaForConditionalGeneration.from_pretrained`` (and ``image_processor=``), to a factory,
