@@ -85,6 +85,10 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
             The bridge is left untouched.
     """
 
+    #: Let ``generate``/``caption`` with images decode in the lean KV-cached loop of
+    #: :mod:`tl_multimodal.models._fast_generation` when no hook is attached (``False``: the bridge's ``generate``).
+    use_lean_generation: bool = True
+
     def __new__(cls, bridge=None, encoder: VisionEncoder | None = None, projection: ImageProjection | None = None,
                 *, image_token_id: int | None = None):
         if bridge is None:  # copy.deepcopy and pickle make an empty instance, then fill its __dict__
@@ -173,6 +177,12 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
     def bridge(self) -> "VisionBridge":
         """The model itself (this class used to wrap the bridge; the name stays for old code)."""
         return self
+
+    @property
+    def _own_hooks(self) -> tuple:
+        """The hook functions this class registers itself (slot filling, the KV cache's name): they
+        do not count as hooks attached to the LM (:func:`~tl_multimodal.models._fast_generation.hooks_attached`)."""
+        return (VisionBridge._mask_slots, VisionBridge._fill_slots, _kv_cache_by_its_old_name)
 
     @property
     def _device(self) -> torch.device:
@@ -384,11 +394,38 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
 
         def run(tokens: Tensor, options: dict) -> Tensor:
             self._mask_padding(tokens, options)
+            out = None if args else self._generate_lean(tokens, max_new_tokens, options)
+            if out is not None:
+                return out
             with torch.no_grad():
                 return generate(tokens, max_new_tokens, *args, **options)
 
         return self._generate_with_images(input, max_new_tokens, kwargs.pop("prepend_bos", None),
                                           kwargs.pop("padding_side", None), kwargs, source, run)
+
+    def _generate_lean(self, tokens: Tensor, max_new_tokens: int, options: dict) -> Tensor | None:
+        """``generate``'s tokens from the lean KV-cached loop (:mod:`tl_multimodal.models._fast_generation`,
+        on the HF model's own weights), or ``None`` where it does not apply (hooks attached, an option,
+        layer type or dtype it does not take, ``use_lean_generation = False``)."""
+        from tl_multimodal.models import _fast_generation as fast_generation
+
+        a = {**_GENERATE_DEFAULTS, **options}
+        extra = {k: v for k, v in a.items() if k not in _GENERATE_DEFAULTS and k != "attention_mask"}
+        extra.update({k: a[k] for k in ("repetition_penalty", "output_logits") if a[k] != _GENERATE_DEFAULTS[k]})
+        if a["return_type"] != "tokens" or fast_generation.why_not_fast(
+                self, a["use_past_kv_cache"], a["freq_penalty"], extra) is not None:
+            return None
+        mask = a.get("attention_mask")
+        return fast_generation.generate_tokens(
+            self, tokens, torch.ones_like(tokens) if mask is None else mask, max_new_tokens,
+            stop_at_eos=a["stop_at_eos"], eos_token_id=a["eos_token_id"], do_sample=a["do_sample"],
+            top_k=a["top_k"], top_p=a["top_p"], temperature=a["temperature"])
+
+
+#: ``TransformerBridge.generate``'s defaults of the options the lean loop takes (others send it to the bridge's).
+_GENERATE_DEFAULTS = dict(stop_at_eos=True, eos_token_id=None, do_sample=True, top_k=None, top_p=None,
+                          temperature=1.0, freq_penalty=0.0, repetition_penalty=1.0, use_past_kv_cache=True,
+                          return_type="input", verbose=True, output_logits=False)
 
 
 def _kv_cache_by_its_old_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
