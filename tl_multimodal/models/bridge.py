@@ -334,8 +334,14 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
             image_embed: Soft prompts from :meth:`embed_images` ``[batch, patch, d_model]``.
             *args, **kwargs: As for ``TransformerBridge.forward`` (return_type, stop_at_layer, ...).
                 ``return_type="loss"``/``"both"`` use :meth:`loss_fn` (text tokens only).
+                ``past_kv_cache=``: a :meth:`kv_cache`, as on ``HookedTransformer``.
         """
-        if images is None and image_features is None and image_embed is None:
+        no_images = images is None and image_features is None and image_embed is None
+        if kwargs.get("past_kv_cache") is not None:  # TransformerLens's KV-cache argument (see kv_cache)
+            if not no_images:  # this method again, on the tokens with the images bound
+                return self._run(self.forward, input, args, kwargs, images, image_features, image_embed)
+            self._past_kv_cache_to_hf(input, kwargs)
+        if no_images:
             return super().forward(input, *args, **kwargs)
         return_type = kwargs.get("return_type", "logits")
         if args or return_type not in ("loss", "both"):
@@ -357,11 +363,36 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
         """The bridge's ``run_with_hooks`` with images (hooks on ``hook_image_*`` run too)."""
         return self._run(super().run_with_hooks, input, args, kwargs, images, image_features, image_embed)
 
-    def kv_cache(self, batch: int) -> None:
-        """None: the analyses' cached steps pass TransformerLens's own KV cache (``past_kv_cache=``,
-        gradients flow through it); the bridge runs HF's cache instead (``generate`` uses it), so
-        the analyses run each step over the whole sequence."""
-        return None
+    def kv_cache(self, batch: int):
+        """A fresh KV cache (the HF model's ``DynamicCache``) for the analyses' cached steps: ``forward``,
+        ``run_with_hooks`` and ``run_with_cache`` take it as ``past_kv_cache=``, as on ``HookedTransformer``
+        (each call appends its keys and values; gradients flow through them). ``batch`` is not needed:
+        the cache takes its batch from the first call."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.original_model.config)
+
+    @staticmethod
+    def _past_kv_cache_to_hf(input, kwargs: dict) -> None:
+        """TransformerLens's ``past_kv_cache=`` (a :meth:`kv_cache`) as the HF model's ``past_key_values``.
+
+        As in TransformerLens, ``attention_mask`` covers the new tokens only; HF wants the whole
+        sequence's, so the cache keeps the masks of the calls so far and the call gets them all.
+        """
+        cache = kwargs.pop("past_kv_cache", None)
+        if cache is None:
+            return
+        mask = kwargs.get("attention_mask")
+        previous = getattr(cache, "_tl_multimodal_mask", None)
+        if mask is not None or previous is not None:
+            if mask is None:  # no mask for this call: its tokens are all real
+                if not isinstance(input, Tensor):
+                    raise ValueError("past_kv_cache after a call with an attention_mask: pass tokens and "
+                                     "their attention_mask")
+                mask = torch.ones(previous.shape[0], input.shape[-1], dtype=previous.dtype, device=previous.device)
+            full = mask if previous is None else torch.cat([previous, mask.to(previous.device)], dim=1)
+            cache._tl_multimodal_mask = kwargs["attention_mask"] = full
+        kwargs["past_key_values"], kwargs["use_cache"] = cache, True
 
     def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
         """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only);
