@@ -49,21 +49,33 @@ def hooks_attached(model) -> bool:
 
     Hooks on the image side (the encoder, the projection, ``hook_image_features``,
     ``hook_image_embed``) do not count: those run as usual before any decoding; nor do the hooks
-    the model declares its own (``model._own_hooks``: a ``VisionBridge``'s slot filling).
+    the model declares its own (``model._own_hooks``: a ``VisionBridge``'s slot filling), nor the
+    bridge's wiring on the HF modules (functions of ``transformer_lens.model_bridge`` that feed its hook
+    points; a hook added through TransformerLens sits on a ``HookPoint`` and counts).
     """
     from torch.nn.modules import module as nn_module
+    from transformer_lens.hook_points import HookPoint
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     image_side = {"vision", "projection", "hook_image_features", "hook_image_embed"}
     own = set(getattr(model, "_own_hooks", ()))
-    foreign = lambda hooks: any(getattr(h, "__func__", h) not in own for h in hooks.values())  # noqa: E731
+
+    def foreign(module, hooks) -> bool:
+        for h in hooks.values():
+            fn = getattr(h, "__func__", h)
+            wiring = not isinstance(module, HookPoint) and getattr(fn, "__module__", "").startswith(
+                "transformer_lens.model_bridge")
+            if fn not in own and not wiring:
+                return True
+        return False
+
     for name, child in model.named_children():
         if name in image_side:
             continue
         for m in child.modules():
-            if any(foreign(h) for h in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-                                        m._backward_pre_hooks)):
+            if any(foreign(m, h) for h in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                           m._backward_pre_hooks)):
                 return True
     return bool(model._forward_hooks or model._forward_pre_hooks)
 
