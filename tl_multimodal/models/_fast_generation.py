@@ -365,9 +365,13 @@ def generate_tokens(model, tokens: Int[Tensor, "batch pos"], attention_mask: Int
     padded = not bool(mask.all())
     pos = get_offset_position_ids(0, mask.long())
     x = model.embed(tokens)
-    if model.cfg.positional_embedding_type == "standard" and isinstance(model, TransformerBridge):
-        x = x + model.W_pos[pos]  # the bridge (HF) reads positions from the mask, as here
-    elif model.cfg.positional_embedding_type == "standard":
+    bridge = isinstance(model, TransformerBridge)
+    W_pos = None
+    if model.cfg.positional_embedding_type == "standard":
+        W_pos = _hf(model.pos_embed).weight if bridge else model.W_pos  # the bridge: HF's own table
+    if W_pos is not None and bridge:
+        x = x + W_pos[pos]  # HF reads the positions from the mask, as here
+    elif W_pos is not None:
         x = x + model.pos_embed(tokens, 0, mask.long() if padded else None)
     prefill_mask = None
     if padded:  # causal and not padding; a padding query sees itself only (its output is never read)
@@ -395,8 +399,8 @@ def generate_tokens(model, tokens: Int[Tensor, "batch pos"], attention_mask: Int
         if step == max_new_tokens - 1 or (stop_at_eos and bool(finished.all())):
             break
         x = model.embed(token[:, None])
-        if model.cfg.positional_embedding_type == "standard":
-            x = x + model.W_pos[next_pos]
+        if W_pos is not None:
+            x = x + W_pos[next_pos]
         visible = key_mask[:, None, None, :decoder.length + 1] if padded else None
         logits = decoder.forward(x, next_pos, visible)
         next_pos = next_pos + 1
