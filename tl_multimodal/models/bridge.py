@@ -281,15 +281,18 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
     def _lm_to_str_tokens(self, input, prepend_bos, padding_side):
         return super(ImageFrontEnd, self).to_str_tokens(input, prepend_bos, padding_side)
 
-    def _padding_mask(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
+    def _padding_mask(self, tokens: Int[Tensor, "batch pos"], bos: bool = False) -> Int[Tensor, "batch pos"] | None:
         """The attention mask of left-padded rows. LiMBeR rows (``[pad][BOS][image][text]``): positions
         before a row's first slot are padding, except the start token right before it (the BOS layout;
         when the pad token is the start token, as for GPT-2, the projection's layout decides). A VLM's
         placeholder prompts (the image after text): the leading pad ids are padding (but the last of
-        them where the pad id is also the BOS id: that one is the row's BOS)."""
+        them where the pad id is also the BOS id: that one is the row's BOS). ``bos``: the call asked
+        for a BOS (``prepend_bos=True``), so a start token right before the slots is one, whatever the
+        projection's layout."""
         if self.image_token_id == self.cfg.d_vocab:
             head = self.image_mask(tokens)
-            head[:, :-1] |= self._bos_before_slots(tokens)
+            head[:, :-1] |= self._bos_before_slots(tokens) | (
+                bos & (tokens[:, :-1] == self.start_token_id) & head[:, 1:])
             started = head.long().cummax(-1).values
         else:
             tok = self.tokenizer
@@ -299,9 +302,9 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
             started = (torch.arange(tokens.shape[1], device=tokens.device) >= n_lead[:, None]).long()
         return None if bool(started.all()) else started
 
-    def _mask_padding(self, tokens: Int[Tensor, "batch pos"], kwargs: dict) -> None:
+    def _mask_padding(self, tokens: Int[Tensor, "batch pos"], kwargs: dict, bos: bool = False) -> None:
         """Put the :meth:`_padding_mask` of ``tokens`` in ``kwargs`` unless it holds an attention mask."""
-        mask = self._padding_mask(tokens)
+        mask = self._padding_mask(tokens, bos)
         if mask is not None and kwargs.get("attention_mask") is None:
             kwargs["attention_mask"] = mask
 
@@ -309,9 +312,9 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
     def _prepare(self, input, kwargs: dict, images, image_features, image_embed):
         """A call's checked soft-prompt source and its tokens (with the padding mask put in ``kwargs``)."""
         source = self._source(images, image_features, image_embed)
-        tokens = self._image_tokens(input, source[1].shape[0], kwargs.pop("prepend_bos", None),
-                                    kwargs.pop("padding_side", None))
-        self._mask_padding(tokens, kwargs)
+        prepend_bos = kwargs.pop("prepend_bos", None)
+        tokens = self._image_tokens(input, source[1].shape[0], prepend_bos, kwargs.pop("padding_side", None))
+        self._mask_padding(tokens, kwargs, bos=prepend_bos is True)
         return source, tokens
 
     def _run(self, method, input, args, kwargs, images, image_features, image_embed):
@@ -422,17 +425,18 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
             return super().generate(input, max_new_tokens, *args, **kwargs)
         source = self._source(images, image_features, image_embed)
         generate = super().generate
+        prepend_bos = kwargs.pop("prepend_bos", None)
 
         def run(tokens: Tensor, options: dict) -> Tensor:
-            self._mask_padding(tokens, options)
+            self._mask_padding(tokens, options, bos=prepend_bos is True)
             out = None if args else self._generate_lean(tokens, max_new_tokens, options)
             if out is not None:
                 return out
             with torch.no_grad():
                 return generate(tokens, max_new_tokens, *args, **options)
 
-        return self._generate_with_images(input, max_new_tokens, kwargs.pop("prepend_bos", None),
-                                          kwargs.pop("padding_side", None), kwargs, source, run)
+        return self._generate_with_images(input, max_new_tokens, prepend_bos, kwargs.pop("padding_side", None),
+                                          kwargs, source, run)
 
     def _generate_lean(self, tokens: Tensor, max_new_tokens: int, options: dict) -> Tensor | None:
         """``generate``'s tokens from the lean KV-cached loop (:mod:`tl_multimodal.models._fast_generation`,
