@@ -176,18 +176,21 @@ def main() -> None:
             model.use_lean_generation = True
         return fn
 
+    hf.generation_config.eos_token_id = None  # no early stop, as stop_at_eos=False
+    hf.generation_config.pad_token_id = tokenizer.eos_token_id
+
     def hf_generate():
         with torch.no_grad():
             out["hf_generate"] = hf.generate(inputs_embeds=x_prompt, attention_mask=torch.ones_like(tokens),
-                                             do_sample=False, max_new_tokens=n, min_new_tokens=n)
+                                             do_sample=False, max_new_tokens=n)
 
     fns = {"bridge": gen("bridge", bridge), "bridge_own_generate": gen("bridge_own_generate", bridge, lean=False)}
     if hooked_ok:
         fns["hooked"] = gen("hooked", models["hooked"])
     fns["hf_generate"] = hf_generate
     times = interleaved(fns, repeats=args.repeats)
-    same = all(torch.equal(out["bridge"], o.to(out["bridge"].device)) for o in out.values())
-    print("caption: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()) + f"; same tokens: {same}")
+    same = [k for k, o in out.items() if torch.equal(out["bridge"], o.to(out["bridge"].device))]
+    print("caption: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()) + f"; same tokens as bridge: {same}")
     ref = times.get("hooked", times["hf_generate"])
     print(f"  bridge / {'hooked' if hooked_ok else 'hf_generate'} = {times['bridge'] / ref:.2f}x")
 
