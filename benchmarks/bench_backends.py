@@ -91,12 +91,14 @@ lm = LanguageModel(AutoModelForCausalLM.from_pretrained(folder).eval(), tokenize
 x, slots, pred_pos, target = d["x"], d["slots"], d["pred_pos"], d["target"]
 rows = torch.arange(x.shape[0])
 def run():
+    out = {}  # written inside the trace (nnsight runs its body apart from this function's locals)
     with lm.trace(inputs_embeds=x):
-        acts = [layer.mlp.gate_proj.output.save() for layer in lm.model.layers]
+        out["acts"] = acts = [layer.mlp.gate_proj.output.save() for layer in lm.model.layers]
         y = lm.lm_head.output[rows, pred_pos, target].sum()
-        with y.backward():
-            grads = [layer.mlp.gate_proj.output.grad.save() for layer in lm.model.layers]
-    return torch.stack([(a * g)[slots].reshape(x.shape[0], -1, a.shape[-1]) for a, g in zip(acts, grads)], 1)
+        with y.backward():  # gradients arrive last layer first
+            out["grads"] = [a.grad.save() for a in reversed(acts)][::-1]
+    return torch.stack([(a * g)[slots].reshape(x.shape[0], -1, a.shape[-1])
+                        for a, g in zip(out["acts"], out["grads"])], 1)
 scores = run()
 times = []
 for _ in range(repeats):
