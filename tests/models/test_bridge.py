@@ -476,3 +476,20 @@ def test_transformer_lens_tools_take_it_and_keep_their_checks(gpt2_tokenizer, vi
     kwargs = dict(corpus="test", source_layers=[0], dim_batch=64, show_progress=False, skip_first_positions=0)
     assert torch.allclose(JacobianLens.fit(vb, prompts, **kwargs).jacobians[0],
                           JacobianLens.fit(plain, prompts, **kwargs).jacobians[0])
+
+
+def test_to_takes_print_details_as_the_parent_does(backend, gpt2_tokenizer, vit_encoder, capsys):
+    """``.to(..., print_details=...)`` as TransformerLens's ``.to`` takes it (the bridge's and
+    HookedTransformer's), the encoder and projection moved along."""
+    from conftest import build_vlm, tiny_hf
+
+    model = build_vlm(backend, tiny_hf("gpt2", n_layers=1, dtype=torch.float32), gpt2_tokenizer,
+                      copy.deepcopy(vit_encoder))
+    capsys.readouterr()
+    assert model.to("cpu", print_details=False) is model
+    assert model.to(torch.float64, print_details=False) is model
+    assert capsys.readouterr().out == ""
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert {p.dtype for p in [*model.vision.parameters(), *model.projection.parameters()]} == {torch.float64}
+    model.to("cpu", print_details=True)
+    assert "cpu" in capsys.readouterr().out

@@ -12,10 +12,6 @@ from PIL import Image
 from tl_multimodal import HookedVisionPrefix
 
 PROMPT = "A picture of"
-# VisionBridge bugs (tl_multimodal/models/bridge.py); the checks before the skip run on the bridge too
-BRIDGE_EXPLICIT_BOS = ("VisionBridge masks an explicit prepend_bos=True BOS as padding when the pad token is the BOS "
-                       "(GPT-2) and the projection's layout has none, so the logits differ from HF fed "
-                       "[BOS][image][text] (bridge.py _padding_mask)")
 
 
 def _hf_inputs(vlm, wte, pixels, text_ids):
@@ -94,8 +90,6 @@ def test_bos_layout_equals_hf_fed_bos_then_image_then_text(vlm_on, backend, hf_g
         embeds = torch.cat([embeds, wte(nxt)[:, None]], dim=1)
     want = [gpt2_tokenizer.decode(row).strip() for row in torch.stack(new, 1)]
     assert vlm_on.caption(pixels, max_new_tokens=4, prompt=PROMPT) == want
-    if backend == "bridge":
-        pytest.skip(BRIDGE_EXPLICIT_BOS)
     torch.testing.assert_close(explicit, expected, atol=1e-4, rtol=1e-4)
 
 

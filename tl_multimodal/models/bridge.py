@@ -85,6 +85,10 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
             The bridge is left untouched.
     """
 
+    #: Let ``generate``/``caption`` with images decode in the lean KV-cached loop of
+    #: :mod:`tl_multimodal.models._fast_generation` when no hook is attached (``False``: the bridge's ``generate``).
+    use_lean_generation: bool = True
+
     def __new__(cls, bridge=None, encoder: VisionEncoder | None = None, projection: ImageProjection | None = None,
                 *, image_token_id: int | None = None):
         if bridge is None:  # copy.deepcopy and pickle make an empty instance, then fill its __dict__
@@ -173,6 +177,12 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
     def bridge(self) -> "VisionBridge":
         """The model itself (this class used to wrap the bridge; the name stays for old code)."""
         return self
+
+    @property
+    def _own_hooks(self) -> tuple:
+        """The hook functions this class registers itself (slot filling, the KV cache's name): they
+        do not count as hooks attached to the LM (:func:`~tl_multimodal.models._fast_generation.hooks_attached`)."""
+        return (VisionBridge._mask_slots, VisionBridge._fill_slots, _kv_cache_by_its_old_name)
 
     @property
     def _device(self) -> torch.device:
@@ -271,15 +281,18 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
     def _lm_to_str_tokens(self, input, prepend_bos, padding_side):
         return super(ImageFrontEnd, self).to_str_tokens(input, prepend_bos, padding_side)
 
-    def _padding_mask(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
+    def _padding_mask(self, tokens: Int[Tensor, "batch pos"], bos: bool = False) -> Int[Tensor, "batch pos"] | None:
         """The attention mask of left-padded rows. LiMBeR rows (``[pad][BOS][image][text]``): positions
         before a row's first slot are padding, except the start token right before it (the BOS layout;
         when the pad token is the start token, as for GPT-2, the projection's layout decides). A VLM's
         placeholder prompts (the image after text): the leading pad ids are padding (but the last of
-        them where the pad id is also the BOS id: that one is the row's BOS)."""
+        them where the pad id is also the BOS id: that one is the row's BOS). ``bos``: the call asked
+        for a BOS (``prepend_bos=True``), so a start token right before the slots is one, whatever the
+        projection's layout."""
         if self.image_token_id == self.cfg.d_vocab:
             head = self.image_mask(tokens)
-            head[:, :-1] |= self._bos_before_slots(tokens)
+            head[:, :-1] |= self._bos_before_slots(tokens) | (
+                bos & (tokens[:, :-1] == self.start_token_id) & head[:, 1:])
             started = head.long().cummax(-1).values
         else:
             tok = self.tokenizer
@@ -289,9 +302,9 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
             started = (torch.arange(tokens.shape[1], device=tokens.device) >= n_lead[:, None]).long()
         return None if bool(started.all()) else started
 
-    def _mask_padding(self, tokens: Int[Tensor, "batch pos"], kwargs: dict) -> None:
+    def _mask_padding(self, tokens: Int[Tensor, "batch pos"], kwargs: dict, bos: bool = False) -> None:
         """Put the :meth:`_padding_mask` of ``tokens`` in ``kwargs`` unless it holds an attention mask."""
-        mask = self._padding_mask(tokens)
+        mask = self._padding_mask(tokens, bos)
         if mask is not None and kwargs.get("attention_mask") is None:
             kwargs["attention_mask"] = mask
 
@@ -299,9 +312,9 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
     def _prepare(self, input, kwargs: dict, images, image_features, image_embed):
         """A call's checked soft-prompt source and its tokens (with the padding mask put in ``kwargs``)."""
         source = self._source(images, image_features, image_embed)
-        tokens = self._image_tokens(input, source[1].shape[0], kwargs.pop("prepend_bos", None),
-                                    kwargs.pop("padding_side", None))
-        self._mask_padding(tokens, kwargs)
+        prepend_bos = kwargs.pop("prepend_bos", None)
+        tokens = self._image_tokens(input, source[1].shape[0], prepend_bos, kwargs.pop("padding_side", None))
+        self._mask_padding(tokens, kwargs, bos=prepend_bos is True)
         return source, tokens
 
     def _run(self, method, input, args, kwargs, images, image_features, image_embed):
@@ -324,8 +337,14 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
             image_embed: Soft prompts from :meth:`embed_images` ``[batch, patch, d_model]``.
             *args, **kwargs: As for ``TransformerBridge.forward`` (return_type, stop_at_layer, ...).
                 ``return_type="loss"``/``"both"`` use :meth:`loss_fn` (text tokens only).
+                ``past_kv_cache=``: a :meth:`kv_cache`, as on ``HookedTransformer``.
         """
-        if images is None and image_features is None and image_embed is None:
+        no_images = images is None and image_features is None and image_embed is None
+        if kwargs.get("past_kv_cache") is not None:  # TransformerLens's KV-cache argument (see kv_cache)
+            if not no_images:  # this method again, on the tokens with the images bound
+                return self._run(self.forward, input, args, kwargs, images, image_features, image_embed)
+            self._past_kv_cache_to_hf(input, kwargs)
+        if no_images:
             return super().forward(input, *args, **kwargs)
         return_type = kwargs.get("return_type", "logits")
         if args or return_type not in ("loss", "both"):
@@ -347,11 +366,36 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
         """The bridge's ``run_with_hooks`` with images (hooks on ``hook_image_*`` run too)."""
         return self._run(super().run_with_hooks, input, args, kwargs, images, image_features, image_embed)
 
-    def kv_cache(self, batch: int) -> None:
-        """None: the analyses' cached steps pass TransformerLens's own KV cache (``past_kv_cache=``,
-        gradients flow through it); the bridge runs HF's cache instead (``generate`` uses it), so
-        the analyses run each step over the whole sequence."""
-        return None
+    def kv_cache(self, batch: int):
+        """A fresh KV cache (the HF model's ``DynamicCache``) for the analyses' cached steps: ``forward``,
+        ``run_with_hooks`` and ``run_with_cache`` take it as ``past_kv_cache=``, as on ``HookedTransformer``
+        (each call appends its keys and values; gradients flow through them). ``batch`` is not needed:
+        the cache takes its batch from the first call."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.original_model.config)
+
+    @staticmethod
+    def _past_kv_cache_to_hf(input, kwargs: dict) -> None:
+        """TransformerLens's ``past_kv_cache=`` (a :meth:`kv_cache`) as the HF model's ``past_key_values``.
+
+        As in TransformerLens, ``attention_mask`` covers the new tokens only; HF wants the whole
+        sequence's, so the cache keeps the masks of the calls so far and the call gets them all.
+        """
+        cache = kwargs.pop("past_kv_cache", None)
+        if cache is None:
+            return
+        mask = kwargs.get("attention_mask")
+        previous = getattr(cache, "_tl_multimodal_mask", None)
+        if mask is not None or previous is not None:
+            if mask is None:  # no mask for this call: its tokens are all real
+                if not isinstance(input, Tensor):
+                    raise ValueError("past_kv_cache after a call with an attention_mask: pass tokens and "
+                                     "their attention_mask")
+                mask = torch.ones(previous.shape[0], input.shape[-1], dtype=previous.dtype, device=previous.device)
+            full = mask if previous is None else torch.cat([previous, mask.to(previous.device)], dim=1)
+            cache._tl_multimodal_mask = kwargs["attention_mask"] = full
+        kwargs["past_key_values"], kwargs["use_cache"] = cache, True
 
     def loss_fn(self, logits, tokens, attention_mask=None, per_token: bool = False):
         """Next-token loss that never predicts an image slot (LiMBeR: loss on text tokens only);
@@ -381,14 +425,42 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
             return super().generate(input, max_new_tokens, *args, **kwargs)
         source = self._source(images, image_features, image_embed)
         generate = super().generate
+        prepend_bos = kwargs.pop("prepend_bos", None)
 
         def run(tokens: Tensor, options: dict) -> Tensor:
-            self._mask_padding(tokens, options)
+            self._mask_padding(tokens, options, bos=prepend_bos is True)
+            out = None if args else self._generate_lean(tokens, max_new_tokens, options)
+            if out is not None:
+                return out
             with torch.no_grad():
                 return generate(tokens, max_new_tokens, *args, **options)
 
-        return self._generate_with_images(input, max_new_tokens, kwargs.pop("prepend_bos", None),
-                                          kwargs.pop("padding_side", None), kwargs, source, run)
+        return self._generate_with_images(input, max_new_tokens, prepend_bos, kwargs.pop("padding_side", None),
+                                          kwargs, source, run)
+
+    def _generate_lean(self, tokens: Tensor, max_new_tokens: int, options: dict) -> Tensor | None:
+        """``generate``'s tokens from the lean KV-cached loop (:mod:`tl_multimodal.models._fast_generation`,
+        on the HF model's own weights), or ``None`` where it does not apply (hooks attached, an option,
+        layer type or dtype it does not take, ``use_lean_generation = False``)."""
+        from tl_multimodal.models import _fast_generation as fast_generation
+
+        a = {**_GENERATE_DEFAULTS, **options}
+        extra = {k: v for k, v in a.items() if k not in _GENERATE_DEFAULTS and k != "attention_mask"}
+        extra.update({k: a[k] for k in ("repetition_penalty", "output_logits") if a[k] != _GENERATE_DEFAULTS[k]})
+        if a["return_type"] != "tokens" or fast_generation.why_not_fast(
+                self, a["use_past_kv_cache"], a["freq_penalty"], extra) is not None:
+            return None
+        mask = a.get("attention_mask")
+        return fast_generation.generate_tokens(
+            self, tokens, torch.ones_like(tokens) if mask is None else mask, max_new_tokens,
+            stop_at_eos=a["stop_at_eos"], eos_token_id=a["eos_token_id"], do_sample=a["do_sample"],
+            top_k=a["top_k"], top_p=a["top_p"], temperature=a["temperature"])
+
+
+#: ``TransformerBridge.generate``'s defaults of the options the lean loop takes (others send it to the bridge's).
+_GENERATE_DEFAULTS = dict(stop_at_eos=True, eos_token_id=None, do_sample=True, top_k=None, top_p=None,
+                          temperature=1.0, freq_penalty=0.0, repetition_penalty=1.0, use_past_kv_cache=True,
+                          return_type="input", verbose=True, output_logits=False)
 
 
 def _kv_cache_by_its_old_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
