@@ -16,7 +16,8 @@ from tl_multimodal._compat import get_act_name
 UnitsLike = Int[Tensor, "n 2"] | Int[Tensor, "batch n 2"] | Sequence[tuple[int, int]]
 
 
-def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = True) -> Int[Tensor, "... n 2"]:
+def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = True,
+             saes: dict | None = None) -> Int[Tensor, "... n 2"]:
     """Validate ``(layer, unit)`` pairs into a long CPU tensor ``[n, 2]`` (or ``[batch, n, 2]``).
 
     Args:
@@ -24,6 +25,8 @@ def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = 
         units: A list of pairs, one pair, or an integer tensor ``[n, 2]`` / ``[batch, n, 2]``.
         batched: Whether a per-image ``[batch, n, 2]`` set is accepted.
         allow_empty: Whether no units at all is valid (ablating nothing is; decoding nothing is not).
+        saes: ``{hook name: SAE}`` (:func:`~tl_multimodal.sae.splice.saes_by_hook`): the units are SAE latents,
+            ``(index of the SAE, latent)``, checked against ``len(saes)`` and ``d_sae``.
     """
     if isinstance(units, Tensor):
         t = units.detach().cpu()
@@ -48,11 +51,15 @@ def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = 
         empty = "" if allow_empty else "non-empty "
         raise ValueError(f"units must be a {empty}{want} of (layer, unit), got shape {tuple(t.shape)}")
     layer, unit = t[..., 0], t[..., 1]
-    if ((layer < 0) | (layer >= model.cfg.n_layers)).any():
-        raise ValueError(f"unit layers out of range: layers must be in [0, {model.cfg.n_layers}), "
+    if saes is None:
+        n_layers, width, kind, what = model.cfg.n_layers, model.cfg.d_mlp, "layers", "d_mlp"
+    else:
+        n_layers, width, kind, what = len(saes), next(iter(saes.values())).cfg.d_sae, "SAE indices", "d_sae"
+    if ((layer < 0) | (layer >= n_layers)).any():
+        raise ValueError(f"unit layers out of range: {kind} must be in [0, {n_layers}), "
                          f"got {layer.unique().tolist()}")
-    if ((unit < 0) | (unit >= model.cfg.d_mlp)).any():
-        raise ValueError(f"unit indices out of range: must be in [0, {model.cfg.d_mlp}) (d_mlp)")
+    if ((unit < 0) | (unit >= width)).any():
+        raise ValueError(f"unit indices out of range: must be in [0, {width}) ({what})")
     return t
 
 
