@@ -249,6 +249,36 @@ def test_ablating_a_latent_moves_the_residual_by_its_decoder_row(tiny, feats):
     torch.testing.assert_close(means[0], f[0, mask].float())
 
 
+def test_patching_a_latent_moves_the_base_residual_by_the_source_difference(tiny, feats):
+    """Patching latent i from a source image into a base image moves the base's residual stream at the image
+    slots by (f_src_i - f_base_i) W_dec[i] (the base keeps its error term): p(c) as that edit by hand gives."""
+    from tl_multimodal.analysis.patching import patch_units
+
+    sae = _sae()
+    src, base = feats[:1], feats[1:]
+    mask = tiny.image_mask(tiny.to_tokens(PROMPT, image=True))[0]
+    f = {}
+    for key, emb in (("src", src), ("base", base)):
+        _, cache = tiny.run_with_cache(PROMPT, image_features=emb)
+        f[key] = sae.encode(cache["blocks.1.hook_resid_post"]).detach()
+    diff = f["src"] - f["base"]
+    latent = int(diff[0, mask].abs().sum(0).argmax())
+    res = patch_units(tiny, None, None, [(0, latent)], target=" dog", prompt=PROMPT, sae=sae,
+                      source_embed=tiny.embed_images(image_features=src), base_embed=tiny.embed_images(image_features=base))
+
+    def by_hand(act, hook):
+        act = act.clone()
+        act[:, mask] += diff[:, mask, latent, None] * sae.W_dec[latent].detach()
+        return act
+
+    tid = tiny.tokenizer(" dog")["input_ids"][0]
+    logits = tiny.run_with_hooks(PROMPT, image_features=base, fwd_hooks=[(sae.hook_name, by_hand)])
+    torch.testing.assert_close(res.p_patched.double(), logits[:, -1].softmax(-1)[:, tid].detach(), rtol=1e-6, atol=0)
+    assert ((res.p_patched - res.p_base) / res.p_base).abs().max() > 0.01  # the patch does something
+    clean = tiny(PROMPT, image_features=base)[:, -1].softmax(-1)[:, tid]
+    torch.testing.assert_close(res.p_base.double(), clean.detach(), rtol=1e-6, atol=0)
+
+
 def test_trainer_reconstructs_planted_features():
     """Activations that are sums of 4 of 48 fixed random directions in 64 dimensions: a TopK SAE (k=4) trained
     on 3000 of them reconstructs held-out ones almost exactly; b_dec alone (the mean) explains nothing."""

@@ -31,7 +31,7 @@ from tl_multimodal._validate import check_int
 from tl_multimodal.analysis._interventions import (Positions, position_mask, probe_p, swap_hook, unit_masks,
                                                   warn_if_training)
 from tl_multimodal.analysis.probe import Probe, resolve_probe
-from tl_multimodal.analysis.units import UnitsLike, as_units, check_distinct, mlp_act_name, mlp_hook
+from tl_multimodal.analysis.units import UnitsLike, as_units, check_distinct, mlp_hook, unit_axis
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 from tl_multimodal.sae.model import SAE
 from tl_multimodal.sae.splice import latent_edit_hook, latent_store_hook, saes_by_hook
@@ -62,8 +62,7 @@ def mean_unit_activations(model: VisionLM, images=None, hook: str = "post", per_
     emb = soft_prompts(model, images, image_features, image_embed)
     tokens = model.to_tokens("", image=True)
     mask = model.image_mask(tokens)[0]
-    names = list(saes) if saes else [mlp_act_name(short, layer) for layer in range(model.cfg.n_layers)]
-    width = next(iter(saes.values())).cfg.d_sae if saes else model.cfg.d_mlp
+    names, width = unit_axis(model, short, saes)
     total = torch.zeros(len(names), model.n_image_tokens, width)
     for chunk in emb.split(batch_size):
         if saes:
@@ -134,20 +133,17 @@ class Ablator:
                  mode: str, mean_acts: Tensor | None, batch_size: int, saes: dict | None = None):
         self.model, self.emb, self.probe, self.short, self.batch_size = model, emb, probe, short, batch_size
         self.saes = saes  # {hook name: SAE}: the units are their latents, (SAE index, latent)
-        self.width = next(iter(saes.values())).cfg.d_sae if saes else model.cfg.d_mlp
+        self.names, self.width = unit_axis(model, short, saes)
         self.pos_mask = position_mask(model, probe, positions)
         n_pos = int(self.pos_mask[0].sum())
         if (self.pos_mask.sum(1) != n_pos).any():
             raise ValueError("the positions must be as many in every row")
-        sizes = (len(saes) if saes else model.cfg.n_layers, self.width)
-        self.means = _check_mean_acts(sizes, mode, mean_acts, n_pos)
+        self.means = _check_mean_acts((len(self.names), self.width), mode, mean_acts, n_pos)
 
     def _hook(self, layer: int, swap) -> tuple:
         """The hook that applies ``swap`` to a layer's MLP units, or to an SAE's latents (error term kept)."""
-        if self.saes is None:
-            return mlp_act_name(self.short, layer), swap
-        name = list(self.saes)[layer]
-        return name, latent_edit_hook(self.saes[name], swap)
+        name = self.names[layer]
+        return name, swap if self.saes is None else latent_edit_hook(self.saes[name], swap)
 
     def _source(self, layer: int) -> Tensor:
         if self.means is None:

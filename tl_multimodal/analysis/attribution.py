@@ -34,7 +34,7 @@ from torch import Tensor
 from tl_multimodal._validate import check_int, check_ints
 from tl_multimodal.analysis.nouns import first_noun
 from tl_multimodal.analysis.probe import MultiToken, Probe, image_prompt_ids, make_probe, probe_from_caption_ids
-from tl_multimodal.analysis.units import mlp_act_name, mlp_hook
+from tl_multimodal.analysis.units import mlp_hook, unit_axis
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 from tl_multimodal.sae.model import SAE
 from tl_multimodal.sae.splice import leaf_latents, saes_by_hook
@@ -510,7 +510,7 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
     elif captions is not None:
         probe = make_probe(model, n, prompt=prompt, captions=captions, noun_finder=noun_finder,
                            whole_caption=objective == "caption_logprob")
-    names = list(saes) if saes is not None else [mlp_act_name(short, layer) for layer in range(model.cfg.n_layers)]
+    names, _ = unit_axis(model, short, saes)
     parts = []
     for start in range(0, n, batch_size):
         chunk = emb[start:start + batch_size]

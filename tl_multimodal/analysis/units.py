@@ -51,10 +51,8 @@ def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = 
         empty = "" if allow_empty else "non-empty "
         raise ValueError(f"units must be a {empty}{want} of (layer, unit), got shape {tuple(t.shape)}")
     layer, unit = t[..., 0], t[..., 1]
-    if saes is None:
-        n_layers, width, kind, what = model.cfg.n_layers, model.cfg.d_mlp, "layers", "d_mlp"
-    else:
-        n_layers, width, kind, what = len(saes), next(iter(saes.values())).cfg.d_sae, "SAE indices", "d_sae"
+    names, width = unit_axis(model, "pre", saes)
+    n_layers, kind, what = len(names), "layers" if saes is None else "SAE indices", "d_mlp" if saes is None else "d_sae"
     if ((layer < 0) | (layer >= n_layers)).any():
         raise ValueError(f"unit layers out of range: {kind} must be in [0, {n_layers}), "
                          f"got {layer.unique().tolist()}")
@@ -125,6 +123,15 @@ def mlp_hook(model, hook: str) -> str:
 def mlp_act_name(hook: str, layer: int) -> str:
     """``blocks.{layer}.mlp.hook_{hook}`` for a short name from :func:`mlp_hook` (``get_act_name``)."""
     return get_act_name(hook, layer)
+
+
+def unit_axis(model, hook: str, saes: dict | None = None) -> tuple[list[str], int]:
+    """Where units live: the hook name of each unit "layer" and the number of units in each, for MLP units
+    (``blocks.{l}.mlp.hook_{hook}`` per layer, ``d_mlp``) or SAE latents (``saes``, ``{hook name: SAE}``: one
+    "layer" per SAE, ``d_sae``)."""
+    if saes:
+        return list(saes), next(iter(saes.values())).cfg.d_sae
+    return [mlp_act_name(hook, layer) for layer in range(model.cfg.n_layers)], model.cfg.d_mlp
 
 
 def unit_list(model, units: UnitsLike) -> list[tuple[int, int]]:
