@@ -279,6 +279,23 @@ def test_patching_a_latent_moves_the_base_residual_by_the_source_difference(tiny
     torch.testing.assert_close(res.p_base.double(), clean.detach(), rtol=1e-6, atol=0)
 
 
+def test_latent_heatmap_grids_are_the_latents_at_the_image_slots(tiny, feats):
+    """unit_grid_activations(sae=): each (SAE index, latent)'s grid is encode(resid) at the image slots, in
+    slot order, for two SAEs on two layers at once."""
+    from tl_multimodal.analysis.heatmaps import unit_grid_activations
+
+    saes = [_sae(hook="blocks.0.hook_resid_post", seed=1), _sae()]
+    units = [(1, 3), (0, 7), (1, 40)]
+    grids = unit_grid_activations(tiny, image_features=feats, units=units, sae=saes)
+    assert grids.shape == (2, 3, 4, 4)
+    _, cache = tiny.run_with_cache("", image_features=feats)
+    mask = tiny.image_mask(tiny.to_tokens("", image=True))[0]
+    for j, (i, latent) in enumerate(units):
+        f = saes[i].encode(cache[saes[i].hook_name])[:, mask, latent]
+        torch.testing.assert_close(grids[:, j].flatten(1), f.float().detach())
+    assert grids.abs().max() > 0
+
+
 def test_trainer_reconstructs_planted_features():
     """Activations that are sums of 4 of 48 fixed random directions in 64 dimensions: a TopK SAE (k=4) trained
     on 3000 of them reconstructs held-out ones almost exactly; b_dec alone (the mean) explains nothing."""

@@ -31,10 +31,10 @@ from tl_multimodal._validate import check_int
 from tl_multimodal.analysis._interventions import (Positions, position_mask, probe_p, swap_hook, unit_masks,
                                                   warn_if_training)
 from tl_multimodal.analysis.probe import Probe, resolve_probe
-from tl_multimodal.analysis.units import UnitsLike, as_units, check_distinct, mlp_hook, unit_axis
+from tl_multimodal.analysis.units import UnitsLike, as_units, cache_units, check_distinct, mlp_hook, unit_axis
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 from tl_multimodal.sae.model import SAE
-from tl_multimodal.sae.splice import latent_edit_hook, latent_store_hook, saes_by_hook
+from tl_multimodal.sae.splice import latent_edit_hook, saes_by_hook
 
 
 @torch.no_grad()
@@ -65,12 +65,7 @@ def mean_unit_activations(model: VisionLM, images=None, hook: str = "post", per_
     names, width = unit_axis(model, short, saes)
     total = torch.zeros(len(names), model.n_image_tokens, width)
     for chunk in emb.split(batch_size):
-        if saes:
-            cache: dict = {}
-            model.run_with_hooks(tokens.expand(len(chunk), -1), image_embed=chunk, return_type=None,
-                                 fwd_hooks=[(n, latent_store_hook(s, cache, n)) for n, s in saes.items()])
-        else:
-            _, cache = model.run_with_cache(tokens.expand(len(chunk), -1), image_embed=chunk, names_filter=names)
+        _, cache = cache_units(model, tokens.expand(len(chunk), -1), chunk, names, saes)
         total += torch.stack([cache[n][:, mask].float().sum(0).cpu() for n in names])
     mean = total / len(emb)
     return mean if per_position else mean.mean(1)

@@ -31,10 +31,11 @@ from transformer_lens.ActivationCache import ActivationCache
 from tl_multimodal._validate import check_int
 from tl_multimodal.analysis._interventions import Positions, position_mask, swap_hook, unit_masks, warn_if_training
 from tl_multimodal.analysis.probe import Probe, resolve_probe
-from tl_multimodal.analysis.units import UnitsLike, as_units, check_distinct, mlp_act_name, mlp_hook, unit_axis
+from tl_multimodal.analysis.units import (UnitsLike, as_units, cache_units, check_distinct, mlp_act_name, mlp_hook,
+                                         unit_axis)
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 from tl_multimodal.sae.model import SAE
-from tl_multimodal.sae.splice import latent_edit_hook, latent_store_hook, saes_by_hook
+from tl_multimodal.sae.splice import latent_edit_hook, saes_by_hook
 
 
 def layer_pos_neuron_patch_setter(corrupted_activation, index, clean_activation):
@@ -167,15 +168,10 @@ def _pair(model: VisionLM, source_images, base_images, source_embed, base_embed)
 def _patch(model: VisionLM, src: Tensor, base: Tensor, probe: Probe, masks: dict[str, Tensor | None],
            pos_mask: Tensor, what: str, saes: dict | None = None) -> PatchResult:
     tokens = probe.tokens.to(model.cfg.device)
-    if saes:  # the masks' names are the SAEs' hooks: patch their latents, each run keeping its error term
-        cache: dict = {}
-        src_logits = model.run_with_hooks(tokens, image_embed=src, fwd_hooks=[
-            (n, latent_store_hook(saes[n], cache, n)) for n in masks])
-    else:
-        src_logits, cache = model.run_with_cache(tokens, image_embed=src, names_filter=list(masks))
+    src_logits, cache = cache_units(model, tokens, src, list(masks), saes)
     base_logits = model(tokens, image_embed=base)
     hooks = [(n, partial(swap_hook, pos_mask=pos_mask, source=cache[n], unit_mask=m)) for n, m in masks.items()]
-    if saes:
+    if saes:  # the masks' names are the SAEs' hooks: patch their latents, the base keeping its error term
         hooks = [(n, latent_edit_hook(saes[n], swap)) for n, swap in hooks]
     patched_logits = model.run_with_hooks(tokens, image_embed=base, fwd_hooks=hooks)
     return PatchResult(probe.p(base_logits).cpu(), probe.p(src_logits).cpu(), probe.p(patched_logits).cpu(),

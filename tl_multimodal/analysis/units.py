@@ -12,6 +12,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_multimodal._compat import get_act_name
+from tl_multimodal.sae.splice import latent_store_hook
 
 UnitsLike = Int[Tensor, "n 2"] | Int[Tensor, "batch n 2"] | Sequence[tuple[int, int]]
 
@@ -132,6 +133,21 @@ def unit_axis(model, hook: str, saes: dict | None = None) -> tuple[list[str], in
     if saes:
         return list(saes), next(iter(saes.values())).cfg.d_sae
     return [mlp_act_name(hook, layer) for layer in range(model.cfg.n_layers)], model.cfg.d_mlp
+
+
+def cache_units(model, tokens: Tensor, image_embed: Tensor, names: list[str], saes: dict | None = None, **kwargs):
+    """Run the model keeping the activations at hooks ``names``: the hooks' own (``run_with_cache``) or, at the
+    hooks of ``saes`` (``{hook name: SAE}``), the SAEs' latents (the model's output is unchanged).
+
+    Returns:
+        The model's output and ``{name: activation}``.
+    """
+    if not saes:
+        return model.run_with_cache(tokens, image_embed=image_embed, names_filter=names, **kwargs)
+    cache: dict = {}
+    out = model.run_with_hooks(tokens, image_embed=image_embed, **kwargs,
+                               fwd_hooks=[(n, latent_store_hook(saes[n], cache, n)) for n in names])
+    return out, cache
 
 
 def unit_list(model, units: UnitsLike) -> list[tuple[int, int]]:
