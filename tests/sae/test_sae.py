@@ -296,6 +296,33 @@ def test_latent_heatmap_grids_are_the_latents_at_the_image_slots(tiny, feats):
     assert grids.abs().max() > 0
 
 
+def test_latents_through_the_ablation_curve_and_the_controls(tiny, feats):
+    """ablation_curve(sae=) and specificity_controls(sae=) ablate latents as ablate_units(sae=) does (its oracle
+    is above), and draw their random and magnitude-matched controls from the SAE's latents."""
+    from tl_multimodal.analysis.ablation import ablation_curve
+    from tl_multimodal.evaluation.controls import specificity_controls, unit_magnitudes
+
+    sae = _sae()
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    attr = attribute(tiny, pixels, target=" dog", prompt=PROMPT, sae=sae)
+    ranked = attr.top_units(6).units_per_image()
+    emb = tiny.embed_images(pixels)
+    curve = ablation_curve(tiny, None, ranked, ks=[1, 3], probe=attr.probe, image_embed=emb, sae=sae)
+    for i, k in enumerate([1, 3]):
+        want = ablate_units(tiny, None, ranked[:, :k], probe=attr.probe, image_embed=emb, sae=sae).p_after
+        torch.testing.assert_close(curve.p_top[i], want)
+    mags = unit_magnitudes(tiny, image_embed=emb, sae=sae)
+    _, cache = tiny.run_with_cache("", images=pixels)
+    mask = tiny.image_mask(tiny.to_tokens("", image=True))[0]
+    torch.testing.assert_close(mags[:, 0], sae.encode(cache[sae.hook_name])[:, mask].abs().amax(1).float().detach())
+    ctl = specificity_controls(tiny, pixels, ranked, attr.probe, ks=[3], n_draws=2, sae=sae)
+    own = ablate_units(tiny, None, ranked[:, :3], probe=attr.probe, image_embed=emb, sae=sae)
+    torch.testing.assert_close(torch.as_tensor(ctl.values[("ablation k=3", "own")]).float(), own.rel_change.float())
+    for arm in ("random", "magnitude"):
+        drawn = ctl.units[(arm, 6)]
+        assert (drawn[..., 0] == 0).all() and (drawn[..., 1] < D_SAE).all() and drawn.shape[-2] == 6
+
+
 def test_trainer_reconstructs_planted_features():
     """Activations that are sums of 4 of 48 fixed random directions in 64 dimensions: a TopK SAE (k=4) trained
     on 3000 of them reconstructs held-out ones almost exactly; b_dec alone (the mean) explains nothing."""

@@ -299,7 +299,7 @@ def ablation_curve(model: VisionLM, images, ranked_units: UnitsLike, target=None
                    probe: Probe | None = None, n_random_seeds: int = 3, seed: int = 0,
                    mode: Literal["zero", "mean"] = "zero", mean_acts: Tensor | None = None, hook: str = "post",
                    batch_size: int = 16, image_features: Tensor | None = None,
-                   image_embed: Tensor | None = None) -> AblationCurve:
+                   image_embed: Tensor | None = None, sae: SAE | Sequence[SAE] | None = None) -> AblationCurve:
     """Ablate the top-k ranked units, and k layer-matched random units, for each k.
 
     The images are embedded once for all ``1 + len(ks) * (1 + n_random_seeds)`` runs.
@@ -314,17 +314,20 @@ def ablation_curve(model: VisionLM, images, ranked_units: UnitsLike, target=None
         n_random_seeds: Random draws per k; each draws, per image, as many units from each layer
             as the top-k set holds (:func:`sample_matched_units`).
         seed: Seed of the random draws.
+        sae: An SAE or a list of them: the units are their latents (as for :func:`ablate_units`); the random
+            latents come from the same SAEs.
 
     Raises:
         TypeError: A k that is not an int (``2.9`` is not truncated).
         ValueError: A unit ranked twice (top-k would ablate fewer than k units), a k out of range,
             or another bad argument (named). In training mode a ``UserWarning`` (see :func:`ablate_units`).
     """
-    short = mlp_hook(model, hook)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    short = "sae" if saes else mlp_hook(model, hook)
     warn_if_training(model, "ablation_curve")
     emb = soft_prompts(model, images, image_features, image_embed)
     probe = resolve_probe(model, len(emb), probe, target, prompt)
-    ranked = check_distinct(as_units(model, ranked_units), "ranked_units")
+    ranked = check_distinct(as_units(model, ranked_units, saes=saes), "ranked_units")
     if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
         raise TypeError(f"ks must be a sequence of ints, got {type(ks).__name__}")
     ks = [check_int(k, "ks", minimum=None) for k in ks]  # no silent int(2.9) == 2
@@ -332,13 +335,13 @@ def ablation_curve(model: VisionLM, images, ranked_units: UnitsLike, target=None
         raise ValueError(f"ks must be in [0, {ranked.shape[-2]}] (the number of ranked units), got {ks}")
     check_int(n_random_seeds, "n_random_seeds")
     seed = check_int(seed, "seed", minimum=None)
-    run = Ablator(model, emb, probe, short, None, mode, mean_acts, batch_size)
+    run = Ablator(model, emb, probe, short, None, mode, mean_acts, batch_size, saes)
     gen = torch.Generator().manual_seed(seed)
     p_top, p_rand = [], []
     for k in ks:
         top = ranked[..., :k, :]
         p_top.append(run.p(top))
-        p_rand.append(torch.stack([run.p(sample_matched_units(top, model.cfg.d_mlp, gen))
+        p_rand.append(torch.stack([run.p(sample_matched_units(top, run.width, gen))
                                    for _ in range(n_random_seeds)]))
     return AblationCurve(ks=ks, p_before=run.p(None), p_top=torch.stack(p_top), p_random=torch.stack(p_rand),
                          mode=mode)

@@ -271,7 +271,7 @@ def decode_image_prompts(model: VisionLM, images=None, image_features=None, n_to
     return ImagePromptDecoding(ids, tokens, vals, method, interp.reshape(ids.shape[:2]))
 
 
-def unit_texts(model: VisionLM, units: Int[Tensor, "n_images n_units 2"], n_tokens: int = 10,
+def unit_texts(model: VisionLM, units: Int[Tensor, "n_images n_units 2"], n_tokens: int = 10, sae=None,
                ) -> tuple[list[list[str]], Bool[Tensor, "n_images n_units"]]:
     """Each unit's text: its top ``n_tokens`` decoded tokens, cleaned, joined by spaces.
 
@@ -279,6 +279,7 @@ def unit_texts(model: VisionLM, units: Int[Tensor, "n_images n_units 2"], n_toke
         model: The vision LM (units decoded through its unembedding, :func:`decode_units`).
         units: Per image, its ``(layer, unit)`` rows.
         n_tokens: Tokens per unit (the paper's filter needs 10).
+        sae: An SAE or a list of them: the units are their latents (:func:`decode_units`).
 
     Returns:
         Per image, the texts of its interpretable units (in the order of ``units``), and the
@@ -288,7 +289,7 @@ def unit_texts(model: VisionLM, units: Int[Tensor, "n_images n_units 2"], n_toke
         raise ValueError(f"units must be a [n_images, n_units, 2] tensor, got "
                          f"{tuple(units.shape) if isinstance(units, Tensor) else type(units).__name__}")
     n, k = units.shape[:2]
-    dec = decode_units(model, units.reshape(-1, 2), n_tokens=n_tokens)
+    dec = decode_units(model, units.reshape(-1, 2), n_tokens=n_tokens, sae=sae)
     interp = dec.interpretable.reshape(n, k)
     texts = [" ".join(clean_token(t) for t in toks) for toks in dec.tokens]
     return [[texts[i * k + r] for r in range(k) if interp[i, r]] for i in range(n)], interp

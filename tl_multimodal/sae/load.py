@@ -29,6 +29,8 @@ import torch
 from tl_multimodal.sae.model import SAE, SAEConfig
 
 CFG_FILE, WEIGHTS_FILE, NPZ_FILE = "cfg.json", "sae_weights.safetensors", "params.npz"
+#: The SAE shipped for the offline model (``load_sae("offline")``), made by ``scripts/train_offline_sae.py``.
+OFFLINE_SAE = Path(__file__).parents[1] / "assets" / "sae_smollm2_L15"
 
 
 def load_sae(path: str | Path, hook_name: str | None = None, dtype: torch.dtype = torch.float32,
@@ -36,8 +38,9 @@ def load_sae(path: str | Path, hook_name: str | None = None, dtype: torch.dtype 
     """Load an SAE from a SAELens folder or a Gemma Scope ``params.npz`` (a file, its folder, or a hub path).
 
     Args:
-        path: A folder with ``cfg.json`` + ``sae_weights.safetensors``, a ``params.npz`` (or its folder), or
-            ``"owner/repo/sub/folder"`` on the Hugging Face hub.
+        path: A folder with ``cfg.json`` + ``sae_weights.safetensors``, a ``params.npz`` (or its folder),
+            ``"owner/repo/sub/folder"`` on the Hugging Face hub, or ``"offline"``: the SAE shipped for
+            ``tl_multimodal.load("offline")`` (:data:`OFFLINE_SAE`).
         hook_name: The model hook, overriding the file's (needed for a ``params.npz`` whose path does not say).
         dtype: The parameters' dtype.
         device: Where the parameters go.
@@ -53,7 +56,7 @@ def load_sae(path: str | Path, hook_name: str | None = None, dtype: torch.dtype 
         raise TypeError(f"path must be a folder, a file or a hub path, got {type(path).__name__}")
     if hook_name is not None and not isinstance(hook_name, str):
         raise TypeError(f"hook_name must be a string, got {type(hook_name).__name__}")
-    local = Path(path)
+    local = OFFLINE_SAE if path == "offline" else Path(path)
     if not local.exists():
         if isinstance(path, str) and re.fullmatch(r"[\w.-]+/[\w.-]+/.+", path):
             local = _from_hub(path)
