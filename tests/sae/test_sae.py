@@ -323,6 +323,21 @@ def test_latents_through_the_ablation_curve_and_the_controls(tiny, feats):
         assert (drawn[..., 0] == 0).all() and (drawn[..., 1] < D_SAE).all() and drawn.shape[-2] == 6
 
 
+def test_bad_sae_arguments_are_named(tiny, feats):
+    sae = _sae()
+    with pytest.raises(TypeError, match="sae must be an SAE"):
+        attribute(tiny, image_features=feats, target=" dog", sae="blocks.1.hook_resid_post")
+    narrow = SAE(SAEConfig("standard", 16, 8, "blocks.1.hook_resid_post"))
+    with pytest.raises(ValueError, match="d_in=16"):
+        attribute(tiny, image_features=feats, target=" dog", sae=narrow)
+    with pytest.raises(ValueError, match="one hook"):
+        ablate_units(tiny, None, [(0, 1)], target=" dog", image_features=feats, sae=[sae, _sae(seed=1)])
+    with pytest.raises(ValueError, match="d_sae"):
+        ablate_units(tiny, None, [(0, D_SAE)], target=" dog", image_features=feats, sae=sae)
+    with pytest.raises(ValueError, match="grad_x_act"):
+        attribute(tiny, image_features=feats, target=" dog", sae=sae, method="integrated_gradients")
+
+
 def test_trainer_reconstructs_planted_features():
     """Activations that are sums of 4 of 48 fixed random directions in 64 dimensions: a TopK SAE (k=4) trained
     on 3000 of them reconstructs held-out ones almost exactly; b_dec alone (the mean) explains nothing."""
