@@ -94,6 +94,8 @@ def _parse(argv):
     p.add_argument("--hook", default="post", help="attributed MLP hook: pre or post (paper: pre)")
     p.add_argument("--over-patches", choices=("max", "sum"), default="sum", help="unit score over patches (paper: max)")
     p.add_argument("--normalize", choices=("none", "layer"), default="layer", help="per-layer RMS (paper: none)")
+    p.add_argument("--sae", default=None, help="measure this SAE's latents instead of the MLP units (load_sae's "
+                   "path: a SAELens folder, a params.npz, or 'offline', the shipped SAE); --hook is then unused")
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     return p.parse_args(argv)
 
@@ -117,6 +119,12 @@ def main(argv=None) -> dict:
     load_s = time.perf_counter() - t0
     print(f"{_tic(t0)} loaded SmolLM2-135M + EfficientNet-Lite0, projection={projection} (id {ident}); "
           f"{n} {args.split} images, {args.threads} threads", flush=True)
+    sae = None
+    if args.sae is not None:
+        from tl_multimodal.sae.load import load_sae
+
+        sae = load_sae(args.sae)
+        print(f"{_tic(t0)} units: the latents of {sae!r} (from {args.sae})", flush=True)
     embed = sentence_embedder()
     coco = load_coco(args.data_dir) if (args.data_dir / "instances.json").is_file() else None
     ev = evaluate_neurons(model, images, list(ds["captions"]), embed, n_units=args.k,
@@ -127,7 +135,7 @@ def main(argv=None) -> dict:
                           normalize=None if args.normalize == "none" else args.normalize,
                           control_ks=[int(k) for k in args.control_ks.split(",")] if args.control_draws else (),
                           control_draws=args.control_draws, magnitude_rtol=args.rtol, batch_size=args.batch_size,
-                          log=lambda m: print(f"{_tic(t0)} {m}", flush=True))
+                          log=lambda m: print(f"{_tic(t0)} {m}", flush=True), sae=sae)
     runtime, stages = time.perf_counter() - t0, {"load": load_s, **ev.stages_s}
     result = ev.to_dict(ids)
     sim_units, sim_caps, abl, iou = (result["text_similarity"]["top_units"], result["text_similarity"]["own_captions"],
@@ -137,7 +145,8 @@ def main(argv=None) -> dict:
     print("\n" + "=" * 78)
     print(f"Multimodal neurons on coco_mini {args.split}: {n} images, SmolLM2-135M + EfficientNet-Lite0, "
           f"projection={'untrained' if projection is None else Path(projection).name} (id {ident})")
-    print(f"ranking: hook_{args.hook}, {args.over_patches} over patches, normalize={args.normalize}; seed {args.seed}")
+    units = f"SAE latents ({sae!r})" if sae is not None else f"hook_{args.hook}"
+    print(f"ranking: {units}, {args.over_patches} over patches, normalize={args.normalize}; seed {args.seed}")
     print("=" * 78)
     print("Per image (model caption -> target):")
     for i in range(n):
@@ -174,7 +183,8 @@ def main(argv=None) -> dict:
 
     result = {"split": args.split, "n_images": n, "k": args.k, "reduce": args.reduce, "seed": args.seed,
               "projection": None if projection is None else str(projection), "projection_id": ident,
-              "ranking": {"hook": args.hook, "over_patches": args.over_patches, "normalize": args.normalize},
+              "ranking": {"hook": "sae" if sae is not None else args.hook, "over_patches": args.over_patches,
+                          "normalize": args.normalize, "sae": args.sae},
               "runtime_s": runtime,
               "stages_s": stages, **result}
     if args.out is not None:

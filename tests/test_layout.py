@@ -14,11 +14,12 @@ ALLOWED = {  # a subpackage -> the subpackages it may import (besides itself and
     "data": set(),
     "models": set(),
     "pretrained": {"models"},
-    "analysis": {"models"},
-    "evaluation": {"analysis", "data", "models"},
-    "views": {"analysis", "models"},
-    "training": {"analysis", "data", "models", "pretrained"},
+    "analysis": {"models", "sae"},
+    "evaluation": {"analysis", "data", "models", "sae"},
+    "views": {"analysis", "models", "sae"},
+    "training": {"analysis", "data", "models", "pretrained", "sae"},
     "experiments": {"models"},
+    "sae": {"models"},
 }
 
 

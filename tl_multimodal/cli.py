@@ -481,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--prompt", default="A picture of", help="text after the image tokens")
     att.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="caption length")
     att.add_argument("--hook", default="pre", choices=("pre", "post", "pre_linear"), help="MLP activation attributed")
+    att.add_argument("--sae", default=None, metavar="PATH",
+                     help="attribute this SAE's latents instead (a SAELens folder, a params.npz or owner/repo/folder)")
     att.add_argument("--image-column", default=None, help="the image column (default: found by name)")
     att.add_argument("--id-column", default=None, help="the image id column (default: found by name)")
     _load_options(att, "projection checkpoint (default: as for caption)")

@@ -31,14 +31,16 @@ from tl_multimodal._validate import check_int
 from tl_multimodal.analysis._interventions import (Positions, position_mask, probe_p, swap_hook, unit_masks,
                                                   warn_if_training)
 from tl_multimodal.analysis.probe import Probe, resolve_probe
-from tl_multimodal.analysis.units import UnitsLike, as_units, check_distinct, mlp_act_name, mlp_hook
+from tl_multimodal.analysis.units import UnitsLike, as_units, cache_units, check_distinct, mlp_hook, unit_axis
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
+from tl_multimodal.sae.model import SAE
+from tl_multimodal.sae.splice import latent_edit_hook, saes_by_hook
 
 
 @torch.no_grad()
 def mean_unit_activations(model: VisionLM, images=None, hook: str = "post", per_position: bool = True,
                           batch_size: int = 16, *, image_features: Tensor | None = None,
-                          image_embed: Tensor | None = None,
+                          image_embed: Tensor | None = None, sae: SAE | Sequence[SAE] | None = None,
                           ) -> Float[Tensor, "layer patch unit"] | Float[Tensor, "layer unit"]:
     """Mean activation of every MLP unit at the image slots over ``images`` (for mean ablation).
 
@@ -52,16 +54,18 @@ def mean_unit_activations(model: VisionLM, images=None, hook: str = "post", per_
         per_position: Keep one mean per image slot (``[layer, patch, unit]``); otherwise average
             over slots too (``[layer, unit]``).
         batch_size: Images per forward pass.
+        sae: An SAE or a list of them: the means of their latents instead (``[n_saes, ...]``; ``hook`` unused).
     """
-    short = mlp_hook(model, hook)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    short = "sae" if saes is not None else mlp_hook(model, hook)
     warn_if_training(model, "mean_unit_activations")
     emb = soft_prompts(model, images, image_features, image_embed)
     tokens = model.to_tokens("", image=True)
     mask = model.image_mask(tokens)[0]
-    names = [mlp_act_name(short, layer) for layer in range(model.cfg.n_layers)]
-    total = torch.zeros(model.cfg.n_layers, model.n_image_tokens, model.cfg.d_mlp)
+    names, width = unit_axis(model, short, saes)
+    total = torch.zeros(len(names), model.n_image_tokens, width)
     for chunk in emb.split(batch_size):
-        _, cache = model.run_with_cache(tokens.expand(len(chunk), -1), image_embed=chunk, names_filter=names)
+        _, cache = cache_units(model, tokens.expand(len(chunk), -1), chunk, names, saes)
         total += torch.stack([cache[n][:, mask].float().sum(0).cpu() for n in names])
     mean = total / len(emb)
     return mean if per_position else mean.mean(1)
@@ -101,7 +105,7 @@ class AblationResult:
                 f"mean rel. change {self.rel_change.mean():+.1%})")
 
 
-def _check_mean_acts(model: VisionLM, mode: str, mean_acts: Tensor | None, n_pos: int) -> Tensor | None:
+def _check_mean_acts(sizes: tuple[int, int], mode: str, mean_acts: Tensor | None, n_pos: int) -> Tensor | None:
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
     if mode == "zero":
@@ -110,10 +114,10 @@ def _check_mean_acts(model: VisionLM, mode: str, mean_acts: Tensor | None, n_pos
         return None
     if mean_acts is None:
         raise ValueError("mode='mean' needs mean_acts (see mean_unit_activations)")
-    L, d = model.cfg.n_layers, model.cfg.d_mlp
+    L, d = sizes
     if tuple(mean_acts.shape) not in ((L, d), (L, n_pos, d)):
         raise ValueError(f"mean_acts must be [n_layers={L}, d_mlp={d}] or [n_layers, n_positions={n_pos}, "
-                         f"d_mlp], got {tuple(mean_acts.shape)}")
+                         f"d_mlp] (for SAE latents [n_saes, d_sae]), got {tuple(mean_acts.shape)}")
     return mean_acts
 
 
@@ -121,20 +125,27 @@ class Ablator:
     """p(c) of one probe with unit sets ablated: the images embedded once, the positions fixed."""
 
     def __init__(self, model: VisionLM, emb: Tensor, probe: Probe, short: str, positions: Positions | None,
-                 mode: str, mean_acts: Tensor | None, batch_size: int):
+                 mode: str, mean_acts: Tensor | None, batch_size: int, saes: dict | None = None):
         self.model, self.emb, self.probe, self.short, self.batch_size = model, emb, probe, short, batch_size
+        self.saes = saes  # {hook name: SAE}: the units are their latents, (SAE index, latent)
+        self.names, self.width = unit_axis(model, short, saes)
         self.pos_mask = position_mask(model, probe, positions)
         n_pos = int(self.pos_mask[0].sum())
         if (self.pos_mask.sum(1) != n_pos).any():
             raise ValueError("the positions must be as many in every row")
-        self.means = _check_mean_acts(model, mode, mean_acts, n_pos)
+        self.means = _check_mean_acts((len(self.names), self.width), mode, mean_acts, n_pos)
+
+    def _hook(self, layer: int, swap) -> tuple:
+        """The hook that applies ``swap`` to a layer's MLP units, or to an SAE's latents (error term kept)."""
+        name = self.names[layer]
+        return name, swap if self.saes is None else latent_edit_hook(self.saes[name], swap)
 
     def _source(self, layer: int) -> Tensor:
         if self.means is None:
             return torch.zeros(())
         if self.means.ndim == 2:
             return self.means[layer]
-        src = torch.zeros(*self.pos_mask.shape, self.model.cfg.d_mlp, dtype=self.means.dtype)
+        src = torch.zeros(*self.pos_mask.shape, self.width, dtype=self.means.dtype)
         src[self.pos_mask] = self.means[layer].repeat(len(self.probe), 1)
         return src
 
@@ -142,13 +153,13 @@ class Ablator:
         """p(c) per image with ``units`` (validated) ablated; ``None``: no intervention."""
         if units is None:
             return probe_p(self.model, self.emb, self.probe, batch_size=self.batch_size)
-        masks = unit_masks(units, len(self.probe), self.model.cfg.d_mlp)
+        masks = unit_masks(units, len(self.probe), self.width)
         sources = {layer: self._source(layer) for layer in masks}
 
         def hooks(rows: slice) -> list:
-            return [(mlp_act_name(self.short, layer),
-                     partial(swap_hook, pos_mask=self.pos_mask[rows], unit_mask=m[rows],
-                             source=sources[layer][rows] if sources[layer].ndim == 3 else sources[layer]))
+            return [self._hook(layer, partial(swap_hook, pos_mask=self.pos_mask[rows], unit_mask=m[rows],
+                                              source=sources[layer][rows] if sources[layer].ndim == 3
+                                              else sources[layer]))
                     for layer, m in masks.items()]
 
         return probe_p(self.model, self.emb, self.probe, hooks, self.batch_size)
@@ -158,7 +169,7 @@ def ablate_units(model: VisionLM, images, units: UnitsLike, target=None, prompt:
                  *, probe: Probe | None = None, mode: Literal["zero", "mean"] = "zero",
                  mean_acts: Tensor | None = None, hook: str = "post", positions: Positions | None = None,
                  batch_size: int = 16, image_features: Tensor | None = None,
-                 image_embed: Tensor | None = None) -> AblationResult:
+                 image_embed: Tensor | None = None, sae: SAE | Sequence[SAE] | None = None) -> AblationResult:
     """Ablate MLP units at the image slots and measure p(c) before and after.
 
     Args:
@@ -175,6 +186,9 @@ def ablate_units(model: VisionLM, images, units: UnitsLike, target=None, prompt:
         positions: Positions to ablate at (ints or a slice, the same in every row); default each
             row's image slots.
         batch_size: Images per forward pass.
+        sae: An SAE or a list of them (as in :func:`~tl_multimodal.analysis.attribution.attribute`): the units
+            are ``(SAE index, latent)``; each SAE is spliced in with its error term, so only the chosen latents
+            change (the residual moves by their decoder rows times the change). ``hook`` is then not used.
 
     The model runs in the mode it is in: in training mode (the projection's dropout on) p(c) varies
     from run to run, and a ``UserWarning`` says so; call ``model.eval()`` first.
@@ -183,12 +197,13 @@ def ablate_units(model: VisionLM, images, units: UnitsLike, target=None, prompt:
         ValueError: A unit named twice (the set would be smaller than ``n_units`` says), a probe made
             for the other sequence layout, or another bad argument (named).
     """
-    short = mlp_hook(model, hook)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    short = "sae" if saes is not None else mlp_hook(model, hook)
     warn_if_training(model, "ablate_units")
     emb = soft_prompts(model, images, image_features, image_embed)
     probe = resolve_probe(model, len(emb), probe, target, prompt)
-    u = check_distinct(as_units(model, units), "units")
-    run = Ablator(model, emb, probe, short, positions, mode, mean_acts, batch_size)
+    u = check_distinct(as_units(model, units, saes=saes), "units")
+    run = Ablator(model, emb, probe, short, positions, mode, mean_acts, batch_size, saes)
     return AblationResult(p_before=run.p(None), p_after=run.p(u), target=probe.target_ids.clone(),
                           n_units=u.shape[-2], mode=mode)
 
@@ -284,7 +299,7 @@ def ablation_curve(model: VisionLM, images, ranked_units: UnitsLike, target=None
                    probe: Probe | None = None, n_random_seeds: int = 3, seed: int = 0,
                    mode: Literal["zero", "mean"] = "zero", mean_acts: Tensor | None = None, hook: str = "post",
                    batch_size: int = 16, image_features: Tensor | None = None,
-                   image_embed: Tensor | None = None) -> AblationCurve:
+                   image_embed: Tensor | None = None, sae: SAE | Sequence[SAE] | None = None) -> AblationCurve:
     """Ablate the top-k ranked units, and k layer-matched random units, for each k.
 
     The images are embedded once for all ``1 + len(ks) * (1 + n_random_seeds)`` runs.
@@ -299,17 +314,20 @@ def ablation_curve(model: VisionLM, images, ranked_units: UnitsLike, target=None
         n_random_seeds: Random draws per k; each draws, per image, as many units from each layer
             as the top-k set holds (:func:`sample_matched_units`).
         seed: Seed of the random draws.
+        sae: An SAE or a list of them: the units are their latents (as for :func:`ablate_units`); the random
+            latents come from the same SAEs.
 
     Raises:
         TypeError: A k that is not an int (``2.9`` is not truncated).
         ValueError: A unit ranked twice (top-k would ablate fewer than k units), a k out of range,
             or another bad argument (named). In training mode a ``UserWarning`` (see :func:`ablate_units`).
     """
-    short = mlp_hook(model, hook)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    short = "sae" if saes else mlp_hook(model, hook)
     warn_if_training(model, "ablation_curve")
     emb = soft_prompts(model, images, image_features, image_embed)
     probe = resolve_probe(model, len(emb), probe, target, prompt)
-    ranked = check_distinct(as_units(model, ranked_units), "ranked_units")
+    ranked = check_distinct(as_units(model, ranked_units, saes=saes), "ranked_units")
     if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
         raise TypeError(f"ks must be a sequence of ints, got {type(ks).__name__}")
     ks = [check_int(k, "ks", minimum=None) for k in ks]  # no silent int(2.9) == 2
@@ -317,13 +335,13 @@ def ablation_curve(model: VisionLM, images, ranked_units: UnitsLike, target=None
         raise ValueError(f"ks must be in [0, {ranked.shape[-2]}] (the number of ranked units), got {ks}")
     check_int(n_random_seeds, "n_random_seeds")
     seed = check_int(seed, "seed", minimum=None)
-    run = Ablator(model, emb, probe, short, None, mode, mean_acts, batch_size)
+    run = Ablator(model, emb, probe, short, None, mode, mean_acts, batch_size, saes)
     gen = torch.Generator().manual_seed(seed)
     p_top, p_rand = [], []
     for k in ks:
         top = ranked[..., :k, :]
         p_top.append(run.p(top))
-        p_rand.append(torch.stack([run.p(sample_matched_units(top, model.cfg.d_mlp, gen))
+        p_rand.append(torch.stack([run.p(sample_matched_units(top, run.width, gen))
                                    for _ in range(n_random_seeds)]))
     return AblationCurve(ks=ks, p_before=run.p(None), p_top=torch.stack(p_top), p_random=torch.stack(p_rand),
                          mode=mode)

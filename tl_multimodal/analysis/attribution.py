@@ -34,8 +34,10 @@ from torch import Tensor
 from tl_multimodal._validate import check_int, check_ints
 from tl_multimodal.analysis.nouns import first_noun
 from tl_multimodal.analysis.probe import MultiToken, Probe, image_prompt_ids, make_probe, probe_from_caption_ids
-from tl_multimodal.analysis.units import mlp_act_name, mlp_hook
+from tl_multimodal.analysis.units import mlp_hook, unit_axis
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
+from tl_multimodal.sae.model import SAE
+from tl_multimodal.sae.splice import leaf_latents, saes_by_hook
 
 Objective = Literal["logit", "logprob", "caption_logprob"]
 OverPatches = Literal["max", "sum"]
@@ -133,6 +135,8 @@ class Attribution:
         method: ``"grad_x_act"`` or ``"integrated_gradients"``.
         y: ``[batch]`` the value of ``y_c``.
         grid: ``(rows, cols)`` of the patch grid, for heatmaps.
+        saes: With ``attribute(..., sae=...)``: the SAEs whose latents are the units (``hook == "sae"``; the
+            ``layer`` axis indexes this list, the ``unit`` axis the latents).
     """
 
     scores: Float[Tensor, "batch layer patch unit"]
@@ -142,6 +146,7 @@ class Attribution:
     method: str
     y: Float[Tensor, "batch"]
     grid: tuple[int, int] | None = None
+    saes: list[SAE] | None = None
 
     @property
     def target_ids(self) -> Int[Tensor, "batch"]:
@@ -255,13 +260,17 @@ def _final_norm(model: VisionLM, x: Tensor) -> Tensor:
     return model.ln_final(x) if hasattr(model, "ln_final") else x
 
 
-def _keep_hooks(names: list[str], final_name: str, acts: dict, edit=None) -> list:
+def _keep_hooks(names: list[str], final_name: str, acts: dict, edit=None, saes: dict | None = None) -> list:
     """Forward hooks keeping the MLP activations ``names`` (with grad) and the final residual stream.
 
     Each activation is kept under the name asked for: a backend may run the hook under another name
     (a ``TransformerBridge`` runs ``blocks.0.mlp.hook_pre`` as its alias ``blocks.0.mlp.gate.hook_out``).
+    With ``saes`` (``{name: SAE}``) the kept activation is the SAE's latents, spliced in with the error term.
     """
     def keep(act, hook, name):
+        if saes is not None:
+            acts[name], act = leaf_latents(saes[name], act)
+            return act
         if edit is not None:
             act = edit(act, name)
         elif not act.requires_grad:  # frozen weights: make the activation itself a leaf
@@ -298,7 +307,7 @@ def _at_slots(act: Tensor, mask: Tensor) -> Tensor:
 
 
 def _attribute_probe(model: VisionLM, emb: Tensor, probe: Probe, names: list[str], objective: str, method: str,
-                     n_steps: int, baseline: float) -> tuple[Tensor, Tensor]:
+                     n_steps: int, baseline: float, saes: dict | None = None) -> tuple[Tensor, Tensor]:
     """Scores ``[batch, layer, patch, unit]`` and ``y`` for a given probe, on bound soft prompts."""
     final_name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     tokens, mask = probe.tokens.to(model.cfg.device), probe.image_mask
@@ -306,7 +315,7 @@ def _attribute_probe(model: VisionLM, emb: Tensor, probe: Probe, names: list[str
     def run(hooks_names, edit=None):
         acts = {}
         model.run_with_hooks(tokens, image_embed=emb, return_type=None,
-                             fwd_hooks=_keep_hooks(hooks_names, final_name, acts, edit))
+                             fwd_hooks=_keep_hooks(hooks_names, final_name, acts, edit, saes))
         return acts, _objective(model, acts[final_name], probe, objective)
 
     with torch.enable_grad():
@@ -342,7 +351,7 @@ def _attribute_probe(model: VisionLM, emb: Tensor, probe: Probe, names: list[str
 
 def _caption_and_attribute(model: VisionLM, emb: Tensor, prompt: str, names: list[str], objective: str,
                            noun_finder, max_new_tokens: int, with_grad: bool, until: str = "noun",
-                           ) -> tuple[Probe, Tensor | None, Tensor | None]:
+                           saes: dict | None = None) -> tuple[Probe, Tensor | None, Tensor | None]:
     """Greedy captioning with a KV cache, stopping once every row's target is settled; with
     ``with_grad`` the same passes give the attribution (gradients flow back through the cache).
     A model without a KV cache (``model.kv_cache`` is None) runs each step over the whole sequence
@@ -370,7 +379,7 @@ def _caption_and_attribute(model: VisionLM, emb: Tensor, prompt: str, names: lis
             step_logits = [model(tokens, image_embed=emb)[:, -1].float()]
         else:
             model.run_with_hooks(tokens, image_embed=emb, past_kv_cache=cache, attention_mask=torch.ones_like(tokens),
-                                 return_type=None, fwd_hooks=_keep_hooks(names, final_name, acts))
+                                 return_type=None, fwd_hooks=_keep_hooks(names, final_name, acts, saes=saes))
             step_logits = [model.unembed(_final_norm(model, acts[final_name][:, -1:]))[:, 0].float()]
         for step in range(max_new_tokens):
             nxt = step_logits[-1].detach().argmax(-1)
@@ -422,7 +431,7 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
               baseline: float = 0.0, max_new_tokens: int = 20,
               noun_finder: Callable[[str], tuple[str, int] | None] = first_noun,
               until: Literal["noun", "caption"] = "noun", multi_token: MultiToken = "error",
-              batch_size: int = 8) -> Attribution:
+              batch_size: int = 8, sae: SAE | Sequence[SAE] | None = None) -> Attribution:
     """Attribute ``y_c`` to every MLP unit at every image position.
 
     ``grad_x_act``: ``g = Z * dy_c/dZ`` from one forward and one ``torch.autograd.grad`` per batch
@@ -463,12 +472,19 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
             first noun of it (a noun finder may change its mind on later words).
         multi_token: A string target of several tokens: ``"error"`` or ``"first"`` (first sub-token).
         batch_size: Images per forward/backward pass.
+        sae: An SAE (:func:`~tl_multimodal.sae.load.load_sae`) or a list of them (one per hook, all of one
+            ``d_sae``): their latents are the units instead of the MLP's (``hook`` is then not used).
+            Each SAE is spliced in at its hook with its error term (the output is unchanged) and a
+            latent's score is ``f * dy_c/df`` (``grad_x_act`` only).
 
     Returns:
-        An :class:`Attribution`; ``scores`` is ``[batch, n_layers, n_image_tokens, d_mlp]``;
-        ``attr.probe`` is the query.
+        An :class:`Attribution`; ``scores`` is ``[batch, n_layers, n_image_tokens, d_mlp]``
+        (with ``sae``: ``[batch, n_saes, n_image_tokens, d_sae]``); ``attr.probe`` is the query.
     """
-    short = mlp_hook(model, hook)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    if saes is not None and method != "grad_x_act":
+        raise ValueError("sae= attributes latents with method='grad_x_act' only")
+    short = "sae" if saes is not None else mlp_hook(model, hook)
     if objective not in ("logit", "logprob", "caption_logprob"):
         raise ValueError(f"objective must be 'logit', 'logprob' or 'caption_logprob', got {objective!r}")
     if method not in ("grad_x_act", "integrated_gradients"):
@@ -494,7 +510,7 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
     elif captions is not None:
         probe = make_probe(model, n, prompt=prompt, captions=captions, noun_finder=noun_finder,
                            whole_caption=objective == "caption_logprob")
-    names = [mlp_act_name(short, layer) for layer in range(model.cfg.n_layers)]
+    names, _ = unit_axis(model, short, saes)
     parts = []
     for start in range(0, n, batch_size):
         chunk = emb[start:start + batch_size]
@@ -503,18 +519,20 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
             fused = method == "grad_x_act"
             with torch.set_grad_enabled(fused):
                 part, scores, y = _caption_and_attribute(model, chunk, prompt, names if fused else [], objective,
-                                                         noun_finder, max_new_tokens, with_grad=fused, until=until)
+                                                         noun_finder, max_new_tokens, with_grad=fused, until=until,
+                                                         saes=saes)
         else:
             part = probe[start:start + batch_size]
         if scores is None:
-            scores, y = _attribute_probe(model, chunk, part, names, objective, method, n_steps, baseline)
+            scores, y = _attribute_probe(model, chunk, part, names, objective, method, n_steps, baseline, saes)
         if not torch.isfinite(scores).all():
             raise ValueError("attribution scores contain NaN or infinite values (check the model's "
                              "weights and the inputs)")
         parts.append((scores, y, part))
     return Attribution(scores=torch.cat([p[0] for p in parts]), probe=probe if probe is not None else
                        Probe.concat([p[2] for p in parts]), hook=short, objective=objective, method=method,
-                       y=torch.cat([p[1] for p in parts]), grid=tuple(model.vision.grid))
+                       y=torch.cat([p[1] for p in parts]), grid=tuple(model.vision.grid),
+                       saes=None if saes is None else list(saes.values()))
 
 
 @dataclass(repr=False)

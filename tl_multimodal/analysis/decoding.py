@@ -29,6 +29,7 @@ from torch import Tensor
 from tl_multimodal._validate import check_int
 from tl_multimodal.analysis.units import as_units, unit_label
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
+from tl_multimodal.sae.splice import saes_by_hook
 
 WORD_LIST = Path(__file__).parents[1] / "assets" / "english_words.tsv"
 _STRIP = " \t\n\u0120\u2581\u010a"  # space, GPT-2's "Ġ" (space) and "Ċ" (newline), SentencePiece's "▁"
@@ -71,7 +72,7 @@ def is_interpretable(tokens: Sequence[str], min_words: int = 7, top: int = 10, m
 
 
 # ---------------------------------------------------------------------------- unit decoding
-def unit_directions(model: VisionLM, units, apply_ln: bool = False) -> Float[Tensor, "n d_model"]:
+def unit_directions(model: VisionLM, units, apply_ln: bool = False, sae=None) -> Float[Tensor, "n d_model"]:
     """The output directions ``W_out[layer][unit]`` of MLP units, optionally through ``ln_final``.
 
     ``apply_ln=True`` applies what ``ln_final`` does to *one direction* independently of the data:
@@ -88,12 +89,19 @@ def unit_directions(model: VisionLM, units, apply_ln: bool = False) -> Float[Ten
         model: A vision LM (or any HookedTransformer / TransformerBridge).
         units: ``(layer, unit)`` pairs, a list or an ``[n, 2]`` tensor.
         apply_ln: Apply the final norm as above (default: no, as in the paper).
+        sae: An SAE or a list of them: the units are ``(SAE index, latent)`` and a latent's direction is its
+            decoder row ``W_dec[latent]`` (an SAE on the residual stream or a block's output).
 
     Returns:
         ``[n, d_model]`` directions.
     """
-    units = as_units(model, units, batched=False, allow_empty=False)
-    W_out = torch.stack([model.blocks[int(l)].mlp.W_out[int(u)] for l, u in units.tolist()])
+    saes = None if sae is None else saes_by_hook(model, sae)
+    units = as_units(model, units, batched=False, allow_empty=False, saes=saes)
+    if saes is None:
+        W_out = torch.stack([model.blocks[int(l)].mlp.W_out[int(u)] for l, u in units.tolist()])
+    else:
+        dec = [s.W_dec for s in saes.values()]
+        W_out = torch.stack([dec[l][u] for l, u in units.tolist()]).to(model.W_U.dtype)
     if not apply_ln:
         return W_out
     norm = model.cfg.normalization_type
@@ -154,7 +162,7 @@ class UnitDecoding:
 
 @torch.no_grad()
 def decode_units(model: VisionLM, units, n_tokens: int = 10, apply_ln: bool = False,
-                 batch_size: int = 1024) -> UnitDecoding:
+                 batch_size: int = 1024, sae=None) -> UnitDecoding:
     """Decode many MLP units at once: top-``n_tokens`` tokens of ``softmax(W_U^T . W_out[layer][unit])``.
 
     The unembedding bias ``b_U`` is left out: it is not part of any unit's contribution.
@@ -165,15 +173,17 @@ def decode_units(model: VisionLM, units, n_tokens: int = 10, apply_ln: bool = Fa
         n_tokens: Tokens kept per unit.
         apply_ln: Apply the final norm's data-independent part (see :func:`unit_directions`).
         batch_size: Units per matrix product with ``W_U``.
+        sae: An SAE or a list of them: decode latents ``(SAE index, latent)`` (see :func:`unit_directions`).
 
     Returns:
         A :class:`UnitDecoding`.
     """
     check_int(n_tokens, "n_tokens", maximum=model.cfg.d_vocab_out)
-    units = as_units(model, units, batched=False, allow_empty=False)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    units = as_units(model, units, batched=False, allow_empty=False, saes=saes)
     ids, probs = [], []
     for chunk in units.split(batch_size):
-        logits = unit_directions(model, chunk, apply_ln) @ model.W_U
+        logits = unit_directions(model, chunk, apply_ln, list(saes.values()) if saes else None) @ model.W_U
         p, i = logits.float().softmax(-1).topk(n_tokens, dim=-1)
         ids.append(i.cpu())
         probs.append(p.cpu())
@@ -261,7 +271,7 @@ def decode_image_prompts(model: VisionLM, images=None, image_features=None, n_to
     return ImagePromptDecoding(ids, tokens, vals, method, interp.reshape(ids.shape[:2]))
 
 
-def unit_texts(model: VisionLM, units: Int[Tensor, "n_images n_units 2"], n_tokens: int = 10,
+def unit_texts(model: VisionLM, units: Int[Tensor, "n_images n_units 2"], n_tokens: int = 10, sae=None,
                ) -> tuple[list[list[str]], Bool[Tensor, "n_images n_units"]]:
     """Each unit's text: its top ``n_tokens`` decoded tokens, cleaned, joined by spaces.
 
@@ -269,6 +279,7 @@ def unit_texts(model: VisionLM, units: Int[Tensor, "n_images n_units 2"], n_toke
         model: The vision LM (units decoded through its unembedding, :func:`decode_units`).
         units: Per image, its ``(layer, unit)`` rows.
         n_tokens: Tokens per unit (the paper's filter needs 10).
+        sae: An SAE or a list of them: the units are their latents (:func:`decode_units`).
 
     Returns:
         Per image, the texts of its interpretable units (in the order of ``units``), and the
@@ -278,7 +289,7 @@ def unit_texts(model: VisionLM, units: Int[Tensor, "n_images n_units 2"], n_toke
         raise ValueError(f"units must be a [n_images, n_units, 2] tensor, got "
                          f"{tuple(units.shape) if isinstance(units, Tensor) else type(units).__name__}")
     n, k = units.shape[:2]
-    dec = decode_units(model, units.reshape(-1, 2), n_tokens=n_tokens)
+    dec = decode_units(model, units.reshape(-1, 2), n_tokens=n_tokens, sae=sae)
     interp = dec.interpretable.reshape(n, k)
     texts = [" ".join(clean_token(t) for t in toks) for toks in dec.tokens]
     return [[texts[i * k + r] for r in range(k) if interp[i, r]] for i in range(n)], interp

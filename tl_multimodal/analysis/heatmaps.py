@@ -25,8 +25,9 @@ from torch import Tensor
 
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image, input_geometry
 from tl_multimodal.analysis.probe import Probe
-from tl_multimodal.analysis.units import as_units, mlp_act_name, mlp_hook, unit_label
+from tl_multimodal.analysis.units import as_units, cache_units, mlp_hook, unit_axis, unit_label
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
+from tl_multimodal.sae.splice import saes_by_hook
 
 # ---------------------------------------------------------------------------------- masks and IoU
 def activation_mask(heatmap: Float[Tensor, "... height width"], q: float = 95.0) -> Bool[Tensor, "... height width"]:
@@ -56,8 +57,8 @@ def mask_iou(pred: Bool[Tensor, "height width"], target: Bool[Tensor, "height wi
 @torch.no_grad()
 def unit_grid_activations(model: VisionLM, images=None, units=None, hook: str = "post", batch_size: int = 16, *,
                           image_features: Tensor | None = None, image_embed: Tensor | None = None,
-                          probe: Probe | None = None) -> Float[Tensor, "batch n_units rows cols"]:
-    """Activations of MLP units at the image slots, as patch grids.
+                          probe: Probe | None = None, sae=None) -> Float[Tensor, "batch n_units rows cols"]:
+    """Activations of MLP units (or SAE latents) at the image slots, as patch grids.
 
     Without ``probe`` the model runs on the image slots alone (``to_tokens("", image=True)``; text
     after the image cannot change them under causal attention), up to the last layer needed; with
@@ -71,12 +72,14 @@ def unit_grid_activations(model: VisionLM, images=None, units=None, hook: str = 
         hook: ``"post"`` (the activation; default) or ``"pre"`` (what attribution scores).
         batch_size: Images per forward pass.
         probe: Run on these tokens (e.g. ``attr.probe``) instead of the image slots alone.
+        sae: An SAE or a list of them: the units are ``(SAE index, latent)``, their latents' grids (``hook`` unused).
     """
-    short = mlp_hook(model, hook)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    short = "sae" if saes else mlp_hook(model, hook)
     emb = soft_prompts(model, images, image_features, image_embed)
     if units is None:
         raise ValueError("pass units=: (layer, unit) rows")
-    u = as_units(model, units)
+    u = as_units(model, units, saes=saes)
     per_image = u if u.ndim == 3 else u[None].expand(len(emb), -1, -1)
     if per_image.shape[0] != len(emb):
         raise ValueError(f"per-image units for {per_image.shape[0]} images, but {len(emb)} images given")
@@ -88,7 +91,8 @@ def unit_grid_activations(model: VisionLM, images=None, units=None, hook: str = 
         probe.check_model(model)
         tokens, mask = probe.tokens.to(model.cfg.device), probe.image_mask
     layers = sorted(set(per_image[..., 0].flatten().tolist()))
-    names = [mlp_act_name(short, layer) for layer in layers]
+    all_names, width = unit_axis(model, short, saes)
+    names = [all_names[layer] for layer in layers]
     out = []
     for start in range(0, len(emb), batch_size):
         rows = slice(start, start + batch_size)
@@ -96,10 +100,10 @@ def unit_grid_activations(model: VisionLM, images=None, units=None, hook: str = 
         if not layers:
             out.append(torch.zeros(len(cu), 0, model.n_image_tokens))
             continue
-        _, cache = model.run_with_cache(tokens[rows], image_embed=emb[rows], names_filter=names,
-                                        stop_at_layer=layers[-1] + 1)
+        stop = {} if saes else {"stop_at_layer": layers[-1] + 1}
+        _, cache = cache_units(model, tokens[rows], emb[rows], names, saes, **stop)
         m = mask[rows].to(cache[names[0]].device)
-        acts = torch.stack([cache[n][m].reshape(len(cu), -1, model.cfg.d_mlp).float().cpu() for n in names], 1)
+        acts = torch.stack([cache[n][m].reshape(len(cu), -1, width).float().cpu() for n in names], 1)
         li = torch.tensor([layers.index(v) for v in cu[..., 0].flatten().tolist()]).reshape(cu.shape[:2])
         b = torch.arange(len(cu))[:, None]
         out.append(acts[b, li, :, cu[..., 1]])  # [b, n, patch]
@@ -192,11 +196,12 @@ class UnitHeatmap:
                 f"max {self.grid.max():.3g} at patch {divmod(int(self.grid.argmax()), cols)})")
 
 
-def unit_heatmap(model: VisionLM, image, layer: int, unit: int, hook: str = "post") -> UnitHeatmap:
+def unit_heatmap(model: VisionLM, image, layer: int, unit: int, hook: str = "post", sae=None) -> UnitHeatmap:
     """The heatmap of MLP unit ``(layer, unit)`` on one image (PIL or a path: original coordinates;
-    a pixel tensor ``[channel, h, w]`` or an array: the model-input frame)."""
+    a pixel tensor ``[channel, h, w]`` or an array: the model-input frame); with ``sae``, of latent ``unit``
+    of SAE ``layer`` (an index into ``sae`` when it is a list; 0 for one SAE)."""
     pil, pixels = one_image(model, image)
-    grid = unit_grid_activations(model, pixels, [(layer, unit)], hook)[0, 0]
+    grid = unit_grid_activations(model, pixels, [(layer, unit)], hook, sae=sae)[0, 0]
     geo = input_geometry(model, pil)
     return UnitHeatmap(layer, unit, grid, grid_to_image(grid, geo), geo, pil)
 
@@ -238,7 +243,7 @@ class HeatmapIoUs:
 
 
 def heatmap_ious(model: VisionLM, images: Sequence[Image.Image], units, object_masks,
-                 q: float = 95.0, hook: str = "post", batch_size: int = 16) -> HeatmapIoUs:
+                 q: float = 95.0, hook: str = "post", batch_size: int = 16, sae=None) -> HeatmapIoUs:
     """IoU of unit heatmaps (at the ``q``-th percentile) with object masks, image by image.
 
     Args:
@@ -251,10 +256,11 @@ def heatmap_ious(model: VisionLM, images: Sequence[Image.Image], units, object_m
         q: Percentile of the activation mask (METHOD.md: 95).
         hook: MLP hook (see :func:`unit_grid_activations`).
         batch_size: Images per forward pass.
+        sae: An SAE or a list of them: the units are their latents (see :func:`unit_grid_activations`).
     """
     if len(object_masks) != len(images):
         raise ValueError(f"{len(object_masks)} object masks for {len(images)} images")
-    grids = unit_grid_activations(model, images, units, hook, batch_size)  # [b, n, rows, cols]
+    grids = unit_grid_activations(model, images, units, hook, batch_size, sae=sae)  # [b, n, rows, cols]
     ious = torch.full(grids.shape[:2], float("nan"))
     for i, (grid, obj) in enumerate(zip(grids, object_masks)):
         hm = grid_to_image(grid, input_geometry(model, images[i]))

@@ -31,8 +31,11 @@ from transformer_lens.ActivationCache import ActivationCache
 from tl_multimodal._validate import check_int
 from tl_multimodal.analysis._interventions import Positions, position_mask, swap_hook, unit_masks, warn_if_training
 from tl_multimodal.analysis.probe import Probe, resolve_probe
-from tl_multimodal.analysis.units import UnitsLike, as_units, check_distinct, mlp_act_name, mlp_hook
+from tl_multimodal.analysis.units import (UnitsLike, as_units, cache_units, check_distinct, mlp_act_name, mlp_hook,
+                                         unit_axis)
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
+from tl_multimodal.sae.model import SAE
+from tl_multimodal.sae.splice import latent_edit_hook, saes_by_hook
 
 
 def layer_pos_neuron_patch_setter(corrupted_activation, index, clean_activation):
@@ -163,11 +166,13 @@ def _pair(model: VisionLM, source_images, base_images, source_embed, base_embed)
 
 @torch.no_grad()
 def _patch(model: VisionLM, src: Tensor, base: Tensor, probe: Probe, masks: dict[str, Tensor | None],
-           pos_mask: Tensor, what: str) -> PatchResult:
+           pos_mask: Tensor, what: str, saes: dict | None = None) -> PatchResult:
     tokens = probe.tokens.to(model.cfg.device)
-    src_logits, cache = model.run_with_cache(tokens, image_embed=src, names_filter=list(masks))
+    src_logits, cache = cache_units(model, tokens, src, list(masks), saes)
     base_logits = model(tokens, image_embed=base)
     hooks = [(n, partial(swap_hook, pos_mask=pos_mask, source=cache[n], unit_mask=m)) for n, m in masks.items()]
+    if saes:  # the masks' names are the SAEs' hooks: patch their latents, the base keeping its error term
+        hooks = [(n, latent_edit_hook(saes[n], swap)) for n, swap in hooks]
     patched_logits = model.run_with_hooks(tokens, image_embed=base, fwd_hooks=hooks)
     return PatchResult(probe.p(base_logits).cpu(), probe.p(src_logits).cpu(), probe.p(patched_logits).cpu(),
                        probe.target_ids.clone(), what)
@@ -176,7 +181,7 @@ def _patch(model: VisionLM, src: Tensor, base: Tensor, probe: Probe, masks: dict
 def patch_units(model: VisionLM, source_images, base_images, units: UnitsLike, target=None,
                 prompt: str | Sequence[str] | None = None, *, probe: Probe | None = None, hook: str = "post",
                 positions: Positions | None = None, source_embed: Tensor | None = None,
-                base_embed: Tensor | None = None) -> PatchResult:
+                base_embed: Tensor | None = None, sae: SAE | Sequence[SAE] | None = None) -> PatchResult:
     """Patch the activations of ``units`` from the source images into the base images, together.
 
     Args:
@@ -188,19 +193,23 @@ def patch_units(model: VisionLM, source_images, base_images, units: UnitsLike, t
         hook: The MLP hook patched (:func:`~tl_multimodal.analysis.units.mlp_hook`).
         positions: Positions patched; default each row's image slots.
         source_embed, base_embed: Soft prompts instead of ``source_images``/``base_images``.
+        sae: An SAE or a list of them: patch latents ``(SAE index, latent)`` instead (``hook`` unused); the
+            source's latents replace the base's, the base keeps its own error term.
 
     Raises:
         ValueError: A unit named twice, a probe made for the other sequence layout, or another bad
             argument (named). In training mode a ``UserWarning`` (see ``ablate_units``).
     """
-    short = mlp_hook(model, hook)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    short = "sae" if saes else mlp_hook(model, hook)
     warn_if_training(model, "patch_units")
-    u = check_distinct(as_units(model, units), "units")
+    u = check_distinct(as_units(model, units, saes=saes), "units")
     src, base = _pair(model, source_images, base_images, source_embed, base_embed)
     probe = resolve_probe(model, len(src), probe, target, prompt)
-    masks = {mlp_act_name(short, layer): m for layer, m in unit_masks(u, len(src), model.cfg.d_mlp).items()}
+    names, width = unit_axis(model, short, saes)
+    masks = {names[layer]: m for layer, m in unit_masks(u, len(src), width).items()}
     return _patch(model, src, base, probe, masks, position_mask(model, probe, positions),
-                  f"{u.shape[-2]} units ({short})")
+                  f"{u.shape[-2]} units ({short})", saes)
 
 
 def patch_resid(model: VisionLM, source_images, base_images, target=None, layer: int = 0,

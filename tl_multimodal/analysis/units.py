@@ -12,11 +12,13 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_multimodal._compat import get_act_name
+from tl_multimodal.sae.splice import latent_store_hook
 
 UnitsLike = Int[Tensor, "n 2"] | Int[Tensor, "batch n 2"] | Sequence[tuple[int, int]]
 
 
-def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = True) -> Int[Tensor, "... n 2"]:
+def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = True,
+             saes: dict | None = None) -> Int[Tensor, "... n 2"]:
     """Validate ``(layer, unit)`` pairs into a long CPU tensor ``[n, 2]`` (or ``[batch, n, 2]``).
 
     Args:
@@ -24,6 +26,8 @@ def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = 
         units: A list of pairs, one pair, or an integer tensor ``[n, 2]`` / ``[batch, n, 2]``.
         batched: Whether a per-image ``[batch, n, 2]`` set is accepted.
         allow_empty: Whether no units at all is valid (ablating nothing is; decoding nothing is not).
+        saes: ``{hook name: SAE}`` (:func:`~tl_multimodal.sae.splice.saes_by_hook`): the units are SAE latents,
+            ``(index of the SAE, latent)``, checked against ``len(saes)`` and ``d_sae``.
     """
     if isinstance(units, Tensor):
         t = units.detach().cpu()
@@ -48,11 +52,13 @@ def as_units(model, units: UnitsLike, batched: bool = True, allow_empty: bool = 
         empty = "" if allow_empty else "non-empty "
         raise ValueError(f"units must be a {empty}{want} of (layer, unit), got shape {tuple(t.shape)}")
     layer, unit = t[..., 0], t[..., 1]
-    if ((layer < 0) | (layer >= model.cfg.n_layers)).any():
-        raise ValueError(f"unit layers out of range: layers must be in [0, {model.cfg.n_layers}), "
+    names, width = unit_axis(model, "pre", saes)
+    n_layers, kind, what = len(names), "layers" if saes is None else "SAE indices", "d_mlp" if saes is None else "d_sae"
+    if ((layer < 0) | (layer >= n_layers)).any():
+        raise ValueError(f"unit layers out of range: {kind} must be in [0, {n_layers}), "
                          f"got {layer.unique().tolist()}")
-    if ((unit < 0) | (unit >= model.cfg.d_mlp)).any():
-        raise ValueError(f"unit indices out of range: must be in [0, {model.cfg.d_mlp}) (d_mlp)")
+    if ((unit < 0) | (unit >= width)).any():
+        raise ValueError(f"unit indices out of range: must be in [0, {width}) ({what})")
     return t
 
 
@@ -118,6 +124,30 @@ def mlp_hook(model, hook: str) -> str:
 def mlp_act_name(hook: str, layer: int) -> str:
     """``blocks.{layer}.mlp.hook_{hook}`` for a short name from :func:`mlp_hook` (``get_act_name``)."""
     return get_act_name(hook, layer)
+
+
+def unit_axis(model, hook: str, saes: dict | None = None) -> tuple[list[str], int]:
+    """Where units live: the hook name of each unit "layer" and the number of units in each, for MLP units
+    (``blocks.{l}.mlp.hook_{hook}`` per layer, ``d_mlp``) or SAE latents (``saes``, ``{hook name: SAE}``: one
+    "layer" per SAE, ``d_sae``)."""
+    if saes:
+        return list(saes), next(iter(saes.values())).cfg.d_sae
+    return [mlp_act_name(hook, layer) for layer in range(model.cfg.n_layers)], model.cfg.d_mlp
+
+
+def cache_units(model, tokens: Tensor, image_embed: Tensor, names: list[str], saes: dict | None = None, **kwargs):
+    """Run the model keeping the activations at hooks ``names``: the hooks' own (``run_with_cache``) or, at the
+    hooks of ``saes`` (``{hook name: SAE}``), the SAEs' latents (the model's output is unchanged).
+
+    Returns:
+        The model's output and ``{name: activation}``.
+    """
+    if not saes:
+        return model.run_with_cache(tokens, image_embed=image_embed, names_filter=names, **kwargs)
+    cache: dict = {}
+    out = model.run_with_hooks(tokens, image_embed=image_embed, **kwargs,
+                               fwd_hooks=[(n, latent_store_hook(saes[n], cache, n)) for n in names])
+    return out, cache
 
 
 def unit_list(model, units: UnitsLike) -> list[tuple[int, int]]:

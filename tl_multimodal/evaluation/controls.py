@@ -37,8 +37,9 @@ from tl_multimodal.analysis.ablation import Ablator, sample_matched_units
 from tl_multimodal.analysis.decoding import unit_texts
 from tl_multimodal.analysis.heatmaps import heatmap_ious
 from tl_multimodal.analysis.probe import Probe
-from tl_multimodal.analysis.units import as_units, mlp_act_name, mlp_hook
+from tl_multimodal.analysis.units import as_units, cache_units, mlp_hook, unit_axis
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
+from tl_multimodal.sae.splice import saes_by_hook
 
 ARMS = ("own", "other_image", "magnitude", "random")
 ARM_NAMES = {"own": "own top units", "other_image": "other image's top units (other target)",
@@ -48,7 +49,7 @@ ARM_NAMES = {"own": "own top units", "other_image": "other image's top units (ot
 # ---------------------------------------------------------------------------------- the control sets
 @torch.no_grad()
 def unit_magnitudes(model: VisionLM, images=None, *, image_embed: Tensor | None = None, hook: str = "post",
-                    batch_size: int = 16) -> Float[Tensor, "batch layer unit"]:
+                    batch_size: int = 16, sae=None) -> Float[Tensor, "batch layer unit"]:
     """Each unit's largest ``|activation|`` over the image slots, per image.
 
     The model runs on the image slots alone (``to_tokens("", image=True)``): under causal attention
@@ -60,15 +61,17 @@ def unit_magnitudes(model: VisionLM, images=None, *, image_embed: Tensor | None 
         hook: The MLP hook (:func:`~tl_multimodal.analysis.units.mlp_hook`); ``"post"`` is the scalar that
             multiplies the unit's output row.
         batch_size: Images per forward pass.
+        sae: An SAE or a list of them: the magnitudes of their latents (``[batch, n_saes, d_sae]``).
     """
-    short = mlp_hook(model, hook)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    short = "sae" if saes else mlp_hook(model, hook)
     emb = soft_prompts(model, images, image_embed=image_embed)
     tokens = model.to_tokens("", image=True)
     mask = model.image_mask(tokens)[0]
-    names = [mlp_act_name(short, layer) for layer in range(model.cfg.n_layers)]
+    names, _ = unit_axis(model, short, saes)
     out = []
     for chunk in emb.split(batch_size):
-        _, cache = model.run_with_cache(tokens.expand(len(chunk), -1), image_embed=chunk, names_filter=names)
+        _, cache = cache_units(model, tokens.expand(len(chunk), -1), chunk, names, saes)
         out.append(torch.stack([cache[n][:, mask.to(cache[n].device)].abs().amax(1).float().cpu() for n in names], 1))
     return torch.cat(out)
 
@@ -251,7 +254,7 @@ def specificity_controls(model: VisionLM, images, ranked: Int[Tensor, "n_images 
                          reference_captions: Sequence[Sequence[str]] | None = None,
                          object_masks: Sequence[Tensor | np.ndarray | None] | None = None,
                          magnitudes: Tensor | None = None, seed: int = 0, n_boot: int = 2000, q: float = 95.0,
-                         batch_size: int = 16) -> SpecificityControls:
+                         batch_size: int = 16, sae=None) -> SpecificityControls:
     """Measure each image's own top units and the three control sets (module docstring).
 
     Args:
@@ -272,11 +275,14 @@ def specificity_controls(model: VisionLM, images, ranked: Int[Tensor, "n_images 
         n_boot: Bootstrap resamples.
         q: Percentile of the heatmap masks.
         batch_size: Images per forward pass.
+        sae: An SAE or a list of them: the units are their latents, and every control set is drawn from them.
     """
     pixels = model.preprocess(images)
     emb = soft_prompts(model, pixels)
     n = len(emb)
-    ranked = as_units(model, ranked)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    names, width = unit_axis(model, "post", saes)
+    ranked = as_units(model, ranked, saes=saes)
     if ranked.ndim != 3 or len(ranked) != n:
         raise ValueError(f"ranked must be [n_images={n}, n_units, 2], got {tuple(ranked.shape)}")
     probe.check_batch(n)
@@ -294,10 +300,9 @@ def specificity_controls(model: VisionLM, images, ranked: Int[Tensor, "n_images 
     if object_masks is not None and len(object_masks) != n:
         raise ValueError(f"{len(object_masks)} object masks for {n} images (None where an image has none)")
     if magnitudes is None:
-        magnitudes = unit_magnitudes(model, image_embed=emb, batch_size=batch_size)
-    if tuple(magnitudes.shape) != (n, model.cfg.n_layers, model.cfg.d_mlp):
-        raise ValueError(f"magnitudes must be [{n}, {model.cfg.n_layers}, {model.cfg.d_mlp}], "
-                         f"got {tuple(magnitudes.shape)}")
+        magnitudes = unit_magnitudes(model, image_embed=emb, batch_size=batch_size, sae=sae)
+    if tuple(magnitudes.shape) != (n, len(names), width):
+        raise ValueError(f"magnitudes must be [{n}, {len(names)}, {width}], got {tuple(magnitudes.shape)}")
 
     gen = torch.Generator().manual_seed(seed)
     targets = probe.target_ids.tolist()
@@ -314,10 +319,10 @@ def specificity_controls(model: VisionLM, images, ranked: Int[Tensor, "n_images 
             matched, ok = magnitude_matched_units(ranked[:, :s], magnitudes, rtol, gen)
             sets["magnitude"][s].append(matched)
             within.append(ok.flatten())
-            sets["random"][s].append(sample_matched_units(ranked[:, :s], model.cfg.d_mlp, gen))
+            sets["random"][s].append(sample_matched_units(ranked[:, :s], width, gen))
 
     values: dict[tuple[str, str], np.ndarray] = {}
-    run = Ablator(model, emb, probe, "post", None, "zero", None, batch_size)
+    run = Ablator(model, emb, probe, "post", None, "zero", None, batch_size, saes)
     p0 = run.p(None)
     for k in ks:
         for arm in ARMS:
@@ -325,7 +330,7 @@ def specificity_controls(model: VisionLM, images, ranked: Int[Tensor, "n_images 
             values[(f"ablation k={k}", arm)] = np.mean(rel, 0)
     if embed is not None:  # every set's texts first, then one call of embed on the unique texts
         refs = [list(c) for c in reference_captions]
-        texts = {arm: [unit_texts(model, u, n_tokens=10)[0] for u in sets[arm][n_units]] for arm in ARMS}
+        texts = {arm: [unit_texts(model, u, n_tokens=10, sae=sae)[0] for u in sets[arm][n_units]] for arm in ARMS}
         uniq = sorted({t for per_arm in texts.values() for draw in per_arm for ts in draw for t in ts}
                       | {c for cs in refs for c in cs})
         vec = dict(zip(uniq, np.asarray(embed(uniq))))
@@ -337,7 +342,7 @@ def specificity_controls(model: VisionLM, images, ranked: Int[Tensor, "n_images 
         if has:
             for arm in ARMS:
                 ious = [heatmap_ious(model, pixels[has], u[has], [object_masks[i] for i in has], q,
-                                     batch_size=batch_size).iou.nanmean(1).numpy() for u in sets[arm][n_units]]
+                                     batch_size=batch_size, sae=sae).iou.nanmean(1).numpy() for u in sets[arm][n_units]]
                 full = np.full(n, np.nan)
                 full[has] = _nanmean(ious)
                 values[("heatmap IoU", arm)] = full

@@ -38,7 +38,9 @@ from tl_multimodal.analysis.decoding import unit_texts
 from tl_multimodal.models.geometry import input_geometry, mask_to_input
 from tl_multimodal.analysis.heatmaps import heatmap_ious
 from tl_multimodal.analysis.nouns import first_noun
+from tl_multimodal.analysis.units import unit_axis
 from tl_multimodal.models.protocol import VisionLM
+from tl_multimodal.sae.splice import saes_by_hook
 
 
 @dataclass
@@ -212,7 +214,7 @@ class IoUTest:
 
 def heatmap_iou_test(model: VisionLM, images, units: Int[Tensor, "n_images n_units 2"], object_masks,
                      n_random_seeds: int = 3, seed: int = 0, q: float = 95.0, hook: str = "post",
-                     batch_size: int = 16) -> IoUTest:
+                     batch_size: int = 16, sae=None) -> IoUTest:
     """Heatmap IoU of each image's top units vs random units from the same layers.
 
     Args:
@@ -224,7 +226,8 @@ def heatmap_iou_test(model: VisionLM, images, units: Int[Tensor, "n_images n_uni
         n_random_seeds: Random draws of layer-matched units
             (:func:`~tl_multimodal.analysis.ablation.sample_matched_units`); their IoUs are averaged.
         seed: Seed of the draws.
-        q, hook, batch_size: As for :func:`~tl_multimodal.analysis.heatmaps.heatmap_ious`.
+        q, hook, batch_size, sae: As for :func:`~tl_multimodal.analysis.heatmaps.heatmap_ious` (with ``sae``, the
+            random latents come from the same SAEs).
     """
     if not isinstance(units, Tensor) or units.ndim != 3 or units.shape[-1] != 2:
         raise ValueError("units must be a [n_images, n_units, 2] tensor (each image's top units)")
@@ -232,10 +235,11 @@ def heatmap_iou_test(model: VisionLM, images, units: Int[Tensor, "n_images n_uni
         raise ValueError(f"units for {len(units)} images, {len(images)} images given")
     if n_random_seeds < 1:
         raise ValueError(f"n_random_seeds must be at least 1, got {n_random_seeds}")
-    top = heatmap_ious(model, images, units, object_masks, q, hook, batch_size).iou.nanmean(1).numpy()
+    top = heatmap_ious(model, images, units, object_masks, q, hook, batch_size, sae=sae).iou.nanmean(1).numpy()
     gen = torch.Generator().manual_seed(seed)
-    rand = torch.stack([heatmap_ious(model, images, sample_matched_units(units, model.cfg.d_mlp, gen), object_masks,
-                                     q, hook, batch_size).iou.nanmean(1) for _ in range(n_random_seeds)])
+    _, width = unit_axis(model, hook, None if sae is None else saes_by_hook(model, sae))
+    rand = torch.stack([heatmap_ious(model, images, sample_matched_units(units, width, gen), object_masks,
+                                     q, hook, batch_size, sae=sae).iou.nanmean(1) for _ in range(n_random_seeds)])
     rand = rand.mean(0).numpy()
     w = stats.wilcoxon(top, rand, alternative="greater") if len(top) > 1 else None
     return IoUTest(top=top, random=rand, wilcoxon_W=float("nan") if w is None else float(w.statistic),
@@ -363,7 +367,7 @@ class NeuronsEval:
 def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequence[Sequence[str]],
                      embed: Callable[[list[str]], Float[np.ndarray, "n d"]], config: EvalConfig | None = None, *,
                      coco=None, image_ids: Sequence[int] | None = None, log: Callable[[str], None] | None = None,
-                     **overrides) -> NeuronsEval:
+                     sae=None, **overrides) -> NeuronsEval:
     """The paper's three measurements of multimodal neurons over a dataset (METHOD.md §2).
 
     Each image is captioned greedily after ``prompt`` and its MLP units attributed to the caption's
@@ -387,6 +391,8 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
         coco, image_ids: A ``pycocotools`` COCO object and each image's id in it (both, or
             neither: then (c) is skipped).
         log: Called with a progress line after each stage.
+        sae: An SAE or a list of them (:func:`~tl_multimodal.sae.load.load_sae`): measure their latents instead
+            of the MLP units, every test and control the same (``hook`` is then not used).
         **overrides: :class:`~tl_multimodal.evaluation.config.EvalConfig` fields replacing those of
             ``config`` (``n_units=10, hook="pre"``).
 
@@ -410,7 +416,7 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
                             n_units=max(n_units, max(ks), *config.control_ks), prompt=config.prompt,
                             batch_size=batch_size,
                             hook=config.hook, over_patches=config.over_patches, normalize=config.normalize,
-                            max_new_tokens=config.max_new_tokens, until="caption",
+                            max_new_tokens=config.max_new_tokens, until="caption", sae=sae,
                             on_batch=lambda s, m: say(f"attributed images {s}..{s + m - 1}"))
     captions = res.captions
     nouns = [found[0] if (found := first_noun(c)) else None for c in captions]
@@ -418,7 +424,7 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
     top = ranked[:, :n_units]
     stage("attribution")
 
-    texts, interp = unit_texts(model, top, n_tokens=10)
+    texts, interp = unit_texts(model, top, n_tokens=10, sae=sae)
     uniq = sorted({t for ts in texts for t in ts} | {c for cs in reference_captions for c in cs} | set(captions))
     vectors = np.asarray(embed(uniq))
     emb = dict(zip(uniq, vectors))
@@ -430,7 +436,7 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
     stage("text_similarity")
 
     curve = ablation_curve(model, images, ranked, ks=ks, probe=res.probe, n_random_seeds=config.ablation_seeds,
-                           seed=seed, batch_size=batch_size)
+                           seed=seed, batch_size=batch_size, sae=sae)
     say(f"(b) {curve!r}")
     stage("ablation")
 
@@ -438,7 +444,7 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
     iou = None
     if kept:  # in the model-input frame: the same activations as on the original, fewer pixels
         iou = heatmap_iou_test(model, model.preprocess([images[i] for i in kept]), top[kept], masks,
-                               n_random_seeds=config.iou_seeds, seed=seed, batch_size=batch_size)
+                               n_random_seeds=config.iou_seeds, seed=seed, batch_size=batch_size, sae=sae)
     say(f"(c) IoU over {len(kept)} images with masks")
     stage("iou")
 
@@ -452,10 +458,11 @@ def evaluate_neurons(model: VisionLM, images: Sequence, reference_captions: Sequ
                                         embed=embed,
                                         reference_captions=reference_captions,
                                         object_masks=per_image if kept else None, seed=seed, n_boot=config.n_boot,
-                                        batch_size=batch_size)
+                                        batch_size=batch_size, sae=sae)
         say(f"controls: {config.control_draws} draws")
         stage("controls")
     return NeuronsEval(captions=captions, targets=res.targets, nouns=nouns, top_units=top, interpretable=interp,
                        text_similarity=sim_units, own_captions=sim_caps, ablation=summarize_ablation(curve),
-                       heatmap_iou=iou, iou_images=kept, iou_objects=cats, n_layers=model.cfg.n_layers,
+                       heatmap_iou=iou, iou_images=kept, iou_objects=cats,
+                       n_layers=model.cfg.n_layers if sae is None else len(saes_by_hook(model, sae)),
                        controls=controls, stages_s=stages, config=config)

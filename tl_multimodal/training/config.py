@@ -173,6 +173,9 @@ class RunConfig(Config):
             projection checkpoint it was loaded with, as the command line's ``--model`` and
             ``--projection`` (``None`` when not known or not given; the projection itself is
             recorded by its id either way).
+        sae: An SAE (:func:`~tl_multimodal.sae.load.load_sae`'s ``path``; loaded in the model's dtype): attribute
+            its latents instead of the MLP units (the rows' ``layer`` is then 0 and ``unit`` the latent; ``hook``
+            is not used).
 
     Raises:
         TypeError, ValueError: A setting of the wrong type or out of range (named).
@@ -191,6 +194,7 @@ class RunConfig(Config):
     split: str | None = None
     model_spec: str | None = None
     projection_file: str | None = None
+    sae: str | None = None
 
     #: Fields a rerun into the same folder may change: they do not change the rows already written.
     FREE = ("batch_size", "limit")
@@ -199,7 +203,7 @@ class RunConfig(Config):
         check_ints(k=self.k, shard_size=self.shard_size, batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
         if self.limit is not None:
             check_int(self.limit, "limit", 0)
-        for name in ("data_source", "projection_file"):
+        for name in ("data_source", "projection_file", "sae"):
             _set(self, name, _path(getattr(self, name)))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -42,6 +42,7 @@ from tl_multimodal._validate import check_flag
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.models.projection import projection_id
 from tl_multimodal.pretrained.load import load
+from tl_multimodal.sae.load import load_sae
 from tl_multimodal.training._distributed import partial_state
 from tl_multimodal.training._run_files import (clear_run, differences, ids_digest, read_shard, remove_shard,
                                                shard_problem, write_record)
@@ -297,6 +298,7 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    sae = None if config.sae is None else load_sae(config.sae, dtype=model.cfg.dtype, device=model.cfg.device)
     settings = _manifest(config, model)
     first = rank == 0 or not restart  # with restart, rank 0 clears the folder and the others wait for it
     if first:
@@ -337,7 +339,7 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
                 ids = chunk_ids[b_start - start:b_start - start + len(batch)]
                 try:
                     attr = attribute(model, [r[key] for r in batch], prompt=prompt, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, hook=hook)
+                                     batch_size=batch_size, hook=hook, sae=sae)
                 except ValueError as e:
                     raise ValueError(f"attribution failed on images {indices[0]}..{indices[-1]} "
                                      f"(ids {ids}): {e}") from e
@@ -392,7 +394,8 @@ def run_attribute(args: argparse.Namespace, *, data=None, model=None) -> RunSumm
                        prompt=args.prompt, max_new_tokens=args.max_new_tokens, hook=args.hook,
                        image_column=args.image_column, id_column=args.id_column, data_source=_where(args.data),
                        split=args.split, model_spec=args.model,
-                       projection_file=None if args.projection is None else _where(args.projection))
+                       projection_file=None if args.projection is None else _where(args.projection),
+                       sae=None if args.sae is None else _where(args.sae))
     summary = run_attribution(model, data, args.out, config, rank=state.process_index,
                               world_size=state.num_processes, progress=not args.no_progress,
                               restart=getattr(args, "restart", False))
