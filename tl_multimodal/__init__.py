@@ -36,6 +36,8 @@ _EXPORTS = {
     "evaluation.lens": ["LensCurve", "lens_similarity", "resid_lens_texts", "unit_lens_texts"],
     "evaluation.neurons": ["AblationSummary", "IoUTest", "NeuronsEval", "SimilarityTest", "coco_object_masks",
         "evaluate_neurons", "heatmap_iou_test", "pair_similarities", "summarize_ablation", "text_similarity_test"],
+    "evaluation.selectivity": ["GenericUnits", "UnitSpread", "drop_units", "generic_units", "iou_ceiling", "rerank",
+        "unit_spread"],
     "experiments.lm_blocks": ["ViTWithLMBlocks"],
     "models.bridge": ["VisionBridge"],
     "models.encoders": ["HFVisionEncoder", "VisionEncoder"],
