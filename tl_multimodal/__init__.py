@@ -18,7 +18,7 @@ _EXPORTS = {
     "analysis.alignment": ["Alignment", "SoftPromptNorms", "alignment", "soft_prompt_norms"],
     "analysis.attribution": ["Attribution", "DatasetAttribution", "TopUnits", "attribute", "attribute_dataset"],
     "analysis.decoding": ["ImagePromptDecoding", "UnitDecoding", "decode_image_prompts", "decode_unit",
-        "decode_units", "is_interpretable", "nearest_tokens", "unit_texts"],
+        "decode_units", "is_interpretable", "nearest_tokens", "token_texts", "unit_texts"],
     "analysis.heatmaps": ["HeatmapIoUs", "UnitHeatmap", "activation_mask", "heatmap_ious", "mask_iou",
         "plot_heatmap", "unit_grid_activations", "unit_heatmap"],
     "analysis.lens": ["ImageLens", "image_logit_lens"],

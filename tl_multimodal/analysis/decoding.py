@@ -229,6 +229,16 @@ class ImagePromptDecoding:
         })
 
 
+def token_texts(model: VisionLM, token_ids: Int[Tensor, "... k"]) -> list:
+    """Token ids as texts: each row of the last axis decoded, cleaned (:func:`clean_token`) and joined by
+    spaces; nested lists of the leading axes (``[batch, patch, k]`` -> ``[batch][patch]`` strings)."""
+    def text(x):
+        if x and isinstance(x[0], list):
+            return [text(r) for r in x]
+        return " ".join(clean_token(model.tokenizer.decode([t])) for t in x)
+    return text(token_ids.tolist())
+
+
 @torch.no_grad()
 def nearest_tokens(model: VisionLM, x: Float[Tensor, "... d_model"], n_tokens: int = 5,
                    method: Literal["unembed", "embed"] = "unembed",

@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_multimodal._validate import check_int
-from tl_multimodal.analysis.decoding import clean_token, nearest_tokens
+from tl_multimodal.analysis.decoding import nearest_tokens, token_texts
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
 
@@ -45,8 +45,7 @@ class ImageLens:
 
     def texts(self, model: VisionLM) -> list[list[list[str]]]:
         """``[depth][image][patch]``: each position's tokens, cleaned and joined by spaces."""
-        return [[[" ".join(clean_token(model.tokenizer.decode([t])) for t in pos) for pos in img] for img in depth]
-                for depth in self.token_ids.tolist()]
+        return token_texts(model, self.token_ids)
 
     def to_dataframe(self):
         """Long format: depth, image, patch, rank, token_id, prob."""

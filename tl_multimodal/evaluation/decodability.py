@@ -30,7 +30,7 @@ from scipy import stats
 from torch import Tensor
 
 from tl_multimodal._validate import check_int
-from tl_multimodal.analysis.decoding import clean_token, nearest_tokens
+from tl_multimodal.analysis.decoding import nearest_tokens, token_texts
 from tl_multimodal.evaluation.neurons import SimilarityTest, pair_similarities, text_similarity_test
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
@@ -43,12 +43,6 @@ def matched_norm_vectors(x: Float[Tensor, "... d_model"], generator: torch.Gener
     g = torch.randn(x.shape, generator=generator, dtype=torch.float64)
     g = g / g.norm(dim=-1, keepdim=True)
     return (g * x.double().norm(dim=-1, keepdim=True)).to(x.dtype)
-
-
-def token_texts(model: VisionLM, token_ids: Tensor) -> list[list[str]]:
-    """``[batch, position, k]`` token ids as ``[batch][position]`` texts: the cleaned tokens joined by spaces."""
-    return [[" ".join(clean_token(model.tokenizer.decode([t])) for t in pos) for pos in row]
-            for row in token_ids.tolist()]
 
 
 @dataclass(repr=False)

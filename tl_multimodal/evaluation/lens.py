@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from tl_multimodal._validate import check_int
-from tl_multimodal.analysis.decoding import clean_token, decode_units
+from tl_multimodal.analysis.decoding import decode_units, token_texts
 from tl_multimodal.analysis.lens import image_logit_lens
 from tl_multimodal.evaluation.controls import bootstrap_interval, unit_magnitudes
 from tl_multimodal.evaluation.neurons import pair_similarities
@@ -151,6 +151,5 @@ def unit_lens_texts(model: VisionLM, images=None, image_features: Tensor | None 
     layers = torch.arange(n_layers)[None, :, None].expand_as(top)
     units = torch.stack([layers, top], -1).reshape(-1, 2)
     dec = decode_units(model, units, n_tokens=n_tokens)
-    texts = np.array([" ".join(clean_token(t) for t in toks) for toks in dec.tokens],
-                     dtype=object).reshape(n_img, n_layers, n_units)
+    texts = np.array(token_texts(model, dec.token_ids), dtype=object).reshape(n_img, n_layers, n_units)
     return {layer: [list(texts[i, layer]) for i in range(n_img)] for layer in range(n_layers)}
