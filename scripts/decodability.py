@@ -70,6 +70,7 @@ def main(argv=None):
         fig = resid.plot(label="residual stream (logit lens)")
         units.plot(ax=fig.axes[0], label="MLP units (decoded output directions)")
         fig.axes[0].set_title(f"coco_mini {args.split}, {len(images)} images, projection {ident}", fontsize=8)
+        fig.tight_layout()
         fig.savefig(args.figure, dpi=90)
         print(f"saved {args.figure}")
 
