@@ -10,7 +10,7 @@ whose decoded text is about the image has a gap above zero. The texts come from
 :func:`~tl_multimodal.analysis.lens.image_logit_lens`) or :func:`unit_lens_texts` (the decoded output
 directions of each layer's most active MLP units at the image positions); any other source passes its own
 ``{depth: [image][texts]}``: e.g. SAE latents, each image's most active latents per layer with their decoder
-directions turned into texts by ``token_texts(model, nearest_tokens(model, directions, 10)[0])``
+directions (``[1, n, d_model]``) turned into texts by ``token_texts(model, nearest_tokens(model, directions, 10)[0])``
 (:mod:`tl_multimodal.analysis.decoding`).
 
     texts = resid_lens_texts(model, images)
