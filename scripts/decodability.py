@@ -53,12 +53,14 @@ def main(argv=None):
     if not args.lens:
         return
     emb = model.embed_images(pixels)
-    resid = lens_similarity(resid_lens_texts(model, image_embed=emb, n_tokens=args.lens_tokens, batch_size=args.batch_size),
+    resid = lens_similarity(resid_lens_texts(model, image_embed=emb, n_tokens=args.lens_tokens,
+                                             batch_size=args.batch_size),
                             captions, embed, source=f"logit lens at the image positions, top {args.lens_tokens} tokens",
                             seed=args.seed)
     print(resid)
     print(f"[{time.perf_counter() - t0:.0f} s]", flush=True)
-    units = lens_similarity(unit_lens_texts(model, image_embed=emb, n_units=args.lens_units, batch_size=args.batch_size),
+    units = lens_similarity(unit_lens_texts(model, image_embed=emb, n_units=args.lens_units,
+                                            batch_size=args.batch_size),
                             captions, embed, source=f"top {args.lens_units} MLP units per layer (max |hook_post|), "
                                                     "top 10 decoded tokens", seed=args.seed)
     print(units)

@@ -33,7 +33,8 @@ def main(argv=None):
     add_data_args(p)
     p.add_argument("--k", type=int, default=100, help="top units per image (decoded similarity, IoU, spread)")
     p.add_argument("--candidates", type=int, default=300, help="ranked units per image the rankings choose from")
-    p.add_argument("--min-share", type=float, default=0.25, help="generic: top unit of >= this share of other-target images")
+    p.add_argument("--min-share", type=float, default=0.25,
+                   help="generic: a top unit of >= this share of the images with another target")
     p.add_argument("--control-draws", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -85,7 +86,8 @@ def main(argv=None):
               f"{(mass >= 0.5).float().nanmean():.1%}")
     ceiling = iou_ceiling(masks, 0.05)
     area = np.array([np.asarray(m).mean() for m in masks])
-    print(f"  objects: mean area {area.mean():.1%} of the model input (median {np.median(area):.1%}); best IoU a 5% mask "
+    print(f"  objects: mean area {area.mean():.1%} of the model input (median {np.median(area):.1%}); "
+          f"best IoU a 5% mask "
           f"can reach: mean {ceiling.mean():.3f} (median {np.median(ceiling):.3f}, min {ceiling.min():.3f})")
 
     g = generic_units(top, targets, args.min_share)

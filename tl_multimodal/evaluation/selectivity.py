@@ -62,7 +62,8 @@ class UnitSpread:
         """One row per (image, unit): image, rank, layer, unit, entropy, top_mass."""
         b, n = self.entropy.shape
         return pd.DataFrame({"image": np.repeat(np.arange(b), n), "rank": np.tile(np.arange(n), b),
-                             "layer": self.units[..., 0].flatten().numpy(), "unit": self.units[..., 1].flatten().numpy(),
+                             "layer": self.units[..., 0].flatten().numpy(),
+                             "unit": self.units[..., 1].flatten().numpy(),
                              "entropy": self.entropy.flatten().numpy(), "top_mass": self.top_mass.flatten().numpy()})
 
     def __repr__(self) -> str:
