@@ -239,6 +239,44 @@ class ImagePromptDecoding:
         })
 
 
+def token_texts(model: VisionLM, token_ids: Int[Tensor, "... k"]) -> list:
+    """Token ids as texts: each row of the last axis decoded, cleaned (:func:`clean_token`) and joined by
+    spaces; nested lists of the leading axes (``[batch, patch, k]`` -> ``[batch][patch]`` strings)."""
+    def text(x):
+        if x and isinstance(x[0], list):
+            return [text(r) for r in x]
+        return " ".join(clean_token(model.tokenizer.decode([t])) for t in x)
+    return text(token_ids.tolist())
+
+
+@torch.no_grad()
+def nearest_tokens(model: VisionLM, x: Float[Tensor, "... d_model"], n_tokens: int = 5,
+                   method: Literal["unembed", "embed"] = "unembed",
+                   ) -> tuple[Int[Tensor, "... k"], Float[Tensor, "... k"]]:
+    """The ``n_tokens`` tokens nearest to residual-stream vectors, best first (on the CPU).
+
+    Args:
+        model: A vision LM (or any HookedTransformer / TransformerBridge).
+        x: Residual-stream vectors (soft prompts, or the residual stream at any layer).
+        n_tokens: Tokens kept per vector.
+        method: ``"unembed"``: the logit lens, ``softmax(W_U^T ln_final(x) + b_U)`` with the real final
+            norm (each vector's own scale); ``"embed"``: cosine similarity to the input embeddings ``W_E``.
+
+    Returns:
+        Token ids and their scores (probabilities or cosines).
+    """
+    if method not in ("unembed", "embed"):
+        raise ValueError(f"method must be 'unembed' or 'embed', got {method!r}")
+    check_int(n_tokens, "n_tokens", maximum=model.cfg.d_vocab)
+    if method == "unembed":
+        scores = model.unembed(model.ln_final(x) if hasattr(model, "ln_final") else x).float().softmax(-1)
+    else:
+        scores = torch.nn.functional.normalize(x.float(), dim=-1) @ \
+            torch.nn.functional.normalize(model.W_E.float(), dim=-1).T
+    vals, ids = scores.topk(n_tokens, dim=-1)
+    return ids.cpu(), vals.cpu()
+
+
 @torch.no_grad()
 def decode_image_prompts(model: VisionLM, images=None, image_features=None, n_tokens: int = 5,
                          method: Literal["unembed", "embed"] = "unembed") -> ImagePromptDecoding:
@@ -255,17 +293,9 @@ def decode_image_prompts(model: VisionLM, images=None, image_features=None, n_to
     Returns:
         An :class:`ImagePromptDecoding`.
     """
-    if method not in ("unembed", "embed"):
-        raise ValueError(f"method must be 'unembed' or 'embed', got {method!r}")
     check_int(n_tokens, "n_tokens")
     x = soft_prompts(model, images, image_features)  # [batch, patch, d_model]
-    if method == "unembed":
-        scores = model.unembed(model.ln_final(x) if hasattr(model, "ln_final") else x).float().softmax(-1)
-    else:
-        scores = torch.nn.functional.normalize(x.float(), dim=-1) @ \
-            torch.nn.functional.normalize(model.W_E.float(), dim=-1).T
-    vals, ids = scores.topk(n_tokens, dim=-1)
-    ids, vals = ids.cpu(), vals.cpu()
+    ids, vals = nearest_tokens(model, x, n_tokens, method)
     tokens = [[[model.tokenizer.decode([t]) for t in patch] for patch in img] for img in ids.tolist()]
     interp = torch.tensor([[n_tokens >= 10 and is_interpretable(p) for p in img] for img in tokens], dtype=torch.bool)
     return ImagePromptDecoding(ids, tokens, vals, method, interp.reshape(ids.shape[:2]))

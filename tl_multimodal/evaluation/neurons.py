@@ -79,6 +79,25 @@ class SimilarityTest:
                 f"random {self.random:.4f}; MWU p={self.mwu_p:.3g}, permutation p={self.perm_p:.3g})")
 
 
+def pair_similarities(text_emb: Sequence[Float[np.ndarray, "n_texts d"]],
+                      caption_emb: Sequence[Float[np.ndarray, "n_captions d"]],
+                      reduce: Literal["mean", "max"] = "mean") -> list[list[Float[np.ndarray, "n_texts"]]]:
+    """Every image's texts against every image's reference captions: ``[i][j]`` is ``[n_i]``, each of
+    image ``i``'s texts' mean (or max) cosine with image ``j``'s captions (rows L2-normalised).
+
+    Args:
+        text_emb: Per image, ``[n_i, d]`` normalised embeddings of its texts (``n_i`` may be 0).
+        caption_emb: Per image, ``[n_captions, d]`` normalised embeddings of its reference captions.
+        reduce: ``"mean"`` or ``"max"`` over an image's captions.
+    """
+    if len(text_emb) != len(caption_emb):
+        raise ValueError(f"{len(text_emb)} text sets for {len(caption_emb)} caption sets")
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+    red = (lambda m: m.mean(-1)) if reduce == "mean" else (lambda m: m.max(-1))
+    return [[red(t @ c.T) if len(t) else np.zeros(0) for c in caption_emb] for t in text_emb]
+
+
 def text_similarity_test(text_emb: Sequence[Float[np.ndarray, "n_texts d"]],
                          caption_emb: Sequence[Float[np.ndarray, "n_captions d"]],
                          reduce: Literal["mean", "max"] = "mean", rng: np.random.Generator | None = None,
@@ -96,13 +115,8 @@ def text_similarity_test(text_emb: Sequence[Float[np.ndarray, "n_texts d"]],
         n_perm: Permutations of the image-level test.
     """
     n = len(caption_emb)
-    if len(text_emb) != n:
-        raise ValueError(f"{len(text_emb)} text sets for {n} caption sets")
-    if reduce not in ("mean", "max"):
-        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
     rng = np.random.default_rng(0) if rng is None else rng
-    red = (lambda m: m.mean(-1)) if reduce == "mean" else (lambda m: m.max(-1))
-    pair = [[red(t @ c.T) if len(t) else np.zeros(0) for c in caption_emb] for t in text_emb]  # [i][j] -> [n_i]
+    pair = pair_similarities(text_emb, caption_emb, reduce)
     has = np.array([len(t) > 0 for t in text_emb])
     S = np.array([[p.mean() if len(p) else np.nan for p in row] for row in pair])
     matched_pairs = np.concatenate([pair[i][i] for i in range(n)]) if n else np.zeros(0)
