@@ -106,7 +106,10 @@ def gemma3():
     ip = T.Gemma3ImageProcessor(size={"height": 56, "width": 56}, pan_and_scan_min_crop_size=20,
                                 pan_and_scan_max_num_crops=4, pan_and_scan_min_ratio_to_activate=1.2)
     proc = T.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=16)
-    return Tiny("gemma3", _widen(T.Gemma3ForConditionalGeneration(cfg)), proc, "<start_of_image>", (160, 60),
+    model = T.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # HF initialises the image projection to zeros: images would not matter
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    return Tiny("gemma3", _widen(model), proc, "<start_of_image>", (160, 60),
                 {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 20})  # the processor's defaults: off, 256
 
 
@@ -129,3 +132,63 @@ def build(name: str, seed: int = 0) -> Tiny:
     tiny = BUILDERS[name]()
     tiny.hf.set_attn_implementation("eager")  # as the bridge runs it
     return tiny
+
+
+def make_pointwise(hf) -> None:
+    """Make every image token depend on its own pixels alone, and the LM's layer 0 MLP read the image
+    tokens as they are: the vision tower's position embeddings and attention outputs, and the LM's layer-0
+    attention output, are zeroed (a hand-built model for planted units)."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            vision = "language_model" not in name and "lm_head" not in name
+            if vision and ("position_embedding" in name or "self_attn.out_proj." in name or ".attn.proj." in name):
+                p.zero_()
+            if "language_model.layers.0.self_attn.o_proj." in name:
+                p.zero_()
+
+
+def plain_image(size, colour) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def quadrant_image(size) -> Image.Image:
+    """Black, with the top-left quadrant white."""
+    w, h = size
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[: h // 2, : w // 2] = 255
+    return Image.fromarray(pixels)
+
+
+def plant_unit(tiny, unit: int = 0, gain: float = 8.0) -> None:
+    """Make the HF model's layer-0 MLP unit ``unit`` fire on white image tokens and be exactly 0 on black
+    ones (its up row orthogonal to the black tokens' MLP input, its gate row along the white's rest);
+    after :func:`make_pointwise`, where every image token's MLP input depends on its own pixels alone."""
+    mlp = lm_layers(tiny.hf)[0].mlp
+
+    def mlp_in(colour):
+        batch = tiny.batch(plain_image(tiny.size, colour))
+        seen = {}
+        handle = mlp.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+        tiny.hf(**batch)
+        handle.remove()
+        rows = seen["x"][batch["input_ids"] == tiny.hf.config_image_token_id]
+        return rows[0]  # the first image token sees the image's top-left corner (newlines and padding differ)
+
+    with torch.no_grad():
+        tiny.hf.config_image_token_id = image_token_id(tiny.hf.config)
+        white, black = mlp_in("white"), mlp_in("black")
+        v = white - (white @ black) / (black @ black) * black
+        v = v / v.norm()
+        mlp.up_proj.weight[unit] = v
+        mlp.gate_proj.weight[unit] = gain * v
+
+
+def image_token_id(config) -> int:
+    token = getattr(config, "image_token_id", None)
+    return getattr(config, "image_token_index", None) if token is None else token
+
+
+def lm_layers(hf):
+    """The HF model's language-model decoder layers (Idefics3 calls its LM ``text_model``)."""
+    inner = hf.model
+    return (inner.text_model if hasattr(inner, "text_model") else inner.language_model).layers

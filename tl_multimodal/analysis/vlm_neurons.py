@@ -19,6 +19,7 @@ unembedding).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import pandas as pd
 import torch
@@ -140,18 +141,23 @@ class VLMAttribution:
     answer: str | None
     is_patch: Bool[Tensor, "image_token"]
 
-    def unit_scores(self) -> Float[Tensor, "layer unit"]:
-        """Each unit's largest attribution over the image's patch tokens (separators left out)."""
-        return self.scores[:, self.is_patch].amax(1)
+    def unit_scores(self, over_patches: str = "max") -> Float[Tensor, "layer unit"]:
+        """Each unit's score over the image's patch tokens (separators left out): its largest attribution
+        (``"max"``, the paper's) or their sum (``"sum"``: to first order, what zeroing it at every image
+        token takes from the log-probability)."""
+        if over_patches not in ("max", "sum"):
+            raise ValueError(f"over_patches must be 'max' or 'sum', got {over_patches!r}")
+        patches = self.scores[:, self.is_patch]
+        return patches.amax(1) if over_patches == "max" else patches.sum(1)
 
-    def top_units(self, n_units: int = 100) -> TopUnits:
-        """The ``n_units`` best units by :meth:`unit_scores`, with the patch token of each one's maximum."""
+    def top_units(self, n_units: int = 100, over_patches: str = "max") -> TopUnits:
+        """The ``n_units`` best units by :meth:`unit_scores`, with the patch token where each one's
+        attribution is largest."""
         n_layers, _, d_mlp = self.scores.shape
         check_int(n_units, "n_units", maximum=n_layers * d_mlp)
-        patch_scores = self.scores.masked_fill(~self.is_patch[None, :, None], float("-inf"))
-        best, where = patch_scores.max(1)
-        score, flat = best.flatten().topk(n_units)
+        score, flat = self.unit_scores(over_patches).flatten().topk(n_units)
         layer, unit = flat // d_mlp, flat % d_mlp
+        where = self.scores.masked_fill(~self.is_patch[None, :, None], float("-inf")).argmax(1)
         return TopUnits(torch.zeros_like(layer), layer, unit, where[layer, unit], score, torch.arange(n_units),
                         [self.target] * n_units, n_units, "post")
 
@@ -191,13 +197,13 @@ def attribute_vlm(model, inputs, target=None, *, is_patch: Bool[Tensor, "image_t
     names = [mlp_act_name("post", layer) for layer in range(model.cfg.n_layers)]
     deltas, acts = {}, {}
 
-    def keep(act, hook):
-        acts[hook.name] = act.detach()
-        deltas[hook.name] = torch.zeros_like(act, requires_grad=True)
-        return act + deltas[hook.name]  # d objective / d delta = d objective / d act, the graph unbroken
+    def keep(act, hook, name):  # (a bridge may run the hook under an alias: keyed by the name asked for)
+        acts[name] = act.detach()
+        deltas[name] = torch.zeros_like(act, requires_grad=True)
+        return act + deltas[name]  # d objective / d delta = d objective / d act, the graph unbroken
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(**batch, fwd_hooks=[(n, keep) for n in names])
+        logits = model.run_with_hooks(**batch, fwd_hooks=[(n, partial(keep, name=n)) for n in names])
         objective = logits[0, -1].float().log_softmax(-1)[target_id]
         grads = torch.autograd.grad(objective, [deltas[n] for n in names])
     scores = torch.stack([(acts[n][0, mask] * g[0, mask]).float().cpu() for n, g in zip(names, grads)])

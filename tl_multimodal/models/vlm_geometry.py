@@ -25,6 +25,7 @@ is applied to these records:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -33,6 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 _N_FIELDS = 8  # cx, cy, x0, y0, x1, y1, real, view
+_SLACK = 0.25  # pixels: resampling blurs the decoded box edges by a fraction of a pixel
 _REAL = 0.75  # the coordinate image's third channel is 1 on real pixels; padding decodes to 0 or the mean
 
 
@@ -87,9 +89,10 @@ class ImageTokenGeometry:
         total, count = torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w, dtype=torch.float64)
         keep = (self.image_index == image_index) & self.is_patch & torch.isfinite(self.box).all(-1)
         for (x0, y0, x1, y1), v in zip(self.box[keep].tolist(), values.detach().cpu().double()[keep].tolist()):
-            # pixels whose centre (i + 0.5) lies in [x0, x1)
-            c0, c1 = max(round(x0), 0), min(round(x1), w)
-            r0, r1 = max(round(y0), 0), min(round(y1), h)
+            # pixels whose centre (i + 0.5) lies in [x0, x1], boxes widened by _SLACK: resampling error in the
+            # decoded coordinates must not open a gap between neighbours (a shared edge pixel is averaged)
+            c0, c1 = max(math.ceil(x0 - 0.5 - _SLACK), 0), min(math.floor(x1 - 0.5 + _SLACK) + 1, w)
+            r0, r1 = max(math.ceil(y0 - 0.5 - _SLACK), 0), min(math.floor(y1 - 0.5 + _SLACK) + 1, h)
             total[r0:r1, c0:c1] += v
             count[r0:r1, c0:c1] += 1
         return (total / count).float()

@@ -1,0 +1,179 @@
+"""LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Gemma 3 and Idefics3 on TransformerLens's bridge (VLMBridge): tiny
+random HF models built offline (tests/pretrained/vlm_tiny.py), each with its tiles / crops / dynamic resolution
+active. Oracles: the HF model itself fed the processor's batch, finite differences, HF's own weights and MLP
+inputs, and a hand-built model with a planted unit that fires only on one quadrant of the original image."""
+
+import copy
+
+import pytest
+import torch
+
+import tl_multimodal
+from tl_multimodal import (ablate_vlm_units, attribute_vlm, decode_units, greedy_answer, patch_vlm_units,
+                           vlm_unit_activations, vlm_unit_heatmap)
+from tl_multimodal.analysis.ablation import sample_matched_units
+from tl_multimodal.analysis.nouns import first_noun
+
+from vlm_tiny import BUILDERS, build, lm_layers, make_pointwise, plain_image, plant_unit, quadrant_image
+
+try:
+    from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+    import transformer_lens
+
+    TL4 = int(transformer_lens.__version__.split(".")[0]) >= 4 if hasattr(transformer_lens, "__version__") else False
+except ImportError:  # pragma: no cover
+    TL4 = False
+
+ARCHS = list(BUILDERS)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request):
+    """(tiny, model): the tiny HF model and a copy of it on the bridge."""
+    tiny = build(request.param)
+    model = tl_multimodal.load(copy.deepcopy(tiny.hf), processor=tiny.processor)
+    return tiny, model
+
+
+def test_logits_equal_hf_on_the_processors_batch(arch):
+    tiny, model = arch
+    assert isinstance(model, tl_multimodal.VLMBridge)
+    batch = tiny.batch(tiny.random_image())
+    with torch.no_grad():
+        want = tiny.hf(**batch).logits
+        got = model(**batch)
+    diff = (got - want).abs().max().item()
+    print(f"{tiny.name}: max |logit diff| vs HF {diff:.2e} (logit scale {want.abs().max():.2f})")
+    assert got.shape == want.shape and diff < 1e-4
+    other = tiny.batch(tiny.random_image(seed=1))
+    with torch.no_grad():
+        assert not torch.allclose(model(**other)[:, -1], got[:, -1], atol=1e-3)  # the image matters
+
+
+def test_geometry_has_one_record_per_image_token_covering_the_image(arch):
+    tiny, model = arch
+    image = tiny.random_image()
+    batch = tiny.batch(image)
+    geometry = model.image_geometry([image.size], **tiny.processor_kwargs)
+    assert len(geometry) == int(model.image_mask(batch["input_ids"]).sum())
+    w, h = image.size
+    box = geometry.box[geometry.is_patch]
+    assert (box[:, 0] >= -1).all() and (box[:, 2] <= w + 1).all() and (box[:, 1] >= -1).all() and (box[:, 3] <= h + 1).all()
+    assert (box[:, 2] > box[:, 0]).all() and (box[:, 3] > box[:, 1]).all()
+    assert torch.isfinite(geometry.paint(torch.ones(len(geometry)))).all()  # every pixel is seen by some token
+    n_views = int(geometry.view.max()) + 1
+    assert n_views > 1 or tiny.name == "qwen2_5_vl"  # tiles / crops active (Qwen: one dynamic-resolution view)
+    if tiny.name in ("llava_next", "llava_onevision"):  # one image_newline per row of the unpadded tile grid
+        assert (~geometry.is_patch).sum() > 0 and (geometry.view[~geometry.is_patch] == -1).all()
+
+
+def test_attribution_equals_finite_differences(arch):
+    tiny, model = arch
+    batch = tiny.batch(tiny.random_image())
+    target = int(model(**batch)[0, -1].argmax())
+    attr = attribute_vlm(model, batch, target=target)
+    n_layers, n_tok, d_mlp = attr.scores.shape
+    assert (n_layers, n_tok, d_mlp) == (model.cfg.n_layers, int(model.image_mask(batch["input_ids"]).sum()), model.cfg.d_mlp)
+    flat = attr.scores.abs().flatten().topk(3).indices
+    eps = 1e-2
+    for index in flat.tolist():
+        layer, rest = divmod(index, n_tok * d_mlp)
+        token, unit = divmod(rest, d_mlp)
+        name = f"blocks.{layer}.mlp.hook_post"
+        position = model.image_mask(batch["input_ids"])[0].nonzero()[token, 0]
+
+        def logprob(delta):
+            def add(act, hook):
+                act = act.clone()
+                act[0, position, unit] += delta
+                return act
+
+            with torch.no_grad():
+                logits = model.run_with_hooks(**batch, fwd_hooks=[(name, add)])
+            return logits[0, -1].double().log_softmax(-1)[target]
+
+        with torch.no_grad():
+            _, cache = model.run_with_cache(**batch, names_filter=name)
+        act = cache[name][0, position, unit].double()
+        fd = act * (logprob(eps) - logprob(-eps)) / (2 * eps)
+        score = attr.scores[layer, token, unit].double()
+        assert abs(score - fd) <= 2e-2 * abs(score) + 1e-4, (tiny.name, layer, token, unit, float(score), float(fd))
+
+
+def test_ablating_top_units_lowers_p_more_than_random_units(arch):
+    tiny, model = arch
+    batch = tiny.batch(tiny.random_image())
+    target = int(model(**batch)[0, -1].argmax())
+    attr = attribute_vlm(model, batch, target=target)
+    top = attr.top_units(8, over_patches="sum").units()  # first order: zeroing takes the sum
+    ablated = ablate_vlm_units(model, batch, top, target)
+    generator = torch.Generator().manual_seed(0)
+    random = [ablate_vlm_units(model, batch, sample_matched_units(top, model.cfg.d_mlp, generator), target)
+              for _ in range(5)]
+    drop_top = float(ablated.p_before - ablated.p_after)
+    drop_random = max(float(r.p_before - r.p_after) for r in random)
+    print(f"{tiny.name}: p(c) {float(ablated.p_before):.4g}, top-8 drop {drop_top:.3g}, best of 5 random drops {drop_random:.3g}")
+    assert drop_top > 0 and drop_top > drop_random
+
+
+def test_patching_units_equals_hf_with_the_source_mlp_activations(arch):
+    """Patch layer-0 units from a plain white image at the image tokens; the oracle patches HF's own
+    down-projection input (act(gate) * up) captured from HF's run on the source image."""
+    tiny, model = arch
+    base, source = tiny.batch(tiny.random_image(0)), tiny.batch(plain_image(tiny.size, "white"))
+    target = int(model(**base)[0, -1].argmax())
+    units = torch.tensor([[0, u] for u in range(0, model.cfg.d_mlp, 2)])  # every other unit of layer 0
+    got = patch_vlm_units(model, base, source, units, target)
+
+    down = lm_layers(tiny.hf)[0].mlp.down_proj
+    seen = {}
+    handle = down.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach().clone()))
+    with torch.no_grad():
+        tiny.hf(**source)
+    handle.remove()
+    src_mask, base_mask = (b["input_ids"] == model.image_token_id for b in (source, base))
+
+    def patch(m, args):
+        x = args[0].clone()
+        rows = x[base_mask]
+        rows[:, units[:, 1]] = seen["x"][src_mask][:, units[:, 1]]
+        x[base_mask] = rows
+        return (x,)
+
+    handle = down.register_forward_pre_hook(patch)
+    with torch.no_grad():
+        want = tiny.hf(**base).logits[0, -1].softmax(-1)[target]
+    handle.remove()
+    log_patched, log_base = float(got.p_patched[0].log()), float(got.p_base[0].log())
+    print(f"{tiny.name}: log p(c) base {log_base:.6f}, patched {log_patched:.6f}, HF patched {float(want.log()):.6f}")
+    assert abs(log_patched - float(want.log())) < 1e-5  # float32 log-probabilities of ~-10
+    assert abs(log_patched - log_base) > 1e-4  # the patch did something
+
+
+def test_decoding_is_the_down_projection_row_through_the_unembedding(arch):
+    tiny, model = arch
+    dec = decode_units(model, [(0, 5), (1, 7)], n_tokens=5)
+    for i, (layer, unit) in enumerate([(0, 5), (1, 7)]):
+        down = lm_layers(tiny.hf)[layer].mlp.down_proj.weight[:, unit]
+        want = (tiny.hf.lm_head.weight @ down).topk(5).indices
+        assert dec.token_ids[i].tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_planted_quadrant_unit_gives_a_heatmap_in_that_quadrant(name):
+    tiny = build(name)
+    make_pointwise(tiny.hf)
+    plant_unit(tiny, unit=0)
+    model = tl_multimodal.load(tiny.hf, processor=tiny.processor)
+    image = quadrant_image(tiny.size)
+    batch = tiny.batch(image)
+    acts = vlm_unit_activations(model, batch, 0, 0)
+    heat = vlm_unit_heatmap(model, batch, 0, 0, [image.size], **tiny.processor_kwargs)
+    w, h = image.size
+    mass = heat.nan_to_num().clamp(min=0)
+    inside = float(mass[: h // 2, : w // 2].sum() / mass.sum())
+    geometry = model.image_geometry([image.size], **tiny.processor_kwargs)
+    print(f"{name}: {len(acts)} image tokens in {int(geometry.view.max()) + 1} views; "
+          f"heatmap mass in the white quadrant {inside:.3f}")
+    assert acts.max() > 0 and (acts[geometry.is_patch] >= -1e-6).all()
+    assert inside > 0.9
