@@ -124,6 +124,7 @@ def _decode(pixels: Tensor, coords, channel_dim: int) -> Tensor:
 def patch_records(xyr: Float[Tensor, "view 3 height width"], patch: int) -> Float[Tensor, "view n_patches 8"]:
     """One record per vision patch (row-major) of decoded views: centre, box, realness (view index last)."""
     v, _, H, W = xyr.shape
+    xyr = xyr[..., : H // patch * patch, : W // patch * patch]  # a strided conv drops the rest (SigLIP 384/14)
     cells = xyr.reshape(v, 3, H // patch, patch, W // patch, patch).permute(0, 2, 4, 1, 3, 5)
     cells = cells.reshape(v, (H // patch) * (W // patch), 3, patch * patch)
     return _records(cells, torch.arange(v, dtype=torch.float32)[:, None].expand(v, cells.shape[1]))
