@@ -258,3 +258,22 @@ def test_load_picks_the_bridge_for_these_models_and_names():
         tl_multimodal.load(tiny.hf)
     with pytest.raises((ValueError, ImportError), match="backend='bridge'"):  # (4.x: no hooked backend at all)
         tl_multimodal.load(tiny.hf, processor=tiny.processor, backend="hooked")
+
+
+def test_separators_are_left_out_of_unit_statistics(arch):
+    """LLaVA-NeXT / OneVision's image_newline tokens: a unit scoring highest at a separator is ranked by its
+    patch tokens only (the scores planted by hand in the attribution's table)."""
+    tiny, model = arch
+    image = tiny.random_image()
+    batch = tiny.batch(image)
+    attr = attribute_vlm(model, batch, target=5, image_sizes=[image.size], **tiny.processor_kwargs)
+    is_patch = model.image_geometry([image.size], **tiny.processor_kwargs).is_patch
+    assert attr.is_patch.tolist() == is_patch.tolist()
+    if is_patch.all():
+        assert tiny.name not in ("llava_next", "llava_onevision")
+        return
+    separator = int((~is_patch).nonzero()[0, 0])
+    attr.scores[1, separator, 7] = 1e3
+    top = attr.top_units(5)
+    assert top.score[0] < 1e3 and is_patch[top.patch].all()
+    assert attr.unit_scores()[1, 7] == attr.scores[1, is_patch, 7].max()

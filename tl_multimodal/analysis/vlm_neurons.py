@@ -173,16 +173,19 @@ class VLMAttribution:
                 f"top {best})")
 
 
-def attribute_vlm(model, inputs, target=None, *, is_patch: Bool[Tensor, "image_token"] | None = None,
-                  max_new_tokens: int = 12) -> VLMAttribution:
+def attribute_vlm(model, inputs, target=None, *, image_sizes=None, is_patch: Bool[Tensor, "image_token"] | None = None,
+                  max_new_tokens: int = 12, **processor_kwargs) -> VLMAttribution:
     """Attribution of every MLP unit at every image token to the target's log-probability: one backward pass.
 
     Args:
         model: A :class:`~tl_multimodal.models.vlm.VLMBridge`.
         inputs: The processor's batch for one prompt with its images (``chat_inputs`` for a chat prompt).
         target: ``None`` (the first noun of the model's greedy answer), a one-token string or a token id.
-        is_patch: Which image tokens are patches (``model.image_geometry(...).is_patch``); default all.
+        image_sizes: The batch's original image sizes ``(width, height)``: separators (``image_newline``) are
+            then left out of the units' patch statistics (``model.image_geometry(image_sizes).is_patch``).
+        is_patch: Or which image tokens are patches, given; default (neither): all.
         max_new_tokens: Length of the greedy answer the default target is read from.
+        **processor_kwargs: With ``image_sizes``: the options the batch was made with.
 
     Returns:
         A :class:`VLMAttribution`.
@@ -190,6 +193,10 @@ def attribute_vlm(model, inputs, target=None, *, is_patch: Bool[Tensor, "image_t
     batch, target_id, answer = target_inputs(model, inputs, target, max_new_tokens)
     mask = model.image_mask(batch["input_ids"])[0]
     n_tok = int(mask.sum())
+    if image_sizes is not None:
+        if is_patch is not None:
+            raise ValueError("give image_sizes or is_patch, not both")
+        is_patch = model.image_geometry(image_sizes, **processor_kwargs).is_patch
     if is_patch is None:
         is_patch = torch.ones(n_tok, dtype=torch.bool)
     elif not isinstance(is_patch, Tensor) or is_patch.shape != (n_tok,) or is_patch.dtype != torch.bool:
