@@ -84,7 +84,7 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
         spec = os.fspath(spec)
     kind = spec_kind(spec, encoder=encoder)
     chosen = resolve_backend(backend, kind)
-    if dtype is not None and kind in ("limber", "lm", "llava"):
+    if dtype is not None and (kind in ("limber", "lm", "llava") or kind == "vlm" and isinstance(spec, str)):
         kwargs.setdefault("dtype", dtype)  # a hub LM loads in it at once (not float32 first)
     if kind == "model":
         _check_backend(spec, spec, backend)  # before its projection is replaced
