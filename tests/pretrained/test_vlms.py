@@ -13,6 +13,7 @@ from tl_multimodal import (ablate_vlm_units, attribute_vlm, chat_inputs, decode_
                            vlm_unit_activations, vlm_unit_heatmap)
 from tl_multimodal.analysis.ablation import sample_matched_units
 from tl_multimodal.analysis.nouns import first_noun
+from tl_multimodal.models.vlm_geometry import image_token_geometry
 
 from vlm_tiny import BUILDERS, TEMPLATE, build, lm_layers, make_pointwise, plain_image, plant_unit, quadrant_image
 
@@ -277,3 +278,22 @@ def test_separators_are_left_out_of_unit_statistics(arch):
     top = attr.top_units(5)
     assert top.score[0] < 1e3 and is_patch[top.patch].all()
     assert attr.unit_scores()[1, 7] == attr.scores[1, is_patch, 7].max()
+
+
+@pytest.mark.parametrize("name", ["llava_next", "qwen2_5_vl"])
+def test_geometry_boxes_equal_the_processors_arithmetic(name):
+    """Hand arithmetic, independent of the coordinate image: LLaVA-NeXT's base view is the whole image squashed
+    to 28 x 28 (4 x 4 patches of 7 px) ahead of the tiles; Qwen2.5-VL's token (r, c) is the 28 px cell (r, c)
+    of the image resized to image_grid_thw * 14 px."""
+    tiny = build(name)
+    w, h = tiny.size
+    geometry = image_token_geometry(tiny.hf, tiny.processor.image_processor, [tiny.size])
+    if name == "llava_next":
+        rows, cols, n = 4, 4, 16
+        assert (geometry.view[:n] == 0).all() and (geometry.view[n:][geometry.is_patch[n:]] > 0).all()
+    else:
+        _, grid_h, grid_w = tiny.batch(tiny.random_image())["image_grid_thw"][0].tolist()
+        rows, cols, n = grid_h // 2, grid_w // 2, len(geometry)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    want = torch.stack([c * w / cols, r * h / rows, (c + 1) * w / cols, (r + 1) * h / rows], -1).reshape(-1, 4)
+    torch.testing.assert_close(geometry.box[:n], want.float(), atol=0.3, rtol=0)  # (resampling blurs edges)
