@@ -100,8 +100,9 @@ class ImageTokenGeometry:
 
 # ------------------------------------------------------------------------------ the coordinate image
 def coordinate_pixels(image_processor, size: tuple[int, int], **processor_kwargs) -> dict:
-    """The image processor's output for a coordinate image of ``size = (width, height)``, its
-    ``pixel_values`` decoded back to ``[..., 3, ...]`` channels (x in pixels, y in pixels, realness)."""
+    """The image processor's output for a coordinate image of ``size = (width, height)``, plus under
+    ``"coords"`` what :func:`_decode` needs to turn its ``pixel_values`` back into (x in original pixels,
+    y in original pixels, realness) channels: the normalisation's mean and std and the image size."""
     w, h = size
     x = (torch.arange(w, dtype=torch.float32) + 0.5) / w
     y = (torch.arange(h, dtype=torch.float32) + 0.5) / h
