@@ -20,10 +20,13 @@ import os
 from pathlib import Path
 
 from tl_multimodal._compat import HAS_HOOKED_TRANSFORMER, HookedTransformer
+from tl_multimodal.pretrained.vlms import is_vlm_model, is_vlm_name
 
 BACKENDS = ("auto", "hooked", "bridge")
 SPECS = ("'offline'", "'limber:<config>'", "an LM hub name with encoder=", "a LLaVA hub name (containing 'llava')",
+         "a LLaVA-NeXT/OneVision, Qwen2.5-VL, Gemma 3 or SmolVLM/Idefics3 hub name",
          "'module:function'", "'path/to/file.py:function'", "a LlavaForConditionalGeneration",
+         "a HF LLaVA-NeXT/OneVision, Qwen2.5-VL, Gemma 3 or Idefics3 model with processor= or tokenizer=",
          "a HF causal LM with tokenizer= and encoder=", "a built HookedVisionPrefix or VisionBridge")
 
 
@@ -40,6 +43,10 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
               GPT-J-6B + LiMBeR's encoder + LiMBeR's ``proj.ckpt`` given as ``projection=`` (hub).
             * An LM hub name with ``encoder=`` (a HF or timm vision model name), e.g. ``"gpt2"``.
             * A LLaVA hub name (containing ``"llava"``, any case), e.g. ``"llava-hf/llava-1.5-7b-hf"``.
+            * A LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Gemma 3 or SmolVLM/Idefics3 hub name (e.g.
+              ``"llava-hf/llava-onevision-qwen2-0.5b-ov-hf"``; :data:`~tl_multimodal.pretrained.vlms.HUB_NAME_MARKS`),
+              or such a HF model in memory with ``processor=`` (or ``tokenizer=``): a
+              :class:`~tl_multimodal.VLMBridge` (bridge only) taking the processor's batch as it is.
             * ``"module:function"`` or ``"path/to/file.py:function"``: a factory, called with
               ``**kwargs``, that returns a vision LM.
             * A HF ``LlavaForConditionalGeneration`` (in memory).
@@ -78,7 +85,7 @@ def load(spec, *, backend: str = "auto", projection=None, device=None, dtype=Non
         spec = os.fspath(spec)
     kind = spec_kind(spec, encoder=encoder)
     chosen = resolve_backend(backend, kind)
-    if dtype is not None and kind in ("limber", "lm", "llava"):
+    if dtype is not None and (kind in ("limber", "lm", "llava") or kind == "vlm" and isinstance(spec, str)):
         kwargs.setdefault("dtype", dtype)  # a hub LM loads in it at once (not float32 first)
     if kind == "model":
         _check_backend(spec, spec, backend)  # before its projection is replaced
@@ -110,6 +117,8 @@ def spec_kind(spec, encoder=None) -> str:
         module, sep, function = spec.rpartition(":")
         if sep and module and function.isidentifier():
             return "factory"
+        if is_vlm_name(spec):
+            return "vlm"
         if "llava" in spec.lower():
             return "llava"
         if encoder is not None and spec:
@@ -122,6 +131,8 @@ def spec_kind(spec, encoder=None) -> str:
 
     if isinstance(spec, transformers.LlavaForConditionalGeneration):
         return "hf_llava"
+    if is_vlm_model(spec):
+        return "vlm"
     if isinstance(spec, transformers.PreTrainedModel):
         return "hf_lm"
     raise TypeError(f"spec must be one of {', '.join(SPECS)}; got a {type(spec).__name__}")
@@ -130,14 +141,16 @@ def spec_kind(spec, encoder=None) -> str:
 # ------------------------------------------------------------------------------------- helpers
 def _is_vision_lm(obj) -> bool:
     from tl_multimodal.models._frontend import ImageFrontEnd
+    from tl_multimodal.models.vlm import VLMBridge
 
-    return isinstance(obj, ImageFrontEnd)
+    return isinstance(obj, (ImageFrontEnd, VLMBridge))
 
 
 def _backend_of(model) -> str | None:
     from tl_multimodal.models.bridge import VisionBridge
+    from tl_multimodal.models.vlm import VLMBridge
 
-    if isinstance(model, VisionBridge):
+    if isinstance(model, (VisionBridge, VLMBridge)):
         return "bridge"
     return "hooked" if HAS_HOOKED_TRANSFORMER and isinstance(model, HookedTransformer) else None
 
@@ -166,7 +179,7 @@ def resolve_backend(backend: str, kind: str) -> str:
         raise ImportError("backend='hooked' needs HookedTransformer, which TransformerLens 4 removed: use "
                           "backend='bridge' (or 'auto'), or install transformer-lens<4")
     if backend == "auto":  # an in-memory causal LM has no HookedTransformer conversion here
-        return "hooked" if HAS_HOOKED_TRANSFORMER and kind != "hf_lm" else "bridge"
+        return "hooked" if HAS_HOOKED_TRANSFORMER and kind not in ("hf_lm", "vlm") else "bridge"
     return backend
 
 
@@ -278,6 +291,15 @@ def _hf_lm(spec, backend, projection, encoder, tokenizer, kwargs):
     return VisionBridge.from_hf(spec, tokenizer, encoder, proj, model_name=kwargs.get("model_name"))
 
 
+def _vlm(spec, backend, projection, encoder, tokenizer, kwargs):
+    from tl_multimodal.pretrained.vlms import vlm_bridge
+
+    if backend == "hooked":
+        raise ValueError(f"spec {_short(spec)} runs on backend='bridge' (TransformerLens's own adapter for it)")
+    _refuse(spec, encoder=encoder, projection=projection)
+    return vlm_bridge(spec, tokenizer=tokenizer, **kwargs)
+
+
 def _factory(spec, backend, projection, encoder, tokenizer, kwargs):
     _refuse(spec, encoder=encoder, tokenizer=tokenizer)
     module, _, function = spec.rpartition(":")
@@ -300,4 +322,4 @@ def _factory(spec, backend, projection, encoder, tokenizer, kwargs):
 
 
 _BUILDERS = {"model": _built, "offline": _offline, "limber": _limber, "lm": _lm, "llava": _llava,
-             "hf_llava": _llava, "hf_lm": _hf_lm, "factory": _factory}
+             "hf_llava": _llava, "hf_lm": _hf_lm, "vlm": _vlm, "factory": _factory}
