@@ -56,6 +56,37 @@ def cv_tokens(tokens: Sequence[str], image_slots: Sequence[bool] | Tensor | None
 
 
 
+_CHIP = ("display: inline-block; border: 1px solid #bbb; border-radius: 3px; padding: 0 3px; margin: 1px 2px; "
+         "font-family: monospace; white-space: pre; text-align: left; vertical-align: top;")
+
+
+def _visible(token: str) -> str:
+    """A token as HTML with its whitespace visible: leading spaces as \u2423, newlines \u23ce, tabs \u21e5."""
+    if token == "":
+        return '<span style="color: #999;">\u2205</span>'
+    stripped = token.lstrip(" ")
+    lead = len(token) - len(stripped)
+    body = html.escape(stripped, quote=False).replace("\n", "\u23ce").replace("\t", "\u21e5")
+    marks = "\u2423" * lead
+    return (f'<span style="color: #999;">{marks}</span>' if lead else "") + body
+
+
+def tokens_html(tokens: Sequence[str], values: Sequence[float] | None = None, fmt: str = "{:.1%}") -> str:
+    """Tokens as separate boxes left to right (plain HTML, no JavaScript): every token's edges visible, a
+    leading space shown as \u2423, newlines as \u23ce, and its value (e.g. a probability) under it.
+
+    Args:
+        tokens: String tokens.
+        values: One number per token shown under it (default: none).
+        fmt: How a value is written.
+    """
+    if values is not None and len(values) != len(tokens):
+        raise ValueError(f"values has {len(values)} entries for {len(tokens)} tokens")
+    under = [""] * len(tokens) if values is None else [
+        f'<br><span style="font-size: 80%; color: #555;">{html.escape(fmt.format(v))}</span>' for v in values]
+    return "".join(f'<span class="tlmm-tok" style="{_CHIP}">{_visible(t)}{u}</span>' for t, u in zip(tokens, under))
+
+
 # ---------------------------------------------------------------------------------- (a) decoded tokens
 def decoded_tokens_view(decoding: UnitDecoding, n_tokens: int | None = None, title: str | None = None) -> HTMLView:
     """The top tokens of each unit's output direction, coloured by their probability (circuitsvis).
