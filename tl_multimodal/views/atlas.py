@@ -42,6 +42,9 @@ from tl_multimodal.views import atlas_pages as pages
 from tl_multimodal.views.heatmap_view import colorbar_image, overlay_heatmap
 
 #: Columns :func:`write_atlas` reads from the runner's rows.
+#: The heatmaps' colormap: diverging, zero white, on a symmetric range per unit.
+CMAP = "RdBu_r"
+#: Columns :func:`write_atlas` reads from the runner's rows.
 ROW_COLUMNS = ("image_index", "image_id", "caption", "target", "rank", "layer", "unit", "patch", "score")
 
 
@@ -55,6 +58,8 @@ class Atlas:
             images), mean_score, max_score, top_target, specificity, many, interpretable, tokens,
             page (relative path).
         images: One row per image: image_index, image_id, caption, target, file, page.
+        peak: ``[n_images, n_units]`` each unit's largest activation over the patches of each image
+            (rows in :attr:`images` order, columns in :attr:`units` order): the histograms' data.
         pages: Every HTML page written (paths relative to ``out``).
         provenance: What every page names as its source (run, model, projection, data).
     """
@@ -62,6 +67,7 @@ class Atlas:
     out: Path
     units: Any
     images: Any
+    peak: torch.Tensor
     pages: list[str]
     provenance: dict = field(default_factory=dict)
 
@@ -160,9 +166,9 @@ def _save_pictures(pil: Image.Image, file: str, out: Path, stem: str, thumb: int
 
 def _heatmap_picture(img: Image.Image, grid: torch.Tensor, data_config: dict, patch: int, lo: float,
                      hi: float) -> Image.Image:
-    """The unit's patch grid over the (display-size) image, ``lo..hi`` on jet, the top ``patch`` boxed."""
+    """The unit's patch grid over the (display-size) image, ``lo..hi`` on :data:`CMAP`, the top ``patch`` boxed."""
     geometry = CropGeometry.from_data_config(data_config, img.size)
-    heat = overlay_heatmap(img, grid_to_image(grid.float(), geometry), vmin=lo, vmax=hi)
+    heat = overlay_heatmap(img, grid_to_image(grid.float(), geometry), cmap=CMAP, vmin=lo, vmax=hi)
     rows, cols = grid.shape
     r, c = divmod(int(patch), cols)
     _, _, w, h = geometry.crop
@@ -259,16 +265,16 @@ def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str
             shown[i].thumbnail((heatmap_size, heatmap_size))
             for l, u in by_image.get(i, []):
                 grids[i, l, u] = acts[b, column[l, u]].clone()
-    # one colour range per unit, over every image: its heatmaps compare across pages
-    span = torch.maximum(hi - lo, torch.full_like(hi, 1e-6))
+    # one symmetric colour range per unit, over every image: its heatmaps compare across pages, zero is white
+    bound = torch.maximum(torch.maximum(hi.abs(), lo.abs()), torch.full_like(hi, 1e-6))
     heat_files = {}
     for (i, l, u), patch in needed.items():
         j = column[l, u]
         name = f"heat/{stems[i]}_L{l}_U{u}.jpg"
-        _heatmap_picture(shown[i], grids[i, l, u], model.vision.data_config, patch, float(lo[j]),
-                         float(lo[j] + span[j])).save(out / name, quality=85)
+        _heatmap_picture(shown[i], grids[i, l, u], model.vision.data_config, patch, -float(bound[j]),
+                         float(bound[j])).save(out / name, quality=85)
         heat_files[i, l, u] = name
-    colorbar_image("jet", width=256, height=12).save(out / "assets" / "colorbar.png")
+    colorbar_image(CMAP, width=256, height=12).save(out / "assets" / "colorbar.png")
 
     import pandas as pd
 
@@ -277,9 +283,9 @@ def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str
         "target": per_image["target"].tolist(), "file": [files[i] for i in order],
         "page": [pages.image_page(stems[i]) for i in order]})
     site = pages.Site(out=out, units=units, images=image_table, rows=rows, decoding=decoding, peak=peak,
-                      lo=lo, hi=lo + span, pictures=pictures, heat_files=heat_files, stems=stems,
+                      lo=-bound, hi=bound, pictures=pictures, heat_files=heat_files, stems=stems,
                       provenance=dict(provenance or {}), hook=hook, units_per_page=units_per_page,
                       images_per_unit=images_per_unit, units_per_image=units_per_image,
                       n_images=len(order), many=many)
     written = pages.write_site(site)
-    return Atlas(out=out, units=units, images=image_table, pages=written, provenance=dict(provenance or {}))
+    return Atlas(out=out, units=units, images=image_table, peak=peak, pages=written, provenance=dict(provenance or {}))

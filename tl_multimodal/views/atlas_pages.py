@@ -214,7 +214,7 @@ def _histogram(values: torch.Tensor, marks: list[float], width: int = 360, heigh
 
 def _colour_scale(site: Site, j: int, up: str) -> str:
     return (f'<span class="muted">{float(site.lo[j]):.3g}</span> <img src="{up}assets/colorbar.png" width="160" '
-            f'height="10" alt="colour bar, jet"> <span class="muted">{float(site.hi[j]):.3g}</span>')
+            f'height="10" alt="colour bar: blue negative, white zero, red positive"> <span class="muted">{float(site.hi[j]):.3g}</span>')
 
 
 def _unit_pages(site: Site, written: list[str]) -> None:
