@@ -55,7 +55,9 @@ class PageCheck:
         path: The page.
         title: Its ``<title>``.
         text: The rendered text (``innerText``).
-        console: Console messages of level error or warning, uncaught exceptions and log errors.
+        console: Console errors, uncaught exceptions and the browser's log errors (a failed load).
+        warnings: Console and log warnings (not counted as problems: headless Chromium's own, such
+            as WebGL's software fallback, land here).
         requests: Every URL the page requested.
         network: The requested URLs that are not local (not ``file:``, ``data:``, ...).
         failed: Requests that failed (a missing file, blocked).
@@ -69,6 +71,7 @@ class PageCheck:
     title: str = ""
     text: str = ""
     console: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
     network: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -133,7 +136,7 @@ class Chromium:
             os.dup2(r, 3)
             os.dup2(w, 4)
 
-        args = [self.executable, "--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
+        args = [self.executable, "--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
                 "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--disable-sync",
                 "--disable-background-networking", "--disable-component-update", "--mute-audio",
                 "--disable-dev-shm-usage", f"--user-data-dir={self._profile}",
@@ -257,10 +260,10 @@ class Chromium:
                 check.failed.append(f"{p.get('errorText', '')} ({p.get('requestId')})")
             elif method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "warning", "assert"):
                 text = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
-                check.console.append(f"{p['type']}: {text}")
+                (check.warnings if p["type"] == "warning" else check.console).append(f"{p['type']}: {text}")
             elif method == "Runtime.exceptionThrown":
                 d = p.get("exceptionDetails", {})
                 check.console.append(f"exception: {d.get('exception', {}).get('description') or d.get('text')}")
             elif method == "Log.entryAdded" and p["entry"].get("level") in ("error", "warning"):
                 entry = p["entry"]
-                check.console.append(f"{entry['level']}: {entry.get('text')} {entry.get('url', '')}".strip())
+                (check.warnings if entry["level"] == "warning" else check.console).append(f"{entry['level']}: {entry.get('text')} {entry.get('url', '')}".strip())
