@@ -94,3 +94,32 @@ def test_views_render_clean(browser, small_vlm_on, tmp_path):
     check = _clean(browser.check(path, screenshot=tmp_path / "views.png", settle=1.0))
     # the bundle and the pictures are inline: nothing but the page itself comes from a file
     assert [u for u in check.requests if not u.startswith("data:image/png;base64,")] == [path.as_uri()]
+
+
+RENDERED = """JSON.stringify(Array.from(document.querySelectorAll('div[id^="tl-multimodal-"]')).map(d => ({
+  fallback: d.querySelectorAll('.tlmm-tok').length, children: d.childElementCount, text: d.innerText.length})))"""
+
+
+def test_views_fall_back_to_plain_html_and_share_one_bundle_in_a_notebook(browser, small_vlm_on, tmp_path, monkeypatch):
+    """The outputs of three token views as a notebook shows them (one page, the bundle in the first only):
+    with scripts circuitsvis replaces every plain-HTML copy; without, every copy is there to read."""
+    import json
+
+    import tl_multimodal.views.html as views_html
+    from tl_multimodal.views.tokens import token_activations_view
+
+    rng = np.random.default_rng(2)
+    photo = Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8))
+    monkeypatch.setattr(views_html, "_in_kernel", lambda: True)
+    monkeypatch.setattr(views_html, "_BUNDLE_SHOWN", False)
+    outputs = [token_activations_view(small_vlm_on, photo, [(0, i), (1, i)], text="A picture of a cat")._repr_html_()
+               for i in range(3)]
+    page = tmp_path / "notebook.html"
+    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"><title>notebook</title></head><body>'
+                    + "<hr>".join(outputs) + "</body></html>", encoding="utf-8")
+    on = _clean(browser.check(page, screenshot=tmp_path / "notebook.png", settle=1.5, evaluate=RENDERED))
+    off = _clean(browser.check(page, javascript=False, screenshot=tmp_path / "notebook-nojs.png", evaluate=RENDERED))
+    on, off = json.loads(on.value), json.loads(off.value)
+    assert len(on) == len(off) == 6
+    assert all(d["fallback"] == 0 and d["children"] > 0 and d["text"] > 0 for d in on)  # circuitsvis drew each
+    assert all(d["fallback"] == len("A picture of a cat".split()) for d in off)  # the copies, one box a token

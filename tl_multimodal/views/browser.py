@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 #: URL schemes a page may load from without touching the network.
@@ -65,6 +66,7 @@ class PageCheck:
         links: Every link's URL; ``dead_links`` the ``file:`` ones whose file does not exist, and
             external links (anything but ``file:`` and in-page anchors).
         screenshot: The PNG written, or None.
+        value: What the ``evaluate`` expression gave (JSON-able), or None.
     """
 
     path: Path
@@ -79,6 +81,7 @@ class PageCheck:
     links: list[str] = field(default_factory=list)
     dead_links: list[str] = field(default_factory=list)
     screenshot: Path | None = None
+    value: Any = None
 
     @property
     def problems(self) -> list[str]:
@@ -196,7 +199,7 @@ class Chromium:
 
     # ------------------------------------------------------------------ pages
     def check(self, page: str | Path, screenshot: str | Path | None = None, javascript: bool = True,
-              settle: float = 0.3) -> PageCheck:
+              settle: float = 0.3, evaluate: str | None = None) -> PageCheck:
         """Open a saved page (``file://``) and report what went wrong on it.
 
         Args:
@@ -204,6 +207,7 @@ class Chromium:
             screenshot: Where to write a PNG of the whole page (default: none).
             javascript: Run the page's scripts (``False``: what a reader without JavaScript sees).
             settle: Seconds to wait after the load event for scripts that render late.
+            evaluate: A JavaScript expression evaluated on the page once loaded (its value in ``.value``).
 
         Returns:
             A :class:`PageCheck`.
@@ -236,6 +240,9 @@ class Chromium:
         check = PageCheck(path=path, title=facts["title"], text=facts["text"], links=facts["links"],
                           broken_images=facts["broken_images"])
         self._read_events(check, [e for e in events if e.get("sessionId") == session])
+        if evaluate is not None:
+            check.value = self._send("Runtime.evaluate", {"expression": evaluate, "returnByValue": True},
+                                     session=session, events=events)["result"].get("value")
         check.dead_links = sorted({u for u in check.links if not u.split("#")[0] == path.as_uri() and _dead(u.split("#")[0])})
         if screenshot is not None:
             shot = self._send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True},
