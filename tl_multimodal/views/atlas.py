@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tl_multimodal._validate import check_int, check_number
 from tl_multimodal.analysis.decoding import decode_units
@@ -39,7 +39,7 @@ from tl_multimodal.analysis.heatmaps import unit_grid_activations
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image
 from tl_multimodal.models.images import to_pil
 from tl_multimodal.views import atlas_pages as pages
-from tl_multimodal.views.heatmap_view import colorbar_image, overlay_heatmap
+from tl_multimodal.views.heatmap_view import colorbar_image, mark_patch, overlay_heatmap
 
 #: Columns :func:`write_atlas` reads from the runner's rows.
 #: The heatmaps' colormap: diverging, zero white, on a symmetric range per unit.
@@ -169,15 +169,7 @@ def _heatmap_picture(img: Image.Image, grid: torch.Tensor, data_config: dict, pa
     """The unit's patch grid over the (display-size) image, ``lo..hi`` on :data:`CMAP`, the top ``patch`` boxed."""
     geometry = CropGeometry.from_data_config(data_config, img.size)
     heat = overlay_heatmap(img, grid_to_image(grid.float(), geometry), cmap=CMAP, vmin=lo, vmax=hi)
-    rows, cols = grid.shape
-    r, c = divmod(int(patch), cols)
-    _, _, w, h = geometry.crop
-    x0, y0 = geometry.to_original(c * w / cols, r * h / rows)
-    x1, y1 = geometry.to_original((c + 1) * w / cols, (r + 1) * h / rows)
-    draw = ImageDraw.Draw(heat)
-    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline="white", width=3)
-    draw.rectangle([x0 + 1, y0 + 1, x1 - 2, y1 - 2], outline="black", width=1)
-    return heat
+    return mark_patch(heat, patch, tuple(grid.shape), geometry)
 
 
 def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str | Path, *,
