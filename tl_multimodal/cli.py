@@ -260,12 +260,20 @@ def _report(args) -> None:
     image = files[0]
     _check_output(args.out)
     _check_file(args.projection, "--projection")
+    reference = None
+    if args.reference is not None:
+        from tl_multimodal.training.runner import load_rows
+
+        try:
+            reference = load_rows(args.reference)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(f"--reference: {e}", EXIT_INPUT) from None
     model = _open_model(args)
     from tl_multimodal.models.images import to_pil
     from tl_multimodal.views.report import write_report
 
     out = write_report(model, to_pil(image, str(image)), args.out, n_units=args.k, prompt=args.prompt,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, source=str(image.resolve()), reference=reference)
     print(out)
 
 
@@ -273,32 +281,6 @@ def _attribute(args) -> None:
     from tl_multimodal.training.runner import run_attribute  # torch, pyarrow: only when the command runs
 
     run_attribute(args)
-
-
-class _RunImages:
-    """A run's images by ``image_index``: read when asked for from a ``datasets.Dataset``, or collected
-    from a stream (webdataset, hub) up to the last index wanted."""
-
-    def __init__(self, data, indices: list[int], column: str | None):
-        import itertools
-
-        from tl_multimodal.data.sources import IMAGE_KEYS, find_column
-
-        self.data, self.rows = data, None
-        if not (hasattr(data, "select") and hasattr(data, "__len__")):
-            wanted = set(indices)
-            self.rows = {i: r for i, r in enumerate(itertools.islice(iter(data), max(indices) + 1)) if i in wanted}
-        n = len(data) if self.rows is None else (max(self.rows) + 1 if self.rows else 0)
-        if n <= max(indices):
-            raise CLIError(f"the run's data has {n} images but the run attributed image {max(indices)} "
-                           "(another --data or --split?)", EXIT_INPUT)
-        self.key = find_column(self.row(indices[0]), IMAGE_KEYS, column, "image_column")
-
-    def row(self, index: int) -> dict:
-        return self.data[int(index)] if self.rows is None else self.rows[int(index)]
-
-    def __getitem__(self, index: int):
-        return self.row(index)[self.key]
 
 
 def _atlas(args) -> None:
@@ -315,7 +297,7 @@ def _atlas(args) -> None:
     if not source:
         raise CLIError(f"{manifest} records no data source; pass --data", EXIT_INPUT)
     _writable_folder(args.out, "--out")
-    from tl_multimodal.data.sources import open_dataset
+    from tl_multimodal.data.sources import ImagesByIndex, open_dataset
     from tl_multimodal.training.runner import load_rows
 
     try:
@@ -323,7 +305,10 @@ def _atlas(args) -> None:
         dataset = open_dataset(source, split)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(str(e), EXIT_INPUT) from None
-    images = _RunImages(dataset, sorted(set(rows["image_index"].tolist())), record.get("image_column"))
+    try:
+        images = ImagesByIndex(dataset, sorted(set(rows["image_index"].tolist())), record.get("image_column"))
+    except ValueError as e:
+        raise CLIError(f"{source}: {e} (another --data or --split?)", EXIT_INPUT) from None
     args.model = args.model or record.get("model_spec") or "offline"
     if args.projection is None and record.get("projection_file"):
         args.projection = Path(record["projection_file"])
@@ -476,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--out", type=Path, default=Path("report.html"), metavar="FILE",
                      help="the HTML file to write (missing folders are created)")
     rep.add_argument("--k", type=_positive_int, default=10, help="top units shown")
+    rep.add_argument("--reference", type=Path, default=None, metavar="RUN",
+                     help="an `attribute` run: mark the units that are top units for many of its images")
     _model_options(rep)
     rep.set_defaults(run=_report)
 

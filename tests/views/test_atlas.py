@@ -130,3 +130,21 @@ def test_bad_input_is_named(atlas_run, tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         write_atlas(model, rows, {}, tmp_path / "file")
     assert main(["atlas", str(tmp_path), "-o", str(tmp_path / "d")]) == 3  # not a run folder
+
+
+def test_report_command_marks_units_of_a_reference_run(atlas_run, tmp_path):
+    _, data, run, _ = atlas_run
+    factory = run.parent / "factory.py"
+    image = data / "images" / "2000.jpg"
+    out = tmp_path / "r.html"
+    assert main(["report", str(image), "-o", str(out), "--k", "3", "--model", f"{factory}:build",
+                 "--reference", str(run)]) == 0
+    page = out.read_text(encoding="utf-8")
+    rows = load_rows(run)
+    counts = rows.groupby(["layer", "unit"]).image_index.nunique()
+    shown = re.findall(r'data-layer="(\d+)" data-unit="(\d+)">.*?<td class="num">(\d+) of (\d+)', page, flags=re.S)
+    assert len(shown) == 3
+    for layer, unit, n, total in shown:
+        assert int(total) == N_IMAGES and int(n) == int(counts.get((int(layer), int(unit)), 0))
+    assert f"<code>{image.resolve()}</code>" in page
+    assert main(["report", str(image), "-o", str(out), "--reference", str(tmp_path / "none")]) == 3
