@@ -148,3 +148,23 @@ def test_report_command_marks_units_of_a_reference_run(atlas_run, tmp_path):
         assert int(total) == N_IMAGES and int(n) == int(counts.get((int(layer), int(unit)), 0))
     assert f"<code>{image.resolve()}</code>" in page
     assert main(["report", str(image), "-o", str(out), "--reference", str(tmp_path / "none")]) == 3
+
+
+def test_images_by_index_reads_a_stream_up_to_the_last_index_wanted():
+    from tl_multimodal.data.sources import ImagesByIndex
+
+    read = []
+
+    def stream():
+        for i in range(10):
+            read.append(i)
+            yield {"jpg": f"picture {i}", "__key__": str(i)}
+
+    images = ImagesByIndex(stream(), [4, 1])
+    assert (images[1], images[4]) == ("picture 1", "picture 4") and read == list(range(5))
+    with pytest.raises(KeyError):
+        images[2]  # not kept: only the indices asked for
+    with pytest.raises(ValueError, match="the data has 10 rows but row 12 is wanted"):
+        ImagesByIndex(stream(), [12])
+    with pytest.raises(ValueError, match="image_column 'png'"):
+        ImagesByIndex([{"jpg": 1}], [0], "png")

@@ -289,10 +289,13 @@ class ImagesByIndex:
             raise ValueError("indices is empty")
         last = max(indices)
         self.data, self.rows = data, None
-        if not (hasattr(data, "select") and hasattr(data, "__len__")):
-            wanted = set(indices)
-            self.rows = {i: r for i, r in enumerate(itertools.islice(iter(data), last + 1)) if i in wanted}
-        n = len(data) if self.rows is None else (max(self.rows) + 1 if self.rows else 0)
+        if hasattr(data, "select") and hasattr(data, "__len__"):
+            n = len(data)
+        else:
+            wanted, self.rows, n = set(indices), {}, 0
+            for n, row in enumerate(itertools.islice(iter(data), last + 1), 1):
+                if n - 1 in wanted:
+                    self.rows[n - 1] = row
         if n <= last:
             raise ValueError(f"the data has {n} rows but row {last} is wanted")
         self.key = find_column(self.row(indices[0]), IMAGE_KEYS, image_column, "image_column")
