@@ -225,7 +225,7 @@ def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str
 
     top = rows.sort_values(["image_index", "rank"])
     shown_units = top[top["rank"] < units_per_image]
-    best = rows.sort_values(["layer", "unit", "score"], ascending=[True, True, False])
+    best = rows.sort_values(["layer", "unit", "score", "image_index"], ascending=[True, True, False, True])
     shown_images = best.groupby(["layer", "unit"], sort=False).head(images_per_unit)
     needed = {(int(i), int(l), int(u)): int(p) for i, l, u, p in
               shown_units[["image_index", "layer", "unit", "patch"]].itertuples(index=False)}

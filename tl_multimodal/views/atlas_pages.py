@@ -221,7 +221,7 @@ def _unit_pages(site: Site, written: list[str]) -> None:
     groups = dict(iter(site.rows.groupby(["layer", "unit"])))
     position = {i: k for k, i in enumerate(site.images["image_index"].tolist())}
     for j, r in enumerate(site.units.itertuples(index=False)):
-        mine = groups[r.layer, r.unit].sort_values("score", ascending=False)
+        mine = groups[r.layer, r.unit].sort_values(["score", "image_index"], ascending=[False, True])  # as write_atlas
         targets = mine["target"].value_counts()
         target_rows = "".join(f"<tr><td>{_e(repr(t))}</td><td class='num'>{n}</td></tr>" for t, n in targets.items())
         figures = []
