@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -89,6 +90,17 @@ def set_parameters(nb: nbformat.NotebookNode, **values) -> nbformat.NotebookNode
     return nb
 
 
+def drop_progress_bars(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Remove tqdm's progress bars (stderr stream outputs of ``\\r``-redrawn bars) from ``nb``'s outputs,
+    which GitHub shows as pink error boxes; other stderr text (warnings) stays."""
+    bar = re.compile(r"^[\r\n]*(\s*[^\r\n]*\d+%\|[^\r\n]*\|[^\r\n]*[\r\n]*)*$")
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr"
+                                                            and bar.match(o.text))]
+    return nb
+
+
 def check_outputs(nb: nbformat.NotebookNode) -> list[str]:
     """What is wrong with an executed notebook's outputs: a code cell never run, an error, no figure."""
     problems = []
@@ -102,6 +114,12 @@ def check_outputs(nb: nbformat.NotebookNode) -> list[str]:
         problems.append(f"error outputs: {[o.ename + ': ' + o.evalue for o in errors]}")
     if not any("image/png" in o.get("data", {}) for o in outputs):
         problems.append("no figure (image/png output)")
+    bundles = sum(o.get("data", {}).get("text/html", "").count("var CircuitsVis=") for o in outputs)
+    if bundles > 1:
+        problems.append(f"circuitsvis's bundle is in {bundles} outputs (one per notebook)")
+    bars = [o for o in outputs if o.output_type == "stream" and o.name == "stderr" and "%|" in o.text]
+    if bars:
+        problems.append(f"{len(bars)} progress bars on stderr (drop_progress_bars)")
     return problems
 
 
@@ -120,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         execute(nb, cwd=path.resolve().parent)
         params.source = source
-        problems = check_outputs(nb)
+        problems = check_outputs(drop_progress_bars(nb))
         if problems:
             print(f"{path}: {'; '.join(problems)}; not saved", file=sys.stderr)
             return 1

@@ -90,7 +90,7 @@ def test_package_exports_resolve_lazily():
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["caption", "--help"], ["report", "--help"], ["train", "--help"],
-                                  ["cache", "--help"]])
+                                  ["cache", "--help"], ["atlas", "--help"]])
 def test_help(argv):
     result = run(*argv)
     assert result.returncode == 0, result.stderr
@@ -101,7 +101,7 @@ def test_help(argv):
 def test_every_option_has_help_and_shows_its_default():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"caption", "report", "attribute", "train", "cache"}
+    assert set(subparsers.choices) == {"caption", "report", "attribute", "atlas", "train", "cache"}
     for name, sub in subparsers.choices.items():
         assert sub.description, name
         text = sub.format_help()

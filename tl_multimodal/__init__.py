@@ -30,8 +30,8 @@ _EXPORTS = {
     "analysis.vlm_neurons": ["VLMAttribution", "ablate_vlm_units", "attribute_vlm", "chat_inputs", "greedy_answer",
         "patch_vlm_units", "vlm_unit_activations", "vlm_unit_heatmap"],
     "data.coco": ["coco_category_mask", "instance_crops", "load_coco", "object_for_noun"],
-    "data.sources": ["ImageReadError", "SampleImages", "download_coco_sample", "load_coco_mini", "open_dataset",
-        "rows_naming_bad_images", "sample_images", "write_coco_sample"],
+    "data.sources": ["ImageReadError", "ImagesByIndex", "SampleImages", "download_coco_sample", "load_coco_mini",
+        "open_dataset", "rows_naming_bad_images", "sample_images", "write_coco_sample"],
     "evaluation.config": ["EvalConfig"],
     "evaluation.controls": ["SpecificityControls", "specificity_controls", "unit_magnitudes"],
     "evaluation.decodability": ["Decodability", "decodability_test"],
@@ -63,11 +63,13 @@ _EXPORTS = {
     "training.nll": ["caption_nll", "caption_token_nll"],
     "training.runner": ["RunSummary", "load_rows", "run_attribution"],
     "training.train": ["TrainingResult", "train_projection"],
+    "views.atlas": ["Atlas", "unit_table", "write_atlas"],
+    "views.browser": ["Chromium", "PageCheck", "find_chromium"],
     "views.figures": ["plot_unit_heatmaps"],
-    "views.heatmap_view": ["HeatmapView", "patch_heatmap_view", "unit_heatmap_view"],
+    "views.heatmap_view": ["HeatmapView", "mark_patch", "patch_heatmap_view", "unit_heatmap_view"],
     "views.html": ["HTMLView", "join_views", "save_views"],
     "views.report": ["UnitReport", "build_report", "write_report"],
-    "views.tokens": ["TokenActivationsView", "decoded_tokens_view", "token_activations_view"],
+    "views.tokens": ["TokenActivationsView", "decoded_tokens_view", "token_activations_view", "tokens_html"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

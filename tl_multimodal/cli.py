@@ -8,6 +8,7 @@ examples:
                                                 # GPT-2 small + a timm BEiT from the hub (needs internet)
   tl-multimodal report photo.jpg -o report.html --k 10    # HTML report of the top multimodal units
   tl-multimodal attribute ../shared/data/coco_mini --split dev --out runs/attr   # dataset -> Parquet shards
+  tl-multimodal atlas runs/attr -o site         # static website of the run's units and images
   tl-multimodal train ../shared/data/coco_mini --split train --out runs/p --steps 200 --batch-size 8
   tl-multimodal cache --clear                   # delete the converted-model cache
 
@@ -280,12 +281,20 @@ def _report(args) -> None:
     image = files[0]
     _check_output(args.out)
     _check_file(args.projection, "--projection")
+    reference = None
+    if args.reference is not None:
+        from tl_multimodal.training.runner import load_rows
+
+        try:
+            reference = load_rows(args.reference)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(f"--reference: {e}", EXIT_INPUT) from None
     model = _open_model(args)
     from tl_multimodal.models.images import to_pil
     from tl_multimodal.views.report import write_report
 
     out = write_report(model, to_pil(image, str(image)), args.out, n_units=args.k, prompt=args.prompt,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, source=str(image.resolve()), reference=reference)
     print(out)
 
 
@@ -327,6 +336,53 @@ def _attribute(args) -> None:
         run_attribute(args, data=data, model=model)
     except ImageReadError as e:
         raise CLIError(f"{args.data}: {e} (fix or remove it)", EXIT_INPUT) from e
+
+
+def _atlas(args) -> None:
+    """``tl-multimodal atlas``: the run's record read, its rows, data and model opened, then ``write_atlas``."""
+    import json
+
+    manifest = args.run_dir / "_run.json"
+    if not args.run_dir.is_dir() or not manifest.is_file():
+        raise CLIError(f"{args.run_dir} is not a run folder of `tl-multimodal attribute` (no _run.json)", EXIT_INPUT)
+    record = json.loads(manifest.read_text())
+    data = record.get("data") or {"source": record.get("data_source"), "split": record.get("split")}
+    source = args.data or data.get("source")
+    split = args.split if args.split is not None else data.get("split")
+    if not source:
+        raise CLIError(f"{manifest} records no data source; pass --data", EXIT_INPUT)
+    _writable_folder(args.out, "--out")
+    from tl_multimodal.data.sources import ImagesByIndex, open_dataset
+    from tl_multimodal.training.runner import load_rows
+
+    try:
+        rows = load_rows(args.run_dir)
+        dataset = open_dataset(source, split)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e), EXIT_INPUT) from None
+    try:
+        images = ImagesByIndex(dataset, sorted(set(rows["image_index"].tolist())), record.get("image_column"))
+    except ValueError as e:
+        raise CLIError(f"{source}: {e} (another --data or --split?)", EXIT_INPUT) from None
+    args.model = args.model or record.get("model_spec") or "offline"
+    if args.projection is None and record.get("projection_file"):
+        args.projection = Path(record["projection_file"])
+    _check_file(args.projection, "--projection")
+    model = _open_model(args)
+    from tl_multimodal.models.projection import projection_id
+    from tl_multimodal.views.atlas import write_atlas
+
+    pid = projection_id(model.projection)
+    if record.get("projection_id") not in (None, pid):
+        raise CLIError(f"the model's projection ({pid}) is not the run's ({record['projection_id']}); pass the "
+                       "run's --model and --projection", EXIT_MODEL)
+    provenance = {"run": str(args.run_dir.resolve()), "model": args.model, "lm": record.get("lm"),
+                  "encoder": record.get("encoder"), "projection": pid, "data": source, "split": split}
+    atlas = write_atlas(model, rows, images, args.out, provenance=provenance, units_per_page=args.units_per_page,
+                        images_per_unit=args.images_per_unit, units_per_image=args.units_per_image,
+                        batch_size=args.batch_size, progress=not args.no_progress)
+    print(atlas)
+    print(args.out / "index.html")
 
 
 def _writable_folder(path: Path, option: str) -> None:
@@ -458,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("-o", "--out", type=Path, default=Path("report.html"), metavar="FILE",
                      help="the HTML file to write (missing folders are created)")
     rep.add_argument("--k", type=_positive_int, default=10, help="top units shown")
+    rep.add_argument("--reference", type=Path, default=None, metavar="RUN",
+                     help="an `attribute` run: mark the units that are top units for many of its images")
     _model_options(rep)
     rep.set_defaults(run=_report)
 
@@ -488,6 +546,27 @@ def build_parser() -> argparse.ArgumentParser:
     _load_options(att, "projection checkpoint (default: as for caption)")
     att.add_argument("--no-progress", action="store_true", help="no progress bar")
     att.set_defaults(run=_attribute, distributed=True)
+
+    at = sub.add_parser("atlas", help="write a static website of a run's units and images", formatter_class=_Formatter,
+                        description="Write a static website (open SITE/index.html from disk, no server, no network)\n"
+                                    "of an `attribute` run: an index of its units, a page per unit (decoded tokens,\n"
+                                    "targets, activation histogram, top images with heatmaps) and per image.\n"
+                                    "The images and the model are the ones the run recorded in RUN/_run.json.")
+    at.add_argument("run_dir", type=Path, metavar="RUN", help="the output folder of `tl-multimodal attribute`")
+    at.add_argument("-o", "--out", type=Path, required=True, metavar="SITE", help="the site's folder")
+    at.add_argument("--data", default=None, help="the run's DATA (default: the one it recorded)")
+    at.add_argument("--split", default=None, help="the run's --split (default: the one it recorded)")
+    at.add_argument("--units-per-page", type=_positive_int, default=200, metavar="N", help="rows of each index page")
+    at.add_argument("--images-per-unit", type=_positive_int, default=12, metavar="N",
+                    help="top images (with heatmaps) on a unit's page")
+    at.add_argument("--units-per-image", type=_positive_int, default=10, metavar="N",
+                    help="top units (with heatmaps) on an image's page")
+    at.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward pass")
+    at.add_argument("--device", type=_device, default="cpu", help="where the model runs: cpu, cuda, cuda:N, mps")
+    _load_options(at, "projection checkpoint (default: the run's)")
+    at.set_defaults(model=None)
+    at.add_argument("--no-progress", action="store_true", help="no progress bar")
+    at.set_defaults(run=_atlas)
 
     tr = sub.add_parser("train", help="train the projection on image-caption pairs", formatter_class=_Formatter,
                         description="Train the projection (the LM and the encoder stay frozen) on a folder in the\n"

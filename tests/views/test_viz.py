@@ -23,7 +23,7 @@ from tl_multimodal.views.heatmap_view import (
     HeatmapView, colorbar_image, overlay_heatmap, patch_heatmap_view, unit_heatmap_view,
 )
 from tl_multimodal.views.html import HTMLView, circuitsvis_bundle, join_views, save_views
-from tl_multimodal.views.tokens import cv_tokens, decoded_tokens_view, token_activations_view
+from tl_multimodal.views.tokens import cv_tokens, decoded_tokens_view, token_activations_view, tokens_html
 from tl_multimodal.views.figures import plot_unit_heatmaps
 
 matplotlib.use("Agg")
@@ -91,17 +91,31 @@ def test_render_rejects_nothing():
 
 
 # ---------------------------------------------------------------------------------- (a) decoded tokens
+CHIP = re.compile(r'<span class="tlmm-tok" style="([^"]*)">(.*?)<br><span[^>]*>([^<]*)</span></span>')
+
+
+def _chips(fragment: str) -> list[tuple[str, str, str]]:
+    """(style, token as shown, value as written) of each token box of :func:`tokens_html`, in order."""
+    return [(style, html.unescape(re.sub(r"<[^>]+>", "", shown)), value) for style, shown, value in CHIP.findall(fragment)]
+
+
 def test_decoded_tokens_view_shows_each_units_tokens(small_vlm_on, tmp_path):
+    """Plain HTML (no script): per unit its tokens in order, each in its own box with its probability
+    written under it, a leading space shown as a mark, cells left-aligned inline (notebook stylesheets
+    right-align table cells)."""
     dec = decode_units(small_vlm_on, [(0, 3), (1, 60)], n_tokens=10)
     view = decoded_tokens_view(dec, n_tokens=5)
-    calls = _render_calls(view.html)
-    assert [name for name, _ in calls] == ["ColoredTokens", "ColoredTokens"]
-    for (_, props), toks, probs in zip(calls, dec.tokens, dec.probs):
-        assert [html.unescape(t) for t in props["tokens"]] == toks[:5]  # circuitsvis writes tokens as HTML
-        assert not any("<" in t for t in props["tokens"])
-        np.testing.assert_allclose(props["values"], probs[:5].numpy(), rtol=1e-6)
+    assert _scripts(view.html) == [] and "<td" in view.html
+    assert all("text-align: left" in td for td in re.findall(r"<td[^>]*>", view.html))
+    rows = re.findall(r'<tr class="tlmm-unit">(.*?)</tr>', view.html, flags=re.S)
+    assert len(rows) == 2
+    for row, toks, probs in zip(rows, dec.tokens, dec.probs.tolist()):
+        chips = _chips(row)
+        assert [shown for _, shown, _ in chips] == [t.replace(" ", "\u2423", len(t) - len(t.lstrip(" "))) or "\u2205"
+                                                    for t in toks[:5]]
+        assert [v for _, _, v in chips] == [f"{100 * p:.2g}%" for p in probs[:5]]
+        assert all("border: 1px solid" in style for style, _, _ in chips)  # every token's edges visible
     assert "L0.3" in view.html and "L1.60" in view.html
-    assert not CDN.search(view.html) and len(_scripts(view.html)) == 1  # one bundle for all rows
     assert view._repr_html_() == view.html
     page = view.save(tmp_path / "dec.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and view.html in page
@@ -111,26 +125,65 @@ def test_decoded_tokens_view_shows_each_units_tokens(small_vlm_on, tmp_path):
         decoded_tokens_view([(0, 3)])
 
 
+def test_tokens_html_marks_whitespace_and_shades_symmetrically():
+    out = tokens_html([" a", "\n", "<b>", "  x"], [0.5, -1.0, 2.0, 0.0], fmt="{:+.1f}", bound=1.0)
+    chips = _chips(out)
+    assert [shown for _, shown, _ in chips] == ["\u2423a", "\u23ce", "<b>", "\u2423\u2423x"]
+    assert [v for _, _, v in chips] == ["+0.5", "-1.0", "+2.0", "+0.0"]
+    alphas = [re.search(r"rgba\((\d+), \d+, \d+, ([\d.]+)\)", style).groups() for style, _, _ in chips]
+    assert alphas == [("220", "0.50"), ("40", "1.00"), ("220", "1.00"), ("220", "0.00")]  # -1 as strong as +1
+    with pytest.raises(ValueError, match="values has 1 entries for 2 tokens"):
+        tokens_html(["a", "b"], [1.0])
+    with pytest.raises(ValueError, match="pass values"):
+        tokens_html(["a"], bound=1.0)
+
+
 # ---------------------------------------------------------------------------------- (b) activations over tokens
 def test_token_activations_view_matches_the_cache(small_vlm_on, pixels):
+    """One ColoredTokens per unit over the text tokens, the values the cache's; each unit's colour range is
+    its own, symmetric, set by its text tokens (so switching units cannot keep another unit's bounds)."""
     units = [(1, 5), (0, 63)]
     view = token_activations_view(small_vlm_on, pixels[0], units, text="A picture of a dog")
     tokens = small_vlm_on.to_tokens("A picture of a dog", image=True)
     _, cache = small_vlm_on.run_with_cache(tokens, images=pixels[:1])
     expected = torch.stack([cache["blocks.1.mlp.hook_post"][0, :, 5], cache["blocks.0.mlp.hook_post"][0, :, 63]], 1)
-    ((name, props),) = _render_calls(view.html)
-    assert name == "ColoredTokensMulti" and props["labels"] == ["L1.5", "L0.63"]
     n_img = small_vlm_on.n_image_tokens
-    assert props["tokens"][:n_img] == [f"[img {i}]" for i in range(n_img)]  # visible text, not HTML tags
-    assert "".join(props["tokens"][n_img:]) == "A picture of a dog"
-    assert view.tokens[:n_img] == props["tokens"][:n_img]
-    np.testing.assert_allclose(np.array(props["values"]), expected.numpy(), rtol=1e-5, atol=1e-6)
+    calls = _render_calls(view.html)
+    assert [name for name, _ in calls] == ["ColoredTokens", "ColoredTokens"]
+    for j, (_, props) in enumerate(calls):
+        assert "".join(props["tokens"]) == "A picture of a dog"  # text only: image slots shown apart
+        np.testing.assert_allclose(props["values"], expected[n_img:, j].numpy(), rtol=1e-5, atol=1e-6)
+        bound = float(expected[n_img:, j].abs().max())
+        assert props["maxValue"] == pytest.approx(bound, rel=1e-5) and props["minValue"] == -props["maxValue"]
+    assert calls[0][1]["maxValue"] != calls[1][1]["maxValue"]
+    assert view.tokens[:n_img] == [f"[img {i}]" for i in range(n_img)]
+    torch.testing.assert_close(view.values, expected.float())
     assert not CDN.search(view.html)
     assert list(view.to_dataframe().columns) == ["position", "token", "L1.5", "L0.63"]
-
     text_only = token_activations_view(small_vlm_on, pixels[0], units, text="A picture of a dog", include_image=False)
     assert "".join(text_only.tokens) == "A picture of a dog"
     torch.testing.assert_close(text_only.values, expected[n_img:].float())
+
+
+def test_token_activations_view_has_a_plain_html_copy_inside_each_row(small_vlm_on, pixels):
+    """Without JavaScript each unit's row still shows its tokens and values: the copy inside circuitsvis's
+    placeholder; the image slots and special tokens are shown apart, on their own scale, out of the title."""
+    text = "A picture of<|endoftext|> a dog"
+    view = token_activations_view(small_vlm_on, pixels[0], [(0, 1), (1, 2)], text=text)
+    tokens = small_vlm_on.to_tokens(text, image=True)
+    assert 50256 in tokens[0].tolist()  # GPT-2's special token, one position
+    divs = re.findall(r'<div id="tl-multimodal-[0-9a-f]+" style="[^"]*">(.*?)</div>', view.html, flags=re.S)
+    calls = _render_calls(view.html)
+    assert len(divs) == len(calls) == 2
+    for div, (_, props) in zip(divs, calls):
+        chips = _chips(div)
+        assert [s for _, s, _ in chips] == [html.unescape(t).replace(" ", "\u2423") for t in props["tokens"]]
+        assert [v for _, _, v in chips] == [f"{x:+.3g}" for x in props["values"]]
+        assert "<|endoftext|>" not in "".join(props["tokens"])
+    n_img = small_vlm_on.n_image_tokens
+    assert int((~view.text_mask).sum()) == n_img + 1 and view.text == "A picture of a dog"
+    assert "endoftext" not in view.title and "image slots and special tokens" in view.html
+    torch.testing.assert_close(view.bounds, view.values[view.text_mask].abs().amax(0))
 
 
 def test_token_activations_view_labels_every_position_as_visible_text(small_vlm_on, pixels):
@@ -138,11 +191,9 @@ def test_token_activations_view_labels_every_position_as_visible_text(small_vlm_
     text = "a <b>dog</b> & a cat"
     view = token_activations_view(small_vlm_on, pixels[0], [(0, 1)], text=text)
     ((_, props),) = _render_calls(view.html)
-    n_img = small_vlm_on.n_image_tokens
     tags = re.compile(r"<[A-Za-z/!]")
     assert not any(tags.search(t) for t in props["tokens"])
-    assert props["tokens"][:n_img] == [f"[img {i}]" for i in range(n_img)]
-    assert "".join(html.unescape(t) for t in props["tokens"][n_img:]) == text  # the escaping is all that changed
+    assert "".join(html.unescape(t) for t in props["tokens"]) == text  # the escaping is all that changed
     assert "&lt;b&gt;" in "".join(props["tokens"]) and "&amp;" in "".join(props["tokens"])
     assert view.to_dataframe().token.tolist()[:2] == ["[img 0]", "[img 1]"]
 
@@ -326,7 +377,7 @@ def test_four_saved_views_share_one_bundle(small_vlm_on, pixels, tmp_path):
              token_activations_view(small_vlm_on, pixels[1], units, text="a cat"),
              unit_heatmap_view(small_vlm_on, pixels[0], units)]
     alone = sum(v.save(tmp_path / f"v{i}.html").stat().st_size for i, v in enumerate(views))
-    assert alone > 3 * len(circuitsvis_bundle())  # each circuitsvis view inlines the bundle
+    assert alone > 2 * len(circuitsvis_bundle())  # each circuitsvis view (the two token views) inlines the bundle
     path = save_views(tmp_path / "page.html", views, title="four views")
     size = path.stat().st_size
     assert size < 2_000_000, f"{size / 1e6:.2f} MB"
@@ -350,3 +401,20 @@ def test_four_saved_views_share_one_bundle(small_vlm_on, pixels, tmp_path):
         save_views(tmp_path / "x.html", [])
     with pytest.raises(TypeError, match=r"views\[1\] is a str"):
         join_views([views[0], "<b>x</b>"])
+
+
+def test_one_bundle_per_notebook(small_vlm_on, pixels, monkeypatch):
+    """In a kernel the first circuitsvis output carries the bundle (and makes it global); later ones only
+    wait for it; outside a kernel every view is self-contained."""
+    import tl_multimodal.views.html as views_html
+
+    views = [token_activations_view(small_vlm_on, pixels[i], [(0, 3)], text="a dog") for i in range(3)]
+    assert all(v._repr_html_() == v.html for v in views)  # no kernel here: each output stands alone
+    monkeypatch.setattr(views_html, "_in_kernel", lambda: True)
+    monkeypatch.setattr(views_html, "_BUNDLE_SHOWN", False)
+    outputs = [v._repr_html_() for v in views]
+    bundle = circuitsvis_bundle()[:2000]
+    assert [o.count(bundle) for o in outputs] == [1, 0, 0]
+    assert "globalThis.CircuitsVis = CircuitsVis" in outputs[0]
+    for v, o in zip(views, outputs):
+        assert _render_calls(o) == _render_calls(v.html) and v.body in o

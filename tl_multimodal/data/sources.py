@@ -341,3 +341,42 @@ def download_coco_sample(dest: str | Path = "coco_sample", n: int = 32, n_dev: i
             return response.read()
 
     return write_coco_sample(instances, captions, ids, dest, read_image, n_dev)
+
+
+class ImagesByIndex:
+    """A dataset's images by row index: read when asked for from a ``datasets.Dataset``, or kept from a
+    stream (webdataset, hub) for the indices wanted only, read up to the last of them.
+
+    Args:
+        data: What :func:`open_dataset` gives.
+        indices: The row indices that will be asked for.
+        image_column: The image column (default: the first of :data:`IMAGE_KEYS` present).
+
+    Raises:
+        ValueError: The data has fewer rows than an index needs, or no image column.
+    """
+
+    def __init__(self, data, indices: Sequence[int], image_column: str | None = None):
+        import itertools
+
+        if not indices:
+            raise ValueError("indices is empty")
+        last = max(indices)
+        self.data, self.rows = data, None
+        if hasattr(data, "select") and hasattr(data, "__len__"):
+            n = len(data)
+        else:
+            wanted, self.rows, n = set(indices), {}, 0
+            for n, row in enumerate(itertools.islice(iter(data), last + 1), 1):
+                if n - 1 in wanted:
+                    self.rows[n - 1] = row
+        if n <= last:
+            raise ValueError(f"the data has {n} rows but row {last} is wanted")
+        self.key = find_column(self.row(indices[0]), IMAGE_KEYS, image_column, "image_column")
+
+    def row(self, index: int) -> dict:
+        """Row ``index`` of the data."""
+        return self.data[int(index)] if self.rows is None else self.rows[int(index)]
+
+    def __getitem__(self, index: int):
+        return self.row(index)[self.key]

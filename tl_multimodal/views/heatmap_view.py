@@ -16,7 +16,7 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
-from tl_multimodal._validate import check_number
+from tl_multimodal._validate import check_int, check_number
 from tl_multimodal.analysis.heatmaps import one_image, unit_grid_activations
 from tl_multimodal.analysis.units import unit_label, unit_list
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image
@@ -142,6 +142,30 @@ def overlay_heatmap(image: Image.Image | None, heatmap: Float[Tensor, "height wi
         base = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
         rgb = np.where(finite[..., None], (1 - alpha) * base + alpha * color, 0.4 * base)
     return Image.fromarray(np.round(rgb * 255).astype(np.uint8))
+
+
+def mark_patch(image: Image.Image, patch: int, grid: tuple[int, int], geometry: CropGeometry) -> Image.Image:
+    """``image`` (drawn in the frame of ``geometry``) with patch ``patch`` of the ``grid`` (rows, cols;
+    patches numbered row by row) boxed in white and black; a copy.
+
+    Raises:
+        ValueError: A patch outside the grid, or an image of another size than the geometry's.
+    """
+    from PIL import ImageDraw
+
+    rows, cols = (int(g) for g in grid)
+    check_int(patch, "patch", minimum=0, maximum=rows * cols - 1)
+    if tuple(image.size) != tuple(geometry.image_size):
+        raise ValueError(f"the image is {image.size} but the geometry is for {geometry.image_size}")
+    r, c = divmod(int(patch), cols)
+    _, _, w, h = geometry.crop
+    x0, y0 = geometry.to_original(c * w / cols, r * h / rows)
+    x1, y1 = geometry.to_original((c + 1) * w / cols, (r + 1) * h / rows)
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline="white", width=3)
+    draw.rectangle([x0 + 1, y0 + 1, x1 - 2, y1 - 2], outline="black", width=1)
+    return out
 
 
 def _display_size(size: tuple[int, int], max_size: int | None) -> tuple[int, int]:

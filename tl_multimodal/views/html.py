@@ -59,15 +59,24 @@ class HTMLView:
 
     @classmethod
     def from_circuitsvis(cls, elements: Sequence[tuple[str, dict]], layout: Callable[[list[str]], str] | None,
-                         title: str, **attributes) -> "HTMLView":
-        """A view of circuitsvis elements (see :func:`circuitsvis_parts`): the placeholders, then one
-        ``<script type="module">`` holding the bundle and a ``CircuitsVis.render`` call per element;
-        ``attributes`` go to ``cls``."""
-        body, js = circuitsvis_parts(elements, layout)
+                         title: str, *, fallbacks: Sequence[str] | None = None, **attributes) -> "HTMLView":
+        """A view of circuitsvis elements (see :func:`circuitsvis_parts`): the placeholders (holding
+        ``fallbacks``, plain HTML shown until circuitsvis renders), then one ``<script type="module">``
+        holding the bundle and a ``CircuitsVis.render`` call per element; ``attributes`` go to ``cls``."""
+        body, js = circuitsvis_parts(elements, layout, fallbacks)
         return cls(_with_bundle(body, js), title, body=body, js=js, **attributes)
 
     def _repr_html_(self) -> str:
-        return self.html
+        """The view for Jupyter: in a kernel, circuitsvis's bundle goes into the first output only (one
+        1.3 MB copy per notebook); later views wait for it (their plain-HTML copies show meanwhile, or
+        for good where scripts do not run)."""
+        global _BUNDLE_SHOWN
+        if not self.js or not _in_kernel():
+            return self.html
+        if not _BUNDLE_SHOWN:
+            _BUNDLE_SHOWN = True
+            return self.html
+        return f"{self.body}\n{_waiting_script(self.js)}"
 
     def __html__(self) -> str:
         return self.html
@@ -85,6 +94,24 @@ class HTMLView:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.title!r}, {len(self.html) / 1e3:.0f} kB of HTML)"
 
+
+
+_BUNDLE_SHOWN = False  # whether this kernel has shown an output carrying circuitsvis's bundle
+
+
+def _in_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel (where outputs of one notebook share a page)."""
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _waiting_script(js: str) -> str:
+    """``js`` run once an earlier output's bundle has defined ``CircuitsVis`` (checked every 25 ms, 20 s at most)."""
+    return ('<script type="module">\n(function go(n) { if (globalThis.CircuitsVis) {\n'
+            f"{js}\n}} else if (n < 800) {{ setTimeout(function () {{ go(n + 1); }}, 25); }} }})(0);\n</script>")
 
 
 # ---------------------------------------------------------------------------------- circuitsvis, inlined
@@ -110,14 +137,16 @@ def _props_json(props: dict) -> str:
     return convert_props(props).replace("</", "<\\/")
 
 
-def circuitsvis_parts(elements: Sequence[tuple[str, dict]],
-                      layout: Callable[[list[str]], str] | None = None) -> tuple[str, str]:
+def circuitsvis_parts(elements: Sequence[tuple[str, dict]], layout: Callable[[list[str]], str] | None = None,
+                      fallbacks: Sequence[str] | None = None) -> tuple[str, str]:
     """The HTML and the JavaScript of circuitsvis React elements, apart (the bundle in neither).
 
     Args:
         elements: ``(element name, props)`` pairs, e.g. ``("ColoredTokens", {"tokens": [...],
             "values": [...]})``; props use circuitsvis's (camelCase) names and may hold tensors.
         layout: Builds the body from the elements' ``<div>`` placeholders (default: one after another).
+        fallbacks: Plain HTML inside each placeholder, what a reader without JavaScript sees (GitHub's
+            notebook preview): circuitsvis replaces it when it renders (default: empty placeholders).
 
     Returns:
         ``(body, js)``: the placeholders laid out, and one ``CircuitsVis.render`` call per element
@@ -125,8 +154,11 @@ def circuitsvis_parts(elements: Sequence[tuple[str, dict]],
     """
     if not elements:
         raise ValueError("nothing to render")
+    fallbacks = [""] * len(elements) if fallbacks is None else list(fallbacks)
+    if len(fallbacks) != len(elements):
+        raise ValueError(f"{len(fallbacks)} fallbacks for {len(elements)} elements")
     ids = [f"tl-multimodal-{uuid4().hex[:12]}" for _ in elements]
-    divs = [f'<div id="{i}" style="margin: 4px 0;"></div>' for i in ids]
+    divs = [f'<div id="{i}" style="margin: 4px 0;">{f}</div>' for i, f in zip(ids, fallbacks)]
     body = layout(divs) if layout is not None else "\n".join(divs)
     js = "\n".join(f'CircuitsVis.render("{i}", CircuitsVis.{name}, {_props_json(props)});'
                     for i, (name, props) in zip(ids, elements))
@@ -137,7 +169,8 @@ def _with_bundle(body: str, js: str) -> str:
     """``body``, then one module script: circuitsvis's bundle and ``js`` (``body`` alone if no ``js``)."""
     if not js:
         return body
-    return f'{body}\n<script crossorigin type="module">\n{circuitsvis_bundle()}\n{js}\n</script>'
+    return (f'{body}\n<script crossorigin type="module">\n{circuitsvis_bundle()}\nglobalThis.CircuitsVis = CircuitsVis;\n'
+            f"{js}\n</script>")
 
 
 def join_views(views: Sequence[HTMLView], title: str = "tl_multimodal views") -> HTMLView:

@@ -20,22 +20,27 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from tl_multimodal._validate import check_int
+from tl_multimodal._validate import check_int, check_number
 from tl_multimodal.analysis.attribution import Attribution, attribute
 from tl_multimodal.analysis.nouns import first_noun
 from tl_multimodal.analysis.decoding import UnitDecoding, decode_units
 from tl_multimodal.analysis.heatmaps import one_image
 from tl_multimodal.analysis.probe import Probe
 from tl_multimodal.analysis.units import unit_label
-from tl_multimodal.views.heatmap_view import unit_heatmap_view
+from tl_multimodal.views.heatmap_view import mark_patch, unit_heatmap_view
+from tl_multimodal.views.tokens import tokens_html
 from tl_multimodal.views.html import png_data_uri
+from tl_multimodal.models.geometry import CropGeometry
+from tl_multimodal.models.projection import projection_id
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
 
 _CSS = """
 body { font-family: sans-serif; margin: 16px; color: #222; }
 table.units { border-collapse: collapse; }
 table.units th, table.units td { border-bottom: 1px solid #ddd; padding: 4px 8px; vertical-align: middle; }
-table.units td.tokens { font-family: monospace; font-size: 85%; max-width: 420px; }
+table.units td.tokens { max-width: 520px; text-align: left; }
+table.units th { text-align: left; }
+.many { background: #fde9c8; color: #7a4a00; border-radius: 3px; padding: 0 4px; }
 table.units td.num { text-align: right; font-family: monospace; }
 .muted { color: #666; font-size: 85%; }
 """
@@ -84,8 +89,9 @@ class UnitReport:
 
 
 def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A picture of", max_new_tokens: int = 20,
-                 hook: str = "pre", heatmap_hook: str = "post", max_size: int = 224, *,
-                 probe: Probe | None = None) -> UnitReport:
+                 hook: str = "pre", heatmap_hook: str = "post", max_size: int = 360, *,
+                 probe: Probe | None = None, source: str | None = None, reference=None,
+                 many: float = 0.25) -> UnitReport:
     """Compute everything a report shows (see :func:`write_report`) without writing a file.
 
     Args:
@@ -99,6 +105,11 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
         max_size: Longest side of a heatmap panel in pixels.
         probe: A one-image :class:`~tl_multimodal.analysis.probe.Probe` to attribute instead of the
             caption's first noun (``prompt`` is then ignored).
+        source: The image's file, named on the page (default: the PIL image's ``filename``, if any).
+        reference: The rows of a dataset run (``load_rows(run)``: ``image_index``, ``layer``, ``unit``):
+            each unit's count of reference images where it is a top unit is shown, and units that are
+            for at least ``many`` of them are marked (they are not specific to this image).
+        many: The share of the reference images above which a unit is marked.
 
     Returns:
         A :class:`UnitReport` (``.html`` is the page).
@@ -118,25 +129,51 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
     noun = found[0] if found is not None else None
     target = attr.targets[0]
 
-    rows = []
-    for r, ((layer, unit), score, patch, toks, ok, panel) in enumerate(zip(
-            units.tolist(), top.score.tolist(), top.patch.tolist(), decoding.tokens,
-            decoding.interpretable.tolist(), panels)):
-        tok_html = " ".join(f"<code>{html.escape(repr(t))}</code>" for t in toks)
+    counts, n_ref = _reference_counts(reference, many)
+    grid_shape = tuple(model.vision.grid)
+    bar = png_data_uri(view.colorbar)
+    rows, marked = [], []
+    for r, ((layer, unit), score, patch, toks, probs, ok, panel, cap) in enumerate(zip(
+            units.tolist(), top.score.tolist(), top.patch.tolist(), decoding.tokens, decoding.probs.tolist(),
+            decoding.interpretable.tolist(), panels, view.captions[1:])):
+        geometry = (CropGeometry.from_data_config(model.vision.data_config, panel.size) if pil is not None
+                    else CropGeometry.identity(panel.size))
+        panel = mark_patch(panel, patch, grid_shape, geometry)
+        marked.append(panel)
+        n = (counts or {}).get((layer, unit), 0)
+        ref = "" if counts is None else (
+            f'<td class="num">{n} of {n_ref}' + (' <span class="many">many</span>' if n >= many * n_ref else "") + "</td>")
+        lo_hi = cap[cap.rfind("(") + 1:-1].split(" .. ")
         rows.append(
             f'<tr class="unit-row" data-rank="{r}" data-layer="{layer}" data-unit="{unit}">'
             f'<td class="num">{r}</td><td class="num">{layer}</td><td class="num">{unit}</td>'
-            f'<td class="num">{score:.4g}</td><td class="num">{patch}</td>'
-            f'<td class="tokens">{tok_html}</td><td>{"yes" if ok else "no"}</td>'
+            f'<td class="num">{score:.4g}</td><td class="num">{patch}</td>{ref}'
+            f'<td class="tokens">{tokens_html(toks, [100 * p for p in probs], fmt="{:.2g}%")}</td>'
+            f'<td>{"yes" if ok else "no"}</td>'
             f'<td><img src="{png_data_uri(panel)}" width="{panel.width}" height="{panel.height}" '
-            f'alt="{unit_label(layer, unit)} heatmap"/></td></tr>')
+            f'alt="{unit_label(layer, unit)} heatmap"/><br><span class="muted">{html.escape(lo_hi[0])}</span> '
+            f'<img src="{bar}" width="120" height="10" alt="colour bar (jet)"/> '
+            f'<span class="muted">{html.escape(lo_hi[-1])}</span></td></tr>')
     n_ok = int(decoding.interpretable.sum())
     crop_note = ('<p class="muted crop">The darkened border is the part of the image the encoder\'s centre crop cut '
                  "away: the model never saw it, and the heatmaps leave it out.</p>"
                  if view.cropped else "")
     grid = tuple(model.vision.grid)
+    ref_head = "" if n_ref is None else "<th>top unit for</th>"
+    ref_note = (f'<p class="muted">top unit for: of the {n_ref} reference images, how many have the unit among '
+                f'their top units; <span class="many">many</span>: at least {many:.0%} of them (not specific to '
+                "this image).</p>" if n_ref is not None else
+                '<p class="muted">Pass <code>reference=load_rows(run)</code> (<code>--reference RUN</code>) to see '
+                "which units are top units for many images of a dataset.</p>")
+    file = source or getattr(image, "filename", None) or getattr(pil, "filename", None)
+    provenance = (f'<p class="provenance muted">image file: <code>{html.escape(str(file) if file else "not given")}'
+                  f"</code>; model: <code>{html.escape(str(model.cfg.model_name))}</code> + <code>"
+                  f"{html.escape(str(model.vision.model_name))}</code>; projection: <code>"
+                  f"{projection_id(model.projection)}</code>; attribution hook <code>{html.escape(hook)}</code>, "
+                  f"heatmaps <code>{html.escape(heatmap_hook)}</code></p>")
     body = f"""
 <h2>Multimodal units of one image</h2>
+{provenance}
 <div style="display: flex; gap: 24px; align-items: flex-start;">
 <img src="{png_data_uri(shown)}" width="{shown.width}" height="{shown.height}" alt="image"/>
 <div>
@@ -151,20 +188,34 @@ score is its maximum over patches (patch = where). Tokens: top 10 of
 <code>softmax(W_U^T W_out[layer][unit])</code>; interpretable = at least 7 of them are English words of
 at least 3 letters ({n_ok} of {len(units)} here). Heatmaps: the unit's <code>{html.escape(heatmap_hook)}</code>
 activation over the patch grid, upsampled bilinearly onto the image (jet: blue low, red high, each
-heatmap on its own scale).</p>
+heatmap on its own scale, its ends written under it); the box marks the unit's top patch.</p>
+{ref_note}
 {crop_note}
 </div></div>
 <h3>Top {len(units)} units</h3>
 <table class="units">
-<tr><th>rank</th><th>layer</th><th>unit</th><th>score</th><th>patch</th><th>top decoded tokens</th>
+<tr><th>rank</th><th>layer</th><th>unit</th><th>score</th><th>patch</th>{ref_head}<th>top decoded tokens</th>
 <th>interpretable?</th><th>heatmap</th></tr>
 {chr(10).join(rows)}
 </table>
+{provenance}
 """
     page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>tl_multimodal report: '
             f"{html.escape(caption.strip())}</title><style>{_CSS}</style></head>\n<body>{body}</body></html>\n")
     return UnitReport(caption=caption, target=target, noun=noun, attribution=attr, units=units,
-                      scores=top.score, decoding=decoding, heatmaps=panels, image=shown, html=page)
+                      scores=top.score, decoding=decoding, heatmaps=marked, image=shown, html=page)
+
+
+def _reference_counts(reference, many: float) -> tuple[dict | None, int | None]:
+    """Per ``(layer, unit)``, the reference images where it is a top unit; and their number (None, None without)."""
+    if reference is None:
+        return None, None
+    missing = [c for c in ("image_index", "layer", "unit") if c not in getattr(reference, "columns", ())]
+    if missing:
+        raise ValueError(f"reference must be a run's rows (load_rows(run)); missing columns {missing}")
+    check_number(many, "many", minimum=0.0)
+    n = reference.groupby(["layer", "unit"])["image_index"].nunique()
+    return {(int(l), int(u)): int(c) for (l, u), c in n.items()}, int(reference["image_index"].nunique())
 
 
 def write_report(model: VisionLM, image, path: str | Path, n_units: int = 10, prompt: str = "A picture of",
