@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tl_multimodal"
-PRIVATE = {"_validate", "_io", "_compat", "_config"}  # top-level helpers any layer may use; they import nothing of ours
+PRIVATE = {"_validate", "_io", "_compat", "_config", "_cli_checks"}  # top-level helpers any layer may use; they import nothing of ours
 ALLOWED = {  # a subpackage -> the subpackages it may import (besides itself and PRIVATE)
     "data": set(),
     "models": set(),
