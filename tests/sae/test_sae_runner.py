@@ -20,7 +20,7 @@ from tl_multimodal.training.runner import load_rows, run_attribution
 
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
-from test_runner import _assert_rows_equal, _coco_folder, _images, build_tiny_vlm  # noqa: E402
+from test_runner import _assert_rows_equal, _coco_folder, _images, build_tiny_vlm, model_factory  # noqa: E402
 
 K = 5
 
@@ -53,13 +53,8 @@ def test_runner_with_an_sae_one_and_two_processes(backend, model, sae_dir, tmp_p
     assert (tops.layer == 0).all() and tops.unit.max() < 40 and np.abs(oracle["score"]).max() > 0
 
     data = _coco_folder(tmp_path / "coco", images)
-    weights = tmp_path / "tiny.pt"
-    torch.save(model.state_dict(), weights)
-    factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests' / 'training')!r})\n"
-                       f"from test_runner import build_tiny_vlm\n"
-                       f"def build():\n    return build_tiny_vlm({str(weights)!r}, {backend!r})\n")
-    args = ["attribute", str(data), "--split", "dev", "--k", str(K), "--shard-size", "2", "--model", f"{factory}:build",
+    factory = model_factory(tmp_path, model, backend)
+    args = ["attribute", str(data), "--split", "dev", "--k", str(K), "--shard-size", "2", "--model", factory,
             "--no-progress", "--sae", str(sae_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
@@ -80,5 +75,5 @@ def test_runner_with_an_sae_one_and_two_processes(backend, model, sae_dir, tmp_p
     other = shutil.copytree(sae_dir, tmp_path / "other_sae")
     with pytest.raises(ValueError, match="'sae'"):
         run_attribution(model, load_coco_mini(data, "dev"), tmp_path / "one", k=K, shard_size=2, sae=str(other),
-                        data_source=str(data.resolve()), split="dev", model_spec=f"{factory}:build", rank=0,
+                        data_source=str(data.resolve()), split="dev", model_spec=factory, rank=0,
                         world_size=1, progress=False)

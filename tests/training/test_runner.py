@@ -242,20 +242,16 @@ def test_webdataset_shards_give_the_same_rows(model, images, oracle, tmp_path):
 def test_command_line_one_process(backend, model, images, oracle, tmp_path):
     data = _coco_folder(tmp_path / "coco", images)
     assert len(open_dataset(data, "dev")) == len(load_coco_mini(data, "dev")) == 7
-    weights = tmp_path / "tiny.pt"
-    torch.save(model.state_dict(), weights)
-    factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests' / 'training')!r})\nfrom test_runner import build_tiny_vlm\n"
-                       f"def build():\n    return build_tiny_vlm({str(weights)!r}, {backend!r})\n")
+    factory = model_factory(tmp_path, model, backend)
     s = run_attribute(build_parser().parse_args([
         "attribute", str(data), "--split", "dev", "--out", str(tmp_path / "out"), "--k", str(K),
-        "--shard-size", "4", "--model", f"{factory}:build", "--no-progress"]))
+        "--shard-size", "4", "--model", factory, "--no-progress"]))
     assert (s.rank, s.world_size, s.images) == (0, 1, 7)
     _assert_rows_equal(load_rows(tmp_path / "out"), oracle)
     record = json.loads((tmp_path / "out" / "_run.json").read_text())
     assert record["data"] == {"source": str(data.resolve()), "split": "dev", "limit": None}
     assert RunConfig.from_dict({k: v for k, v in record.items() if k in RunConfig.names()}) == RunConfig(
-        k=K, shard_size=4, model_spec=f"{factory}:build")
+        k=K, shard_size=4, model_spec=factory)
     assert {k: record[k] for k in ("lm", "encoder", "bos", "n_image_tokens", "projection_id")} == {
         "lm": "tiny", "encoder": "vit_tiny_32", "bos": False, "n_image_tokens": 16,
         "projection_id": projection_id(model.projection)}
@@ -270,13 +266,9 @@ def test_two_accelerate_processes_write_the_same_rows_as_one(backend, model, ima
     processes over gloo) and the acceptance command ``accelerate launch --cpu --num_processes 2 ...
     --limit 4`` (accelerate starts one process; it relaunches itself as two) vs ``python -m tl_multimodal``."""
     data = _coco_folder(tmp_path / "coco", images)
-    weights = tmp_path / "tiny.pt"
-    torch.save(model.state_dict(), weights)
-    factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests' / 'training')!r})\nfrom test_runner import build_tiny_vlm\n"
-                       f"def build():\n    return build_tiny_vlm({str(weights)!r}, {backend!r})\n")
+    factory = model_factory(tmp_path, model, backend)
     args = ["attribute", str(data), "--split", "dev", "--k", str(K), "--shard-size", "2",
-            "--model", f"{factory}:build", "--no-progress"]
+            "--model", factory, "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1"}
     accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch"]
@@ -332,7 +324,7 @@ def test_accelerate_cpu_without_a_process_count_fails_loudly(monkeypatch, tmp_pa
 
 
 # ---------------------------------------------------------------------------- fingerprints and damaged shards
-def _factory(tmp_path: Path, model, backend: str) -> str:
+def model_factory(tmp_path: Path, model, backend: str) -> str:
     """A ``--model`` factory rebuilding ``model`` from its saved weights."""
     weights = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), weights)
@@ -359,7 +351,7 @@ def test_a_rerun_on_other_data_split_or_limit_never_returns_the_old_rows(backend
     data = _coco_folder(tmp_path / "coco", images, splits=["dev"] * 4 + ["train"] * 3)
     other = _coco_folder(tmp_path / "other", images[::-1])
     out = tmp_path / "out"
-    spec = _factory(tmp_path, model, backend)
+    spec = model_factory(tmp_path, model, backend)
 
     def run(*args):
         return run_attribute(build_parser().parse_args(["attribute", *args, "--out", str(out), "--k", str(K),

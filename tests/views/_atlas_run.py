@@ -19,18 +19,13 @@ def atlas_run(backend, tmp_path_factory):
     """``(model, data folder, run folder, site folder, stdout of atlas)``: JPEG files of different sizes
     in a coco_mini-style folder, attributed and made into an atlas by the command line."""
     sys.path.insert(0, str(ROOT / "tests" / "training"))
-    from test_runner import build_tiny_vlm
+    from test_runner import build_tiny_vlm, model_factory
 
     from tl_multimodal.cli import main
 
     root = tmp_path_factory.mktemp(f"atlas_{backend}")
     model = build_tiny_vlm(backend=backend)
-    weights = root / "tiny.pt"
-    torch.save(model.state_dict(), weights)
-    factory = root / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests' / 'training')!r})\n"
-                       f"from test_runner import build_tiny_vlm\n"
-                       f"def build():\n    return build_tiny_vlm({str(weights)!r}, {backend!r})\n")
+    factory = model_factory(root, model, backend)
     data = root / "coco"
     (data / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -42,7 +37,7 @@ def atlas_run(backend, tmp_path_factory):
     (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     run, site = root / "run", root / "site"
     assert main(["attribute", str(data), "--split", "dev", "--out", str(run), "--k", str(K), "--batch-size", "2",
-                 "--model", f"{factory}:build", "--no-progress"]) == 0
+                 "--model", factory, "--no-progress"]) == 0
     assert main(["atlas", str(run), "-o", str(site), "--units-per-page", "5", "--images-per-unit", "3",
                  "--units-per-image", "4", "--no-progress"]) == 0
     return model, data, run, site
