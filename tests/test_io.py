@@ -270,3 +270,23 @@ def test_a_killed_writers_temporary_folder_is_removed_by_the_next_call(tmp_path)
     _age(left, checkpoints.STALE_AFTER_S + 1)
     checkpoints.atomic_folder(target, lambda d: (d / "a.txt").write_text("two"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"] and (target / "a.txt").read_text() == "two"
+
+
+def test_a_name_for_a_memmap_writer_follows_the_same_stale_rule(tmp_path):
+    """``temp_path`` (the feature cache's memmap) names its file as ``atomic_write`` does, so a file a killed
+    writer left is found and deleted by the next write; a fresh one and a live writer's stay."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "features.npy"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale, fresh, live = (tmp_path / f".features.npy.{p}-{tag}.tmp" for p, tag in
+                          [(pid, "aaaa"), (pid, "bbbb"), (os.getppid(), "cccc")])
+    for p in (stale, fresh, live):
+        p.write_bytes(b"half")
+    _age(stale, checkpoints.STALE_AFTER_S + 1)
+    _age(live, checkpoints.STALE_AFTER_S + 1)
+    name = checkpoints.temp_path(target)
+    assert not stale.exists() and fresh.exists() and live.exists()
+    assert name.parent == tmp_path and name.name.startswith(f".features.npy.{os.getpid()}-") and not name.exists()

@@ -107,7 +107,8 @@ def _print_timings(path, nb) -> None:
 
 
 def _run_copy(path, tmp_path, **parameters):
-    """Execute a copy of the notebook in tmp_path/demos (files it writes stay there); returns it executed."""
+    """Execute a copy of the notebook in tmp_path/demos (files it writes stay there); returns it executed, its
+    progress bars dropped as :mod:`scripts.run_notebooks` drops them before saving."""
     copy = tmp_path / "demos" / path.name
     copy.parent.mkdir()
     shutil.copy(path, copy)
@@ -120,7 +121,7 @@ def _run_copy(path, tmp_path, **parameters):
             out = Path(os.environ["TL_MULTIMODAL_NOTEBOOK_OUT"])
             out.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, out / path.name)
-    return nb
+    return run_notebooks.drop_progress_bars(nb)  # as scripts/run_notebooks.py saves it: tqdm's redrawn bars go
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

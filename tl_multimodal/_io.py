@@ -91,6 +91,16 @@ def _naming_target(error: OSError, path: Path, unnamed: bool = True) -> OSError:
     return type(error)(error.errno, error.strerror, str(path))
 
 
+def temp_path(path: str | Path) -> Path:
+    """A fresh temporary file name beside ``path``, in this module's naming (``.NAME.PID-RANDOM.tmp``), for a
+    writer that needs a name rather than a file object (a numpy memmap); it renames the file over ``path``
+    when done. Stale temporary files of ``path`` (see :func:`atomic_write`) are deleted first, and one this
+    writer leaves when killed is deleted by a later write of ``path``."""
+    path = Path(path)
+    _remove_stale_temps(path)
+    return path.with_name(f"{_temp_prefix(path)}{os.urandom(4).hex()}.tmp")
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     """Write ``path`` all or nothing: ``write(f)`` fills a temporary file ``f`` (open for binary
     writing) in the same folder, which is flushed to disk and renamed over ``path``. An exception or

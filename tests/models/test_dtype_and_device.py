@@ -58,7 +58,7 @@ def test_half_precision_end_to_end_is_close_to_float32(backend, gpt2_tokenizer, 
 def test_a_failed_move_leaves_the_model_where_it_was(backend, gpt2_tokenizer, vit_encoder, how, image):
     model = _model(backend, gpt2_tokenizer, vit_encoder)
     before = model("A picture of", images=image)
-    cfg = dict(vars(model.cfg))
+    cfg, layout = dict(vars(model.cfg)), model.projection.info.bos
     with pytest.raises((RuntimeError, AssertionError)):  # torch: "no NVIDIA driver" / "not compiled with CUDA"
         if how == "to":
             model.to("cuda")
@@ -69,7 +69,9 @@ def test_a_failed_move_leaves_the_model_where_it_was(backend, gpt2_tokenizer, vi
 
             data = datasets.Dataset.from_list([{"image": image, "captions": ["a square"]}])
             with torch.enable_grad():
-                train_projection(model, data, steps=1, batch_size=1, device="cuda", progress=False)
+                train_projection(model, data, steps=1, batch_size=1, device="cuda", progress=False,
+                                 bos=not model.image_bos)  # another layout: it must not stick either
+    assert model.projection.info.bos == layout
     assert vars(model.cfg) == cfg and model.cfg.device == cfg["device"]
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert torch.equal(model("A picture of", images=image), before)

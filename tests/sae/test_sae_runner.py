@@ -73,7 +73,7 @@ def test_runner_with_an_sae_one_and_two_processes(backend, model, sae_dir, tmp_p
     assert json.loads((tmp_path / "one" / "_run.json").read_text())["sae"] == str(sae_dir.resolve())
     # another SAE into the same folder is refused (the record names it)
     other = shutil.copytree(sae_dir, tmp_path / "other_sae")
-    with pytest.raises(ValueError, match="'sae'"):
+    with pytest.raises(ValueError, match="sae: "):
         run_attribution(model, load_coco_mini(data, "dev"), tmp_path / "one", k=K, shard_size=2, sae=str(other),
                         data_source=str(data.resolve()), split="dev", model_spec=factory, rank=0,
                         world_size=1, progress=False)

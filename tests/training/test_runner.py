@@ -435,7 +435,7 @@ def test_damaged_shards_are_recomputed_on_resume_and_named_by_load_rows(model, d
         load_rows(tmp_path)
     with pytest.warns(UserWarning) as caught:
         s = run_attribution(model, dataset, tmp_path, **kw)
-    messages = sorted(str(w.message) for w in caught)
+    messages = sorted(str(w.message) for w in caught if w.category is UserWarning)  # not transformers' deprecations
     assert len(messages) == 3 and all("recomputing it" in m for m in messages)
     assert "does not match the SHA-256" in messages[1] and messages[0].count("has no record") == 1
     assert (s.shards_written, s.shards_recomputed, s.shards_skipped, s.images) == (3, 3, 1, 6)

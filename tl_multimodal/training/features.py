@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_multimodal._io import atomic_write
+from tl_multimodal._io import atomic_write, temp_path
 from tl_multimodal._validate import check_int
 from tl_multimodal.data.sources import rows_naming_bad_images
 from tl_multimodal.models.protocol import VisionLM
@@ -98,7 +98,7 @@ def _cached_features(model, dataset, image_column, batch_size, progress, path: P
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if rank == 0 and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+        tmp = temp_path(path)  # removed by a later write if a kill leaves it
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=tuple(record["shape"]))
             start = 0

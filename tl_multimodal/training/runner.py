@@ -97,13 +97,14 @@ class RunSummary:
 
 # ---------------------------------------------------------------------------- data
 def _chunks(data, shard_size: int, limit: int | None) -> Iterator[tuple[int, int, Callable[[], Iterable[dict]]]]:
-    """``(start, stop, rows)`` for each chunk; ``rows()`` gives the chunk's rows (decoded lazily; an image that
-    cannot be read stops the run with an ``ImageReadError`` naming it and its file)."""
+    """``(start, stop, rows)`` for each chunk; ``rows()`` gives the chunk's rows (a map-style dataset's rows
+    as a ``datasets.Dataset``, decoded lazily: read them through :func:`rows_naming_bad_images`; a stream's
+    as a list, read through it here)."""
     if hasattr(data, "select") and hasattr(data, "__len__"):  # map-style datasets.Dataset: random access
         n = len(data) if limit is None else min(len(data), limit)
         for start in range(0, n, shard_size):
             stop = min(start + shard_size, n)
-            yield start, stop, lambda a=start, b=stop: rows_naming_bad_images(data.select(range(a, b)), data, a)
+            yield start, stop, lambda a=start, b=stop: data.select(range(a, b))
         return
     rows = rows_naming_bad_images(iter(data) if limit is None else itertools.islice(data, limit))
     start = 0
@@ -331,7 +332,7 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
                 warnings.warn(f"shard {path} {problem}: recomputing it", stacklevel=2)
                 recomputed += 1
             tables = []
-            batches = iter(chunk)
+            batches = rows_naming_bad_images(chunk, data, start)  # an image that cannot be read is named
             for b_start in range(start, stop, batch_size):
                 batch = list(itertools.islice(batches, batch_size))
                 indices = list(range(b_start, b_start + len(batch)))

@@ -324,15 +324,14 @@ def train_projection(model: VisionLM, dataset: datasets.Dataset | Iterable[Mappi
     init = state.get("init_projection") if state is not None else projection_id(model.projection)
     if config.checkpoint_dir is not None:  # a folder that cannot be written fails now, not at the first checkpoint
         check_writable_folder(config.checkpoint_dir, "checkpoint_dir")
-    model.projection.info.bos = layout  # every check passed: the projection learns this layout
-
     device = config.device
     if device is None:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else model.W_E.device
     device = torch.device(device)
     mixed_precision = device.type == "cuda" if config.mixed_precision is None else config.mixed_precision
     if model.W_E.device != device:
-        model.to(device)
+        model.to(device)  # all or nothing: a failed move leaves the model as it was
+    model.projection.info.bos = layout  # every check passed and the model moved: the projection learns this layout
     with _restoring(model):
         return _train(model, rows if stream else dataset, captions, dev_dataset, dev_captions, state, config, resume,
                       init=init, device=device, mixed_precision=mixed_precision,
