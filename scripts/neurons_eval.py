@@ -174,7 +174,8 @@ def main(argv=None) -> dict:
         print(f"\n(c) heatmap IoU (95th pct, hook_post) with the COCO object mask, {iou['n_images']} images "
               f"({iou['n_by_noun']} by target noun, the rest largest object)")
         print(f"    top-{args.k} units: {iou['top']:.4f}   random same-layer units: {iou['random']:.4f}   "
-              f"Wilcoxon W={iou['wilcoxon_W']}, p={iou['wilcoxon_p']:.3g} (one-sided, top > random)")
+              + ("(one image: no Wilcoxon test)" if iou["wilcoxon_p"] is None else
+                 f"Wilcoxon W={iou['wilcoxon_W']}, p={iou['wilcoxon_p']:.3g} (one-sided, top > random)"))
     if ev.controls is not None:
         print(f"\nControls (k={args.k} units for similarity and IoU; ablation: zero, hook_post, image positions):")
         print(ev.controls)
