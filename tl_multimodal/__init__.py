@@ -55,7 +55,7 @@ _EXPORTS = {
     "pretrained.offline": ["clear_cache", "load_efficientnet_lite0", "load_smollm2"],
     "pretrained.vlms": ["vlm_bridge"],
     "sae.load": ["load_sae", "save_sae"],
-    "sae.model": ["SAE", "SAEConfig"],
+    "sae.model": ["SAE", "SAEConfig", "sae_id"],
     "sae.splice": ["model_hook_name"],
     "sae.train": ["ReconstructionStats", "reconstruction_stats", "train_sae"],
     "training.config": ["RunConfig", "TrainingConfig"],
