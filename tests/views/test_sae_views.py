@@ -10,11 +10,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from _atlas_run import N_IMAGES, jpeg_folder
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.analysis.decoding import decode_units
 from tl_multimodal.analysis.heatmaps import unit_grid_activations
@@ -30,7 +30,7 @@ from tl_multimodal.views.report import build_report
 from tl_multimodal.views.tokens import token_activations_view
 
 ROOT = Path(__file__).parents[2]
-N_IMAGES, K, D_SAE = 4, 6, 40  # D_SAE > the tiny model's d_mlp (24): some latents are no MLP unit
+K, D_SAE = 6, 40  # D_SAE > the tiny model's d_mlp (24): some latents are no MLP unit
 LINK = re.compile(r'(?:href|src)="([^"#]+)"')
 
 
@@ -48,15 +48,7 @@ def sae_run(backend, tmp_path_factory):
               "W_dec": torch.randn(D_SAE, 32, generator=g), "b_dec": torch.randn(32, generator=g) * 0.1}
     sae_dir = save_sae(SAE(SAEConfig("standard", 32, D_SAE, "blocks.1.hook_resid_post"), params), root / "sae")
     factory = model_factory(root, model, backend)
-    data = root / "coco"
-    (data / "images").mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    lines = []
-    for i, (h, w) in enumerate([(40, 52), (64, 48), (36, 36), (50, 80)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(data / "images" / f"{3000 + i}.jpg")
-        lines.append(json.dumps({"file_name": f"images/{3000 + i}.jpg", "image_id": 3000 + i, "split": "dev",
-                                 "captions": ["a photo"]}))
-    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    data = jpeg_folder(root / "coco", 3000, seed=1)
     run, site = root / "run", root / "site"
     assert main(["attribute", str(data), "--split", "dev", "--out", str(run), "--k", str(K), "--batch-size", "2",
                  "--model", factory, "--sae", str(sae_dir), "--no-progress"]) == 0
@@ -76,9 +68,10 @@ def _latents(model, sae, image, tokens=None):
 
 
 def _close(actual, oracle):
-    """Equal up to a few roundings of the SAE's dtype (the model's float64, or its float32 where the bridge's
-    ``cfg.dtype`` says float32 and the runner loads the SAE so): the same ``encode`` of the same values."""
-    eps = torch.finfo(oracle.dtype).eps
+    """Equal up to a few roundings of the coarser dtype of the two (the SAE's: the model's float64, or float32 where
+    the bridge's ``cfg.dtype`` says float32 and the runner loads the SAE so; the grids are kept in float32):
+    the same ``encode`` of the same values."""
+    eps = max(torch.finfo(actual.dtype).eps, torch.finfo(oracle.dtype).eps)
     return torch.allclose(actual.to(oracle.dtype), oracle, rtol=64 * eps, atol=64 * eps * float(oracle.abs().max()))
 
 
