@@ -112,7 +112,7 @@ def test_atlas_peaks_are_the_sae_latents_of_the_cached_residual_stream(sae_run, 
     rows = load_rows(run)
     files = {i: data / "images" / f"{3000 + i}.jpg" for i in range(N_IMAGES)}
     atlas = write_atlas(model, rows, files, tmp_path / "site", sae=sae)
-    assert atlas.provenance["sae_id"] == sae_id(sae)
+    assert atlas.provenance["sae_id"] == sae_id(sae) and repr(atlas).startswith(f"Atlas({len(atlas.units)} latents")
     pairs = list(zip(atlas.units["layer"].tolist(), atlas.units["unit"].tolist()))
     assert list(atlas.units["page"]) == [f"latents/L1_F{u}.html" for _, u in pairs]
     for k, i in enumerate(atlas.images["image_index"].tolist()):

@@ -66,7 +66,8 @@ class Atlas:
         peak: ``[n_images, n_units]`` each unit's largest activation over the patches of each image
             (rows in :attr:`images` order, columns in :attr:`units` order): the histograms' data.
         pages: Every HTML page written (paths relative to ``out``).
-        provenance: What every page names as its source (run, model, projection, data).
+        provenance: What every page names as its source (run, model, projection, data; the SAE and its id).
+        kind: What the units are: ``"units"`` (MLP units) or ``"latents"`` (an SAE's).
     """
 
     out: Path
@@ -75,6 +76,7 @@ class Atlas:
     peak: torch.Tensor
     pages: list[str]
     provenance: dict = field(default_factory=dict)
+    kind: str = "units"
 
     def to_dataframe(self):
         """The unit index (a copy of :attr:`units`)."""
@@ -82,7 +84,7 @@ class Atlas:
 
     def __repr__(self) -> str:
         n_many = int(self.units["many"].sum())
-        return (f"Atlas({len(self.units)} units ({n_many} top units for many images), {len(self.images)} images, "
+        return (f"Atlas({len(self.units)} {self.kind} ({n_many} top {self.kind} for many images), {len(self.images)} images, "
                 f"{len(self.pages)} pages, out={str(self.out)!r})")
 
 
@@ -304,4 +306,5 @@ def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str
                       n_images=len(order), many=many, tags=tags,
                       sae_hooks=None if saes is None else [s.hook_name for s in saes.values()])
     written = pages.write_site(site)
-    return Atlas(out=out, units=units, images=image_table, peak=peak, pages=written, provenance=dict(provenance))
+    return Atlas(out=out, units=units, images=image_table, peak=peak, pages=written, provenance=dict(provenance),
+                 kind="units" if saes is None else "latents")
