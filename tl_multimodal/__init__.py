@@ -46,7 +46,7 @@ _EXPORTS = {
     "models.geometry": ["CropGeometry", "grid_to_image", "input_geometry"],
     "models.images": ["to_pil", "to_pixels"],
     "models.prefix": ["HookedVisionPrefix"],
-    "models.projection": ["ImageProjection", "ProjectionInfo", "projection_id"],
+    "models.projection": ["ImageProjection", "ProjectionInfo", "content_id", "projection_id"],
     "models.protocol": ["VisionLM", "soft_prompts"],
     "models.vlm": ["VLMBridge"],
     "models.vlm_geometry": ["ImageTokenGeometry", "image_token_geometry"],

@@ -244,9 +244,16 @@ def projection_id(projection: ImageProjection | str | Path) -> str:
 
 
 def content_id(header: dict, state: dict[str, Tensor]) -> str:
-    """16 hex digits of a SHA-256 of ``header`` (JSON, keys sorted), then of each entry of ``state`` in
-    sorted key order: its name, its shape and its values as little-endian float32 bytes (what
-    :func:`projection_id` and :func:`~tl_multimodal.sae.model.sae_id` hash)."""
+    """The identity of some weights: what :func:`projection_id` and :func:`~tl_multimodal.sae.model.sae_id` hash.
+
+    Args:
+        header: A JSON-able description (hashed as JSON, keys sorted).
+        state: Named tensors (a state dict), hashed in sorted name order: each name, shape and its values as
+            little-endian float32 bytes.
+
+    Returns:
+        The first 16 hex digits of the SHA-256.
+    """
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for name, tensor in sorted(state.items()):
         values = tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
