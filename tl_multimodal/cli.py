@@ -135,11 +135,14 @@ def _report(args) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise CLIError(f"--reference: {e}", EXIT_INPUT) from None
     model = _open_model(args)
+    sae = None if args.sae is None else _open_sae(args.sae, model, "--sae")
+    if reference is not None:
+        _same_units(args.reference, sae)
     from tl_multimodal.models.images import to_pil
     from tl_multimodal.views.report import write_report
 
     out = write_report(model, to_pil(image, str(image)), args.out, n_units=args.k, prompt=args.prompt,
-                       max_new_tokens=args.max_new_tokens, source=str(image.resolve()), reference=reference)
+                       max_new_tokens=args.max_new_tokens, source=str(image.resolve()), reference=reference, sae=sae)
     print(out)
 
 
@@ -221,13 +224,59 @@ def _atlas(args) -> None:
     if record.get("projection_id") not in (None, pid):
         raise CLIError(f"the model's projection ({pid}) is not the run's ({record['projection_id']}); pass the "
                        "run's --model and --projection", EXIT_MODEL)
+    sae = _run_sae(args, record, model)
     provenance = {"run": str(args.run_dir.resolve()), "model": args.model, "lm": record.get("lm"),
                   "encoder": record.get("encoder"), "projection": pid, "data": source, "split": split}
     atlas = write_atlas(model, rows, images, args.out, provenance=provenance, units_per_page=args.units_per_page,
                         images_per_unit=args.images_per_unit, units_per_image=args.units_per_image,
-                        batch_size=args.batch_size, progress=not args.no_progress)
+                        batch_size=args.batch_size, progress=not args.no_progress, sae=sae)
     print(atlas)
     print(args.out / "index.html")
+
+
+def _open_sae(where: str, model, what: str):
+    """``load_sae(where)`` in the model's dtype and on its device, as the runner loads it; a failure as one
+    line naming ``what`` (exit 3)."""
+    from tl_multimodal.sae.load import load_sae
+
+    try:
+        return load_sae(where, dtype=model.cfg.dtype, device=model.cfg.device)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise CLIError(f"{what}: {e}", EXIT_INPUT) from None
+
+
+def _same_units(run: Path, sae) -> None:
+    """Refuse a ``--reference`` run whose units are not the report's: MLP units against an SAE's latents,
+    or another SAE (by its id, where the run recorded one)."""
+    import json
+
+    from tl_multimodal.sae.model import sae_id
+
+    manifest = run / "_run.json"
+    record = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if (record.get("sae") is None) != (sae is None):
+        raise CLIError(f"--reference: {run} is a run of {'MLP units' if record.get('sae') is None else 'SAE latents'}"
+                       f", but the report shows {'MLP units' if sae is None else 'latents (--sae)'}", EXIT_USAGE)
+    if sae is not None and record.get("sae_id") not in (None, sae_id(sae)):
+        raise CLIError(f"--reference: {run} was made with another SAE (id {record['sae_id']}, --sae's is "
+                       f"{sae_id(sae)})", EXIT_USAGE)
+
+
+def _run_sae(args, record: dict, model):
+    """The SAE of the run (None for a run of MLP units): the one ``_run.json`` records, or ``--sae`` (a moved
+    copy), loaded as the runner loaded it (the model's dtype and device); refused when it is not the run's."""
+    if record.get("sae") is None:
+        if args.sae is not None:
+            raise CLIError(f"--sae: {args.run_dir} is a run of MLP units, not of an SAE's latents", EXIT_USAGE)
+        return None
+    from tl_multimodal.sae.model import sae_id
+
+    where = record["sae"] if args.sae is None else args.sae
+    sae = _open_sae(where, model, "--sae" if args.sae is not None else "the run's SAE (moved? pass it as --sae)")
+    sid = sae_id(sae)
+    if record.get("sae_id") not in (None, sid):
+        raise CLIError(f"--sae: the SAE at {where} (id {sid}) is not the run's (id {record['sae_id']})", EXIT_INPUT)
+    return sae
 
 
 def _train(args) -> None:
@@ -350,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--k", type=_positive_int, default=10, help="top units shown")
     rep.add_argument("--reference", type=Path, default=None, metavar="RUN",
                      help="an `attribute` run: mark the units that are top units for many of its images")
+    rep.add_argument("--sae", default=None, metavar="PATH",
+                     help="show this SAE's top latents instead of MLP units (a SAELens folder, a params.npz, "
+                          "owner/repo/folder, or 'offline': the SAE shipped for the offline model)")
     _model_options(rep)
     rep.set_defaults(run=_report)
 
@@ -385,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write a static website (open SITE/index.html from disk, no server, no network)\n"
                                     "of an `attribute` run: an index of its units, a page per unit (decoded tokens,\n"
                                     "targets, activation histogram, top images with heatmaps) and per image.\n"
-                                    "The images and the model are the ones the run recorded in RUN/_run.json.")
+                                    "The images and the model are the ones the run recorded in RUN/_run.json;\n"
+                                    "for a run made with --sae, the units are that SAE's latents (latents/ pages).")
     at.add_argument("run_dir", type=Path, metavar="RUN", help="the output folder of `tl-multimodal attribute`")
     at.add_argument("-o", "--out", type=Path, required=True, metavar="SITE", help="the site's folder")
     at.add_argument("--data", default=None, help="the run's DATA (default: the one it recorded)")
@@ -398,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="images per forward pass")
     at.add_argument("--device", type=_device, default="cpu", help="where the model runs: cpu, cuda, cuda:N, mps")
     _load_options(at, "projection checkpoint (default: the run's)")
+    at.add_argument("--sae", default=None, metavar="PATH",
+                    help="for a run made with --sae: its SAE, moved (default: the one the run recorded; another "
+                         "SAE is refused)")
     at.set_defaults(model=None)
     at.add_argument("--no-progress", action="store_true", help="no progress bar")
     at.set_defaults(run=_atlas)

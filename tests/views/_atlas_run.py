@@ -14,6 +14,21 @@ ROOT = Path(__file__).parents[2]
 N_IMAGES, K = 4, 6
 
 
+def jpeg_folder(data: Path, first_id: int, seed: int) -> Path:
+    """:data:`N_IMAGES` random JPEG files of different sizes in a coco_mini-style folder (split dev), ids from
+    ``first_id``."""
+    (data / "images").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, (h, w) in enumerate([(40, 52), (64, 48), (36, 36), (50, 80)]):
+        image_id = first_id + i
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(data / "images" / f"{image_id}.jpg")
+        lines.append(json.dumps({"file_name": f"images/{image_id}.jpg", "image_id": image_id, "split": "dev",
+                                 "captions": ["a photo"]}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return data
+
+
 @pytest.fixture(scope="module")
 def atlas_run(backend, tmp_path_factory):
     """``(model, data folder, run folder, site folder, stdout of atlas)``: JPEG files of different sizes
@@ -26,15 +41,7 @@ def atlas_run(backend, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"atlas_{backend}")
     model = build_tiny_vlm(backend=backend)
     factory = model_factory(root, model, backend)
-    data = root / "coco"
-    (data / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    lines = []
-    for i, (h, w) in enumerate([(40, 52), (64, 48), (36, 36), (50, 80)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(data / "images" / f"{2000 + i}.jpg")
-        lines.append(json.dumps({"file_name": f"images/{2000 + i}.jpg", "image_id": 2000 + i, "split": "dev",
-                                 "captions": ["a photo"]}))
-    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    data = jpeg_folder(root / "coco", 2000, seed=0)
     run, site = root / "run", root / "site"
     assert main(["attribute", str(data), "--split", "dev", "--out", str(run), "--k", str(K), "--batch-size", "2",
                  "--model", factory, "--no-progress"]) == 0

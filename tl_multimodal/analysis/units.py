@@ -4,6 +4,7 @@ validator (:func:`as_units`) and the one hook vocabulary (:func:`mlp_hook`) ever
 from __future__ import annotations
 
 import numbers
+import re
 from collections import Counter
 from typing import Sequence
 
@@ -150,11 +151,23 @@ def cache_units(model, tokens: Tensor, image_embed: Tensor, names: list[str], sa
     return out, cache
 
 
-def unit_list(model, units: UnitsLike) -> list[tuple[int, int]]:
-    """At least one validated ``(layer, unit)`` pair (:func:`as_units`, unbatched) as a list of int tuples."""
-    return [tuple(u) for u in as_units(model, units, batched=False, allow_empty=False).tolist()]
+def unit_list(model, units: UnitsLike, saes: dict | None = None) -> list[tuple[int, int]]:
+    """At least one validated ``(layer, unit)`` pair (:func:`as_units`, unbatched; SAE latents with ``saes``)
+    as a list of int tuples."""
+    return [tuple(u) for u in as_units(model, units, batched=False, allow_empty=False, saes=saes).tolist()]
 
 
-def unit_label(layer: int, unit: int) -> str:
-    """A unit's name in tables and figures: ``L{layer}.{unit}``."""
-    return f"L{layer}.{unit}"
+def sae_tags(hook_names: Sequence[str]) -> list[str]:
+    """A short name per SAE, from the hook names it reads: ``L{layer}`` (``blocks.15.hook_resid_post`` ->
+    ``L15``), or ``SAE{index}`` for all when two SAEs share a layer or a hook names none."""
+    layers = [re.match(r"blocks\.(\d+)\.", name) for name in hook_names]
+    tags = [f"L{m.group(1)}" if m else "" for m in layers]
+    if "" in tags or len(set(tags)) < len(tags):
+        return [f"SAE{i}" for i in range(len(tags))]
+    return tags
+
+
+def unit_label(layer: int, unit: int, tags: Sequence[str] | None = None) -> str:
+    """A unit's name in tables and figures: ``L{layer}.{unit}``; with ``tags`` (:func:`sae_tags`), latent
+    ``unit`` of SAE ``layer``: ``{tags[layer]}.F{unit}`` (``L15.F123``)."""
+    return f"L{layer}.{unit}" if tags is None else f"{tags[layer]}.F{unit}"

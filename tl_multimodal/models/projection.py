@@ -240,8 +240,22 @@ def projection_id(projection: ImageProjection | str | Path) -> str:
         projection = ImageProjection.load(projection)
     info = {k: v for k, v in asdict(projection.info).items() if k != "training"}
     info["grid"] = list(info["grid"])
-    digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode())
-    for name, tensor in sorted(projection.state_dict().items()):
+    return content_id(info, projection.state_dict())
+
+
+def content_id(header: dict, state: dict[str, Tensor]) -> str:
+    """The identity of some weights: what :func:`projection_id` and :func:`~tl_multimodal.sae.model.sae_id` hash.
+
+    Args:
+        header: A JSON-able description (hashed as JSON, keys sorted).
+        state: Named tensors (a state dict), hashed in sorted name order: each name, shape and its values as
+            little-endian float32 bytes.
+
+    Returns:
+        The first 16 hex digits of the SHA-256.
+    """
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name, tensor in sorted(state.items()):
         values = tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4")
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(values.tobytes())

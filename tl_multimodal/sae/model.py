@@ -35,6 +35,8 @@ except ImportError:  # TransformerLens 3
     from transformer_lens.hook_points import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from tl_multimodal.models.projection import content_id
+
 ARCHITECTURES = ("standard", "topk", "jumprelu", "gated")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 
@@ -205,3 +207,23 @@ class SAE(HookedRootModule):
         out = self.decode(self.encode(x), x)
         self.hook_sae_error(x - out)
         return out
+
+
+def sae_id(sae: SAE) -> str:
+    """The identity of an SAE: 16 hex digits of a SHA-256 of what it computes, made as
+    :func:`~tl_multimodal.models.projection.projection_id` makes a projection's.
+
+    The hash covers the JSON of its config as :meth:`SAEConfig.to_dict` writes it (architecture, widths, ``k``,
+    normalisation, hook name, model name; not the path it was loaded from), then each parameter in sorted
+    name order, its shape and its values as float32. So a copy moved elsewhere keeps its id; changing a
+    weight or its hook changes it. The runner's ``_run.json`` and the atlas and report pages name SAEs by it.
+
+    Args:
+        sae: An :class:`SAE`.
+
+    Returns:
+        The first 16 hex digits of the SHA-256.
+    """
+    if not isinstance(sae, SAE):
+        raise TypeError(f"sae must be an SAE (tl_multimodal.load_sae), got {type(sae).__name__}")
+    return content_id(sae.cfg.to_dict(), sae.state_dict())

@@ -43,6 +43,7 @@ from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.models.projection import projection_id
 from tl_multimodal.pretrained.load import load
 from tl_multimodal.sae.load import load_sae
+from tl_multimodal.sae.model import sae_id
 from tl_multimodal.training._distributed import partial_state
 from tl_multimodal.training._run_files import (clear_run, differences, ids_digest, read_shard, remove_shard,
                                                shard_problem, write_record)
@@ -301,6 +302,8 @@ def run_attribution(model, data, out: str | Path, config: RunConfig | None = Non
     out.mkdir(parents=True, exist_ok=True)
     sae = None if config.sae is None else load_sae(config.sae, dtype=model.cfg.dtype, device=model.cfg.device)
     settings = _manifest(config, model)
+    if sae is not None:  # the SAE by its content, as the projection (a moved copy keeps it; its path is in "sae")
+        settings["sae_id"] = sae_id(sae)
     first = rank == 0 or not restart  # with restart, rank 0 clears the folder and the others wait for it
     if first:
         if restart:

@@ -10,7 +10,9 @@ browser opens from ``file://`` with no server and no network:
   plain table.
 * ``units/L5_U1234.html``: one unit: its decoded tokens with probabilities, the targets it was
   attributed to, how often it is a top unit, a histogram of its peak activation over every image, and
-  its top images with its heatmap over each (the top patch boxed).
+  its top images with its heatmap over each (the top patch boxed). For a run made with an SAE
+  (``sae=``) the units are its latents, on pages ``latents/L15_F123.html`` (latent 123 of the SAE on
+  layer 15's hook), decoded and heatmapped as latents, the SAE named (path and id) on every page.
 * ``images/<image id>.html``: one image: file, caption, target, its top units with heatmaps and links.
 * ``img/``: each image full size and as a thumbnail; ``heat/``: the heatmaps (JPEG files, never inline).
 
@@ -36,8 +38,11 @@ from PIL import Image
 from tl_multimodal._validate import check_int, check_number
 from tl_multimodal.analysis.decoding import decode_units
 from tl_multimodal.analysis.heatmaps import unit_grid_activations
+from tl_multimodal.analysis.units import as_units, sae_tags
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image
 from tl_multimodal.models.images import to_pil
+from tl_multimodal.sae.model import sae_id
+from tl_multimodal.sae.splice import saes_by_hook
 from tl_multimodal.views import atlas_pages as pages
 from tl_multimodal.views.heatmap_view import colorbar_image, mark_patch, overlay_heatmap
 
@@ -61,7 +66,8 @@ class Atlas:
         peak: ``[n_images, n_units]`` each unit's largest activation over the patches of each image
             (rows in :attr:`images` order, columns in :attr:`units` order): the histograms' data.
         pages: Every HTML page written (paths relative to ``out``).
-        provenance: What every page names as its source (run, model, projection, data).
+        provenance: What every page names as its source (run, model, projection, data; the SAE and its id).
+        kind: What the units are: ``"units"`` (MLP units) or ``"latents"`` (an SAE's).
     """
 
     out: Path
@@ -70,6 +76,7 @@ class Atlas:
     peak: torch.Tensor
     pages: list[str]
     provenance: dict = field(default_factory=dict)
+    kind: str = "units"
 
     def to_dataframe(self):
         """The unit index (a copy of :attr:`units`)."""
@@ -77,7 +84,7 @@ class Atlas:
 
     def __repr__(self) -> str:
         n_many = int(self.units["many"].sum())
-        return (f"Atlas({len(self.units)} units ({n_many} top units for many images), {len(self.images)} images, "
+        return (f"Atlas({len(self.units)} {self.kind} ({n_many} top {self.kind} for many images), {len(self.images)} images, "
                 f"{len(self.pages)} pages, out={str(self.out)!r})")
 
 
@@ -176,7 +183,7 @@ def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str
                 provenance: Mapping[str, Any] | None = None, units_per_page: int = 200, images_per_unit: int = 12,
                 units_per_image: int = 10, n_tokens: int = 10, hook: str = "post", many: float = 0.25,
                 thumb_size: int = 160, heatmap_size: int = 256, batch_size: int = 8,
-                progress: bool = False) -> Atlas:
+                progress: bool = False, sae=None) -> Atlas:
     """Write the atlas site of a run's units (see the module docstring for its pages).
 
     Args:
@@ -195,33 +202,51 @@ def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str
         thumb_size, heatmap_size: Longest side, in pixels, of the thumbnails and of the heatmaps.
         batch_size: Images per forward pass.
         progress: Show a progress bar.
+        sae: The SAE (or list of SAEs) of a run made with one (``RunConfig.sae``, ``--sae``): the rows' units are
+            then ``(SAE index, latent)``, decoded through each latent's decoder row, heatmapped and histogrammed
+            from the latents (``hook`` unused), on pages ``latents/L15_F123.html`` (``L15``: the layer of the
+            SAE's hook; ``SAE0``, ``SAE1``, ... when two SAEs share a layer). ``provenance`` gets ``sae`` (its
+            path, or its hook) and ``sae_id`` (:func:`~tl_multimodal.sae.model.sae_id`) unless given.
 
     Returns:
         An :class:`Atlas`.
 
     Raises:
-        ValueError: Rows that are not the runner's, an image missing from ``images``, ``out`` a file.
+        ValueError: Rows that are not the runner's, units out of range for the model (or for ``sae``: rows
+            of MLP units with an SAE, or of latents of a wider SAE), an image missing from ``images``,
+            ``out`` a file.
     """
     for name, value in (("units_per_page", units_per_page), ("images_per_unit", images_per_unit),
                         ("units_per_image", units_per_image), ("n_tokens", n_tokens), ("thumb_size", thumb_size),
                         ("heatmap_size", heatmap_size), ("batch_size", batch_size)):
         check_int(value, name)
     units = unit_table(rows, many=many)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    unit_pairs = torch.tensor(units[["layer", "unit"]].to_numpy(), dtype=torch.long)
+    try:
+        as_units(model, unit_pairs, batched=False, saes=saes)
+    except ValueError as e:
+        raise ValueError(f"rows: {e} (the rows of a run made with an SAE need its sae=; rows of MLP units "
+                         "none)") from None
+    tags = None if saes is None else sae_tags([s.hook_name for s in saes.values()])
+    provenance = dict(provenance or {})
+    if saes is not None:
+        provenance.setdefault("sae", ", ".join(s.cfg.source or s.hook_name for s in saes.values()))
+        provenance.setdefault("sae_id", ", ".join(sae_id(s) for s in saes.values()))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out} is a file, not a folder")
-    for sub in ("units", "images", "img", "heat", "assets"):
+    for sub in ("units" if saes is None else "latents", "images", "img", "heat", "assets"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     per_image = rows.drop_duplicates("image_index").sort_values("image_index", ignore_index=True)
     order = [int(i) for i in per_image["image_index"]]
     stems = _image_names(per_image)
-    unit_pairs = torch.tensor(units[["layer", "unit"]].to_numpy(), dtype=torch.long)
     column = {(int(l), int(u)): j for j, (l, u) in enumerate(unit_pairs.tolist())}
-    decoding = decode_units(model, unit_pairs, n_tokens=n_tokens)
+    decoding = decode_units(model, unit_pairs, n_tokens=n_tokens, sae=sae)
     units["interpretable"] = decoding.interpretable.numpy()
     units["tokens"] = [" ".join(repr(t) for t in toks) for toks in decoding.tokens]
-    units["page"] = [pages.unit_page(l, u) for l, u in unit_pairs.tolist()]
+    units["page"] = [pages.unit_page(l, u, tags) for l, u in unit_pairs.tolist()]
 
     top = rows.sort_values(["image_index", "rank"])
     shown_units = top[top["rank"] < units_per_image]
@@ -245,7 +270,7 @@ def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str
         batch = order[start:start + batch_size]
         sources = [_picture(images, i) for i in batch]
         pils = [to_pil(s, f"images[{i}]") for s, i in zip(sources, batch)]
-        acts = unit_grid_activations(model, pils, unit_pairs, hook, batch_size=batch_size)  # [b, n, rows, cols]
+        acts = unit_grid_activations(model, pils, unit_pairs, hook, batch_size=batch_size, sae=sae)  # [b, n, r, c]
         flat = acts.flatten(2)
         peak[start:start + len(batch)] = flat.amax(-1)
         lo = torch.minimum(lo, flat.amin((0, 2)))
@@ -262,7 +287,7 @@ def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str
     heat_files = {}
     for (i, l, u), patch in needed.items():
         j = column[l, u]
-        name = f"heat/{stems[i]}_L{l}_U{u}.jpg"
+        name = f"heat/{stems[i]}_{pages.unit_stem(l, u, tags)}.jpg"
         _heatmap_picture(shown[i], grids[i, l, u], model.vision.data_config, patch, -float(bound[j]),
                          float(bound[j])).save(out / name, quality=85)
         heat_files[i, l, u] = name
@@ -276,8 +301,10 @@ def write_atlas(model, rows, images: Mapping[int, Any] | Sequence[Any], out: str
         "page": [pages.image_page(stems[i]) for i in order]})
     site = pages.Site(out=out, units=units, images=image_table, rows=rows, decoding=decoding, peak=peak,
                       lo=-bound, hi=bound, pictures=pictures, heat_files=heat_files, stems=stems,
-                      provenance=dict(provenance or {}), hook=hook, units_per_page=units_per_page,
+                      provenance=provenance, hook=hook, units_per_page=units_per_page,
                       images_per_unit=images_per_unit, units_per_image=units_per_image,
-                      n_images=len(order), many=many)
+                      n_images=len(order), many=many, tags=tags,
+                      sae_hooks=None if saes is None else [s.hook_name for s in saes.values()])
     written = pages.write_site(site)
-    return Atlas(out=out, units=units, images=image_table, peak=peak, pages=written, provenance=dict(provenance or {}))
+    return Atlas(out=out, units=units, images=image_table, peak=peak, pages=written, provenance=dict(provenance),
+                 kind="units" if saes is None else "latents")

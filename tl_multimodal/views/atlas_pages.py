@@ -75,9 +75,16 @@ ORDERS = (("index", "images where it is a top unit", ["n_images", "mean_score"],
           ("by-layer", "layer and unit", ["layer", "unit"], True))
 
 
-def unit_page(layer: int, unit: int) -> str:
-    """The unit's page, relative to the site's folder."""
-    return f"units/L{int(layer)}_U{int(unit)}.html"
+def unit_stem(layer: int, unit: int, tags: list[str] | None = None) -> str:
+    """A unit's file stem: ``L5_U1234`` (MLP unit 1234 of layer 5); with ``tags`` (one per SAE,
+    :func:`~tl_multimodal.analysis.units.sae_tags`) latent ``unit`` of SAE ``layer``: ``L15_F123``."""
+    return f"L{int(layer)}_U{int(unit)}" if tags is None else f"{tags[int(layer)]}_F{int(unit)}"
+
+
+def unit_page(layer: int, unit: int, tags: list[str] | None = None) -> str:
+    """The unit's page, relative to the site's folder: ``units/L5_U1234.html``, or with ``tags`` (SAE latents)
+    ``latents/L15_F123.html``."""
+    return f"{'units' if tags is None else 'latents'}/{unit_stem(layer, unit, tags)}.html"
 
 
 def image_page(stem: str) -> str:
@@ -107,6 +114,17 @@ class Site:
     units_per_image: int
     n_images: int
     many: float
+    tags: list[str] | None = None  # one per SAE when the units are SAE latents (unit_stem)
+    sae_hooks: list[str] | None = None  # the hook each SAE reads
+
+
+def _name(site: Site, layer, unit) -> str:
+    """A unit's name on the pages: ``L5 U1234``, or an SAE latent's ``L15 F123``."""
+    return unit_stem(layer, unit, site.tags).replace("_", " ")
+
+
+def _noun(site: Site) -> str:
+    return "unit" if site.tags is None else "latent"
 
 
 def _e(value) -> str:
@@ -119,8 +137,10 @@ def _page(site: Site, title: str, body: str, depth: int) -> str:
            f'<a href="{up}by-specificity.html">by specificity</a><a href="{up}by-layer.html">by layer</a>'
            f'<a href="{up}images.html">images</a></nav>')
     where = "; ".join(f"{_e(k)}: <code>{_e(v)}</code>" for k, v in site.provenance.items() if v is not None)
-    foot = (f"<footer>{where}{'; ' if where else ''}heatmaps and histograms: <code>{_e(site.hook)}</code> "
-            f"activations; made by tl_multimodal</footer>")
+    shown = (f"<code>{_e(site.hook)}</code> activations" if site.tags is None else "SAE latents (<code>"
+             "hook_sae_acts_post</code>) of the SAEs on " + ", ".join(f"<code>{_e(h)}</code> ({_e(t)})" for t, h
+                                                                    in zip(site.tags, site.sae_hooks)))
+    foot = f"<footer>{where}{'; ' if where else ''}heatmaps and histograms: {shown}; made by tl_multimodal</footer>"
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f'<meta name="viewport" content="width=device-width">'
             f'<link rel="stylesheet" href="{up}assets/atlas.css"></head>\n<body>{nav}\n<h2>{_e(title)}</h2>\n'
@@ -149,11 +169,13 @@ def _index_pages(site: Site, written: list[str]) -> None:
         for p, name in enumerate(names):
             chunk = ordered.iloc[p * site.units_per_page:(p + 1) * site.units_per_page]
             links = " ".join(f"<b>{q + 1}</b>" if q == p else f'<a href="{n}">{q + 1}</a>' for q, n in enumerate(names))
-            body = (f'<p>{len(u)} units that are among the top units of at least one of the {site.n_images} images, '
-                    f"sorted by {_e(what)}; units {p * site.units_per_page + 1}..{p * site.units_per_page + len(chunk)}"
+            n = _noun(site)
+            body = (f'<p>{len(u)} {n}s that are among the top {n}s of at least one of the {site.n_images} images, '
+                    f"sorted by {_e(what)}; {n}s {p * site.units_per_page + 1}..{p * site.units_per_page + len(chunk)}"
                     f'.</p><p class="pages">pages: {links}</p>' + _controls() + _unit_rows(site, chunk)
                     + f'<p class="pages">pages: {links}</p>' + _legend(site))
-            _write(site, name, _page(site, f"Atlas of units: by {what}" + (f", page {p + 1}" if p else ""), body, 0),
+            title = f"Atlas of {'units' if site.tags is None else 'SAE latents'}: by {what}"
+            _write(site, name, _page(site, title + (f", page {p + 1}" if p else ""), body, 0),
                    written)
 
 
@@ -172,7 +194,8 @@ def _legend(site: Site) -> str:
 
 
 def _unit_rows(site: Site, chunk) -> str:
-    head = ('<thead><tr><th data-sort="layer" class="num">layer</th><th data-sort="unit" class="num">unit</th>'
+    layer, unit = ("layer", "unit") if site.tags is None else ("SAE", "latent")
+    head = (f'<thead><tr><th data-sort="layer" class="num">{layer}</th><th data-sort="unit" class="num">{unit}</th>'
             '<th data-sort="images" class="num">images</th><th data-sort="score" class="num">mean score</th>'
             '<th data-sort="max" class="num">max score</th><th>top target</th>'
             '<th data-sort="specificity" class="num">specificity</th><th>interpretable</th>'
@@ -186,7 +209,8 @@ def _unit_rows(site: Site, chunk) -> str:
             f'<tr data-layer="{r.layer}" data-unit="{r.unit}" data-images="{r.n_images}" data-score="{r.mean_score:.6g}" '
             f'data-max="{r.max_score:.6g}" data-specificity="{r.specificity:.6g}" '
             f'data-interpretable="{int(r.interpretable)}" data-many="{int(r.many)}">'
-            f'<td class="num">{r.layer}</td><td class="num"><a href="{r.page}">{r.unit}</a></td>'
+            f'<td class="num">{r.layer if site.tags is None else site.tags[r.layer]}</td>'
+            f'<td class="num"><a href="{r.page}">{r.unit}</a></td>'
             f'<td class="num">{r.n_images} ({r.share:.0%}){_many_mark(site, r.n_images)}</td>'
             f'<td class="num">{r.mean_score:.4g}</td><td class="num">{r.max_score:.4g}</td>'
             f"<td>{_e(r.top_target)} <span class=\"muted\">({r.top_target_share:.0%})</span></td>"
@@ -195,6 +219,13 @@ def _unit_rows(site: Site, chunk) -> str:
 
 
 # ------------------------------------------------------------------------------------------ units
+def _direction(site: Site, layer: int, unit: int) -> str:
+    """What a unit's decoded tokens are the softmax of."""
+    if site.tags is None:
+        return f"softmax(W_U^T W_out[{layer}][{unit}])"
+    return f"softmax(W_U^T W_dec[{unit}]) of the SAE on {_e(site.sae_hooks[layer])}"
+
+
 def _histogram(values: torch.Tensor, marks: list[float], width: int = 360, height: int = 90, bins: int = 30) -> str:
     """An inline SVG histogram of ``values``, ``marks`` as red ticks under it."""
     lo, hi = float(values.min()), float(values.max())
@@ -230,25 +261,29 @@ def _unit_pages(site: Site, written: list[str]) -> None:
             stem = site.stems[i]
             figures.append(
                 f'<figure><a href="../{image_page(stem)}"><img src="../{site.heat_files[i, r.layer, r.unit]}" '
-                f'alt="L{r.layer} U{r.unit} over image {_e(x.image_id)}" style="max-width: 256px"></a>'
+                f'alt="{_name(site, r.layer, r.unit)} over image {_e(x.image_id)}" style="max-width: 256px"></a>'
                 f"<figcaption>image <a href=\"../{image_page(stem)}\">{_e(x.image_id)}</a>: score {x.score:.4g}, "
                 f"rank {x.rank}, top patch {x.patch} (boxed); target {_e(repr(x.target))}</figcaption></figure>")
         marks = [float(site.peak[position[int(i)], j]) for i in mine["image_index"].unique()]
         d = site.decoding
-        body = (f"<p>A top unit for <b>{r.n_images}</b> of {site.n_images} images ({r.share:.0%})"
+        body = (f"<p>A top {_noun(site)} for <b>{r.n_images}</b> of {site.n_images} images ({r.share:.0%})"
                 f"{_many_mark(site, r.n_images)}; mean score {r.mean_score:.4g}, max {r.max_score:.4g}; "
                 f"specificity {r.specificity:.2f}; interpretable: {'yes' if r.interpretable else 'no'}.</p>"
                 f"<h3>Decoded tokens</h3><p>{tokens_html(d.tokens[j], d.probs[j].tolist())}</p>"
-                f'<p class="muted">softmax(W_U^T W_out[{r.layer}][{r.unit}]): the tokens the unit writes towards, '
+                f'<p class="muted">{_direction(site, r.layer, r.unit)}: the tokens the {_noun(site)} writes towards, '
                 "with their probabilities; \u2423 marks a leading space.</p>"
                 f"<h3>Targets it was attributed to</h3><table class='list'><tr><th>target</th><th class='num'>"
                 f"images</th></tr>{target_rows}</table>"
                 f"<h3>Peak activation over all {site.n_images} images</h3>"
-                f"{_histogram(site.peak[:, j], marks)}<p class='muted'>its maximum {_e(site.hook)} activation over "
-                "the patches of each image; red: the images where it is a top unit.</p>"
-                f"<h3>Top images</h3><p>colour scale (this unit, all images): {_colour_scale(site, j, '../')}</p>"
+                f"{_histogram(site.peak[:, j], marks)}<p class='muted'>its maximum "
+                f"{_e(site.hook) if site.tags is None else 'latent'} activation over "
+                f"the patches of each image; red: the images where it is a top {_noun(site)}.</p>"
+                f"<h3>Top images</h3><p>colour scale (this {_noun(site)}, all images): "
+                f"{_colour_scale(site, j, '../')}</p>"
                 f'<div class="grid">{"".join(figures)}</div>')
-        _write(site, r.page, _page(site, f"Unit L{r.layer} U{r.unit}", body, 1), written)
+        title = (f"Unit {_name(site, r.layer, r.unit)}" if site.tags is None else
+                 f"Latent {_name(site, r.layer, r.unit)} of the SAE on {site.sae_hooks[r.layer]}")
+        _write(site, r.page, _page(site, title, body, 1), written)
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -265,18 +300,20 @@ def _image_pages(site: Site, written: list[str]) -> None:
             j = column[int(x.layer), int(x.unit)]
             u = site.units.iloc[j]
             trs.append(
-                f'<tr><td class="num">{x.rank}</td><td><a href="../{u.page}">L{x.layer} U{x.unit}</a>'
+                f'<tr><td class="num">{x.rank}</td><td><a href="../{u.page}">{_name(site, x.layer, x.unit)}</a>'
                 f"{_many_mark(site, int(u.n_images))}</td><td class='num'>{x.score:.4g}</td>"
                 f"<td class='num'>{x.patch}</td><td class='num'>{u.n_images}</td>"
                 f"<td>{tokens_html(site.decoding.tokens[j][:5])}</td>"
-                f'<td><img src="../{site.heat_files[i, int(x.layer), int(x.unit)]}" alt="L{x.layer} U{x.unit} heatmap" '
+                f'<td><img src="../{site.heat_files[i, int(x.layer), int(x.unit)]}" '
+                f'alt="{_name(site, x.layer, x.unit)} heatmap" '
                 f'style="max-width: 256px"><br>{_colour_scale(site, j, "../")}</td></tr>')
         file = f"<code>{_e(im.file)}</code>" if im.file else "not recorded"
         body = (f'<div style="display: flex; gap: 24px; flex-wrap: wrap;"><a href="../{full}">'
                 f'<img src="../{full}" alt="image {_e(im.image_id)}" style="max-width: 480px; max-height: 480px"></a>'
                 f"<div><p><b>Caption</b> (greedy): {_e(im.caption)}</p><p><b>Target</b>: <code>{_e(repr(im.target))}"
                 f"</code></p><p><b>Image file</b>: {file}</p><p><b>Image index</b> in the run: {i}</p></div></div>"
-                f"<h3>Top {len(mine)} units</h3><table class='list'><tr><th class='num'>rank</th><th>unit</th>"
+                f"<h3>Top {len(mine)} {_noun(site)}s</h3><table class='list'><tr><th class='num'>rank</th>"
+                f"<th>{_noun(site)}</th>"
                 "<th class='num'>score</th><th class='num'>top patch</th><th class='num'>images</th>"
                 f"<th>decoded tokens</th><th>heatmap (top patch boxed)</th></tr>{''.join(trs)}</table>"
                 f'<p class="muted">images: for how many of the {site.n_images} images the unit is a top unit; '

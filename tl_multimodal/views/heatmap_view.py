@@ -18,9 +18,10 @@ from torch import Tensor
 
 from tl_multimodal._validate import check_int, check_number
 from tl_multimodal.analysis.heatmaps import one_image, unit_grid_activations
-from tl_multimodal.analysis.units import unit_label, unit_list
+from tl_multimodal.analysis.units import sae_tags, unit_label, unit_list
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image
 from tl_multimodal.models.protocol import VisionLM
+from tl_multimodal.sae.splice import saes_by_hook
 from tl_multimodal.views.html import HTMLView, png_data_uri
 
 
@@ -304,7 +305,7 @@ def display_image(model: VisionLM, image) -> tuple[Image.Image, CropGeometry, Te
 
 
 def unit_heatmap_view(model: VisionLM, image, units, hook: str = "post", *, image_embed: Tensor | None = None,
-                      **kwargs) -> HeatmapView:
+                      sae=None, **kwargs) -> HeatmapView:
     """Where on the image each unit fires: its activations at the image positions, over the image.
 
     Args:
@@ -314,15 +315,20 @@ def unit_heatmap_view(model: VisionLM, image, units, hook: str = "post", *, imag
         units: ``(layer, unit)`` pairs (a list or an ``[n, 2]`` tensor).
         hook: The MLP hook read (see :func:`~tl_multimodal.analysis.heatmaps.unit_grid_activations`).
         image_embed: The image's soft prompts, if already made (the image is then not encoded again).
+        sae: An SAE or a list of them: the units are ``(SAE index, latent)`` and the panels their latents
+            (``hook`` unused), labelled ``L15.F123`` (:func:`~tl_multimodal.analysis.units.sae_tags`).
         **kwargs: Passed to :func:`patch_heatmap_view` (alpha, cmap, max_size, shared_scale, ...).
 
     Returns:
         A :class:`HeatmapView` (one panel per unit, after the plain image).
     """
-    pairs = unit_list(model, units)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    pairs = unit_list(model, units, saes)
     pil, geometry, pixels = display_image(model, image)
     grids = unit_grid_activations(model, None if image_embed is not None else pixels, pairs, hook,
-                                  image_embed=image_embed)[0]
-    labels = [unit_label(l, u) for l, u in pairs]
-    kwargs.setdefault("title", f"{hook} of {len(labels)} units over the patch grid {tuple(model.vision.grid)}")
+                                  image_embed=image_embed, sae=sae)[0]
+    tags = None if saes is None else sae_tags([s.hook_name for s in saes.values()])
+    labels = [unit_label(l, u, tags) for l, u in pairs]
+    what = f"{hook} of {len(labels)} units" if saes is None else f"{len(labels)} SAE latents"
+    kwargs.setdefault("title", f"{what} over the patch grid {tuple(model.vision.grid)}")
     return patch_heatmap_view(pil, grids, labels, geometry, **kwargs)

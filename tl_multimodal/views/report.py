@@ -26,13 +26,15 @@ from tl_multimodal.analysis.nouns import first_noun
 from tl_multimodal.analysis.decoding import UnitDecoding, decode_units
 from tl_multimodal.analysis.heatmaps import one_image
 from tl_multimodal.analysis.probe import Probe
-from tl_multimodal.analysis.units import unit_label
+from tl_multimodal.analysis.units import sae_tags, unit_label
 from tl_multimodal.views.heatmap_view import mark_patch, unit_heatmap_view
 from tl_multimodal.views.tokens import tokens_html
 from tl_multimodal.views.html import png_data_uri
 from tl_multimodal.models.geometry import CropGeometry
 from tl_multimodal.models.projection import projection_id
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
+from tl_multimodal.sae.model import sae_id
+from tl_multimodal.sae.splice import as_saes
 
 _CSS = """
 body { font-family: sans-serif; margin: 16px; color: #222; }
@@ -91,7 +93,7 @@ class UnitReport:
 def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A picture of", max_new_tokens: int = 20,
                  hook: str = "pre", heatmap_hook: str = "post", max_size: int = 360, *,
                  probe: Probe | None = None, source: str | None = None, reference=None,
-                 many: float = 0.25) -> UnitReport:
+                 many: float = 0.25, sae=None) -> UnitReport:
     """Compute everything a report shows (see :func:`write_report`) without writing a file.
 
     Args:
@@ -110,19 +112,26 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
             each unit's count of reference images where it is a top unit is shown, and units that are
             for at least ``many`` of them are marked (they are not specific to this image).
         many: The share of the reference images above which a unit is marked.
+        sae: An SAE or a list of them: the units are their latents ``(SAE index, latent)``, attributed
+            (``attribute(sae=)``, ``hook`` and ``heatmap_hook`` unused), decoded through their decoder rows and
+            heatmapped as latents, labelled ``L15.F123``; the page names each SAE (hook, path and
+            :func:`~tl_multimodal.sae.model.sae_id`). ``reference`` is then a run made with the same SAE.
 
     Returns:
         A :class:`UnitReport` (``.html`` is the page).
     """
     check_int(n_units, "n_units")
+    saes = None if sae is None else as_saes(model, sae)
     pil, pixels = one_image(model, image)
     emb = soft_prompts(model, pixels)
-    attr = attribute(model, image_embed=emb, probe=probe, prompt=prompt, hook=hook, max_new_tokens=max_new_tokens)
+    attr = attribute(model, image_embed=emb, probe=probe, prompt=prompt, hook=hook, max_new_tokens=max_new_tokens,
+                     sae=sae)
     top = attr.top_units(n_units, image_index=0)
     units = top.units()
-    decoding = decode_units(model, units, n_tokens=10)
+    decoding = decode_units(model, units, n_tokens=10, sae=sae)
     view = unit_heatmap_view(model, pil if pil is not None else pixels, units, hook=heatmap_hook, image_embed=emb,
-                             max_size=max_size)
+                             max_size=max_size, sae=sae)
+    tags = None if saes is None else sae_tags([s.hook_name for s in saes])
     shown, panels = view.panels[0], view.panels[1:]
     caption = (attr.captions or [""])[0]
     found = first_noun(caption)
@@ -146,12 +155,13 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
         lo_hi = cap[cap.rfind("(") + 1:-1].split(" .. ")
         rows.append(
             f'<tr class="unit-row" data-rank="{r}" data-layer="{layer}" data-unit="{unit}">'
-            f'<td class="num">{r}</td><td class="num">{layer}</td><td class="num">{unit}</td>'
+            f'<td class="num">{r}</td><td class="num">{layer if tags is None else tags[layer]}</td>'
+            f'<td class="num">{unit}</td>'
             f'<td class="num">{score:.4g}</td><td class="num">{patch}</td>{ref}'
             f'<td class="tokens">{tokens_html(toks, [100 * p for p in probs], fmt="{:.2g}%")}</td>'
             f'<td>{"yes" if ok else "no"}</td>'
             f'<td><img src="{png_data_uri(panel)}" width="{panel.width}" height="{panel.height}" '
-            f'alt="{unit_label(layer, unit)} heatmap"/><br><span class="muted">{html.escape(lo_hi[0])}</span> '
+            f'alt="{unit_label(layer, unit, tags)} heatmap"/><br><span class="muted">{html.escape(lo_hi[0])}</span> '
             f'<img src="{bar}" width="120" height="10" alt="colour bar (jet)"/> '
             f'<span class="muted">{html.escape(lo_hi[-1])}</span></td></tr>')
     n_ok = int(decoding.interpretable.sum())
@@ -169,8 +179,14 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
     provenance = (f'<p class="provenance muted">image file: <code>{html.escape(str(file) if file else "not given")}'
                   f"</code>; model: <code>{html.escape(str(model.cfg.model_name))}</code> + <code>"
                   f"{html.escape(str(model.vision.model_name))}</code>; projection: <code>"
-                  f"{projection_id(model.projection)}</code>; attribution hook <code>{html.escape(hook)}</code>, "
-                  f"heatmaps <code>{html.escape(heatmap_hook)}</code></p>")
+                  f"{projection_id(model.projection)}</code>; " + (
+                      f"attribution hook <code>{html.escape(hook)}</code>, heatmaps <code>{html.escape(heatmap_hook)}"
+                      "</code>" if saes is None else "units: the latents of " + "; ".join(
+                          f"SAE {t} on <code>{html.escape(s.hook_name)}</code> (<code>{html.escape(str(s.cfg.source))}"
+                          f"</code>, id <code>{sae_id(s)}</code>)" for t, s in zip(tags, saes))) + "</p>")
+    kind = "unit" if saes is None else "latent"
+    direction = ("<code>softmax(W_U^T W_out[layer][unit])</code>" if saes is None else
+                 "<code>softmax(W_U^T W_dec[latent])</code> (the latent's decoder row through the unembedding)")
     body = f"""
 <h2>Multimodal units of one image</h2>
 {provenance}
@@ -183,18 +199,20 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
 {html.escape(repr(noun)) if noun else "(none found: the first word)"});
 its logit {float(attr.y[0]):.4g}</p>
 <p class="muted">Attribution: <code>Z * dy_c/dZ</code> at <code>{html.escape(attr.hook)}</code>
-for every unit at each of the {model.n_image_tokens} image positions ({grid[0]}x{grid[1]} grid); a unit's
+for every {kind} at each of the {model.n_image_tokens} image positions ({grid[0]}x{grid[1]} grid); a {kind}'s
 score is its maximum over patches (patch = where). Tokens: top 10 of
-<code>softmax(W_U^T W_out[layer][unit])</code>; interpretable = at least 7 of them are English words of
-at least 3 letters ({n_ok} of {len(units)} here). Heatmaps: the unit's <code>{html.escape(heatmap_hook)}</code>
+{direction}; interpretable = at least 7 of them are English words of
+at least 3 letters ({n_ok} of {len(units)} here). Heatmaps: the {kind}'s
+<code>{html.escape(heatmap_hook if saes is None else "hook_sae_acts_post")}</code>
 activation over the patch grid, upsampled bilinearly onto the image (jet: blue low, red high, each
 heatmap on its own scale, its ends written under it); the box marks the unit's top patch.</p>
 {ref_note}
 {crop_note}
 </div></div>
-<h3>Top {len(units)} units</h3>
+<h3>Top {len(units)} {kind}s</h3>
 <table class="units">
-<tr><th>rank</th><th>layer</th><th>unit</th><th>score</th><th>patch</th>{ref_head}<th>top decoded tokens</th>
+<tr><th>rank</th><th>{"layer" if saes is None else "SAE"}</th><th>{kind}</th><th>score</th><th>patch</th>{ref_head}
+<th>top decoded tokens</th>
 <th>interpretable?</th><th>heatmap</th></tr>
 {chr(10).join(rows)}
 </table>
@@ -234,7 +252,7 @@ def write_report(model: VisionLM, image, path: str | Path, n_units: int = 10, pr
         n_units: Top units shown.
         prompt: Text after the image tokens.
         **kwargs: Passed to :func:`build_report` (``max_new_tokens``, ``hook``, ``heatmap_hook``,
-            ``max_size``).
+            ``max_size``, ``reference``, ``sae``: the units are then that SAE's latents).
 
     Returns:
         The path written.

@@ -21,8 +21,9 @@ from tl_multimodal._validate import check_int
 from tl_multimodal.analysis.decoding import UnitDecoding
 from tl_multimodal.analysis.heatmaps import one_image
 from tl_multimodal.analysis.probe import Probe
-from tl_multimodal.analysis.units import mlp_act_name, mlp_hook, unit_label, unit_list
+from tl_multimodal.analysis.units import cache_units, mlp_hook, sae_tags, unit_axis, unit_label, unit_list
 from tl_multimodal.models.protocol import VisionLM, soft_prompts
+from tl_multimodal.sae.splice import saes_by_hook
 from tl_multimodal.views.html import HTMLView
 
 
@@ -183,8 +184,8 @@ def _special_mask(model: VisionLM, tokens: Tensor) -> Tensor:
 @torch.no_grad()
 def token_activations_view(model: VisionLM, image, units, text: str | None = None, prompt: str = "A picture of",
                            hook: str = "post", max_new_tokens: int = 12, include_image: bool = True, *,
-                           probe: Probe | None = None, image_index: int = 0) -> TokenActivationsView:
-    """Activations of MLP units at every position of ``[image slots][text]``.
+                           probe: Probe | None = None, image_index: int = 0, sae=None) -> TokenActivationsView:
+    """Activations of MLP units (or SAE latents) at every position of ``[image slots][text]``.
 
     One row per unit: the text tokens coloured on the unit's own symmetric scale (``-b .. b``, ``b`` its
     largest ``|activation|`` over the text tokens: red positive, blue negative), as circuitsvis
@@ -205,12 +206,16 @@ def token_activations_view(model: VisionLM, image, units, text: str | None = Non
         probe: Show row ``image_index`` of this probe (its tokens up to and including the target)
             instead of ``text``; ``image`` is that row's image.
         image_index: The probe row.
+        sae: An SAE or a list of them: the units are ``(SAE index, latent)`` and the rows their latents
+            (``hook`` unused; the SAEs spliced in with their error term, so the text is the model's own),
+            labelled ``L15.F123`` (:func:`~tl_multimodal.analysis.units.sae_tags`).
 
     Returns:
         A :class:`TokenActivationsView`.
     """
-    pairs = unit_list(model, units)
-    short = mlp_hook(model, hook)
+    saes = None if sae is None else saes_by_hook(model, sae)
+    pairs = unit_list(model, units, saes)
+    short = "sae" if saes else mlp_hook(model, hook)
     _, pixels = one_image(model, image)
     emb = soft_prompts(model, pixels)
     if probe is not None:
@@ -230,22 +235,24 @@ def token_activations_view(model: VisionLM, image, units, text: str | None = Non
     slots = model.image_mask(tokens)[0].cpu()
     text = model.tokenizer.decode(tokens[0][~slots.to(tokens.device)].tolist(), skip_special_tokens=True)
     layers = sorted({l for l, _ in pairs})
-    names = [mlp_act_name(short, l) for l in layers]
-    _, cache = model.run_with_cache(tokens, image_embed=emb, names_filter=names, stop_at_layer=layers[-1] + 1)
-    values = torch.stack([cache[mlp_act_name(short, l)][0, :, u].float().cpu() for l, u in pairs], dim=1)
+    axis = unit_axis(model, short, saes)[0]
+    names = [axis[l] for l in layers]
+    _, cache = cache_units(model, tokens, emb, names, saes, **({} if saes else {"stop_at_layer": layers[-1] + 1}))
+    values = torch.stack([cache[axis[l]][0, :, u].float().cpu() for l, u in pairs], dim=1)
     str_tokens = model.to_str_tokens(tokens)
     text_mask = ~slots & ~_special_mask(model, tokens.cpu())
     if not include_image:
         keep = ~slots
         str_tokens = [t for t, k in zip(str_tokens, keep.tolist()) if k]
         values, slots, text_mask = values[keep], slots[keep], text_mask[keep]
-    labels = [unit_label(l, u) for l, u in pairs]
+    labels = [unit_label(l, u, None if saes is None else sae_tags([s.hook_name for s in saes.values()]))
+              for l, u in pairs]
     shown = label_image_slots(str_tokens, slots)
     text_tokens = [t for t, k in zip(str_tokens, text_mask.tolist()) if k]
     other = [t for t, k in zip(shown, text_mask.tolist()) if not k]
     bounds = values[text_mask].abs().amax(0) if text_mask.any() else torch.zeros(len(pairs))
     bounds = torch.where(bounds > 0, bounds, torch.ones_like(bounds))
-    title = f"{hook} of {', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''} over: {text}"
+    title = f"{'latents' if saes else hook} of {', '.join(labels[:4])}{' ...' if len(labels) > 4 else ''} over: {text}"
     elements, fallbacks, apart = [], [], []
     for j, label in enumerate(labels):
         v, b = values[text_mask, j].tolist(), float(bounds[j])
