@@ -194,6 +194,27 @@ def test_first_noun_of_given_and_generated_captions(tiny_vlm, feats):
             assert cut is None or cut[1] + len(cut[0]) >= len(shorter)  # not settled one token earlier
 
 
+def test_caption_and_attribute_in_one_pass_or_two_agree(tiny_vlm, feats):
+    """``grad_through_kv_cache``: the captioning steps differentiated through the KV cache (the bridge's default)
+    and captioning without gradients then one more forward (HookedVisionPrefix's, as TransformerLens 3 keeps a
+    weight copy per cached step) give the same captions, targets and scores (float64)."""
+    default = tiny_vlm.grad_through_kv_cache
+    runs = {}
+    try:
+        for fused in (True, False):
+            tiny_vlm.grad_through_kv_cache = fused
+            with warnings.catch_warnings():  # a random model's caption may have no noun: first word, with a warning
+                warnings.simplefilter("ignore", UserWarning)
+                runs[fused] = attribute(tiny_vlm, image_features=feats, max_new_tokens=12)
+    finally:
+        tiny_vlm.grad_through_kv_cache = default
+    one, two = runs[True], runs[False]
+    assert one.captions == two.captions and torch.equal(one.target_ids, two.target_ids)
+    assert one.scores.abs().max() > 1e-3
+    torch.testing.assert_close(one.scores, two.scores, rtol=1e-9, atol=1e-9 * float(one.scores.abs().max()))
+    torch.testing.assert_close(one.y, two.y, rtol=1e-9, atol=1e-12)
+
+
 def test_integrated_gradients_completeness(backend, gpt2_tokenizer, vit_encoder, feats):
     """Per layer, IG scores sum to y(Z) - y(Z at the image positions set to the baseline)."""
     vlm = build_vlm(backend, tiny_hf("gpt2", n_layers=2), gpt2_tokenizer, vit_encoder)

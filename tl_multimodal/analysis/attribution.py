@@ -438,7 +438,8 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
     of ``batch_size`` images (gradients of the hooked activations only). Without ``target``,
     ``captions`` or ``probe``, that forward is the greedy captioning itself (KV-cached, stopped as
     soon as every row's first noun is complete); a model without a KV cache (``model.kv_cache(n)``
-    is None) captions first and attributes the caption in one more forward.
+    is None) or with ``grad_through_kv_cache = False`` (HookedVisionPrefix) captions first and attributes
+    the caption in one more forward.
     ``integrated_gradients``: for each layer separately, the unit activations at the image slots
     go from ``baseline`` to ``Z`` (``Z_a = b + a (Z - b)``), and ``g = (Z - b) * mean_a dy_c/dZ_a``
     over ``n_steps`` midpoints ``a = (i + 1/2) / n`` (``n_layers * n_steps`` backward passes); the
@@ -516,7 +517,7 @@ def attribute(model: VisionLM, images=None, image_features: Float[Tensor, "batch
         chunk = emb[start:start + batch_size]
         scores = None
         if probe is None:
-            fused = method == "grad_x_act"
+            fused = method == "grad_x_act" and model.grad_through_kv_cache
             with torch.set_grad_enabled(fused):
                 part, scores, y = _caption_and_attribute(model, chunk, prompt, names if fused else [], objective,
                                                          noun_finder, max_new_tokens, with_grad=fused, until=until,

@@ -88,6 +88,9 @@ class VisionBridge(ImageFrontEnd, TransformerBridge):
     #: Let ``generate``/``caption`` with images decode in the lean KV-cached loop of
     #: :mod:`tl_multimodal.models._fast_generation` when no hook is attached (``False``: the bridge's ``generate``).
     use_lean_generation: bool = True
+    #: ``attribute`` differentiates through the captioning steps' KV cache (the HF modules use their weights
+    #: as they are: a cached step keeps its activations only).
+    grad_through_kv_cache: bool = True
 
     def __new__(cls, bridge=None, encoder: VisionEncoder | None = None, projection: ImageProjection | None = None,
                 *, image_token_id: int | None = None):

@@ -38,6 +38,10 @@ class VisionLM(Protocol):
         vision: The encoder, with ``grid`` ``(rows, cols)``, ``data_config``, ``input_size``.
         n_image_tokens: Image slots per image.
         image_token_id: The id marking an image slot.
+        grad_through_kv_cache: Whether ``attribute`` differentiates through the captioning steps' KV cache
+            (one pass: caption and attribution together); ``False``: it captions without gradients and
+            attributes the caption in one more forward (for a backend where a differentiated cached step
+            keeps much more than its activations).
     """
 
     cfg: Any
@@ -45,6 +49,7 @@ class VisionLM(Protocol):
     vision: Any
     n_image_tokens: int
     image_token_id: int
+    grad_through_kv_cache: bool
     hook_dict: dict
     blocks: Any
     unembed: Any
