@@ -8,12 +8,11 @@ of the activations only; no parameter ``.grad`` is touched).
 
 By default ``c`` is the first sub-token of the first noun of the model's own greedy caption, found
 by :func:`first_noun`; the sequence is ``[image slots][prompt][caption up to the noun]``. The
-caption is generated with a KV cache *inside* the attribution pass: the forward that generates is
-the forward that is differentiated, and generation stops as soon as every row's first noun is
-complete (the next token starts a new word, or end of text), so picking the target costs a few
-one-token steps. A model with ``grad_through_kv_cache = False`` (HookedVisionPrefix) captions without
-gradients and attributes the caption in one more forward. The query is returned as ``attr.probe``
-(:class:`~tl_multimodal.analysis.probe.Probe`), which ablation, patching, heatmaps and views take.
+caption is generated with a KV cache *inside* the attribution pass (the forward that generates is
+the one differentiated) and stops once every row's first noun is complete (the next token starts a
+new word, or end of text). A model with ``grad_through_kv_cache = False`` (HookedVisionPrefix)
+captions without gradients, then attributes the caption in one more forward. The query is
+``attr.probe`` (:class:`~tl_multimodal.analysis.probe.Probe`), which ablation, patching, heatmaps take.
 
     attr = attribute(model, images)            # Attribution, scores [batch, layer, patch, unit]
     attr.top_units(100).to_dataframe()          # image_index, layer, unit, patch, score
