@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _chips import as_shown, chips, probs_written
 from _atlas_run import K, N_IMAGES, atlas_run  # noqa: F401 (a fixture)
 from tl_multimodal.analysis.decoding import decode_units
 from tl_multimodal.cli import main
@@ -87,9 +88,8 @@ def test_unit_pages_show_decoded_tokens_and_counts(atlas_run):
     for (layer, unit), toks, probs in zip(units, dec.tokens, dec.probs.tolist()):
         page = (site / "units" / f"L{layer}_U{unit}.html").read_text(encoding="utf-8")
         assert f"A top unit for <b>{len(hand[layer, unit]['images'])}</b> of {N_IMAGES} images" in page
-        for t, p in zip(toks, probs):
-            assert f"{p:.1%}" in page
-            assert html.escape(t.lstrip(" "), quote=False) in page
+        boxes = chips(re.search(r"<h3>Decoded tokens</h3><p>(.*?)</p>", page, flags=re.S).group(1))
+        assert [(shown, v) for _, shown, v in boxes] == list(zip(map(as_shown, toks), probs_written(probs)))
         shown = re.findall(r'<img src="\.\./heat/(\d+)_L(\d+)_U(\d+)\.jpg"', page)
         best = rows[(rows.layer == layer) & (rows.unit == unit)].sort_values("score", ascending=False).head(3)
         assert [int(i) for i, _, _ in shown] == best.image_id.tolist()

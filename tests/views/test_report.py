@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _chips import as_shown, chips, probs_written
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.cli import main
 from tl_multimodal.analysis.decoding import decode_units
@@ -51,10 +52,9 @@ def test_report_rows_are_the_attribution_top_units(vlm_on, photo, written):
     # each row shows its decoded tokens, its filter verdict and one heatmap
     dec = decode_units(vlm_on, oracle.units(), n_tokens=10)
     for (_, _, _, cells), toks, probs, ok in zip(rows, dec.tokens, dec.probs.tolist(), dec.interpretable.tolist()):
-        shown = re.findall(r'<span class="tlmm-tok"[^>]*>(.*?)<br><span[^>]*>([^<]*)</span></span>', cells)
-        assert [html.unescape(re.sub(r"<[^>]+>", "", t)) for t, _ in shown] == [
-            t.replace(" ", "\u2423", len(t) - len(t.lstrip(" "))) or "\u2205" for t in toks]  # boxes, not reprs
-        assert [p for _, p in shown] == [f"{100 * p:.2g}%" for p in probs]
+        boxes = chips(cells)
+        assert [shown for _, shown, _ in boxes] == [as_shown(t) for t in toks]  # boxes, not reprs
+        assert [v for _, _, v in boxes] == probs_written(probs)
         assert (">yes<" if ok else ">no<") in cells
         assert len(IMG.findall(cells)) == 2  # the heatmap and its colour bar
 

@@ -3,7 +3,6 @@ its atlas made by ``tl-multimodal atlas`` (which reads the SAE from ``_run.json`
 independent of the views: the SAE's ``encode`` of the residual stream that TransformerLens's own
 ``run_with_cache`` holds at the SAE's hook, and ``decode_units``/``attribute`` with ``sae=``."""
 
-import html
 import json
 import re
 import shutil
@@ -14,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _chips import as_shown, chips, probs_written
 from _atlas_run import N_IMAGES, jpeg_folder
 from tl_multimodal.analysis.attribution import attribute
 from tl_multimodal.analysis.decoding import decode_units
@@ -103,8 +103,8 @@ def test_sae_run_atlas_has_latent_pages_named_by_the_sae(sae_run):
         page = (site / "latents" / f"L1_F{f}.html").read_text(encoding="utf-8")
         assert f"<title>Latent L1 F{f} of the SAE on blocks.1.hook_resid_post</title>" in page
         assert f"W_dec[{f}]" in page and "W_out" not in page
-        for t, p in zip(toks, probs):
-            assert f"{p:.1%}" in page and html.escape(t.lstrip(" "), quote=False) in page
+        boxes = chips(re.search(r"<h3>Decoded tokens</h3><p>(.*?)</p>", page, flags=re.S).group(1))
+        assert [(shown, v) for _, shown, v in boxes] == list(zip(map(as_shown, toks), probs_written(probs)))
 
 
 def test_atlas_peaks_are_the_sae_latents_of_the_cached_residual_stream(sae_run, tmp_path):

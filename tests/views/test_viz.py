@@ -17,6 +17,7 @@ import torch
 from circuitsvis.utils.render import render_local
 from PIL import Image
 
+from _chips import as_shown, chips, probs_written
 from tl_multimodal.analysis.decoding import decode_units
 from tl_multimodal.models.geometry import CropGeometry, grid_to_image
 from tl_multimodal.views.heatmap_view import (
@@ -91,14 +92,6 @@ def test_render_rejects_nothing():
 
 
 # ---------------------------------------------------------------------------------- (a) decoded tokens
-CHIP = re.compile(r'<span class="tlmm-tok" style="([^"]*)">(.*?)<br><span[^>]*>([^<]*)</span></span>')
-
-
-def _chips(fragment: str) -> list[tuple[str, str, str]]:
-    """(style, token as shown, value as written) of each token box of :func:`tokens_html`, in order."""
-    return [(style, html.unescape(re.sub(r"<[^>]+>", "", shown)), value) for style, shown, value in CHIP.findall(fragment)]
-
-
 def test_decoded_tokens_view_shows_each_units_tokens(small_vlm_on, tmp_path):
     """Plain HTML (no script): per unit its tokens in order, each in its own box with its probability
     written under it, a leading space shown as a mark, cells left-aligned inline (notebook stylesheets
@@ -110,11 +103,10 @@ def test_decoded_tokens_view_shows_each_units_tokens(small_vlm_on, tmp_path):
     rows = re.findall(r'<tr class="tlmm-unit">(.*?)</tr>', view.html, flags=re.S)
     assert len(rows) == 2
     for row, toks, probs in zip(rows, dec.tokens, dec.probs.tolist()):
-        chips = _chips(row)
-        assert [shown for _, shown, _ in chips] == [t.replace(" ", "\u2423", len(t) - len(t.lstrip(" "))) or "\u2205"
-                                                    for t in toks[:5]]
-        assert [v for _, _, v in chips] == [f"{100 * p:.2g}%" for p in probs[:5]]
-        assert all("border: 1px solid" in style for style, _, _ in chips)  # every token's edges visible
+        boxes = chips(row)
+        assert [shown for _, shown, _ in boxes] == [as_shown(t) for t in toks[:5]]
+        assert [v for _, _, v in boxes] == probs_written(probs[:5])
+        assert all("border: 1px solid" in style for style, _, _ in boxes)  # every token's edges visible
     assert "L0.3" in view.html and "L1.60" in view.html
     assert view._repr_html_() == view.html
     page = view.save(tmp_path / "dec.html").read_text()
@@ -127,10 +119,10 @@ def test_decoded_tokens_view_shows_each_units_tokens(small_vlm_on, tmp_path):
 
 def test_tokens_html_marks_whitespace_and_shades_symmetrically():
     out = tokens_html([" a", "\n", "<b>", "  x"], [0.5, -1.0, 2.0, 0.0], fmt="{:+.1f}", bound=1.0)
-    chips = _chips(out)
-    assert [shown for _, shown, _ in chips] == ["\u2423a", "\u23ce", "<b>", "\u2423\u2423x"]
-    assert [v for _, _, v in chips] == ["+0.5", "-1.0", "+2.0", "+0.0"]
-    alphas = [re.search(r"rgba\((\d+), \d+, \d+, ([\d.]+)\)", style).groups() for style, _, _ in chips]
+    boxes = chips(out)
+    assert [shown for _, shown, _ in boxes] == ["\u2423a", "\u23ce", "<b>", "\u2423\u2423x"]
+    assert [v for _, _, v in boxes] == ["+0.5", "-1.0", "+2.0", "+0.0"]
+    alphas = [re.search(r"rgba\((\d+), \d+, \d+, ([\d.]+)\)", style).groups() for style, _, _ in boxes]
     assert alphas == [("220", "0.50"), ("40", "1.00"), ("220", "1.00"), ("220", "0.00")]  # -1 as strong as +1
     with pytest.raises(ValueError, match="values has 1 entries for 2 tokens"):
         tokens_html(["a", "b"], [1.0])
@@ -176,9 +168,9 @@ def test_token_activations_view_has_a_plain_html_copy_inside_each_row(small_vlm_
     calls = _render_calls(view.html)
     assert len(divs) == len(calls) == 2
     for div, (_, props) in zip(divs, calls):
-        chips = _chips(div)
-        assert [s for _, s, _ in chips] == [html.unescape(t).replace(" ", "\u2423") for t in props["tokens"]]
-        assert [v for _, _, v in chips] == [f"{x:+.3g}" for x in props["values"]]
+        boxes = chips(div)
+        assert [s for _, s, _ in boxes] == [html.unescape(t).replace(" ", "\u2423") for t in props["tokens"]]
+        assert [v for _, _, v in boxes] == [f"{x:+.3g}" for x in props["values"]]
         assert "<|endoftext|>" not in "".join(props["tokens"])
     n_img = small_vlm_on.n_image_tokens
     assert int((~view.text_mask).sum()) == n_img + 1 and view.text == "A picture of a dog"

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tl_multimodal.views.tokens import tokens_html
+from tl_multimodal.views.tokens import probs_html, tokens_html
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 16px 24px; color: #222; text-align: left; }
@@ -269,7 +269,7 @@ def _unit_pages(site: Site, written: list[str]) -> None:
         body = (f"<p>A top {_noun(site)} for <b>{r.n_images}</b> of {site.n_images} images ({r.share:.0%})"
                 f"{_many_mark(site, r.n_images)}; mean score {r.mean_score:.4g}, max {r.max_score:.4g}; "
                 f"specificity {r.specificity:.2f}; interpretable: {'yes' if r.interpretable else 'no'}.</p>"
-                f"<h3>Decoded tokens</h3><p>{tokens_html(d.tokens[j], d.probs[j].tolist())}</p>"
+                f"<h3>Decoded tokens</h3><p>{probs_html(d.tokens[j], d.probs[j].tolist())}</p>"
                 f'<p class="muted">{_direction(site, r.layer, r.unit)}: the tokens the {_noun(site)} writes towards, '
                 "with their probabilities; \u2423 marks a leading space.</p>"
                 f"<h3>Targets it was attributed to</h3><table class='list'><tr><th>target</th><th class='num'>"

@@ -28,7 +28,7 @@ from tl_multimodal.analysis.heatmaps import one_image
 from tl_multimodal.analysis.probe import Probe
 from tl_multimodal.analysis.units import sae_tags, unit_label
 from tl_multimodal.views.heatmap_view import mark_patch, unit_heatmap_view
-from tl_multimodal.views.tokens import tokens_html
+from tl_multimodal.views.tokens import probs_html
 from tl_multimodal.views.html import png_data_uri
 from tl_multimodal.models.geometry import CropGeometry
 from tl_multimodal.models.projection import projection_id
@@ -158,7 +158,7 @@ def build_report(model: VisionLM, image, n_units: int = 10, prompt: str = "A pic
             f'<td class="num">{r}</td><td class="num">{layer if tags is None else tags[layer]}</td>'
             f'<td class="num">{unit}</td>'
             f'<td class="num">{score:.4g}</td><td class="num">{patch}</td>{ref}'
-            f'<td class="tokens">{tokens_html(toks, [100 * p for p in probs], fmt="{:.2g}%")}</td>'
+            f'<td class="tokens">{probs_html(toks, probs)}</td>'
             f'<td>{"yes" if ok else "no"}</td>'
             f'<td><img src="{png_data_uri(panel)}" width="{panel.width}" height="{panel.height}" '
             f'alt="{unit_label(layer, unit, tags)} heatmap"/><br><span class="muted">{html.escape(lo_hi[0])}</span> '

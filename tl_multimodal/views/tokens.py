@@ -101,6 +101,13 @@ def tokens_html(tokens: Sequence[str], values: Sequence[float] | None = None, fm
     return "".join(f'<span class="tlmm-tok" style="{_CHIP} {c}">{_visible(t)}{u}</span>'
                    for t, u, c in zip(tokens, under, shades))
 
+def probs_html(tokens: Sequence[str], probs: Sequence[float], bound: float | None = None) -> str:
+    """:func:`tokens_html` with each token's probability written as a percentage to two significant digits
+    (``0.0021%``: a near-uniform decoding over a large vocabulary does not read as 0.0%); ``bound`` is a
+    probability (0..1)."""
+    return tokens_html(tokens, [100 * p for p in probs], fmt="{:.2g}%", bound=None if bound is None else 100 * bound)
+
+
 # ---------------------------------------------------------------------------------- (a) decoded tokens
 def decoded_tokens_view(decoding: UnitDecoding, n_tokens: int | None = None, title: str | None = None) -> HTMLView:
     """The top tokens of each unit's output direction with their probabilities (plain HTML, no JavaScript).
@@ -130,7 +137,7 @@ def decoded_tokens_view(decoding: UnitDecoding, n_tokens: int | None = None, tit
     title = title or f"Top {k} decoded tokens of {len(decoding)} units"
     rows = "\n".join(f'<tr class="tlmm-unit"><td style="{_CELL} white-space: nowrap; font-family: monospace;">'
                      f'{html.escape(label)}</td><td style="{_CELL}">'
-                     f'{tokens_html(toks[:k], [100 * p for p in probs[:k]], fmt="{:.2g}%", bound=100 * vmax)}</td></tr>'
+                     f'{probs_html(toks[:k], probs[:k], bound=vmax)}</td></tr>'
                      for label, toks, probs in zip(labels, decoding.tokens, decoding.probs.tolist()))
     note = ("softmax(W_U^T W_out[layer][unit])" + (" through ln_final" if decoding.apply_ln else "")
             + "; probability under each token; \u2423 = a leading space; \u2713 = at least 7 of the top 10 are "
